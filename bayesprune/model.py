@@ -1,0 +1,92 @@
+"""The generative model: hierarchical shrinkage prior on gates, a compute cost, the LM likelihood.
+
+After Kubinec (2026), *Push Puppet Networks: Structured Bayesian Pruning Algorithm
+for Language Model Compression* (arXiv 2606.28251), written as a Pyro model. For
+each unit kind ``k`` (block, attn, mlp) with one unit per decoder layer::
+
+    mean_logit_k    ~ Normal(mean_logit_loc, mean_logit_scale)         # ()
+    global_scale_k  ~ HalfCauchy(global_scale)                          # ()
+    local_scale_k,l ~ HalfCauchy(1)                                     # (layer,)
+    logit_k,l       ~ Normal(mean_logit_k, global_scale_k·local_scale_k,l)
+    gate_k,l        =  straight-through relaxed Bernoulli(logit_k,l)    # exact 0/1 forward
+
+then ``factor(-cost · N · C(gate))`` with ``C`` the fraction of decoder parameters
+kept (``N`` = predicted tokens in the corpus, so ``cost`` is in nats per token for
+the whole network) and ``factor(-NLL(sequence | gates))`` for each sequence,
+scaled from the mini-batch to the corpus by a subsampled plate.
+
+The gate draw is a reparameterised transform of the logit (``q(gate | logit) =
+p(gate | logit)``), so it is recorded with ``pyro.deterministic`` rather than as a
+sample site: the ELBO is ``E_q[log p(data | gates)] - KL`` over the continuous sites.
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+from .config import PriorConfig
+from .evaluate import sequence_nll
+from .gates import GatedModel
+
+
+class ShrinkagePrior:
+    """Horseshoe-type prior on the inclusion logits of one unit kind; override to swap it."""
+
+    def __init__(self, config: PriorConfig):
+        self.config = config
+
+    def sample_logits(self, kind: str, num_units: int) -> torch.Tensor:
+        c = self.config
+        mean_logit = pyro.sample(f"{kind}_mean_logit", dist.Normal(c.mean_logit_loc, c.mean_logit_scale))
+        global_scale = pyro.sample(f"{kind}_global_scale", dist.HalfCauchy(torch.tensor(c.global_scale)))
+        with pyro.plate(f"{kind}_units", num_units, dim=-1):
+            local_scale = pyro.sample(f"{kind}_local_scale", dist.HalfCauchy(torch.ones(())))
+            return pyro.sample(f"{kind}_logit", dist.Normal(mean_logit, global_scale * local_scale))
+
+
+def kept_fraction(gates: dict[str, torch.Tensor], sizes: dict[str, torch.Tensor]) -> torch.Tensor:
+    """C(z): the fraction of decoder parameters whose units are on, nesting included.
+
+    ``sizes`` holds parameters per layer for ``attn``, ``mlp`` and ``other``; a
+    missing gate kind counts as always on. Gates may carry leading draw dimensions.
+    """
+    one = torch.ones((), dtype=torch.float64)
+    block = gates.get("block", one)
+    attn = gates.get("attn", one)
+    mlp = gates.get("mlp", one)
+    per_layer = sizes["attn"] * attn + sizes["mlp"] * mlp + sizes["other"]
+    total = (sizes["attn"] + sizes["mlp"] + sizes["other"]).sum()
+    return (block * per_layer).sum(-1) / total
+
+
+class PruningModel:
+    """The Pyro model over a gated network and a fixed set of token windows."""
+
+    def __init__(self, gated: GatedModel, sequences: torch.Tensor, prior: PriorConfig,
+                 shrinkage: ShrinkagePrior | None = None):
+        self.gated = gated
+        self.sequences = sequences
+        self.prior = prior
+        self.shrinkage = shrinkage or ShrinkagePrior(prior)
+        self.sizes = gated.unit_parameters()
+        self.num_tokens = sequences.shape[0] * (sequences.shape[1] - 1)
+
+    def sample_gates(self) -> dict[str, torch.Tensor]:
+        gates = {}
+        for kind in self.gated.kinds:
+            logit = self.shrinkage.sample_logits(kind, self.gated.num_layers)          # (layer,)
+            draw = dist.RelaxedBernoulliStraightThrough(
+                torch.tensor(self.prior.temperature), logits=logit).rsample()
+            gates[kind] = pyro.deterministic(f"{kind}_gate", draw)
+        return gates
+
+    def __call__(self, batch: torch.Tensor) -> None:
+        gates = self.sample_gates()
+        kept = kept_fraction({k: g.double() for k, g in gates.items()}, self.sizes).float()
+        pyro.factor("cost", -self.prior.cost * self.num_tokens * kept)
+        self.gated.set_gates(gates)
+        with pyro.plate("sequences", self.sequences.shape[0], subsample=batch):
+            nll = sequence_nll(self.gated, self.sequences[batch])                        # (batch,)
+            pyro.factor("likelihood", -nll)

