@@ -49,6 +49,6 @@ def perplexity(model, tokens: torch.Tensor, window: int = 256, budget: int = 163
 def model_size(model, directory: str | Path | None = None) -> dict:
     """Parameter count and bytes of ``model``; with ``directory``, also its weight files on disk."""
     size = {"parameters": count_parameters(model), "bytes": count_bytes(model)}
-    if directory is not None:
+    if directory is not None and Path(directory).is_dir():
         size["file_bytes"] = sum(p.stat().st_size for p in Path(directory).glob("*.safetensors"))
     return size

@@ -18,14 +18,10 @@ from tqdm.auto import tqdm
 from .config import FitConfig, PriorConfig
 from .gates import GatedModel
 from .io import load_tensors, save_tensors
-from .model import PruningModel
+from .model import NonFiniteLossError, PruningModel
 from .posterior import GatePosterior
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The ELBO became NaN or infinite; the last checkpoint is left as it was."""
 
 
 def _step_seed(seed: int, step: int) -> int:
@@ -72,17 +68,24 @@ def _save_checkpoint(path: Path, step: int, guide, optimizer, gated, history) ->
     for index, values in state["state"].items():
         for key, value in values.items():
             tensors[f"optim.{index}.{key}"] = torch.as_tensor(value)
-    if any(p.requires_grad for p in gated.parameters()):
-        tensors |= {f"network.{k}": v for k, v in gated.model.state_dict().items()}
+    with gated.unwrapped() as model:  # plain module names, tied weights once
+        tensors |= {f"network.{k}": p for k, p in model.named_parameters() if p.requires_grad}
     save_tensors(path, tensors, {"step": step, "param_groups": state["param_groups"], "history": history})
+
+
+def load_network(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy the jointly trained weights of a checkpoint into ``model`` (a plain, ungated model)."""
+    network = {k.removeprefix("network."): v for k, v in tensors.items() if k.startswith("network.")}
+    unexpected = model.load_state_dict(network, strict=False).unexpected_keys
+    if unexpected:
+        raise ValueError(f"checkpoint weights do not fit this model: {unexpected[:3]} …")
 
 
 def _load_checkpoint(path: Path, guide, optimizer, gated) -> tuple[int, list[float]]:
     tensors, meta = load_tensors(path)
     guide.load_state_dict({k.removeprefix("guide."): v for k, v in tensors.items() if k.startswith("guide.")})
-    network = {k.removeprefix("network."): v for k, v in tensors.items() if k.startswith("network.")}
-    if network:
-        gated.model.load_state_dict(network, strict=False)
+    with gated.unwrapped() as model:
+        load_network(model, tensors)
     state: dict = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
@@ -115,14 +118,25 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
         pyro.set_rng_seed(_step_seed(config.seed, step))
         return torch.randperm(sequences.shape[0])[:batch_size]
 
-    guide(draw_batch(0))  # builds the guide's parameters from one trace of the model
+    def elbo_loss(step: int, when: str) -> torch.Tensor:
+        try:
+            # Per predicted token: Adam does not care about the scale; clipping does.
+            loss = loss_fn(model, guide, draw_batch(step)) / model.num_tokens
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"the loss is {loss.item()}")
+        except NonFiniteLossError as err:
+            kept = f"the checkpoint in {run_dir} is intact; " if checkpoint is not None else ""
+            raise NonFiniteLossError(f"the ELBO is not finite {when} ({err}); {kept}"
+                                     f"check the weights and data, or lower guide_lr / weight_lr") from err
+        return loss
+
+    loss_fn = Trace_ELBO().differentiable_loss
+    checkpoint = Path(run_dir) / CHECKPOINT_FILE if run_dir is not None else None
+    elbo_loss(0, "while setting up the guide")  # builds the guide's parameters from a trace
     groups = [{"params": list(guide.parameters()), "lr": config.guide_lr}]
     if trainable:
         groups.append({"params": trainable, "lr": config.weight_lr})
     optimizer = torch.optim.Adam(groups)
-    loss_fn = Trace_ELBO().differentiable_loss
-
-    checkpoint = Path(run_dir) / CHECKPOINT_FILE if run_dir is not None else None
     start, history = 0, []
     if checkpoint is not None and checkpoint.exists():
         start, history = _load_checkpoint(checkpoint, guide, optimizer, gated)
@@ -132,14 +146,7 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
     completed = start
     try:
         for step in bar:
-            batch = draw_batch(step)
-            # Per predicted token: Adam does not care about the scale; clipping does.
-            loss = loss_fn(model, guide, batch) / model.num_tokens
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"the ELBO is not finite at step {step} (loss {loss.item()}); "
-                    + (f"the checkpoint in {run_dir} is intact; " if checkpoint else "")
-                    + "try a lower guide_lr / weight_lr")
+            loss = elbo_loss(step, f"at step {step}")
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], config.clip_norm)

@@ -120,15 +120,20 @@ class GatedModel(nn.Module):
             if "block" in self.kinds:
                 layers[i] = GatedBlock(block, self.values, "block", i)
 
-    def _uninstall(self) -> None:
+    def _uninstall(self) -> list[tuple[nn.Module, str, _Wrapper]]:
+        """Put the wrapped modules back; return where each wrapper was, to restore it."""
+        removed = []
         layers = decoder_layers(self.model)
         for i, block in enumerate(layers):
             if isinstance(block, GatedBlock):
+                removed.append((layers, str(i), block))
                 block = layers[i] = block.wrapped
             for attr in (self.arch.attention, self.arch.mlp):
                 branch = getattr(block, attr)
                 if isinstance(branch, GatedBranch):
+                    removed.append((block, attr, branch))
                     setattr(block, attr, branch.wrapped)
+        return removed
 
     def remove(self) -> nn.Module:
         """Take the gates out and return the original model."""
@@ -137,12 +142,13 @@ class GatedModel(nn.Module):
 
     @contextlib.contextmanager
     def unwrapped(self):
-        """The plain model for the duration of the block; gates go back in afterwards."""
-        self._uninstall()
+        """The plain model for the duration of the block; the same gates go back afterwards."""
+        removed = self._uninstall()
         try:
             yield self.model
         finally:
-            self._install(decoder_layers(self.model))
+            for parent, name, wrapper in reversed(removed):
+                setattr(parent, name, wrapper)
 
     def set_gates(self, values: dict[str, torch.Tensor | None]) -> None:
         self.values.set(values)
@@ -158,14 +164,12 @@ class GatedModel(nn.Module):
 
     def unit_parameters(self) -> dict[str, torch.Tensor]:
         """Parameters per layer of each part: ``attn``, ``mlp`` and ``other`` (norms …)."""
-        with self.unwrapped() as model:
-            layers = decoder_layers(model)
-            attn = [count_parameters(getattr(b, self.arch.attention)) for b in layers]
-            mlp = [count_parameters(getattr(b, self.arch.mlp)) for b in layers]
-            block = [count_parameters(b) for b in layers]
-        other = [b - a - m for b, a, m in zip(block, attn, mlp)]
-        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.float64)  # noqa: E731
-        return {"attn": as_tensor(attn), "mlp": as_tensor(mlp), "other": as_tensor(other)}
+        layers = decoder_layers(self.model)
+        attn = [count_parameters(getattr(b, self.arch.attention)) for b in layers]
+        mlp = [count_parameters(getattr(b, self.arch.mlp)) for b in layers]
+        other = [count_parameters(b) - a - m for b, a, m in zip(layers, attn, mlp)]
+        return {"attn": torch.tensor(attn, dtype=torch.float64), "mlp": torch.tensor(mlp, dtype=torch.float64),
+                "other": torch.tensor(other, dtype=torch.float64)}
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)

@@ -31,6 +31,10 @@ from .evaluate import sequence_nll
 from .gates import GatedModel
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The ELBO became NaN or infinite."""
+
+
 class ShrinkagePrior:
     """Horseshoe-type prior on the inclusion logits of one unit kind; override to swap it."""
 
@@ -89,4 +93,7 @@ class PruningModel:
         self.gated.set_gates(gates)
         with pyro.plate("sequences", self.sequences.shape[0], subsample=batch):
             nll = sequence_nll(self.gated, self.sequences[batch])                        # (batch,)
+            if not torch.isfinite(nll).all():
+                raise NonFiniteLossError(f"the network's log-likelihood is not finite on sequences "
+                                         f"{batch[~torch.isfinite(nll)].tolist()}")
             pyro.factor("likelihood", -nll)

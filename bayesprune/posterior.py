@@ -58,10 +58,11 @@ class GatePosterior:
         """
         on = {k: self.inclusion(k) for k in self.kinds}
         one = torch.ones_like(next(iter(on.values())))
-        branches_off = torch.ones_like(one) if not {"attn", "mlp"} & set(self.kinds) else \
-            (1 - on.get("attn", one)) * (1 - on.get("mlp", one))
-        block = on.get("block", one)
-        return block * (1 - branches_off)
+        if {"attn", "mlp"} & set(self.kinds):
+            branches_off = (1 - on.get("attn", one)) * (1 - on.get("mlp", one))
+        else:
+            branches_off = torch.zeros_like(one)
+        return on.get("block", one) * (1 - branches_off)
 
     def ranking(self) -> list[int]:
         """Layer indices from most to least likely to be kept (posterior means)."""

@@ -1,0 +1,88 @@
+"""The ``bayesprune`` command line: fit, extract, evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .config import DataConfig, FitConfig, GateConfig, PriorConfig, RunConfig
+
+
+def _fit_parser(sub) -> None:
+    p = sub.add_parser("fit", help="fit the gate posterior; with --target also extract and evaluate")
+    p.add_argument("--model", help="Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--data", help="text file, folder or .jsonl (default: the Shakespeare corpus)")
+    p.add_argument("--out", required=True, help="run directory (an existing one with the same settings resumes)")
+    p.add_argument("--units", default="block", help="comma-separated gate kinds: block,attn,mlp")
+    p.add_argument("--target", default="0.75",
+                   help="size to extract after fitting: 0.75, 75%%, 12layers, 80M, 300MB, or 'none'")
+    p.add_argument("--weights", choices=["frozen", "joint"], default=FitConfig.weights)
+    p.add_argument("--steps", type=int, default=FitConfig.steps)
+    p.add_argument("--batch-size", type=int, default=FitConfig.batch_size)
+    p.add_argument("--seq-len", type=int, default=FitConfig.seq_len)
+    p.add_argument("--seed", type=int, default=FitConfig.seed)
+    p.add_argument("--cost", type=float, default=PriorConfig.cost,
+                   help="nats of loss per token traded for the whole network")
+    p.add_argument("--eval-tokens", type=int, default=DataConfig.eval_tokens)
+    p.add_argument("--eval-window", type=int, default=DataConfig.eval_window)
+
+
+def _run_config(args) -> RunConfig:
+    return RunConfig(
+        model=args.model,
+        gate=GateConfig(units=tuple(u.strip() for u in args.units.split(",") if u.strip())),
+        prior=PriorConfig(cost=args.cost),
+        fit=FitConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                      weights=args.weights, seed=args.seed),
+        data=DataConfig(path=args.data, eval_tokens=args.eval_tokens, eval_window=args.eval_window),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bayesprune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _fit_parser(sub)
+    p = sub.add_parser("extract", help="write a smaller Hugging Face model from a fitted run")
+    p.add_argument("run", help="run directory written by 'bayesprune fit'")
+    p.add_argument("--target", required=True, help="0.5, 50%%, 12layers, 80M or 300MB")
+    p.add_argument("--out", required=True, help="output folder (must not exist)")
+    p = sub.add_parser("evaluate", help="held-out perplexity and size of a model, as JSON")
+    p.add_argument("model", nargs="?", help="Hugging Face folder or .gguf (default: the default model)")
+    p.add_argument("--data", help="corpus whose test split is scored (default: Shakespeare)")
+    p.add_argument("--eval-tokens", type=int, default=DataConfig.eval_tokens)
+    p.add_argument("--eval-window", type=int, default=DataConfig.eval_window)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "fit":
+            from .pipeline import run_fit
+
+            target = None if args.target.lower() == "none" else args.target
+            run_fit(_run_config(args), args.out, target=target, log=lambda s: print(s, flush=True))
+        elif args.command == "extract":
+            from .pipeline import run_extract
+
+            print(json.dumps(run_extract(args.run, args.target, args.out), indent=2))
+        else:
+            from .data import load_splits
+            from .evaluate import model_size, perplexity
+            from .models import load_model, resolve_model
+
+            data = DataConfig(path=args.data, eval_tokens=args.eval_tokens, eval_window=args.eval_window)
+            model, tokenizer = load_model(args.model)
+            test = load_splits(tokenizer, data)["test"]
+            result = {**perplexity(model, test, data.eval_window, data.eval_tokens),
+                      **model_size(model, resolve_model(args.model) if args.model else None)}
+            print(json.dumps({"model": args.model, **result}, indent=2))
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
+        print(f"bayesprune {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
