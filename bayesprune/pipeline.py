@@ -72,9 +72,9 @@ def run_fit(config: RunConfig, run_dir: str | Path, target: str | None = "0.75",
     started = time.time()
     run_dir = Path(run_dir)
     parsed_target = Target.parse(target) if target is not None else None
-    _prepare_run_dir(run_dir, config)
     model, tokenizer = load_model(config.model)
     splits = load_splits(tokenizer, config.data)
+    _prepare_run_dir(run_dir, config)
     evaluate = lambda m: perplexity(m, splits["test"], config.data.eval_window,  # noqa: E731
                                     config.data.eval_tokens, progress=progress)
     log("tokens: " + ", ".join(f"{name} {splits[name].numel():,}" for name in ("fit", "validation", "test")))

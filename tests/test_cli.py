@@ -1,0 +1,71 @@
+import json
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from bayesprune.cli import main
+
+FIT_ARGS = ["--steps", "3", "--batch-size", "2", "--seq-len", "32", "--eval-tokens", "256", "--eval-window", "64"]
+
+
+def test_fit_extract_evaluate_round_trip(tiny_model_dir, corpus_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir), "--out", str(run),
+                 "--target", "2layers", *FIT_ARGS]) == 0
+    printed = capsys.readouterr().out
+    assert "model.layers.0" in printed and "report.json" in printed
+    for name in ("config.json", "checkpoint.safetensors", "posterior.safetensors", "posterior.nc",
+                 "summary.csv", "forest.png", "report.json", "extracted/config.json",
+                 "extracted/tokenizer.json"):
+        assert (run / name).is_file(), name
+    report = json.loads((run / "report.json").read_text())
+    assert len(report["extracted"]["kept_layers"]) == 2
+    assert report["extracted"]["parameters"] < report["dense"]["parameters"]
+
+    small = tmp_path / "small"
+    assert main(["extract", str(run), "--target", "0.5", "--out", str(small)]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["kept_layers"] == sorted(record["kept_layers"]) and len(record["kept_layers"]) == 2
+    assert AutoModelForCausalLM.from_pretrained(small).config.num_hidden_layers == 2
+
+    assert main(["evaluate", str(small), "--data", str(corpus_dir), "--eval-tokens", "256",
+                 "--eval-window", "64"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tokens_scored"] == 4 * 63 and result["parameters"] == record["parameters"]
+    assert result["file_bytes"] > 0
+
+    # The same settings resume (nothing left to fit); different settings are refused.
+    assert main(["fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir), "--out", str(run),
+                 "--target", "none", *FIT_ARGS]) == 0
+    capsys.readouterr()
+    assert main(["fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir), "--out", str(run),
+                 "--cost", "2", *FIT_ARGS]) == 2
+    assert "different configuration" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target", ["0layers", "9layers", "12heads", "1KB"])
+def test_impossible_targets_fail_cleanly_and_write_nothing(tiny_model_dir, corpus_dir, tmp_path, capsys, target):
+    run = tmp_path / "run"
+    assert main(["fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir), "--out", str(run),
+                 "--target", "none", *FIT_ARGS]) == 0
+    capsys.readouterr()
+    assert main(["extract", str(run), "--target", target, "--out", str(tmp_path / "small")]) == 2
+    assert "error" in capsys.readouterr().err
+    assert not (tmp_path / "small").exists()
+
+
+def test_bad_inputs_get_clear_errors(tmp_path, capsys):
+    assert main(["fit", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "r")]) == 2
+    assert "no model at" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    assert main(["extract", str(tmp_path), "--target", "0.5", "--out", str(tmp_path / "s")]) == 2
+    assert "posterior.safetensors does not exist" in capsys.readouterr().err
+    assert main(["fit", "--units", "heads", "--out", str(tmp_path / "r")]) == 2
+    assert "unknown unit kind" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    done = subprocess.run([sys.executable, "-m", "bayesprune.cli", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "extract" in done.stdout
