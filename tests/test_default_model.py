@@ -1,0 +1,43 @@
+"""The real default model, SmolLM2-135M-Instruct (converted once from its GGUF and cached)."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from bayesprune import GateConfig, extract_layers, gate, load_model
+from bayesprune.extract import save_extracted
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return load_model()
+
+
+def test_default_model_is_smollm2(smollm):
+    model, tokenizer = smollm
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (9, 3)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert not hasattr(model.config, "quantization_config")
+
+
+def test_gates_and_extraction_are_exact_on_the_real_model(smollm, tmp_path):
+    model, tokenizer = smollm
+    ids = tokenizer("To be, or not to be, that is the question:", return_tensors="pt").input_ids
+    with torch.no_grad():
+        reference = model(ids).logits
+        gated = gate(model, GateConfig(units=("block", "attn", "mlp")))
+        assert torch.equal(gated(input_ids=ids).logits, reference)
+        closed = torch.ones(30)
+        closed[[4, 11, 20]] = 0
+        with gated.gates_set({"block": closed}):
+            hard_gated = gated(input_ids=ids).logits
+        model = gated.remove()
+        small = extract_layers(model, [i for i in range(30) if i not in (4, 11, 20)])
+        assert torch.equal(small(input_ids=ids).logits, hard_gated)
+        out = save_extracted(small, tokenizer, tmp_path / "small", {})
+        reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+        assert reloaded.config.num_hidden_layers == 27
+        assert torch.allclose(reloaded(ids).logits, hard_gated, atol=1e-5)
+        text = reloaded.generate(ids, max_new_tokens=4, do_sample=False)
+        assert text.shape[1] == ids.shape[1] + 4
