@@ -60,7 +60,7 @@ class PriorConfig(_JsonConfig):
     ``exp(-cost * tokens * kept_fraction)``.
     """
 
-    mean_logit_loc: float = 3.0
+    mean_logit_loc: float = 1.5
     mean_logit_scale: float = 2.0
     global_scale: float = 1.0
     cost: float = 0.5
@@ -83,7 +83,7 @@ class FitConfig(_JsonConfig):
     batch_size: int = 4
     seq_len: int = 128
     weights: str = "frozen"  # "frozen" or "joint"
-    guide_lr: float = 0.05
+    guide_lr: float = 0.1
     weight_lr: float = 1e-5
     clip_norm: float = 1.0
     seed: int = 0

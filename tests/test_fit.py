@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from bayesprune import FitConfig, GateConfig, NonFiniteLossError, fit, gate
+from bayesprune import FitConfig, GateConfig, NonFiniteLossError, PriorConfig, fit, gate
 from bayesprune.fit import CHECKPOINT_FILE
 from tests.conftest import VOCAB, tiny_model
 
@@ -37,7 +37,7 @@ def test_fit_moves_the_guide_and_keeps_frozen_weights():
     result = run(5)
     assert len(result.history) == 5
     locs = result.guide.state_dict()["locs.block_logit_unconstrained"]
-    assert not torch.allclose(locs, torch.full_like(locs, 3.0))
+    assert not torch.allclose(locs, torch.full_like(locs, PriorConfig().mean_logit_loc))
     with result.gated.unwrapped() as model:
         for key, value in model.state_dict().items():
             assert torch.equal(value, model_before[key]), key
