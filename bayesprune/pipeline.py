@@ -75,8 +75,11 @@ def run_fit(config: RunConfig, run_dir: str | Path, target: str | None = "0.75",
     model, tokenizer = load_model(config.model)
     splits = load_splits(tokenizer, config.data)
     _prepare_run_dir(run_dir, config)
-    evaluate = lambda m: perplexity(m, splits["test"], config.data.eval_window,  # noqa: E731
-                                    config.data.eval_tokens, progress=progress)
+
+    def evaluate(model) -> dict:
+        return perplexity(model, splits["test"], config.data.eval_window, config.data.eval_tokens,
+                          progress=progress)
+
     log("tokens: " + ", ".join(f"{name} {splits[name].numel():,}" for name in ("fit", "validation", "test")))
     dense = {**evaluate(model), **model_size(model)}
     log(f"dense model: test perplexity {dense['perplexity']:.3f}, {dense['parameters']:,} parameters")
@@ -98,15 +101,12 @@ def run_fit(config: RunConfig, run_dir: str | Path, target: str | None = "0.75",
     }
     model = gated.remove()
     if parsed_target is not None:
-        keep = choose_layers(model, posterior, parsed_target)
-        small = extract_layers(model, keep)
         out = run_dir / "extracted"
-        record = _extraction_record(run_dir, parsed_target, keep, posterior)
-        save_extracted(small, tokenizer, out, record, overwrite=True)
-        extracted = {**evaluate(small), **model_size(small, out)}
-        report["extracted"] = {**record, **extracted, "path": str(out)}
+        small, record = _extract_and_save(model, tokenizer, posterior, parsed_target, run_dir, out, overwrite=True)
+        extracted = {**evaluate(small), **record}
+        report["extracted"] = extracted
         files["extracted_model"] = str(out)
-        log(f"extracted ({parsed_target}): kept {len(keep)}/{len(posterior.layer_names)} blocks, "
+        log(f"extracted ({parsed_target}): kept {len(record['kept_layers'])}/{len(posterior.layer_names)} blocks, "
             f"test perplexity {extracted['perplexity']:.3f} (dense {dense['perplexity']:.3f}), "
             f"{extracted['parameters']:,} parameters")
     report["files"] = files
@@ -117,12 +117,18 @@ def run_fit(config: RunConfig, run_dir: str | Path, target: str | None = "0.75",
     return report
 
 
-def _extraction_record(run_dir: Path, target: Target, keep: list[int], posterior: GatePosterior) -> dict:
+def _extract_and_save(model, tokenizer, posterior: GatePosterior, target: Target, run_dir: Path,
+                      out: str | Path, overwrite: bool):
+    """Choose blocks for ``target``, cut the model and save it; returns the model and its record."""
+    keep = choose_layers(model, posterior, target)
+    small = extract_layers(model, keep)
     removed = [i for i in range(len(posterior.layer_names)) if i not in keep]
     keep_p = posterior.block_keep_probability().mean(0)
-    return {"source_run": str(run_dir), "target": str(target), "kept_layers": keep,
-            "removed_layers": [posterior.layer_names[i] for i in removed],
-            "removed_inclusion": [keep_p[i].item() for i in removed]}
+    record = {"source_run": str(run_dir), "target": str(target), "kept_layers": keep,
+              "removed_layers": [posterior.layer_names[i] for i in removed],
+              "removed_inclusion": [keep_p[i].item() for i in removed]}
+    save_extracted(small, tokenizer, out, record, overwrite=overwrite)
+    return small, {**record, **model_size(small, out), "path": str(out)}
 
 
 def load_fitted_model(run_dir: str | Path):
@@ -147,8 +153,4 @@ def run_extract(run_dir: str | Path, target: str, out: str | Path, overwrite: bo
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another --out or remove it")
     model, tokenizer = load_fitted_model(run_dir)
-    keep = choose_layers(model, posterior, parsed)
-    small = extract_layers(model, keep)
-    record = _extraction_record(run_dir, parsed, keep, posterior)
-    save_extracted(small, tokenizer, out, record, overwrite=overwrite)
-    return {**record, **model_size(small, out), "path": str(out)}
+    return _extract_and_save(model, tokenizer, posterior, parsed, run_dir, out, overwrite)[1]
