@@ -1,4 +1,4 @@
-"""Where each model family keeps its decoder blocks: one table row per family."""
+"""Where each model family keeps its decoder blocks and their widths: one table row per family."""
 
 from __future__ import annotations
 
@@ -8,13 +8,53 @@ from torch import nn
 
 
 @dataclass(frozen=True)
+class WidthSlice:
+    """One weight (and bias) of a block that is cut when heads or neurons go.
+
+    ``module`` is a path inside the block; ``kind`` is ``head`` (a key/value head
+    with every query head that reads it) or ``neuron`` (one FFN hidden unit);
+    ``axis`` says whether the unit indexes the module's output features (``out``;
+    its bias is cut too) or its input features (``in``: this is where the gate
+    sits); ``per_unit`` is the number of features per unit: ``query`` (query
+    heads per group × head_dim), ``kv`` (head_dim) or ``one``.
+    """
+
+    module: str
+    kind: str
+    axis: str
+    per_unit: str
+
+
+_LLAMA_HEADS = (
+    WidthSlice("self_attn.q_proj", "head", "out", "query"),
+    WidthSlice("self_attn.k_proj", "head", "out", "kv"),
+    WidthSlice("self_attn.v_proj", "head", "out", "kv"),
+    WidthSlice("self_attn.o_proj", "head", "in", "query"),
+)
+_GATED_MLP = (
+    WidthSlice("mlp.gate_proj", "neuron", "out", "one"),
+    WidthSlice("mlp.up_proj", "neuron", "out", "one"),
+    WidthSlice("mlp.down_proj", "neuron", "in", "one"),
+)
+# OLMo-2 normalises q and k over all heads at once: these norms are cut with the
+# heads, and while gated they average only over the heads that are on.
+_OLMO2_HEAD_NORMS = (
+    WidthSlice("self_attn.q_norm", "head", "out", "query"),
+    WidthSlice("self_attn.k_norm", "head", "out", "kv"),
+)
+
+
+@dataclass(frozen=True)
 class Architecture:
     """How to find the prunable structure of one family of causal LMs.
 
     ``layers`` is the dotted path from the ``*ForCausalLM`` module to the
     ``ModuleList`` of decoder blocks; ``attention`` and ``mlp`` are attributes of a
     block. ``per_layer_fields`` are config lists with one entry per block, sliced
-    when blocks are removed.
+    when blocks are removed. ``width`` lists the weights cut by head and neuron
+    gates (no ``head`` entries: heads cannot be gated), ``head_norms`` the norms
+    among them that mix heads, ``neuron_field`` the config field holding the FFN
+    width, and ``transposed`` marks ``Conv1D`` weights stored ``(in, out)``.
     """
 
     family: str
@@ -22,6 +62,17 @@ class Architecture:
     attention: str
     mlp: str
     per_layer_fields: tuple[str, ...] = ("layer_types",)
+    width: tuple[WidthSlice, ...] = _LLAMA_HEADS + _GATED_MLP
+    head_norms: tuple[WidthSlice, ...] = ()
+    neuron_field: str = "intermediate_size"
+    transposed: bool = False
+
+    def width_slices(self, kind: str) -> tuple[WidthSlice, ...]:
+        return tuple(s for s in self.width + self.head_norms if s.kind == kind)
+
+    def gate_site(self, kind: str) -> WidthSlice | None:
+        """The module whose input the ``kind`` gates multiply (``None``: not gateable)."""
+        return next((s for s in self.width if s.kind == kind and s.axis == "in"), None)
 
 
 _LLAMA_LIKE = dict(layers="model.layers", attention="self_attn", mlp="mlp")
@@ -31,8 +82,12 @@ ARCHITECTURES: dict[str, Architecture] = {
     "mistral": Architecture("mistral", **_LLAMA_LIKE),
     "qwen2": Architecture("qwen2", **_LLAMA_LIKE),
     "qwen3": Architecture("qwen3", **_LLAMA_LIKE),
-    "olmo2": Architecture("olmo2", **_LLAMA_LIKE),
-    "gpt2": Architecture("gpt2", layers="transformer.h", attention="attn", mlp="mlp"),
+    "olmo2": Architecture("olmo2", **_LLAMA_LIKE, head_norms=_OLMO2_HEAD_NORMS),
+    # GPT-2 attention derives head_dim from n_embd / n_head, so it cannot hold fewer heads.
+    "gpt2": Architecture("gpt2", layers="transformer.h", attention="attn", mlp="mlp",
+                         width=(WidthSlice("mlp.c_fc", "neuron", "out", "one"),
+                                WidthSlice("mlp.c_proj", "neuron", "in", "one")),
+                         neuron_field="n_inner", transposed=True),
 }
 
 
@@ -95,3 +150,39 @@ def count_parameters(module: nn.Module) -> int:
 def count_bytes(module: nn.Module) -> int:
     """Bytes of the parameters of ``module`` at their stored dtype, shared tensors once."""
     return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+@dataclass(frozen=True)
+class Widths:
+    """Unit counts of one decoder block: KV head groups, query heads per group, head_dim, neurons."""
+
+    heads: int
+    queries_per_head: int
+    head_dim: int
+    neurons: int
+
+    def features(self, per_unit: str) -> int:
+        return {"query": self.queries_per_head * self.head_dim, "kv": self.head_dim, "one": 1}[per_unit]
+
+
+def widths_of(config, arch: Architecture) -> Widths:
+    """The widths a (homogeneous) config gives every block."""
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    neurons = getattr(config, arch.neuron_field, None) or 4 * hidden
+    return Widths(heads=kv, queries_per_head=heads // kv, head_dim=head_dim, neurons=neurons)
+
+
+def unit_count(widths: Widths, kind: str) -> int:
+    return {"head": widths.heads, "neuron": widths.neurons}[kind]
+
+
+def architecture_for_config(config) -> Architecture:
+    """The table row for a config (no model needed)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"model_type={model_type!r} is not supported; supported model types: {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[model_type]

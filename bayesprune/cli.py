@@ -14,7 +14,7 @@ def _fit_parser(sub) -> None:
     p.add_argument("--model", help="Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--data", help="text file, folder or .jsonl (default: the Shakespeare corpus)")
     p.add_argument("--out", required=True, help="run directory (an existing one with the same settings resumes)")
-    p.add_argument("--units", default="block", help="comma-separated gate kinds: block,attn,mlp")
+    p.add_argument("--units", default="block", help="comma-separated gate kinds: block, attn, mlp, head, neuron")
     p.add_argument("--target", default="0.75",
                    help="size to extract after fitting: 0.75, 75%%, 12layers, 80M, 300MB, or 'none'")
     p.add_argument("--weights", choices=["frozen", "joint"], default=FitConfig.weights)
@@ -26,6 +26,14 @@ def _fit_parser(sub) -> None:
                    help="nats of loss per token traded for the whole network")
     p.add_argument("--eval-tokens", type=int, default=DataConfig.eval_tokens)
     p.add_argument("--eval-window", type=int, default=DataConfig.eval_window)
+    _extraction_options(p)
+
+
+def _extraction_options(p) -> None:
+    p.add_argument("--form", choices=["per-layer", "uniform"], default="per-layer",
+                   help="per-layer widths (load with bayesprune.load_pruned) or the same widths in every "
+                        "block (loads in plain transformers)")
+    p.add_argument("--multiple", type=int, default=1, help="round kept neurons per block to a multiple of this")
 
 
 def _run_config(args) -> RunConfig:
@@ -47,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory written by 'bayesprune fit'")
     p.add_argument("--target", required=True, help="0.5, 50%%, 12layers, 80M or 300MB")
     p.add_argument("--out", required=True, help="output folder (must not exist)")
+    _extraction_options(p)
+    p.add_argument("--in-memory", action="store_true",
+                   help="load the whole model and cut it in memory (default for joint fits; frozen fits "
+                        "are cut from the original files, slice by slice)")
     p = sub.add_parser("evaluate", help="held-out perplexity and size of a model, as JSON")
     p.add_argument("model", nargs="?", help="Hugging Face folder or .gguf (default: the default model)")
     p.add_argument("--data", help="corpus whose test split is scored (default: Shakespeare)")
@@ -62,11 +74,14 @@ def main(argv: list[str] | None = None) -> int:
             from .pipeline import run_fit
 
             target = None if args.target.lower() == "none" else args.target
-            run_fit(_run_config(args), args.out, target=target, log=lambda s: print(s, flush=True))
+            run_fit(_run_config(args), args.out, target=target, log=lambda s: print(s, flush=True),
+                    form=args.form, multiple=args.multiple)
         elif args.command == "extract":
             from .pipeline import run_extract
 
-            print(json.dumps(run_extract(args.run, args.target, args.out), indent=2))
+            streaming = False if args.in_memory else None
+            print(json.dumps(run_extract(args.run, args.target, args.out, form=args.form,
+                                         multiple=args.multiple, streaming=streaming), indent=2))
         else:
             from .data import load_splits
             from .evaluate import model_size, perplexity

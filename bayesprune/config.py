@@ -7,7 +7,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-UNIT_KINDS = ("block", "attn", "mlp")
+UNIT_KINDS = ("block", "attn", "mlp", "head", "neuron")
+WIDTH_KINDS = ("head", "neuron")
 
 
 class _JsonConfig:
@@ -30,8 +31,9 @@ class GateConfig(_JsonConfig):
     """Which units carry gates.
 
     ``block`` gates a decoder block's whole residual update; ``attn`` and ``mlp``
-    gate the attention and MLP branches inside it (nested under the block gate
-    when both are present).
+    gate the attention and MLP branches inside it; ``head`` gates key/value head
+    groups (a KV head with the query heads that read it) and ``neuron`` FFN hidden
+    units. Each is nested under the kinds above it.
     """
 
     units: tuple[str, ...] = ("block",)

@@ -1,27 +1,41 @@
-"""From a posterior and a target size to a real, smaller Hugging Face checkpoint.
+"""From a posterior and a target size to an extraction plan: which blocks, heads and neurons stay.
 
-Targets: ``"12layers"`` (blocks kept), ``0.5`` or ``"50%"`` (fraction of decoder
-parameters kept), ``"80M"`` / ``"1.2B"`` / ``"80000000"`` (parameters of the whole
-model), ``"300MB"`` (weight bytes, MB = 10⁶ bytes, at the model's dtype). The
-largest model that does not exceed the target is chosen, removing blocks in order
-of posterior keep probability.
+Targets: ``"12layers"`` (blocks kept, full width), ``0.5`` or ``"50%"`` (fraction
+of decoder parameters kept), ``"80M"`` / ``"1.2B"`` / ``"80000000"`` (parameters
+of the whole model), ``"300MB"`` (weight bytes, MB = 10⁶ bytes, at the model's
+dtype). The largest sub-network that does not exceed the target is chosen.
+
+Under the mean-field posterior the probability of a hard mask is
+``Π p_u^z_u (1 - p_u)^(1 - z_u)``, so the most probable mask of a given size is a
+knapsack: units are taken in order of posterior log-odds per parameter, a unit
+counting with its ancestors (``p`` of a neuron = P(block) · P(mlp) · P(neuron)),
+and units that no longer fit are skipped so that smaller ones fill the budget.
+
+Two forms:
+
+* ``per-layer``: every block keeps what the posterior says (a branch may go
+  entirely); the checkpoint carries ``per_layer_config`` and loads with
+  :func:`bayesprune.load_pruned`.
+* ``uniform``: every kept block keeps the same number of heads and neurons (its
+  most probable ones), and no branch goes alone; the checkpoint loads in plain
+  ``transformers``. The counts are the most probable uniform mask that fits.
+
+``multiple`` rounds kept neuron counts to a multiple (8, 16, 64 …) for faster kernels.
 """
 
 from __future__ import annotations
 
-import copy
-import json
+import math
 import re
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
-from torch import nn
+import torch
 
-from .architectures import architecture_of, count_bytes, count_parameters, decoder_layers
-from .io import atomic_directory
+from .architectures import count_bytes, count_parameters, decoder_layers
+from .config import WIDTH_KINDS
 from .posterior import GatePosterior
 
-EXTRACTION_FILE = "bayesprune_extraction.json"
+FORMS = ("per-layer", "uniform")
 
 
 class TargetError(ValueError):
@@ -62,69 +76,274 @@ class Target:
                 "parameters": f"{self.value:,.0f} parameters", "bytes": f"{self.value / 1e6:,.1f} MB"}[self.kind]
 
 
-def choose_layers(model: nn.Module, posterior: GatePosterior, target: Target | str | float) -> list[int]:
-    """Indices of the blocks to keep (in model order) for ``target``; raises TargetError if none fit."""
+@dataclass(frozen=True)
+class ModelTotals:
+    """What a target needs beyond the posterior: parameters outside the decoder blocks, bytes per parameter."""
+
+    outside_parameters: int
+    bytes_per_parameter: float
+
+    @classmethod
+    def of(cls, model) -> "ModelTotals":
+        blocks = sum(count_parameters(b) for b in decoder_layers(model))
+        return cls(count_parameters(model) - blocks, count_bytes(model) / count_parameters(model))
+
+
+@dataclass
+class LayerPlan:
+    """What one kept block keeps: ``None`` = all heads / neurons; ``attn``/``mlp`` False = branch removed."""
+
+    index: int
+    heads: list[int] | None = None
+    neurons: list[int] | None = None
+    attn: bool = True
+    mlp: bool = True
+
+
+@dataclass
+class ExtractionPlan:
+    """The kept blocks in model order, the form, and the size it comes to."""
+
+    layers: list[LayerPlan]
+    num_layers: int
+    form: str = "per-layer"
+    decoder_parameters: float = 0.0
+    parameters: float = 0.0
+    bytes: float = 0.0
+    fraction: float = 1.0
+    log_probability: float = 0.0
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def kept_layers(self) -> list[int]:
+        return [layer.index for layer in self.layers]
+
+    def record(self) -> dict:
+        """A JSON-able description, written next to the extracted checkpoint."""
+        return {"form": self.form, "kept_layers": self.kept_layers,
+                "removed_layers": [i for i in range(self.num_layers) if i not in self.kept_layers],
+                "layers": [{"index": l.index, "heads": l.heads, "neurons": None if l.neurons is None else len(l.neurons),
+                            "attn": l.attn, "mlp": l.mlp} for l in self.layers],
+                "decoder_parameters": self.decoder_parameters, "parameters": self.parameters,
+                "bytes": self.bytes, "fraction_of_decoder": self.fraction,
+                "log_probability": self.log_probability}
+
+
+def _log(p: torch.Tensor) -> torch.Tensor:
+    return torch.log(p.double().clamp(1e-9, 1 - 1e-9))
+
+
+class _Scorer:
+    """Posterior means and sizes in the shape the choosers need."""
+
+    def __init__(self, posterior: GatePosterior, totals: ModelTotals):
+        self.posterior = posterior
+        self.totals = totals
+        self.sizes = {k: v.double() for k, v in posterior.sizes.items()}
+        self.L = len(posterior.layer_names)
+        self.H = int(self.sizes["heads"][0])
+        self.N = int(self.sizes["neurons"][0])
+        ones = torch.ones(self.L, dtype=torch.float64)
+        self.p = {k: (posterior.inclusion_mean(k).double() if k in posterior.kinds else ones)
+                  for k in ("block", "attn", "mlp")}
+        self.gated = set(posterior.kinds)
+        self.unit_p = {k: posterior.inclusion_mean(k).double() for k in WIDTH_KINDS if k in self.gated}
+        self.decoder_total = float(sum(self._layer_size(l, self.H, self.N) for l in range(self.L)))
+
+    def _layer_size(self, l: int, heads: int, neurons: int, attn: bool = True, mlp: bool = True) -> float:
+        s = self.sizes
+        size = s["other"][l]
+        if attn:
+            size = size + s["attn"][l] + heads * s["head"][l]
+        if mlp:
+            size = size + s["mlp"][l] + neurons * s["neuron"][l]
+        return float(size)
+
+    def budget(self, target: Target) -> float:
+        """The most decoder parameters ``target`` allows."""
+        outside = self.totals.outside_parameters
+        return {"fraction": target.value * self.decoder_total, "parameters": target.value - outside,
+                "bytes": target.value / self.totals.bytes_per_parameter - outside}[target.kind] * (1 + 1e-9)
+
+    def finish(self, plan: ExtractionPlan) -> ExtractionPlan:
+        decoder = 0.0
+        for layer in plan.layers:
+            heads = self.H if layer.heads is None else len(layer.heads)
+            neurons = self.N if layer.neurons is None else len(layer.neurons)
+            decoder += self._layer_size(layer.index, heads, neurons, layer.attn, layer.mlp)
+        plan.decoder_parameters = decoder
+        plan.parameters = decoder + self.totals.outside_parameters
+        plan.bytes = plan.parameters * self.totals.bytes_per_parameter
+        plan.fraction = decoder / self.decoder_total
+        return plan
+
+
+def choose(posterior: GatePosterior, totals: ModelTotals, target: Target | str | float,
+           form: str = "per-layer", multiple: int = 1) -> ExtractionPlan:
+    """The most probable sub-network no larger than ``target``; raises TargetError if none is."""
     target = target if isinstance(target, Target) else Target.parse(target)
-    layers = decoder_layers(model)
-    n = len(layers)
-    if len(posterior.layer_names) != n:
-        raise TargetError(f"the posterior has {len(posterior.layer_names)} layers, the model {n}")
-    block_params = [count_parameters(b) for b in layers]
-    block_bytes = [count_bytes(b) for b in layers]
-    total_params, total_bytes = count_parameters(model), count_bytes(model)
-    decoder = sum(block_params)
-    order = posterior.ranking()  # most likely kept first
+    if form not in FORMS:
+        raise TargetError(f"unknown form {form!r}; choose one of {list(FORMS)}")
+    if multiple < 1:
+        raise TargetError(f"multiple must be >= 1, got {multiple}")
+    scorer = _Scorer(posterior, totals)
+    if target.kind == "layers":
+        plan = _choose_depth(scorer, int(target.value))
+    elif form == "uniform":
+        plan = _choose_uniform(scorer, target, multiple)
+    else:
+        plan = _choose_per_layer(scorer, target, multiple)
+    return scorer.finish(plan)
 
-    def size(keep: list[int]) -> dict:
-        gone = [i for i in range(n) if i not in keep]
-        params = total_params - sum(block_params[i] for i in gone)
-        return {"layers": len(keep), "fraction": (decoder - sum(block_params[i] for i in gone)) / decoder,
-                "parameters": params, "bytes": total_bytes - sum(block_bytes[i] for i in gone)}[target.kind]
 
-    if target.kind == "layers" and not 1 <= target.value <= n:
-        raise TargetError(f"target {target} is impossible: the model has {n} blocks and at least one must stay")
-    for k in range(n, 0, -1):
+def _choose_depth(scorer: _Scorer, count: int) -> ExtractionPlan:
+    if not 1 <= count <= scorer.L:
+        raise TargetError(f"target {count} layers is impossible: the model has {scorer.L} blocks "
+                          f"and at least one must stay")
+    order = scorer.posterior.ranking()
+    keep = sorted(order[:count])
+    return ExtractionPlan([LayerPlan(i) for i in keep], scorer.L, "uniform")
+
+
+def _unit_order(scorer: _Scorer, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per layer, units sorted from most to least probable, and their sorted probabilities."""
+    sorted_p, order = torch.sort(scorer.unit_p[kind], dim=-1, descending=True, stable=True)
+    return order, sorted_p
+
+
+def _choose_per_layer(scorer: _Scorer, target: Target, multiple: int) -> ExtractionPlan:
+    s, L, gated = scorer.sizes, scorer.L, scorer.gated
+    pb, pa, pm = scorer.p["block"], scorer.p["attn"], scorer.p["mlp"]
+    # Items: (log-odds per parameter, layer, part, kept unit indices, parameters). A
+    # part is a chunk of heads or neurons, a whole branch, or a whole block when
+    # nothing inside it is gated.
+    items, orders = [], {}
+    for kind, branch_p, chunk in (("head", pa, 1), ("neuron", pm, multiple)):
+        if kind in gated:
+            order, sorted_p = _unit_order(scorer, kind)
+            orders[kind] = order
+            for l in range(L):
+                for start in range(0, order.shape[1], chunk):
+                    p = pb[l] * branch_p[l] * sorted_p[l, start:start + chunk]
+                    size = p.numel() * s[kind][l]
+                    odds = (_log(p) - _log(1 - p)).sum()
+                    items.append((float(odds / size), l, kind, order[l, start:start + chunk].tolist(), float(size)))
+    for l in range(L):
+        for branch, kind, p in (("attn", "head", pa), ("mlp", "neuron", pm)):
+            if kind not in gated and branch in gated:
+                size = s[branch][l] + s[kind + "s"][l] * s[kind][l]
+                joint = pb[l] * p[l]
+                items.append((float((_log(joint) - _log(1 - joint)) / size), l, branch, None, float(size)))
+        if not gated & {"attn", "mlp", "head", "neuron"}:
+            size = scorer._layer_size(l, scorer.H, scorer.N)
+            items.append((float((_log(pb[l]) - _log(1 - pb[l])) / size), l, "block", None, size))
+    items.sort(key=lambda item: -item[0])
+
+    def opening(l: int, part: str, layers: set, parts: set) -> float:
+        """What the first item of ``part`` in block ``l`` costs beyond itself."""
+        cost = 0.0
+        if l not in layers and part != "block":
+            cost += s["other"][l]
+            for branch, kind in (("attn", "head"), ("mlp", "neuron")):
+                if branch not in gated and kind not in gated:  # ungated branches come with the block
+                    cost += s[branch][l] + s[kind + "s"][l] * s[kind][l]
+        if part in WIDTH_KINDS and (l, part) not in parts:
+            cost += s["attn" if part == "head" else "mlp"][l]
+        return float(cost)
+
+    budget = scorer.budget(target)
+    used, layers, parts, kept = 0.0, set(), set(), {}
+    for _, l, part, units, size in items:
+        extra = opening(l, part, layers, parts)
+        if used + extra + size <= budget:
+            used += extra + size
+            layers.add(l)
+            parts.add((l, part))
+            kept.setdefault((l, part), []).extend(units or [])
+    if not layers:
+        smallest = min(item[4] + opening(item[1], item[2], set(), set()) for item in items)
+        raise TargetError(f"target {target} is below the smallest sub-network this posterior allows "
+                          f"({smallest:,.0f} decoder parameters, the target allows {budget:,.0f})")
+    plans = []
+    for l in sorted(layers):
+        plan = LayerPlan(l)
+        for branch, kind, field_name in (("attn", "head", "heads"), ("mlp", "neuron", "neurons")):
+            if kind in gated:
+                units = sorted(kept.get((l, kind), []))
+                setattr(plan, field_name, units)
+                setattr(plan, branch, bool(units))
+            elif branch in gated:
+                setattr(plan, branch, (l, branch) in parts)
+        plans.append(plan)
+    plan = ExtractionPlan(plans, L, "per-layer")
+    plan.log_probability = _log_probability(scorer, plan)
+    return plan
+
+
+def _choose_uniform(scorer: _Scorer, target: Target, multiple: int) -> ExtractionPlan:
+    """Search kept-block count × heads per block; neurons per block fill what is left."""
+    s, L, H, N, gated = scorer.sizes, scorer.L, scorer.H, scorer.N, scorer.gated
+    budget = scorer.budget(target)
+    order = scorer.posterior.ranking()
+    sorted_logs, orders = {}, {}
+    for kind in WIDTH_KINDS:
+        if kind in gated:
+            orders[kind], sorted_p = _unit_order(scorer, kind)
+            on, off = _log(sorted_p), _log(1 - sorted_p)
+            zero = torch.zeros(L, 1, dtype=torch.float64)
+            # log P(keep the n most probable units) for n = 0 … units, per layer
+            sorted_logs[kind] = torch.cat([zero, on.cumsum(1)], 1) + off.sum(1, keepdim=True) - \
+                torch.cat([zero, off.cumsum(1)], 1)
+    best = None
+    for k in range(1, L + 1):
         keep = sorted(order[:k])
-        if size(keep) <= target.value * (1 + 1e-9):
-            return keep
-    smallest = size(sorted(order[:1]))
-    raise TargetError(f"target {target} is below the smallest sub-network with one block "
-                      f"({smallest:,.4g} in the same unit)")
+        for h in (range(1, H + 1) if "head" in gated else [H]):
+            fixed = sum(scorer._layer_size(l, h, 0) for l in keep)
+            per_neuron = float(sum(s["neuron"][l] for l in keep))
+            n = min(N, math.floor((budget - fixed) / per_neuron)) if "neuron" in gated else N
+            if n < N:
+                n -= n % multiple
+            if n < 1 or fixed + n * per_neuron > budget:
+                continue
+            plan = ExtractionPlan([LayerPlan(l) for l in keep], L, "uniform")
+            for layer in plan.layers:
+                if "head" in gated:
+                    layer.heads = sorted(orders["head"][layer.index, :h].tolist())
+                if "neuron" in gated:
+                    layer.neurons = sorted(orders["neuron"][layer.index, :n].tolist())
+            plan.log_probability = _log_probability(scorer, plan, sorted_logs, h, n)
+            if best is None or plan.log_probability > best.log_probability:
+                best = plan
+    if best is None:
+        smallest = min(scorer._layer_size(l, 1 if "head" in gated else H, min(multiple, N)) for l in range(L))
+        raise TargetError(f"target {target} is below the smallest uniform sub-network: one block with "
+                          f"one head group and {min(multiple, N)} neurons needs {smallest:,.0f} decoder parameters, "
+                          f"the target allows {budget:,.0f}")
+    return best
 
 
-def extract_layers(model: nn.Module, keep: list[int]) -> nn.Module:
-    """A copy of ``model`` with only the blocks ``keep``, renumbered, and its config rewritten."""
-    arch = architecture_of(model)
-    n = len(decoder_layers(model))
-    if not keep or len(set(keep)) != len(keep) or not all(0 <= i < n for i in keep):
-        raise TargetError(f"blocks to keep must be distinct indices in [0, {n}), got {keep}")
-    if getattr(model.config, "scale_attn_by_inverse_layer_idx", False):
-        raise TargetError("this GPT-2 config scales attention by layer index; removing blocks would change it")
-    keep = sorted(keep)
-    small = copy.deepcopy(model)
-    old = decoder_layers(small)
-    new = nn.ModuleList([old[i] for i in keep])
-    for index, block in enumerate(new):
-        for module in block.modules():
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = index
-    parent_path, _, attr = arch.layers.rpartition(".")
-    parent = small.get_submodule(parent_path)
-    setattr(parent, attr, new)
-    config = small.config
-    for field in arch.per_layer_fields:
-        values = getattr(config, field, None)
-        if isinstance(values, (list, tuple)) and len(values) == n:
-            setattr(config, field, [values[i] for i in keep])
-    config.num_hidden_layers = len(keep)
-    return small
-
-
-def save_extracted(model: nn.Module, tokenizer, out: str | Path, record: dict, overwrite: bool = False) -> Path:
-    """Save model, tokenizer and an extraction record; the folder appears only when complete."""
-    with atomic_directory(out, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / EXTRACTION_FILE).write_text(json.dumps(record, indent=2))
-    return Path(out)
+def _log_probability(scorer: _Scorer, plan: ExtractionPlan, sorted_logs: dict | None = None,
+                     heads: int | None = None, neurons: int | None = None) -> float:
+    """Posterior log-probability of the hard mask a plan keeps (mean-field)."""
+    kept = {layer.index: layer for layer in plan.layers}
+    total = 0.0
+    for l in range(scorer.L):
+        if "block" in scorer.gated:
+            total += float(_log(scorer.p["block"][l] if l in kept else 1 - scorer.p["block"][l]))
+        if l not in kept:
+            continue
+        layer = kept[l]
+        for branch, kind, units, count in (("attn", "head", layer.heads, heads),
+                                           ("mlp", "neuron", layer.neurons, neurons)):
+            on = getattr(layer, branch)
+            if branch in scorer.gated:
+                total += float(_log(scorer.p[branch][l] if on else 1 - scorer.p[branch][l]))
+            if kind in scorer.gated and on:
+                if sorted_logs is not None:
+                    total += float(sorted_logs[kind][l, count])
+                else:
+                    p = scorer.unit_p[kind][l]
+                    mask = torch.zeros_like(p, dtype=torch.bool)
+                    mask[units] = True
+                    total += float(_log(p[mask]).sum() + _log(1 - p[~mask]).sum())
+    return total

@@ -30,8 +30,9 @@ def _step_seed(seed: int, step: int) -> int:
 
 def make_guide(model: PruningModel) -> AutoNormal:
     """Mean-field normal guide over the scales and logits; logits start at the prior mean."""
-    start = {f"{k}_logit": torch.full((model.gated.num_layers,), model.prior.mean_logit_loc)
-             for k in model.gated.kinds}
+    values, loc = model.gated.values, model.prior.mean_logit_loc
+    start = {f"{k}_logit": torch.full(values.shape(k), loc) for k in values.kinds}
+    start |= {f"{k}_layer_logit": torch.full((values.num_layers, 1), loc) for k in values.units}
     return AutoNormal(model, init_loc_fn=init_to_value(values=start, fallback=init_to_median), init_scale=0.1)
 
 
@@ -47,9 +48,8 @@ class Fit:
     history: list[float] = field(default_factory=list)
 
     def posterior(self, num_draws: int | None = None) -> GatePosterior:
-        pyro.set_rng_seed(_step_seed(self.config.seed, -1))
-        batch = torch.arange(min(self.config.batch_size, self.model.sequences.shape[0]))
-        return GatePosterior.from_guide(self.guide, self.model, batch, num_draws or self.config.posterior_draws)
+        return GatePosterior.from_guide(self.guide, self.model, num_draws or self.config.posterior_draws,
+                                        seed=self.config.seed)
 
     def to_inference_data(self, num_draws: int | None = None):
         return self.posterior(num_draws).to_inference_data()

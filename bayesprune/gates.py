@@ -4,6 +4,13 @@ A block gate ``z`` turns a block ``h -> f(h)`` into ``h -> z·f(h) + (1-z)·h``,
 multiplies the block's residual update; a branch gate multiplies the attention or
 MLP output before it joins the residual stream. For ``z`` in {0, 1} both are exact:
 all gates at 1 give the original logits bit for bit, a gate at 0 skips the unit.
+
+Width gates sit inside the branches: a ``head`` gate multiplies the features of one
+key/value head group (the KV head and every query head that reads it) at the input
+of the attention output projection, a ``neuron`` gate one FFN hidden unit at the
+input of the MLP down projection. Both are nested under the branch and block gates
+by construction. Norms that mix heads (OLMo-2's q/k norms) average over the heads
+that are on, so a hard-gated model computes what the extracted one does.
 """
 
 from __future__ import annotations
@@ -13,25 +20,36 @@ import contextlib
 import torch
 from torch import nn
 
-from .architectures import architecture_of, count_parameters, decoder_layers, layer_names
-from .config import GateConfig
+from .architectures import (Architecture, Widths, architecture_of, decoder_layers, layer_names, unit_count,
+                            widths_of)
+from .config import WIDTH_KINDS, GateConfig
 
 
 class GateValues:
-    """The current gate tensor of each unit kind, shape ``(..., num_layers)``; ``None`` = open."""
+    """The current gate tensor of each kind; ``None`` = open.
 
-    def __init__(self, kinds: tuple[str, ...], num_layers: int):
+    Block, attn and mlp gates have shape ``(..., num_layers)``; head and neuron
+    gates ``(..., num_layers, units)``.
+    """
+
+    def __init__(self, kinds: tuple[str, ...], num_layers: int, units: dict[str, int]):
         self.kinds = kinds
         self.num_layers = num_layers
+        self.units = units
         self.current: dict[str, torch.Tensor | None] = {k: None for k in kinds}
+
+    def shape(self, kind: str) -> tuple[int, ...]:
+        return (self.num_layers, self.units[kind]) if kind in self.units else (self.num_layers,)
 
     def set(self, values: dict[str, torch.Tensor | None]) -> None:
         unknown = set(values) - set(self.kinds)
         if unknown:
             raise KeyError(f"no gates of kind(s) {sorted(unknown)}; this model gates {list(self.kinds)}")
         for kind, value in values.items():
-            if value is not None and value.shape[-1] != self.num_layers:
-                raise ValueError(f"{kind} gates need {self.num_layers} values, got shape {tuple(value.shape)}")
+            shape = self.shape(kind)
+            if value is not None and tuple(value.shape[value.dim() - len(shape):]) != shape:
+                raise ValueError(f"{kind} gates need {' x '.join(map(str, shape))} values, "
+                                 f"got shape {tuple(value.shape)}")
             self.current[kind] = value
 
     def clear(self) -> None:
@@ -39,7 +57,9 @@ class GateValues:
 
     def of(self, kind: str, index: int) -> torch.Tensor | None:
         value = self.current.get(kind)
-        return None if value is None else value[..., index]
+        if value is None:
+            return None
+        return value[..., index, :] if kind in self.units else value[..., index]
 
 
 class _Wrapper(nn.Module):
@@ -89,6 +109,48 @@ class GatedBranch(_Wrapper):
         return (z * first, *out[1:]) if isinstance(out, tuple) else z * first
 
 
+class _FeatureGate(_Wrapper):
+    """Expands per-unit gates ``(..., units)`` to the features of each unit."""
+
+    def __init__(self, wrapped: nn.Module, values: GateValues, kind: str, index: int, features: int):
+        super().__init__(wrapped, values, kind, index)
+        self.features = features
+
+    def _feature_gate(self, like: torch.Tensor) -> torch.Tensor | None:
+        z = self.values.of(self.kind, self.index)
+        if z is None:
+            return None
+        z = z.to(like.dtype).repeat_interleave(self.features, dim=-1)
+        return z.reshape(z.shape[:-1] + (1,) * (like.dim() - z.dim()) + z.shape[-1:])
+
+
+class GatedInput(_FeatureGate):
+    """Multiplies the input features of an output projection by their unit's gate."""
+
+    def forward(self, x, *args, **kwargs):
+        z = self._feature_gate(x)
+        return self.wrapped(x if z is None else x * z, *args, **kwargs)
+
+
+class GatedHeadNorm(_FeatureGate):
+    """An RMS norm over all heads that averages only over the heads whose gate is on."""
+
+    def forward(self, x):
+        z = self._feature_gate(x)
+        if z is None:
+            return self.wrapped(x)
+        norm = self.wrapped
+        h = x.float()
+        z = z.float().expand_as(h)
+        variance = (h.pow(2) * z).sum(-1, keepdim=True) / z.sum(-1, keepdim=True).clamp_min(1.0)
+        return (norm.weight * (h * torch.rsqrt(variance + norm.variance_epsilon))).to(x.dtype)
+
+
+def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent, _, attr = path.rpartition(".")
+    return (root.get_submodule(parent) if parent else root), attr
+
+
 class GatedModel(nn.Module):
     """A causal LM with gates installed in place; :meth:`remove` gives the model back untouched."""
 
@@ -98,8 +160,10 @@ class GatedModel(nn.Module):
         self.model = model
         self.gate_config = config
         self.layer_names = layer_names(model)
+        self.widths = widths_of(model.config, self.arch)
         layers = decoder_layers(model)
-        self.values = GateValues(config.units, len(layers))
+        units = {k: unit_count(self.widths, k) for k in config.units if k in WIDTH_KINDS}
+        self.values = GateValues(config.units, len(layers), units)
         self._install(layers)
 
     @property
@@ -111,28 +175,45 @@ class GatedModel(nn.Module):
         return len(self.layer_names)
 
     def _install(self, layers: nn.ModuleList) -> None:
+        if any(isinstance(m, _Wrapper) for m in self.model.modules()):
+            raise ValueError("this model already carries bayesprune gates; remove them first")
+        for kind in self.kinds:
+            if kind in WIDTH_KINDS and self.arch.gate_site(kind) is None:
+                raise ValueError(f"{self.arch.family} models cannot gate {kind}s: transformers' "
+                                 f"{self.arch.family} modules cannot hold fewer of them")
         for i, block in enumerate(layers):
-            if isinstance(block, GatedBlock) or isinstance(getattr(block, self.arch.attention), GatedBranch):
-                raise ValueError("this model already carries bayesprune gates; remove them first")
+            for kind in self.kinds:
+                if kind in WIDTH_KINDS:
+                    self._install_width(block, kind, i)
             for kind, attr in (("attn", self.arch.attention), ("mlp", self.arch.mlp)):
                 if kind in self.kinds:
                     setattr(block, attr, GatedBranch(getattr(block, attr), self.values, kind, i))
             if "block" in self.kinds:
                 layers[i] = GatedBlock(block, self.values, "block", i)
 
+    def _install_width(self, block: nn.Module, kind: str, index: int) -> None:
+        site = self.arch.gate_site(kind)
+        parent, attr = _parent(block, site.module)
+        features = self.widths.features(site.per_unit)
+        setattr(parent, attr, GatedInput(getattr(parent, attr), self.values, kind, index, features))
+        for norm in self.arch.head_norms if kind == "head" else ():
+            parent, attr = _parent(block, norm.module)
+            features = self.widths.features(norm.per_unit)
+            setattr(parent, attr, GatedHeadNorm(getattr(parent, attr), self.values, kind, index, features))
+
     def _uninstall(self) -> list[tuple[nn.Module, str, _Wrapper]]:
-        """Put the wrapped modules back; return where each wrapper was, to restore it."""
+        """Put the wrapped modules back; return where each wrapper was (outermost first)."""
         removed = []
-        layers = decoder_layers(self.model)
-        for i, block in enumerate(layers):
-            if isinstance(block, GatedBlock):
-                removed.append((layers, str(i), block))
-                block = layers[i] = block.wrapped
-            for attr in (self.arch.attention, self.arch.mlp):
-                branch = getattr(block, attr)
-                if isinstance(branch, GatedBranch):
-                    removed.append((block, attr, branch))
-                    setattr(block, attr, branch.wrapped)
+
+        def visit(module: nn.Module) -> None:
+            for name, child in list(module.named_children()):
+                if isinstance(child, _Wrapper):
+                    removed.append((module, name, child))
+                    setattr(module, name, child.wrapped)
+                    child = child.wrapped
+                visit(child)
+
+        visit(self.model)
         return removed
 
     def remove(self) -> nn.Module:
@@ -163,16 +244,41 @@ class GatedModel(nn.Module):
             self.values.current = previous
 
     def unit_parameters(self) -> dict[str, torch.Tensor]:
-        """Parameters per layer of each part: ``attn``, ``mlp`` and ``other`` (norms …)."""
-        layers = decoder_layers(self.model)
-        attn = [count_parameters(getattr(b, self.arch.attention)) for b in layers]
-        mlp = [count_parameters(getattr(b, self.arch.mlp)) for b in layers]
-        other = [count_parameters(b) - a - m for b, a, m in zip(layers, attn, mlp)]
-        return {"attn": torch.tensor(attn, dtype=torch.float64), "mlp": torch.tensor(mlp, dtype=torch.float64),
-                "other": torch.tensor(other, dtype=torch.float64)}
+        """Parameters per layer of each part (see :func:`block_sizes`) and units per layer."""
+        with self.unwrapped() as model:
+            rows = [block_sizes({n: tuple(p.shape) for n, p in block.named_parameters()}, self.arch, self.widths)
+                    for block in decoder_layers(model)]
+        rows = [r | {"heads": self.widths.heads, "neurons": self.widths.neurons} for r in rows]
+        return {key: torch.tensor([r[key] for r in rows], dtype=torch.float64) for key in rows[0]}
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
+
+
+def block_sizes(shapes: dict[str, tuple[int, ...]], arch: Architecture, widths: Widths) -> dict[str, float]:
+    """Parameters of one block by part, from its parameter shapes (names relative to the block).
+
+    ``head`` and ``neuron`` are the parameters each head group / neuron carries
+    (every slice of :attr:`Architecture.width`); ``attn`` and ``mlp`` what the
+    branch keeps whatever its width (biases of output projections …); ``other``
+    the rest of the block (its norms).
+    """
+    def numel(shape):
+        return float(torch.Size(shape).numel())
+
+    per_unit = {"head": 0.0, "neuron": 0.0}
+    for kind in per_unit:
+        count = unit_count(widths, kind)
+        for piece in arch.width_slices(kind):
+            per_unit[kind] += numel(shapes[f"{piece.module}.weight"]) / count
+            bias = shapes.get(f"{piece.module}.bias")
+            if piece.axis == "out" and bias is not None:
+                per_unit[kind] += numel(bias) / count
+    branch = {part: sum(numel(s) for n, s in shapes.items() if n.startswith(prefix + "."))
+              for part, prefix in (("attn", arch.attention), ("mlp", arch.mlp))}
+    return {"attn": branch["attn"] - per_unit["head"] * widths.heads, "head": per_unit["head"],
+            "mlp": branch["mlp"] - per_unit["neuron"] * widths.neurons, "neuron": per_unit["neuron"],
+            "other": sum(numel(s) for s in shapes.values()) - branch["attn"] - branch["mlp"]}
 
 
 def gate(model: nn.Module, config: GateConfig | None = None) -> GatedModel:

@@ -2,9 +2,12 @@
 
 A run directory holds ``config.json`` (how it was made), ``checkpoint.safetensors``
 (resumable fit state), ``posterior.safetensors`` (draws that extraction reads),
-``posterior.nc`` (ArviZ InferenceData), ``summary.csv`` (``az.summary``),
-``forest.png``, ``report.json`` and, with a target, ``extracted/`` (a Hugging Face
-folder with the tokenizer).
+``posterior.nc`` (ArviZ InferenceData; with head or neuron gates only its first
+``UNIT_LEVEL_DRAWS`` draws, to keep the file small: ``posterior.safetensors`` is the
+exact posterior), ``summary.csv`` (``az.summary`` of the per-layer variables),
+``forest.png`` (block/branch gates), ``width.png`` (head/neuron gates),
+``report.json`` and, with a target, ``extracted/`` (a Hugging Face folder with the
+tokenizer).
 """
 
 from __future__ import annotations
@@ -17,14 +20,18 @@ import torch
 from .config import RunConfig
 from .data import load_splits, windows
 from .evaluate import model_size, perplexity
-from .extract import Target, choose_layers, extract_layers, save_extracted
+from .architectures import architecture_for_config
+from .extract import ModelTotals, Target, choose
 from .fit import CHECKPOINT_FILE, fit, load_network
 from .gates import gate
 from .io import atomic_write_json, atomic_write_text, load_tensors
-from .models import load_model
+from .models import load_model, resolve_model
+from .plots import plot_block_forest, plot_width
 from .posterior import POSTERIOR_FILE, GatePosterior
+from .slicing import CheckpointFiles, extract_model, extract_streaming, save_extracted
 
 CONFIG_FILE = "config.json"
+UNIT_LEVEL_DRAWS = 100
 
 
 def _prepare_run_dir(run_dir: Path, config: RunConfig) -> None:
@@ -40,22 +47,22 @@ def _prepare_run_dir(run_dir: Path, config: RunConfig) -> None:
 
 def _write_plots_and_tables(run_dir: Path, posterior: GatePosterior) -> dict:
     import arviz as az
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    idata = posterior.to_inference_data()
+    width = [k for k in posterior.kinds if posterior.units(k) is not None]
+    layer_kinds = [k for k in posterior.kinds if k not in width]
+    idata = posterior.to_inference_data(UNIT_LEVEL_DRAWS if width else None)
     idata.to_netcdf(run_dir / "posterior.nc")
-    names = [f"{k}_inclusion" for k in posterior.kinds]
+    names = [f"{k}_inclusion" for k in layer_kinds] + [f"{k}_kept_fraction" for k in width]
     atomic_write_text(run_dir / "summary.csv", az.summary(idata, var_names=names, kind="stats").to_csv())
-    axes = az.plot_forest(idata, var_names=names, combined=True, hdi_prob=0.94,
-                          figsize=(7, 2 + 0.3 * len(posterior.layer_names)))
-    axes[0].set_title("Posterior inclusion probability (94 % HDI)")
-    axes[0].figure.savefig(run_dir / "forest.png", dpi=120, bbox_inches="tight")
-    plt.close(axes[0].figure)
-    return {"posterior": str(run_dir / POSTERIOR_FILE), "inference_data": str(run_dir / "posterior.nc"),
-            "summary": str(run_dir / "summary.csv"), "forest_plot": str(run_dir / "forest.png")}
+    files = {"posterior": str(run_dir / POSTERIOR_FILE), "inference_data": str(run_dir / "posterior.nc"),
+             "summary": str(run_dir / "summary.csv")}
+    if layer_kinds:
+        plot_block_forest(idata, layer_kinds, len(posterior.layer_names), run_dir / "forest.png")
+        files["forest_plot"] = str(run_dir / "forest.png")
+    if width:
+        plot_width(posterior, run_dir / "width.png")
+        files["width_plot"] = str(run_dir / "width.png")
+    return files
 
 
 def format_ranking(rows: list[dict]) -> str:
@@ -66,8 +73,16 @@ def format_ranking(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_widths(rows: list[dict]) -> str:
+    lines = [f"{'kind':<7}{'block':<22}{'kept':>7}  {'94% HDI':<17}{'P>1/2':>7}"]
+    for r in rows:
+        lines.append(f"{r['kind']:<7}{r['layer']:<22}{r['kept_fraction']:>7.3f}  "
+                     f"[{r['hdi_3%']:.3f}, {r['hdi_97%']:.3f}]  {r['units_above_half']:>5}/{r['units']}")
+    return "\n".join(lines)
+
+
 def run_fit(config: RunConfig, run_dir: str | Path, target: str | None = "0.75",
-            progress: bool = True, log=print) -> dict:
+            progress: bool = True, log=print, form: str = "per-layer", multiple: int = 1) -> dict:
     """Fit the gate posterior, summarise it, and (with ``target``) extract and evaluate."""
     started = time.time()
     run_dir = Path(run_dir)
@@ -92,9 +107,12 @@ def run_fit(config: RunConfig, run_dir: str | Path, target: str | None = "0.75",
     files = _write_plots_and_tables(run_dir, posterior)
     rows = posterior.summary()
     log(format_ranking(rows))
+    width_rows = posterior.width_summary()
+    if width_rows:
+        log(format_widths(width_rows))
     kept = posterior.kept_fraction_draws()
     report = {
-        "config": config.to_dict(), "dense": dense, "ranking": rows,
+        "config": config.to_dict(), "dense": dense, "ranking": rows, "widths": width_rows,
         "elbo_per_token": {"first": result.history[0] if result.history else None,
                            "last": result.history[-1] if result.history else None},
         "kept_fraction_under_posterior": {"mean": kept.mean().item(), "sd": kept.std().item()},
@@ -102,13 +120,16 @@ def run_fit(config: RunConfig, run_dir: str | Path, target: str | None = "0.75",
     model = gated.remove()
     if parsed_target is not None:
         out = run_dir / "extracted"
-        small, record = _extract_and_save(model, tokenizer, posterior, parsed_target, run_dir, out, overwrite=True)
-        extracted = {**evaluate(small), **record}
+        plan = choose(posterior, ModelTotals.of(model), parsed_target, form, multiple)
+        small = extract_model(model, plan)
+        record = _record(run_dir, parsed_target, plan, posterior)
+        save_extracted(small, tokenizer, out, record, overwrite=True)
+        extracted = {**evaluate(small), **record, **model_size(small, out), "path": str(out)}
         report["extracted"] = extracted
         files["extracted_model"] = str(out)
-        log(f"extracted ({parsed_target}): kept {len(record['kept_layers'])}/{len(posterior.layer_names)} blocks, "
-            f"test perplexity {extracted['perplexity']:.3f} (dense {dense['perplexity']:.3f}), "
-            f"{extracted['parameters']:,} parameters")
+        log(f"extracted ({parsed_target}, {form}): kept {len(plan.layers)}/{len(posterior.layer_names)} blocks, "
+            f"{plan.fraction:.3f} of decoder parameters, test perplexity {extracted['perplexity']:.3f} "
+            f"(dense {dense['perplexity']:.3f}), {extracted['parameters']:,} parameters")
     report["files"] = files
     report["wall_seconds"] = time.time() - started
     atomic_write_json(run_dir / "report.json", report)
@@ -117,18 +138,12 @@ def run_fit(config: RunConfig, run_dir: str | Path, target: str | None = "0.75",
     return report
 
 
-def _extract_and_save(model, tokenizer, posterior: GatePosterior, target: Target, run_dir: Path,
-                      out: str | Path, overwrite: bool):
-    """Choose blocks for ``target``, cut the model and save it; returns the model and its record."""
-    keep = choose_layers(model, posterior, target)
-    small = extract_layers(model, keep)
-    removed = [i for i in range(len(posterior.layer_names)) if i not in keep]
+def _record(run_dir: Path, target: Target, plan, posterior: GatePosterior) -> dict:
     keep_p = posterior.block_keep_probability().mean(0)
-    record = {"source_run": str(run_dir), "target": str(target), "kept_layers": keep,
-              "removed_layers": [posterior.layer_names[i] for i in removed],
-              "removed_inclusion": [keep_p[i].item() for i in removed]}
-    save_extracted(small, tokenizer, out, record, overwrite=overwrite)
-    return small, {**record, **model_size(small, out), "path": str(out)}
+    removed = [i for i in range(len(posterior.layer_names)) if i not in plan.kept_layers]
+    return {"source_run": str(run_dir), "target": str(target), **plan.record(),
+            "removed_layer_names": [posterior.layer_names[i] for i in removed],
+            "removed_inclusion": [keep_p[i].item() for i in removed]}
 
 
 def load_fitted_model(run_dir: str | Path):
@@ -145,12 +160,37 @@ def load_fitted_model(run_dir: str | Path):
     return model, tokenizer
 
 
-def run_extract(run_dir: str | Path, target: str, out: str | Path, overwrite: bool = False) -> dict:
-    """Extract a sub-network for ``target`` from a fitted run; nothing is written on error."""
+def run_extract(run_dir: str | Path, target: str, out: str | Path, overwrite: bool = False,
+                form: str = "per-layer", multiple: int = 1, streaming: bool | None = None) -> dict:
+    """Extract a sub-network for ``target`` from a fitted run; nothing is written on error.
+
+    A frozen-weight fit is cut straight from the original safetensors files
+    (``streaming``, the default there), reading only the kept slices; a joint fit,
+    whose weights live in the run's checkpoint, is cut in memory.
+    """
     run_dir = Path(run_dir)
     parsed = Target.parse(target)
     posterior = GatePosterior.load(run_dir / POSTERIOR_FILE)
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another --out or remove it")
-    model, tokenizer = load_fitted_model(run_dir)
-    return _extract_and_save(model, tokenizer, posterior, parsed, run_dir, out, overwrite)[1]
+    config = RunConfig.load(run_dir / CONFIG_FILE)
+    if streaming is None:
+        streaming = config.fit.weights == "frozen"
+    if streaming:
+        if config.fit.weights != "frozen":
+            raise ValueError("a joint fit changed the weights: extract it in memory (streaming=False)")
+        from transformers import AutoConfig
+
+        source = resolve_model(config.model)
+        files = CheckpointFiles(source)
+        plan = choose(posterior, files.totals(architecture_for_config(AutoConfig.from_pretrained(source))),
+                      parsed, form, multiple)
+        record = _record(run_dir, parsed, plan, posterior)
+        extract_streaming(source, plan, out, record, overwrite)
+    else:
+        model, tokenizer = load_fitted_model(run_dir)
+        plan = choose(posterior, ModelTotals.of(model), parsed, form, multiple)
+        record = _record(run_dir, parsed, plan, posterior)
+        save_extracted(extract_model(model, plan), tokenizer, out, record, overwrite)
+    files_bytes = sum(p.stat().st_size for p in Path(out).glob("*.safetensors"))
+    return {**record, "file_bytes": files_bytes, "path": str(out)}

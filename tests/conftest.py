@@ -69,3 +69,16 @@ def tiny_model_dir(tmp_path, tokenizer):
     tiny_model("llama").save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def posterior_for(model, logits: dict[str, torch.Tensor]):
+    """A posterior over ``model`` whose gates have these (almost certain) logits."""
+    from bayesprune import GateConfig, GatePosterior, gate
+
+    gated = gate(model, GateConfig(units=tuple(logits)))
+    sizes = gated.unit_parameters()
+    names = list(gated.layer_names)
+    gated.remove()
+    locs = {f"{k}_logit": v.float() for k, v in logits.items()}
+    scales = {name: torch.full_like(v, 1e-3) for name, v in locs.items()}
+    return GatePosterior(gated.kinds, names, locs, scales, frozenset(), sizes, num_draws=50)

@@ -4,8 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from bayesprune import GateConfig, extract_layers, gate, load_model
-from bayesprune.extract import save_extracted
+from bayesprune import ExtractionPlan, GateConfig, LayerPlan, extract_model, gate, load_model, save_extracted
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +32,8 @@ def test_gates_and_extraction_are_exact_on_the_real_model(smollm, tmp_path):
         with gated.gates_set({"block": closed}):
             hard_gated = gated(input_ids=ids).logits
         model = gated.remove()
-        small = extract_layers(model, [i for i in range(30) if i not in (4, 11, 20)])
+        plan = ExtractionPlan([LayerPlan(i) for i in range(30) if i not in (4, 11, 20)], 30)
+        small = extract_model(model, plan)
         assert torch.equal(small(input_ids=ids).logits, hard_gated)
         out = save_extracted(small, tokenizer, tmp_path / "small", {})
         reloaded = AutoModelForCausalLM.from_pretrained(out).eval()

@@ -6,21 +6,47 @@ import textwrap
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from bayesprune import GateConfig, GatePosterior, Target, TargetError, choose_layers, extract_layers, gate
+from bayesprune import (ExtractionPlan, GateConfig, LayerPlan, ModelTotals, Target, TargetError, choose,
+                        extract_model, extract_streaming, gate, load_pruned, save_extracted)
 from bayesprune.architectures import count_parameters, decoder_layers
-from bayesprune.extract import save_extracted
-from tests.conftest import VOCAB, tiny_model
+from tests.conftest import VOCAB, posterior_for, tiny_model
 
 
-def posterior_preferring(order: list[int], num_layers: int = 4) -> GatePosterior:
-    """A posterior whose blocks are kept with decreasing probability in ``order``."""
-    logits = torch.zeros(num_layers)
-    for rank, layer in enumerate(order):
-        logits[layer] = 3.0 - rank
-    draws = {"block_logit": logits.expand(50, -1).clone()}
-    sizes = {k: torch.ones(num_layers, dtype=torch.float64) for k in ("attn", "mlp", "other")}
-    return GatePosterior(("block",), [f"model.layers.{i}" for i in range(num_layers)], draws, sizes)
+def width_units(family: str) -> tuple[str, ...]:
+    return ("block", "attn", "mlp", "neuron") + (() if family == "gpt2" else ("head",))
+
+
+def random_mask(gated, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Hard gates with a closed block, a closed branch, and some heads and neurons off."""
+    g = torch.Generator().manual_seed(seed)
+    mask = {k: torch.ones(gated.values.shape(k)) for k in gated.kinds}
+    mask["block"][1] = 0
+    mask["attn"][2] = 0
+    mask["mlp"][3] = 0 if "head" not in mask else 1
+    if "head" in mask:
+        mask["head"][0, 1] = 0
+        mask["head"][3, 0] = 0
+    mask["neuron"] = (torch.rand(mask["neuron"].shape, generator=g) > 0.4).float()
+    return mask
+
+
+def plan_of(mask: dict[str, torch.Tensor], form: str = "per-layer") -> ExtractionPlan:
+    layers = []
+    for l in range(mask["block"].shape[0]):
+        if mask["block"][l]:
+            layer = LayerPlan(l, attn=bool(mask["attn"][l]), mlp=bool(mask["mlp"][l]))
+            if "head" in mask:
+                layer.heads = torch.nonzero(mask["head"][l]).flatten().tolist()
+            layer.neurons = torch.nonzero(mask["neuron"][l]).flatten().tolist()
+            layers.append(layer)
+    return ExtractionPlan(layers, mask["block"].shape[0], form)
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
 
 
 @pytest.mark.parametrize("text,kind,value", [
@@ -38,38 +64,54 @@ def test_unreadable_or_empty_targets_are_refused(text):
         Target.parse(text)
 
 
+def block_posterior(model, order: list[int]):
+    logits = torch.zeros(len(order))
+    for rank, layer in enumerate(order):
+        logits[layer] = 3.0 - rank
+    return posterior_for(model, {"block": logits})
+
+
 def test_blocks_are_removed_least_likely_first():
     model = tiny_model("llama")
-    posterior = posterior_preferring([2, 0, 3, 1])
-    assert choose_layers(model, posterior, "3layers") == [0, 2, 3]
-    assert choose_layers(model, posterior, "0.5") == [0, 2]
-    assert choose_layers(model, posterior, "1layers") == [2]
+    posterior = block_posterior(model, [2, 0, 3, 1])
+    totals = ModelTotals.of(model)
+    assert choose(posterior, totals, "3layers").kept_layers == [0, 2, 3]
+    assert choose(posterior, totals, "0.5").kept_layers == [0, 2]
+    assert choose(posterior, totals, "1layers").kept_layers == [2]
     block = count_parameters(decoder_layers(model)[0])
     total = count_parameters(model)
-    assert choose_layers(model, posterior, str(total - block)) == [0, 2, 3]
-    assert choose_layers(model, posterior, str(total - block - 1)) == [0, 2]
-    bytes_two_removed = (total - 2 * block) * 4
-    assert choose_layers(model, posterior, f"{bytes_two_removed / 1e6}MB") == [0, 2]
+    assert choose(posterior, totals, str(total - block)).kept_layers == [0, 2, 3]
+    assert choose(posterior, totals, str(total - block - 1)).kept_layers == [0, 2]
+    assert choose(posterior, totals, f"{(total - 2 * block) * 4 / 1e6}MB").kept_layers == [0, 2]
 
 
 @pytest.mark.parametrize("target", ["0layers", "5layers", "10", "0.01MB"])
 def test_impossible_targets_are_refused(target):
+    model = tiny_model("llama")
     with pytest.raises(TargetError):
-        choose_layers(tiny_model("llama"), posterior_preferring([0, 1, 2, 3]), target)
+        choose(block_posterior(model, [0, 1, 2, 3]), ModelTotals.of(model), target)
 
 
-def test_extracted_model_equals_the_hard_gated_model(family):
+def test_extracted_model_equals_the_hard_gated_model(family, ids):
     model = tiny_model(family)
-    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
-    keep = [0, 2]
-    small = extract_layers(model, keep)
+    gated = gate(model, GateConfig(units=width_units(family)))
+    mask = random_mask(gated)
+    with gated.gates_set(mask):
+        expected = gated(input_ids=ids).logits
+    gated.remove()
+    small = extract_model(model, plan_of(mask))
+    assert torch.allclose(small(input_ids=ids).logits, expected, atol=1e-5)
+    assert len(decoder_layers(small)) == 3 and len(decoder_layers(model)) == 4, "the original is untouched"
+
+
+def test_depth_only_extraction_is_bit_exact(family, ids):
+    model = tiny_model(family)
     gated = gate(model, GateConfig(units=("block",)))
     with gated.gates_set({"block": torch.tensor([1.0, 0.0, 1.0, 0.0])}):
         expected = gated(input_ids=ids).logits
-    assert torch.equal(small(input_ids=ids).logits, expected)
     gated.remove()
-    assert len(decoder_layers(small)) == 2 and small.config.num_hidden_layers == 2
-    assert len(decoder_layers(model)) == 4, "the original model is untouched"
+    small = extract_model(model, ExtractionPlan([LayerPlan(0), LayerPlan(2)], 4))
+    assert torch.equal(small(input_ids=ids).logits, expected)
     idx = [m.layer_idx for b in decoder_layers(small) for m in b.modules() if hasattr(m, "layer_idx")]
     assert sorted(set(idx)) == [0, 1]
 
@@ -77,18 +119,26 @@ def test_extracted_model_equals_the_hard_gated_model(family):
 def test_per_layer_config_fields_are_sliced():
     model = tiny_model("qwen2")
     assert model.config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
-    small = extract_layers(model, [1, 2])
+    small = extract_model(model, ExtractionPlan([LayerPlan(1), LayerPlan(2)], 4))
     assert small.config.layer_types == ["full_attention", "sliding_attention"]
 
 
-def test_saved_model_loads_and_generates_without_bayesprune(family, tmp_path, tokenizer):
+def _run_without_bayesprune(script: str, cwd) -> None:
+    env = {**os.environ, "PYTHONPATH": ""}
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=cwd, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_uniform_model_loads_and_generates_without_bayesprune(family, tmp_path, tokenizer):
     model = tiny_model(family)
-    small = extract_layers(model, [1, 3])
+    heads = [1] if family != "gpt2" else None
+    plan = ExtractionPlan([LayerPlan(1, heads, [0, 5, 7]), LayerPlan(3, heads, [2, 3, 40])], 4, "uniform")
+    small = extract_model(model, plan)
     ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
-    expected = small(input_ids=ids).logits
-    out = save_extracted(small, tokenizer, tmp_path / "small", {"kept_layers": [1, 3]})
-    torch.save({"ids": ids, "logits": expected}, tmp_path / "expected.pt")
-    script = textwrap.dedent(f"""
+    out = save_extracted(small, tokenizer, tmp_path / "small", plan.record())
+    torch.save({"ids": ids, "logits": small(input_ids=ids).logits}, tmp_path / "expected.pt")
+    _run_without_bayesprune(f"""
         import sys, torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         m = AutoModelForCausalLM.from_pretrained({str(out)!r}).eval()
@@ -99,16 +149,101 @@ def test_saved_model_loads_and_generates_without_bayesprune(family, tmp_path, to
         b = m.generate(e["ids"], max_new_tokens=5, do_sample=False, use_cache=False)
         assert torch.equal(a, b), (a, b)
         assert "bayesprune" not in sys.modules
-    """)
-    env = {**os.environ, "PYTHONPATH": ""}
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    """, tmp_path)
     assert json.loads((out / "bayesprune_extraction.json").read_text())["kept_layers"] == [1, 3]
+
+
+def test_per_layer_model_round_trips_through_load_pruned(family, tmp_path, ids):
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.heterogeneity import AmbiguousGlobalPerLayerAttributeError
+
+    model = tiny_model(family)
+    gated = gate(model, GateConfig(units=width_units(family)))
+    mask = random_mask(gated, seed=1)
+    gated.remove()
+    small = extract_model(model, plan_of(mask))
+    out = save_extracted(small, None, tmp_path / "small", {})
+    config = json.loads((out / "config.json").read_text())
+    assert config.get("num_hidden_layers", config.get("n_layer")) == 3 and config["per_layer_config"]
+    assert {"skip": ["self_attn" if family != "gpt2" else "attn"]}.items() <= config["per_layer_config"]["1"].items()
+    loaded = load_pruned(out)
+    assert torch.equal(loaded(input_ids=ids).logits, small(input_ids=ids).logits)
+    a = loaded.generate(ids[:1, :4], max_new_tokens=5, do_sample=False, use_cache=True)
+    b = loaded.generate(ids[:1, :4], max_new_tokens=5, do_sample=False, use_cache=False)
+    assert torch.equal(a, b), "a skipped attention branch keeps the cache length right"
+    with pytest.raises(AmbiguousGlobalPerLayerAttributeError):
+        AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_streaming_extraction_writes_what_the_in_memory_path_builds(family, tmp_path):
+    model = tiny_model(family)
+    model.save_pretrained(tmp_path / "original")
+    gated = gate(model, GateConfig(units=width_units(family)))
+    plan = plan_of(random_mask(gated, seed=2))
+    gated.remove()
+    out = extract_streaming(tmp_path / "original", plan, tmp_path / "streamed", {"kept": plan.kept_layers})
+    streamed = load_file(out / "model.safetensors")
+    built = {k: v for k, v in extract_model(model, plan).state_dict().items() if k in streamed}
+    assert set(built) == set(streamed) and all(torch.equal(built[k], streamed[k]) for k in built)
+    assert load_pruned(out).config.num_hidden_layers == 3
+
+
+def width_posterior(model, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    gated = gate(model, GateConfig(units=("block", "head", "neuron")))
+    logits = {k: torch.randn(gated.values.shape(k), generator=g) * 3 for k in gated.kinds}
+    gated.remove()
+    return posterior_for(model, logits)
+
+
+@pytest.mark.parametrize("form", ["per-layer", "uniform"])
+@pytest.mark.parametrize("target", ["0.75", "0.5", "0.3"])
+def test_chosen_plans_fit_the_target_and_report_their_real_size(form, target):
+    model = tiny_model("llama")
+    posterior = width_posterior(model)
+    plan = choose(posterior, ModelTotals.of(model), target, form)
+    small = extract_model(model, plan)
+    decoder = sum(count_parameters(b) for b in decoder_layers(small))
+    assert plan.decoder_parameters == decoder and plan.parameters == count_parameters(small)
+    assert plan.fraction <= float(target) + 1e-9
+    if form == "per-layer":
+        head = posterior.sizes["head"][0].item()
+        assert float(target) - plan.fraction <= head / (plan.decoder_parameters / plan.fraction), \
+            "the budget is filled to within one head group"
+    else:
+        assert len({(len(l.heads), len(l.neurons)) for l in plan.layers}) == 1
+        assert all(l.attn and l.mlp for l in plan.layers)
+
+
+def test_per_layer_choice_prefers_probable_units():
+    model = tiny_model("llama")
+    posterior = width_posterior(model, seed=5)
+    plan = choose(posterior, ModelTotals.of(model), "0.6")
+    p = posterior.inclusion_mean("neuron")
+    for layer in plan.layers:
+        if layer.neurons:
+            dropped = [n for n in range(48) if n not in layer.neurons]
+            if dropped:
+                assert p[layer.index, layer.neurons].min() >= p[layer.index, dropped].max() - 1e-6
+
+
+@pytest.mark.parametrize("form", ["per-layer", "uniform"])
+def test_neuron_counts_round_to_a_multiple(form):
+    model = tiny_model("llama")
+    plan = choose(width_posterior(model), ModelTotals.of(model), "0.6", form, multiple=8)
+    assert all(len(l.neurons) % 8 == 0 for l in plan.layers if l.neurons)
+
+
+def test_uniform_target_below_one_head_and_neuron_is_refused_and_writes_nothing(tmp_path):
+    model = tiny_model("llama")
+    with pytest.raises(TargetError, match="smallest uniform"):
+        choose(width_posterior(model), ModelTotals.of(model), "0.01", "uniform")
 
 
 def test_existing_output_is_not_overwritten(tmp_path, tokenizer):
     (tmp_path / "small").mkdir()
     (tmp_path / "small" / "keep.txt").write_text("mine")
+    small = extract_model(tiny_model("llama"), ExtractionPlan([LayerPlan(0)], 4))
     with pytest.raises(FileExistsError):
-        save_extracted(extract_layers(tiny_model("llama"), [0]), tokenizer, tmp_path / "small", {})
+        save_extracted(small, tokenizer, tmp_path / "small", {})
     assert (tmp_path / "small" / "keep.txt").read_text() == "mine"

@@ -5,7 +5,7 @@ from bayesprune import GateConfig, gate
 from bayesprune.architectures import decoder_layers
 from tests.conftest import VOCAB, tiny_model
 
-UNIT_SETS = [("block",), ("attn", "mlp"), ("block", "attn", "mlp")]
+UNIT_SETS = [("block",), ("attn", "mlp"), ("block", "attn", "mlp"), ("block", "head", "neuron")]
 
 
 @pytest.fixture
@@ -17,9 +17,11 @@ def ids():
 def test_open_and_unit_gates_give_the_original_logits_exactly(family, units, ids):
     model = tiny_model(family)
     reference = model(ids).logits
+    if family == "gpt2":
+        units = tuple(u for u in units if u != "head")
     gated = gate(model, GateConfig(units=units))
     assert torch.equal(gated(input_ids=ids).logits, reference)
-    with gated.gates_set({k: torch.ones(4) for k in units}):
+    with gated.gates_set({k: torch.ones(gated.values.shape(k)) for k in units}):
         assert torch.equal(gated(input_ids=ids).logits, reference)
 
 
@@ -35,7 +37,8 @@ def test_remove_restores_the_untouched_model(family, ids):
     model = tiny_model(family)
     classes = [type(m) for m in model.modules()]
     keys = list(model.state_dict())
-    gated = gate(model, GateConfig(units=("block", "attn", "mlp")))
+    units = ("block", "attn", "mlp", "neuron") + (("head",) if family != "gpt2" else ())
+    gated = gate(model, GateConfig(units=units))
     assert list(gated.model.state_dict()) != keys
     restored = gated.remove()
     assert restored is model
@@ -57,10 +60,45 @@ def test_gate_values_are_checked():
         gated.set_gates({"attn": torch.ones(4)})
 
 
-def test_unit_parameters_add_up_to_the_blocks():
-    model = tiny_model("llama")
-    sizes = gate(model, GateConfig(units=("attn",))).unit_parameters()
-    blocks = sum(p.numel() for b in decoder_layers(model) for p in b.parameters())
-    assert sum(v.sum() for v in sizes.values()).item() == blocks
-    attn = sum(p.numel() for p in decoder_layers(model)[0].self_attn.parameters())
-    assert sizes["attn"][0].item() == attn
+@pytest.mark.parametrize("units", [("attn",), ("block", "head", "neuron")])
+def test_unit_parameters_add_up_to_the_blocks(family, units):
+    from bayesprune.model import kept_parameters
+
+    model = tiny_model(family)
+    units = tuple(u for u in units if not (family == "gpt2" and u == "head"))
+    gated = gate(model, GateConfig(units=units))
+    sizes = gated.unit_parameters()
+    gated.remove()
+    layers = decoder_layers(model)
+    blocks = sum(p.numel() for b in layers for p in b.parameters())
+    assert kept_parameters({}, sizes).item() == blocks
+    mlp = sum(p.numel() for p in layers[0].mlp.parameters())
+    assert sizes["mlp"][0] + sizes["neurons"][0] * sizes["neuron"][0] == mlp
+    if family != "gpt2":
+        one_head = sum(p.numel() for n, p in layers[0].self_attn.named_parameters() if "norm" not in n or
+                       family == "olmo2") / model.config.num_key_value_heads
+        assert sizes["head"][0].item() == one_head
+        assert sizes["neuron"][0].item() == 3 * model.config.hidden_size
+
+
+def test_width_gates_need_layer_by_unit_values_and_nest(family, ids):
+    units = ("block", "neuron") if family == "gpt2" else ("block", "head", "neuron")
+    gated = gate(tiny_model(family), GateConfig(units=units))
+    shape = gated.values.shape("neuron")
+    with pytest.raises(ValueError, match="need"):
+        gated.set_gates({"neuron": torch.ones(shape[0])})
+    reference = gated(input_ids=ids).logits
+    some_off = torch.ones(shape)
+    some_off[1, ::2] = 0
+    with gated.gates_set({"neuron": some_off}):
+        assert not torch.allclose(gated(input_ids=ids).logits, reference)
+    block_off = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    with gated.gates_set({"block": block_off}):
+        expected = gated(input_ids=ids).logits
+    with gated.gates_set({"block": block_off, "neuron": some_off}):
+        assert torch.equal(gated(input_ids=ids).logits, expected), "a closed block hides its neurons"
+
+
+def test_heads_cannot_be_gated_where_transformers_cannot_shrink_them():
+    with pytest.raises(ValueError, match="cannot gate heads"):
+        gate(tiny_model("gpt2"), GateConfig(units=("head",)))

@@ -19,11 +19,46 @@ def posterior():
 def test_draw_shapes(posterior):
     assert posterior.num_draws == 300
     for kind in ("block", "attn", "mlp"):
-        assert posterior.draws[f"{kind}_logit"].shape == (300, 4)
-        assert posterior.draws[f"{kind}_local_scale"].shape == (300, 4)
-        assert posterior.draws[f"{kind}_mean_logit"].shape == (300,)
-        assert posterior.draws[f"{kind}_global_scale"].shape == (300,)
-        assert (posterior.draws[f"{kind}_global_scale"] > 0).all()
+        assert posterior.draws(f"{kind}_logit").shape == (300, 4)
+        assert posterior.draws(f"{kind}_local_scale").shape == (300, 4)
+        assert posterior.draws(f"{kind}_mean_logit").shape == (300,)
+        assert posterior.draws(f"{kind}_global_scale").shape == (300,)
+        assert (posterior.draws(f"{kind}_global_scale") > 0).all()
+
+
+def test_draws_follow_the_guide_and_repeat(posterior):
+    draws = posterior.draws("block_logit")
+    assert torch.equal(draws, posterior.draws("block_logit"))
+    assert torch.allclose(draws.mean(0), posterior.locs["block_logit"], atol=4 * 0.1 / 300 ** 0.5 * 3)
+    assert torch.allclose(posterior.draws("block_global_scale").log().std(), posterior.scales["block_global_scale"],
+                          rtol=0.2)
+
+
+@pytest.fixture(scope="module")
+def width_posterior():
+    gated = gate(tiny_model("qwen3"), GateConfig(units=("block", "head", "neuron")))
+    return fit(gated, SEQUENCES, FitConfig(steps=3, batch_size=4, seq_len=10), progress=False).posterior(200)
+
+
+def test_width_sites_have_layer_and_unit_dims(width_posterior):
+    assert width_posterior.units("head") == 2 and width_posterior.units("neuron") == 48
+    assert width_posterior.units("block") is None
+    assert width_posterior.inclusion_mean("neuron").shape == (4, 48)
+    idata = width_posterior.to_inference_data(50)
+    assert idata.posterior["head_inclusion"].dims == ("chain", "draw", "layer", "head")
+    assert idata.posterior["neuron_logit"].shape == (1, 50, 4, 48)
+    assert list(idata.posterior.coords["neuron"].values) == list(range(48))
+    assert idata.posterior["neuron_kept_fraction"].dims == ("chain", "draw", "layer")
+    rows = width_posterior.width_summary()
+    assert len(rows) == 2 * 4 and {r["kind"] for r in rows} == {"head", "neuron"}
+    assert all(r["hdi_3%"] <= r["kept_fraction"] <= r["hdi_97%"] for r in rows)
+
+
+def test_width_plot_is_written(width_posterior, tmp_path):
+    from bayesprune.plots import plot_width
+
+    plot_width(width_posterior, tmp_path / "width.png")
+    assert (tmp_path / "width.png").stat().st_size > 10_000
 
 
 def test_inference_data_names_dims_and_coords(posterior):
@@ -50,10 +85,12 @@ def test_removal_probabilities_are_consistent(posterior):
 
 
 def test_keep_probability_nests_branches_under_blocks():
-    draws = {"block_logit": torch.tensor([[10.0, 10.0]]), "attn_logit": torch.tensor([[-10.0, 10.0]]),
-             "mlp_logit": torch.tensor([[-10.0, -10.0]])}
+    locs = {"block_logit": torch.tensor([10.0, 10.0]), "attn_logit": torch.tensor([-10.0, 10.0]),
+            "mlp_logit": torch.tensor([-10.0, -10.0])}
+    scales = {k: torch.zeros(2) for k in locs}
     sizes = {k: torch.ones(2, dtype=torch.float64) for k in ("attn", "mlp", "other")}
-    p = GatePosterior(("block", "attn", "mlp"), ["a", "b"], draws, sizes).block_keep_probability()
+    p = GatePosterior(("block", "attn", "mlp"), ["a", "b"], locs, scales, frozenset(), sizes,
+                      num_draws=1).block_keep_probability()
     assert p[0, 0].item() == pytest.approx(0.0, abs=1e-4), "both branches off: the block is gone"
     assert p[0, 1].item() == pytest.approx(1.0, abs=1e-4)
 
@@ -72,8 +109,9 @@ def test_save_and_load_round_trip(posterior, tmp_path):
     posterior.save(tmp_path / "p.safetensors")
     loaded = GatePosterior.load(tmp_path / "p.safetensors")
     assert loaded.kinds == posterior.kinds and loaded.layer_names == posterior.layer_names
-    for key, value in posterior.draws.items():
-        assert torch.equal(loaded.draws[key], value)
+    assert loaded.positive == posterior.positive and loaded.num_draws == posterior.num_draws
+    for key in posterior.locs:
+        assert torch.equal(loaded.draws(key), posterior.draws(key))
     np.testing.assert_array_equal(loaded.removal_probability(), posterior.removal_probability())
 
 

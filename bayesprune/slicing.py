@@ -1,0 +1,274 @@
+"""Cutting weights to an extraction plan: in memory, or streamed from safetensors files.
+
+Both paths use the same recipes (which tensor, which dimension, which positions),
+so a checkpoint written without loading the original model is the one the
+in-memory path builds. The streaming writer reads only the kept slices
+(``safe_open(...).get_slice``) and writes one tensor at a time: its peak memory is
+about the largest single tensor, not the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .architectures import Architecture, Widths, architecture_for_config, widths_of
+from .extract import ExtractionPlan, ModelTotals, TargetError
+from .io import atomic_directory
+from .loading import build_model, global_access
+
+EXTRACTION_FILE = "bayesprune_extraction.json"
+WEIGHTS_FILE = "model.safetensors"
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Take ``source``, keep positions ``index`` along ``dim`` (``None``: all of it)."""
+
+    source: str
+    shape: tuple[int, ...]
+    dim: int | None = None
+    index: tuple[int, ...] | None = None
+
+    def runs(self) -> list[tuple[int, int]]:
+        """``index`` as half-open runs of consecutive positions."""
+        runs = []
+        for i in self.index:
+            if runs and runs[-1][1] == i:
+                runs[-1] = (runs[-1][0], i + 1)
+            else:
+                runs.append((i, i + 1))
+        return runs
+
+
+def _features(units: list[int], per_unit: int) -> tuple[int, ...]:
+    return tuple(u * per_unit + j for u in units for j in range(per_unit))
+
+
+def recipes(plan: ExtractionPlan, arch: Architecture, widths: Widths,
+            shapes: dict[str, tuple[int, ...]]) -> dict[str, Recipe]:
+    """New tensor name → recipe, for every tensor of the original checkpoint that stays."""
+    prefix = arch.layers + "."
+    kept = {layer.index: (new, layer) for new, layer in enumerate(plan.layers)}
+    found = {int(name[len(prefix):].split(".", 1)[0]) for name in shapes if name.startswith(prefix)}
+    if found != set(range(plan.num_layers)):
+        raise TargetError(f"the checkpoint has blocks {sorted(found)[:5]}… under {arch.layers!r}, "
+                          f"the plan expects {plan.num_layers}")
+    slices = {s.module: s for s in arch.width + arch.head_norms}
+    result = {}
+    for name, shape in shapes.items():
+        if not name.startswith(prefix):
+            result[name] = Recipe(name, tuple(shape))
+            continue
+        index, rest = name[len(prefix):].split(".", 1)
+        if int(index) not in kept:
+            continue
+        new, layer = kept[int(index)]
+        branch = rest.split(".", 1)[0]
+        if (branch == arch.attention and not layer.attn) or (branch == arch.mlp and not layer.mlp):
+            continue
+        module, _, leaf = rest.rpartition(".")
+        piece = slices.get(module)
+        units = None if piece is None else (layer.heads if piece.kind == "head" else layer.neurons)
+        new_name = f"{prefix}{new}.{rest}"
+        if units is None or (leaf == "bias" and piece.axis == "in"):
+            result[new_name] = Recipe(name, tuple(shape))
+            continue
+        if len(shape) == 1:
+            dim = 0
+        else:
+            dim = 0 if (piece.axis == "out") != arch.transposed else 1
+        positions = _features(units, widths.features(piece.per_unit))
+        cut = list(shape)
+        cut[dim] = len(positions)
+        result[new_name] = Recipe(name, tuple(cut), dim, positions)
+    return result
+
+
+def extracted_config(config, plan: ExtractionPlan, arch: Architecture, widths: Widths):
+    """The config of the extracted model: uniform widths, or ``per_layer_config`` overrides."""
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False) and plan.kept_layers != list(range(plan.num_layers)):
+        raise TargetError("this GPT-2 config scales attention by layer index; removing blocks would change it")
+    config = copy.deepcopy(config)
+    keep = plan.kept_layers
+    for name in arch.per_layer_fields:
+        values = getattr(config, name, None)
+        if isinstance(values, (list, tuple)) and len(values) == plan.num_layers:
+            setattr(config, name, [values[i] for i in keep])
+    config.num_hidden_layers = len(keep)
+    if arch.width_slices("head"):
+        config.head_dim = widths.head_dim
+    setattr(config, arch.neuron_field, widths.neurons)
+
+    def overrides(layer) -> dict:
+        values = {}
+        if layer.heads is not None and layer.attn and len(layer.heads) != widths.heads:
+            values["num_attention_heads"] = len(layer.heads) * widths.queries_per_head
+            values["num_key_value_heads"] = len(layer.heads)
+        if layer.neurons is not None and layer.mlp and len(layer.neurons) != widths.neurons:
+            values[arch.neuron_field] = len(layer.neurons)
+        skip = [name for name, on in ((arch.attention, layer.attn), (arch.mlp, layer.mlp)) if not on]
+        return values | ({"skip": skip} if skip else {})
+
+    per_layer = {i: overrides(layer) for i, layer in enumerate(plan.layers)}
+    if plan.form == "uniform":
+        distinct = {json.dumps(v, sort_keys=True) for v in per_layer.values()}
+        if len(distinct) > 1 or "skip" in per_layer[0]:
+            raise TargetError("a uniform plan must give every kept block the same widths and keep both branches")
+        for key, value in per_layer[0].items():
+            setattr(config, key, value)
+        heads = getattr(config, "num_attention_heads", None)
+        if heads and config.hidden_size % heads:
+            raise TargetError(f"transformers requires hidden_size ({config.hidden_size}) to be a multiple of "
+                              f"num_attention_heads; {heads} heads per block cannot be saved in the uniform form "
+                              f"(use the per-layer form)")
+    elif any(per_layer.values()):
+        config.per_layer_config = {i: v for i, v in per_layer.items() if v}
+    return config
+
+
+@contextlib.contextmanager
+def _saving(config, directory: Path):
+    """Let ``transformers`` validate and save a per-layer config (its checks read global values).
+
+    The switch that allows it is taken out of the saved ``config.json`` again, so
+    that plain ``transformers`` keeps refusing to build a per-layer model wrongly.
+    """
+    with global_access(config):
+        yield
+    path = directory / "config.json"
+    values = json.loads(path.read_text())
+    values.pop("allow_global_per_layer_attribute_access", None)
+    path.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+
+
+def extract_model(model: torch.nn.Module, plan: ExtractionPlan) -> torch.nn.Module:
+    """The extracted model, built in memory from ``model`` (which is left untouched)."""
+    arch = architecture_for_config(model.config)
+    widths = widths_of(model.config, arch)
+    state = model.state_dict()
+    cut = {}
+    for name, recipe in recipes(plan, arch, widths, {n: tuple(t.shape) for n, t in state.items()}).items():
+        tensor = state[recipe.source]
+        if recipe.dim is not None:
+            tensor = tensor.index_select(recipe.dim, torch.tensor(recipe.index))
+        cut[name] = tensor.detach().clone()
+    return build_model(extracted_config(model.config, plan, arch, widths), cut)
+
+
+def save_extracted(model: torch.nn.Module, tokenizer, out: str | Path, record: dict,
+                   overwrite: bool = False) -> Path:
+    """Save model, tokenizer and an extraction record; the folder appears only when complete."""
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        with _saving(model.config, tmp):
+            model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / EXTRACTION_FILE).write_text(json.dumps(record, indent=2))
+    return Path(out)
+
+
+class CheckpointFiles:
+    """The tensors of a Hugging Face safetensors folder: names, shapes, dtypes, slices."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.files = sorted(self.directory.glob("*.safetensors"))
+        if not self.files:
+            raise FileNotFoundError(f"{directory} has no .safetensors weights to extract from")
+        self.where, self.shapes, self.dtypes = {}, {}, {}
+        for path in self.files:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    piece = f.get_slice(name)
+                    self.where[name] = path
+                    self.shapes[name] = tuple(piece.get_shape())
+                    self.dtypes[name] = piece.get_dtype()
+
+    def totals(self, arch: Architecture) -> ModelTotals:
+        numel = {n: torch.Size(s).numel() for n, s in self.shapes.items()}
+        outside = sum(v for n, v in numel.items() if not n.startswith(arch.layers + "."))
+        size = sum(v * _DTYPES[self.dtypes[n]].itemsize for n, v in numel.items())
+        return ModelTotals(outside, size / sum(numel.values()))
+
+    def read(self, recipe: Recipe, handles: dict) -> torch.Tensor:
+        path = self.where[recipe.source]
+        if path not in handles:
+            handles[path] = safe_open(path, framework="pt")
+        piece = handles[path].get_slice(recipe.source)
+        if recipe.dim is None:
+            return piece[:]
+        lead = (slice(None),) * recipe.dim
+        return torch.cat([piece[lead + (slice(a, b),)] for a, b in recipe.runs()], dim=recipe.dim)
+
+
+def _write_streaming(files: CheckpointFiles, plan_recipes: dict[str, Recipe], path: Path) -> None:
+    """Write a safetensors file tensor by tensor, each read from its kept slices."""
+    header, offset = {}, 0
+    names = sorted(plan_recipes)
+    for name in names:
+        recipe = plan_recipes[name]
+        dtype = files.dtypes[recipe.source]
+        nbytes = torch.Size(recipe.shape).numel() * _DTYPES[dtype].itemsize
+        header[name] = {"dtype": dtype, "shape": list(recipe.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    handles: dict = {}
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(encoded)))
+        out.write(encoded)
+        for name in names:
+            tensor = files.read(plan_recipes[name], handles).contiguous()
+            if tuple(tensor.shape) != plan_recipes[name].shape:
+                raise ValueError(f"{name}: read {tuple(tensor.shape)}, planned {plan_recipes[name].shape}")
+            out.write(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+            del tensor
+
+
+def extract_streaming(source: str | Path, plan: ExtractionPlan, out: str | Path, record: dict,
+                      overwrite: bool = False) -> Path:
+    """Write the extracted checkpoint from the original's files, never loading the whole model.
+
+    Config, generation config and tokenizer files are copied from ``source``.
+    """
+    from transformers import AutoConfig
+
+    source = Path(source)
+    files = CheckpointFiles(source)
+    config = AutoConfig.from_pretrained(source)
+    arch = architecture_for_config(config)
+    widths = widths_of(config, arch)
+    plan_recipes = recipes(plan, arch, widths, files.shapes)
+    new_config = extracted_config(config, plan, arch, widths)
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        _write_streaming(files, plan_recipes, tmp / WEIGHTS_FILE)
+        with _saving(new_config, tmp):
+            new_config.save_pretrained(tmp)
+        for item in source.iterdir():
+            if item.is_file() and item.suffix != ".safetensors" and item.name not in (
+                    "config.json", "model.safetensors.index.json", EXTRACTION_FILE):
+                shutil.copy2(item, tmp / item.name)
+        (tmp / EXTRACTION_FILE).write_text(json.dumps(record, indent=2))
+    return Path(out)
+
+
+def extract(model: torch.nn.Module, posterior, target, form: str = "per-layer",
+            multiple: int = 1) -> tuple[torch.nn.Module, ExtractionPlan]:
+    """Choose the sub-network for ``target`` and cut it from ``model`` in memory."""
+    from .extract import choose
+
+    plan = choose(posterior, ModelTotals.of(model), target, form, multiple)
+    return extract_model(model, plan), plan
