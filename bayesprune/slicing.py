@@ -202,15 +202,14 @@ class CheckpointFiles:
         size = sum(v * _DTYPES[self.dtypes[n]].itemsize for n, v in numel.items())
         return ModelTotals(outside, size / sum(numel.values()))
 
-    def read(self, recipe: Recipe, handles: dict) -> torch.Tensor:
-        path = self.where[recipe.source]
-        if path not in handles:
-            handles[path] = safe_open(path, framework="pt")
-        piece = handles[path].get_slice(recipe.source)
-        if recipe.dim is None:
-            return piece[:]
-        lead = (slice(None),) * recipe.dim
-        return torch.cat([piece[lead + (slice(a, b),)] for a, b in recipe.runs()], dim=recipe.dim)
+    def read(self, recipe: Recipe) -> torch.Tensor:
+        """The kept part of one tensor; the file is mapped only while it is read."""
+        with safe_open(self.where[recipe.source], framework="pt") as f:
+            piece = f.get_slice(recipe.source)
+            if recipe.dim is None:
+                return piece[:]
+            lead = (slice(None),) * recipe.dim
+            return torch.cat([piece[lead + (slice(a, b),)] for a, b in recipe.runs()], dim=recipe.dim)
 
 
 def _write_streaming(files: CheckpointFiles, plan_recipes: dict[str, Recipe], path: Path) -> None:
@@ -226,12 +225,11 @@ def _write_streaming(files: CheckpointFiles, plan_recipes: dict[str, Recipe], pa
     header["__metadata__"] = {"format": "pt"}
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
-    handles: dict = {}
     with open(path, "wb") as out:
         out.write(struct.pack("<Q", len(encoded)))
         out.write(encoded)
         for name in names:
-            tensor = files.read(plan_recipes[name], handles).contiguous()
+            tensor = files.read(plan_recipes[name]).contiguous()
             if tuple(tensor.shape) != plan_recipes[name].shape:
                 raise ValueError(f"{name}: read {tuple(tensor.shape)}, planned {plan_recipes[name].shape}")
             out.write(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")

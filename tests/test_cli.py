@@ -56,6 +56,32 @@ def test_impossible_targets_fail_cleanly_and_write_nothing(tiny_model_dir, corpu
     assert not (tmp_path / "small").exists()
 
 
+def test_width_run_extracts_both_forms(tiny_model_dir, corpus_dir, tmp_path, capsys):
+    from bayesprune import load_pruned
+
+    run = tmp_path / "run"
+    assert main(["fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir), "--out", str(run),
+                 "--units", "block,head,neuron", "--target", "0.6", *FIT_ARGS]) == 0
+    assert "neuron" in capsys.readouterr().out
+    assert (run / "width.png").is_file() and (run / "forest.png").is_file()
+    report = json.loads((run / "report.json").read_text())
+    assert report["extracted"]["fraction_of_decoder"] <= 0.6 and len(report["widths"]) == 2 * 4
+    assert load_pruned(run / "extracted").num_parameters() == report["extracted"]["parameters"]
+
+    uniform = tmp_path / "uniform"
+    assert main(["extract", str(run), "--target", "0.5", "--form", "uniform", "--out", str(uniform)]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["form"] == "uniform" and record["fraction_of_decoder"] <= 0.5
+    model = AutoModelForCausalLM.from_pretrained(uniform)
+    assert model.num_parameters() == record["parameters"]
+    in_memory = tmp_path / "in-memory"
+    assert main(["extract", str(run), "--target", "0.5", "--form", "uniform", "--in-memory",
+                 "--out", str(in_memory)]) == 0
+    assert json.loads(capsys.readouterr().out)["parameters"] == record["parameters"]
+    assert main(["extract", str(run), "--target", "0.01", "--form", "uniform", "--out", str(tmp_path / "x")]) == 2
+    assert "smallest uniform" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_bad_inputs_get_clear_errors(tmp_path, capsys):
     assert main(["fit", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "r")]) == 2
     assert "no model at" in capsys.readouterr().err
