@@ -27,6 +27,7 @@ from .io import load_tensors, save_tensors
 from .model import kept_fraction
 
 POSTERIOR_FILE = "posterior.safetensors"
+_QUADRATURE_NODES = 32
 
 
 @dataclass
@@ -80,8 +81,17 @@ class GatePosterior:
         return torch.sigmoid(self.draws(f"{kind}_logit"))
 
     def inclusion_mean(self, kind: str) -> torch.Tensor:
-        """Posterior inclusion probability of each unit of ``kind``."""
-        return self.inclusion(kind).mean(0)
+        """Posterior inclusion probability ``E[σ(logit)]`` of each unit of ``kind``.
+
+        Computed by Gauss–Hermite quadrature over the normal posterior of the logit
+        (exact to ~1e-9, and no draws held in memory for 10⁵ units).
+        """
+        nodes, weights = np.polynomial.hermite.hermgauss(_QUADRATURE_NODES)
+        loc, scale = self.locs[f"{kind}_logit"].double(), self.scales[f"{kind}_logit"].double()
+        total = torch.zeros_like(loc)
+        for x, w in zip(nodes, weights):
+            total += w * torch.sigmoid(loc + scale * (2 ** 0.5 * x))
+        return (total / np.pi ** 0.5).float()
 
     def block_keep_probability(self) -> torch.Tensor:
         """Per draw, the probability that a block contributes at all, ``(draw, layer)``.

@@ -232,7 +232,8 @@ def _write_streaming(files: CheckpointFiles, plan_recipes: dict[str, Recipe], pa
             tensor = files.read(plan_recipes[name]).contiguous()
             if tuple(tensor.shape) != plan_recipes[name].shape:
                 raise ValueError(f"{name}: read {tuple(tensor.shape)}, planned {plan_recipes[name].shape}")
-            out.write(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+            if tensor.numel():
+                out.write(tensor.reshape(-1).view(torch.uint8).numpy())  # no copy
             del tensor
 
 
