@@ -41,3 +41,31 @@ def test_gates_and_extraction_are_exact_on_the_real_model(smollm, tmp_path):
         assert torch.allclose(reloaded(ids).logits, hard_gated, atol=1e-5)
         text = reloaded.generate(ids, max_new_tokens=4, do_sample=False)
         assert text.shape[1] == ids.shape[1] + 4
+
+
+def test_width_extraction_on_the_real_model_streams_what_memory_builds(smollm, tmp_path):
+    from bayesprune import extract_streaming, load_pruned
+    from bayesprune.models import default_model_dir
+
+    model, tokenizer = smollm
+    ids = tokenizer("Now is the winter of our discontent", return_tensors="pt").input_ids
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        gated = gate(model, GateConfig(units=("block", "head", "neuron")))
+        mask = {"block": torch.ones(30), "head": torch.ones(30, 3),
+                "neuron": (torch.rand(30, 1536, generator=g) > 0.5).float()}
+        mask["block"][[7, 19]] = 0
+        mask["head"][[0, 5, 28], [2, 0, 1]] = 0
+        with gated.gates_set(mask):
+            hard_gated = gated(input_ids=ids).logits
+        model = gated.remove()
+        layers = [LayerPlan(i, torch.nonzero(mask["head"][i]).flatten().tolist(),
+                            torch.nonzero(mask["neuron"][i]).flatten().tolist())
+                  for i in range(30) if mask["block"][i]]
+        plan = ExtractionPlan(layers, 30)
+        small = extract_model(model, plan)
+        assert torch.allclose(small(input_ids=ids).logits, hard_gated, atol=1e-4)
+        out = extract_streaming(default_model_dir(), plan, tmp_path / "streamed", plan.record())
+        streamed = load_pruned(out)
+        assert torch.equal(streamed(input_ids=ids).logits, small(input_ids=ids).logits)
+        assert streamed.num_parameters() == small.num_parameters() < model.num_parameters()
