@@ -3,7 +3,7 @@
 from .config import DataConfig, FitConfig, GateConfig, PriorConfig, RunConfig
 from .data import load_documents, load_splits, split_documents, tokenize, windows
 from .evaluate import model_size, perplexity
-from .extract import ExtractionPlan, LayerPlan, ModelTotals, Target, TargetError, choose
+from .selection import ExtractionPlan, LayerPlan, ModelTotals, Target, TargetError, choose
 from .fit import Fit, fit
 from .model import NonFiniteLossError
 from .gates import GatedModel, gate

@@ -1,7 +1,7 @@
 """The main job and its run directory: fit → posterior → extract → evaluate → report.
 
 A run directory holds ``config.json`` (how it was made), ``checkpoint.safetensors``
-(resumable fit state), ``posterior.safetensors`` (draws that extraction reads),
+(resumable fit state), ``posterior.safetensors`` (the fitted posterior that extraction reads),
 ``posterior.nc`` (ArviZ InferenceData; with head or neuron gates only its first
 ``UNIT_LEVEL_DRAWS`` draws, to keep the file small: ``posterior.safetensors`` is the
 exact posterior), ``summary.csv`` (``az.summary`` of the per-layer variables),
@@ -21,7 +21,7 @@ from .config import RunConfig
 from .data import load_splits, windows
 from .evaluate import model_size, perplexity
 from .architectures import architecture_for_config
-from .extract import ModelTotals, Target, choose
+from .selection import ModelTotals, Target, choose
 from .fit import CHECKPOINT_FILE, fit, load_network
 from .gates import gate
 from .io import atomic_write_json, atomic_write_text, load_tensors

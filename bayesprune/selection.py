@@ -1,15 +1,17 @@
-"""From a posterior and a target size to an extraction plan: which blocks, heads and neurons stay.
+"""Selection: from a posterior and a target size to an extraction plan (which blocks, heads, neurons stay).
 
 Targets: ``"12layers"`` (blocks kept, full width), ``0.5`` or ``"50%"`` (fraction
 of decoder parameters kept), ``"80M"`` / ``"1.2B"`` / ``"80000000"`` (parameters
 of the whole model), ``"300MB"`` (weight bytes, MB = 10⁶ bytes, at the model's
 dtype). The largest sub-network that does not exceed the target is chosen.
 
-Under the mean-field posterior the probability of a hard mask is
-``Π p_u^z_u (1 - p_u)^(1 - z_u)``, so the most probable mask of a given size is a
-knapsack: units are taken in order of posterior log-odds per parameter, a unit
-counting with its ancestors (``p`` of a neuron = P(block) · P(mlp) · P(neuron)),
-and units that no longer fit are skipped so that smaller ones fill the budget.
+Units are kept in order of posterior inclusion probability, a unit counting with
+its ancestors (``p`` of a neuron = P(block) · P(mlp) · P(neuron)); opening a block
+or branch pays for its fixed parts, and units that no longer fit are skipped so
+that smaller ones fill the budget. (Ranking by log-odds per parameter, the most
+probable mask under the mean-field posterior, removes whole attention layers
+first and measured far worse on SmolLM2: see ``docs/extraction.md``.) Each plan
+reports the posterior log-probability of its mask.
 
 Two forms:
 
@@ -214,7 +216,7 @@ def _unit_order(scorer: _Scorer, kind: str) -> tuple[torch.Tensor, torch.Tensor]
 def _choose_per_layer(scorer: _Scorer, target: Target, multiple: int) -> ExtractionPlan:
     s, L, gated = scorer.sizes, scorer.L, scorer.gated
     pb, pa, pm = scorer.p["block"], scorer.p["attn"], scorer.p["mlp"]
-    # Items: (log-odds per parameter, layer, part, kept unit indices, parameters). A
+    # Items: (inclusion probability, layer, part, kept unit indices, parameters). A
     # part is a chunk of heads or neurons, a whole branch, or a whole block when
     # nothing inside it is gated.
     items, orders = [], {}
@@ -226,17 +228,16 @@ def _choose_per_layer(scorer: _Scorer, target: Target, multiple: int) -> Extract
                 for start in range(0, order.shape[1], chunk):
                     p = pb[l] * branch_p[l] * sorted_p[l, start:start + chunk]
                     size = p.numel() * s[kind][l]
-                    odds = (_log(p) - _log(1 - p)).sum()
-                    items.append((float(odds / size), l, kind, order[l, start:start + chunk].tolist(), float(size)))
+                    items.append((float(p.mean()), l, kind, order[l, start:start + chunk].tolist(), float(size)))
     for l in range(L):
         for branch, kind, p in (("attn", "head", pa), ("mlp", "neuron", pm)):
             if kind not in gated and branch in gated:
                 size = s[branch][l] + s[kind + "s"][l] * s[kind][l]
                 joint = pb[l] * p[l]
-                items.append((float((_log(joint) - _log(1 - joint)) / size), l, branch, None, float(size)))
+                items.append((float(joint), l, branch, None, float(size)))
         if not gated & {"attn", "mlp", "head", "neuron"}:
             size = scorer._layer_size(l, scorer.H, scorer.N)
-            items.append((float((_log(pb[l]) - _log(1 - pb[l])) / size), l, "block", None, size))
+            items.append((float(pb[l]), l, "block", None, size))
     items.sort(key=lambda item: -item[0])
 
     def opening(l: int, part: str, layers: set, parts: set) -> float:
@@ -281,7 +282,11 @@ def _choose_per_layer(scorer: _Scorer, target: Target, multiple: int) -> Extract
 
 
 def _choose_uniform(scorer: _Scorer, target: Target, multiple: int) -> ExtractionPlan:
-    """Search kept-block count × heads per block; neurons per block fill what is left."""
+    """Search kept-block count × heads per block (neurons per block fill what is left).
+
+    The plan that removes the least probable units wins: the smallest maximum
+    inclusion probability among the units it drops (ties: the more probable mask).
+    """
     s, L, H, N, gated = scorer.sizes, scorer.L, scorer.H, scorer.N, scorer.gated
     budget = scorer.budget(target)
     order = scorer.posterior.ranking()
@@ -294,7 +299,15 @@ def _choose_uniform(scorer: _Scorer, target: Target, multiple: int) -> Extractio
             # log P(keep the n most probable units) for n = 0 … units, per layer
             sorted_logs[kind] = torch.cat([zero, on.cumsum(1)], 1) + off.sum(1, keepdim=True) - \
                 torch.cat([zero, off.cumsum(1)], 1)
-    best = None
+    keep_p = scorer.posterior.block_keep_probability().mean(0).double()
+    # Joint probability of the best unit each kept block would lose, for every width.
+    lost = {}
+    for kind, branch in (("head", "attn"), ("neuron", "mlp")):
+        if kind in gated:
+            _, sorted_p = _unit_order(scorer, kind)
+            joint = scorer.p["block"][:, None] * scorer.p[branch][:, None] * sorted_p
+            lost[kind] = torch.cat([joint, torch.zeros(L, 1, dtype=torch.float64)], 1)  # index n: keep n
+    best, best_key = None, None
     for k in range(1, L + 1):
         keep = sorted(order[:k])
         for h in (range(1, H + 1) if "head" in gated else [H]):
@@ -305,6 +318,11 @@ def _choose_uniform(scorer: _Scorer, target: Target, multiple: int) -> Extractio
                 n -= n % multiple
             if n < 1 or fixed + n * per_neuron > budget:
                 continue
+            worst = float(keep_p[order[k]]) if k < L else 0.0
+            if "head" in gated:
+                worst = max(worst, float(lost["head"][keep, h].max()))
+            if "neuron" in gated:
+                worst = max(worst, float(lost["neuron"][keep, n].max()))
             plan = ExtractionPlan([LayerPlan(l) for l in keep], L, "uniform")
             for layer in plan.layers:
                 if "head" in gated:
@@ -312,8 +330,9 @@ def _choose_uniform(scorer: _Scorer, target: Target, multiple: int) -> Extractio
                 if "neuron" in gated:
                     layer.neurons = sorted(orders["neuron"][layer.index, :n].tolist())
             plan.log_probability = _log_probability(scorer, plan, sorted_logs, h, n)
-            if best is None or plan.log_probability > best.log_probability:
-                best = plan
+            key = (-worst, plan.log_probability)
+            if best is None or key > best_key:
+                best, best_key = plan, key
     if best is None:
         smallest = min(scorer._layer_size(l, 1 if "head" in gated else H, min(multiple, N)) for l in range(L))
         raise TargetError(f"target {target} is below the smallest uniform sub-network: one block with "
