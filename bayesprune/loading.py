@@ -49,12 +49,18 @@ def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
 
 @contextlib.contextmanager
 def global_access(config):
-    """Allow reading global values of per-layer attributes (``transformers`` checks need it)."""
+    """Allow reading global values of per-layer attributes (``transformers`` checks need it), quietly."""
+    import logging
+
+    log = logging.getLogger("transformers.integrations.heterogeneity.configuration_utils")
+    level = log.level
+    log.setLevel(logging.ERROR)
     config.allow_global_per_layer_attribute_access = True
     try:
         yield config
     finally:
         config.__dict__.pop("allow_global_per_layer_attribute_access", None)
+        log.setLevel(level)
 
 
 def build_model(config, state: dict[str, torch.Tensor]) -> nn.Module:
