@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .config import RunConfig
+from .config import WIDTH_KINDS, RunConfig
 from .data import load_splits, windows
 from .evaluate import model_size, perplexity
 from .architectures import architecture_for_config
@@ -105,8 +105,9 @@ def run_fit(config: RunConfig, run_dir: str | Path, target: str | None = "0.75",
     posterior = result.posterior()
     posterior.save(run_dir / POSTERIOR_FILE)
     files = _write_plots_and_tables(run_dir, posterior)
-    rows = posterior.summary()
-    log(format_ranking(rows))
+    rows = posterior.summary() if set(posterior.kinds) - set(WIDTH_KINDS) else []
+    if rows:
+        log(format_ranking(rows))
     width_rows = posterior.width_summary()
     if width_rows:
         log(format_widths(width_rows))
