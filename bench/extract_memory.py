@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common import write_results
+
 CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
@@ -67,9 +69,7 @@ def main() -> None:
                       f"extracted  {row['seconds']:.1f} s", flush=True)
     result = {"run": args.run, "rows": rows, "machine": platform.platform(), "python": platform.python_version(),
               "how": "fresh process per row; baseline = VmRSS after imports; peak = ru_maxrss"}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    write_results(result, args.out)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,13 @@ mixing over the context; ``efficiency`` = measured speed-up / ideal speed-up
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from common import pyplot, save_figure, write_results
 
 import bayesprune as bp
 from bayesprune.architectures import decoder_layers
@@ -127,18 +127,11 @@ def main() -> None:
     result = {"rows": rows, "target": args.target, "threads": args.threads, "rounds": args.rounds,
               "prefill_tokens": prefill, "decode": {"prompt": prompt, "new_tokens": new},
               "machine": platform.platform(), "processor": platform.processor(), "torch": torch.__version__}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    plot(rows, out.with_suffix(".png"))
-    print(f"wrote {out}")
+    write_results(result, args.out, plot)
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     names = [r["model"] for r in rows]
@@ -151,9 +144,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.axhline(1, color="k", lw=0.5)
     ax.set(ylabel="speed-up over dense", title="CPU speed-up of extracted models (measured vs FLOP ideal)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

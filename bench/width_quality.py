@@ -11,12 +11,12 @@ perplexity against the fraction of decoder parameters kept.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
 
 import torch
+from common import pyplot, save_figure, write_results
 
 import bayesprune as bp
 from bayesprune.pipeline import CONFIG_FILE
@@ -56,18 +56,11 @@ def main() -> None:
                 del small
     result = {"rows": rows, "data": config.data.to_dict(), "machine": platform.platform(),
               "how": "one process; test split of the default corpus; perplexity over eval_tokens in windows"}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    plot(rows, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    write_results(result, args.out, plot)
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     groups = {}
@@ -81,9 +74,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set(xlabel="fraction of decoder parameters kept", ylabel="test perplexity (log scale)", yscale="log",
            title="Held-out perplexity after extraction, no recovery")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":
