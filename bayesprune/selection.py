@@ -136,21 +136,30 @@ def _log(p: torch.Tensor) -> torch.Tensor:
 
 
 class _Scorer:
-    """Posterior means and sizes in the shape the choosers need."""
+    """Inclusion probabilities and sizes in the shape the choosers need."""
 
-    def __init__(self, posterior: GatePosterior, totals: ModelTotals):
-        self.posterior = posterior
+    def __init__(self, sizes: dict[str, torch.Tensor], totals: ModelTotals, p: dict[str, torch.Tensor],
+                 unit_p: dict[str, torch.Tensor], keep_p: torch.Tensor):
         self.totals = totals
-        self.sizes = {k: v.double() for k, v in posterior.sizes.items()}
-        self.L = len(posterior.layer_names)
+        self.sizes = {k: v.double() for k, v in sizes.items()}
+        self.L = len(keep_p)
         self.H = int(self.sizes["heads"][0])
         self.N = int(self.sizes["neurons"][0])
         ones = torch.ones(self.L, dtype=torch.float64)
-        self.p = {k: (posterior.inclusion_mean(k).double() if k in posterior.kinds else ones)
-                  for k in ("block", "attn", "mlp")}
-        self.gated = set(posterior.kinds)
-        self.unit_p = {k: posterior.inclusion_mean(k).double() for k in WIDTH_KINDS if k in self.gated}
+        self.p = {k: p.get(k, ones).double() for k in ("block", "attn", "mlp")}
+        self.unit_p = {k: v.double() for k, v in unit_p.items()}
+        self.gated = set(p) | set(unit_p)
+        self.keep_p = keep_p.double()
+        self.order = torch.argsort(self.keep_p, descending=True, stable=True).tolist()
         self.decoder_total = float(sum(self._layer_size(l, self.H, self.N) for l in range(self.L)))
+
+    @classmethod
+    def of(cls, posterior: GatePosterior, totals: ModelTotals) -> "_Scorer":
+        kinds = posterior.kinds
+        return cls(posterior.sizes, totals,
+                   {k: posterior.inclusion_mean(k) for k in kinds if k not in WIDTH_KINDS},
+                   {k: posterior.inclusion_mean(k) for k in kinds if k in WIDTH_KINDS},
+                   posterior.block_keep_probability().mean(0))
 
     def _layer_size(self, l: int, heads: int, neurons: int, attn: bool = True, mlp: bool = True) -> float:
         s = self.sizes
@@ -182,13 +191,29 @@ class _Scorer:
 
 def choose(posterior: GatePosterior, totals: ModelTotals, target: Target | str | float,
            form: str = "per-layer", multiple: int = 1) -> ExtractionPlan:
-    """The most probable sub-network no larger than ``target``; raises TargetError if none is."""
+    """The sub-network of the most probable units no larger than ``target``; TargetError if none is."""
     target = target if isinstance(target, Target) else Target.parse(target)
     if form not in FORMS:
         raise TargetError(f"unknown form {form!r}; choose one of {list(FORMS)}")
     if multiple < 1:
         raise TargetError(f"multiple must be >= 1, got {multiple}")
-    scorer = _Scorer(posterior, totals)
+    return _choose(_Scorer.of(posterior, totals), target, form, multiple)
+
+
+def choose_blocks(scores: torch.Tensor, sizes: dict[str, torch.Tensor], totals: ModelTotals,
+                  target: Target | str | float) -> ExtractionPlan:
+    """Whole-block removal by any score (higher = keep): the path block-removal baselines share.
+
+    ``sizes`` is :meth:`GatedModel.unit_parameters` of the model; blocks go lowest
+    score first until the target fits.
+    """
+    target = target if isinstance(target, Target) else Target.parse(target)
+    ranks = torch.argsort(torch.argsort(scores.double(), stable=True), stable=True).double()
+    p = (ranks + 1) / (len(scores) + 1)  # only the order matters
+    return _choose(_Scorer(sizes, totals, {"block": p}, {}, p), target, "per-layer", 1)
+
+
+def _choose(scorer: _Scorer, target: Target, form: str, multiple: int) -> ExtractionPlan:
     if target.kind == "layers":
         plan = _choose_depth(scorer, int(target.value))
     elif form == "uniform":
@@ -202,8 +227,7 @@ def _choose_depth(scorer: _Scorer, count: int) -> ExtractionPlan:
     if not 1 <= count <= scorer.L:
         raise TargetError(f"target {count} layers is impossible: the model has {scorer.L} blocks "
                           f"and at least one must stay")
-    order = scorer.posterior.ranking()
-    keep = sorted(order[:count])
+    keep = sorted(scorer.order[:count])
     return ExtractionPlan([LayerPlan(i) for i in keep], scorer.L, "uniform")
 
 
@@ -289,7 +313,7 @@ def _choose_uniform(scorer: _Scorer, target: Target, multiple: int) -> Extractio
     """
     s, L, H, N, gated = scorer.sizes, scorer.L, scorer.H, scorer.N, scorer.gated
     budget = scorer.budget(target)
-    order = scorer.posterior.ranking()
+    order = scorer.order
     sorted_logs, orders = {}, {}
     for kind in WIDTH_KINDS:
         if kind in gated:
@@ -299,7 +323,7 @@ def _choose_uniform(scorer: _Scorer, target: Target, multiple: int) -> Extractio
             # log P(keep the n most probable units) for n = 0 … units, per layer
             sorted_logs[kind] = torch.cat([zero, on.cumsum(1)], 1) + off.sum(1, keepdim=True) - \
                 torch.cat([zero, off.cumsum(1)], 1)
-    keep_p = scorer.posterior.block_keep_probability().mean(0).double()
+    keep_p = scorer.keep_p
     # Joint probability of the best unit each kept block would lose, for every width.
     lost = {}
     for kind, branch in (("head", "attn"), ("neuron", "mlp")):
