@@ -17,18 +17,18 @@ from pathlib import Path
 
 import torch
 
+from .architectures import architecture_for_config
 from .config import WIDTH_KINDS, RunConfig
 from .data import load_splits, windows
 from .evaluate import model_size, perplexity
-from .architectures import architecture_for_config
-from .selection import ModelTotals, Target, choose
 from .fit import CHECKPOINT_FILE, fit, load_network
 from .gates import gate
 from .io import atomic_write_json, atomic_write_text, load_tensors
 from .models import load_model, resolve_model
 from .plots import plot_block_forest, plot_width
 from .posterior import POSTERIOR_FILE, GatePosterior
-from .slicing import CheckpointFiles, extract_model, extract_streaming, save_extracted
+from .selection import Target, choose
+from .slicing import CheckpointFiles, extract, extract_streaming, save_extracted
 
 CONFIG_FILE = "config.json"
 UNIT_LEVEL_DRAWS = 100
@@ -65,20 +65,27 @@ def _write_plots_and_tables(run_dir: Path, posterior: GatePosterior) -> dict:
     return files
 
 
-def format_ranking(rows: list[dict]) -> str:
-    lines = [f"{'rank':>4}  {'block':<22}{'inclusion':>10}  {'94% HDI':<17}{'P(removed | k)':>15}"]
-    for r in rows:
-        lines.append(f"{r['rank']:>4}  {r['layer']:<22}{r['inclusion']:>10.4f}  "
-                     f"[{r['hdi_3%']:.3f}, {r['hdi_97%']:.3f}]  {r['p_removed_if_k']:>8.3f} (k={r['k']})")
+def _table(columns: list[tuple[str, str, object]], rows: list[dict]) -> str:
+    """A plain-text table: each column is (title, alignment and width, row -> text)."""
+    lines = ["  ".join(f"{title:{spec}}" for title, spec, _ in columns)]
+    lines += ["  ".join(f"{str(cell(r)):{spec}}" for _, spec, cell in columns) for r in rows]
     return "\n".join(lines)
+
+
+def _hdi(r: dict) -> str:
+    return f"[{r['hdi_3%']:.3f}, {r['hdi_97%']:.3f}]"
+
+
+def format_ranking(rows: list[dict]) -> str:
+    return _table([("rank", ">4", lambda r: r["rank"]), ("block", "<20", lambda r: r["layer"]),
+                   ("inclusion", ">9", lambda r: f"{r['inclusion']:.4f}"), ("94% HDI", "<16", _hdi),
+                   ("P(removed | k)", ">14", lambda r: f"{r['p_removed_if_k']:.3f} (k={r['k']})")], rows)
 
 
 def format_widths(rows: list[dict]) -> str:
-    lines = [f"{'kind':<7}{'block':<22}{'kept':>7}  {'94% HDI':<17}{'P>1/2':>7}"]
-    for r in rows:
-        lines.append(f"{r['kind']:<7}{r['layer']:<22}{r['kept_fraction']:>7.3f}  "
-                     f"[{r['hdi_3%']:.3f}, {r['hdi_97%']:.3f}]  {r['units_above_half']:>5}/{r['units']}")
-    return "\n".join(lines)
+    return _table([("kind", "<6", lambda r: r["kind"]), ("block", "<20", lambda r: r["layer"]),
+                   ("kept", ">6", lambda r: f"{r['kept_fraction']:.3f}"), ("94% HDI", "<16", _hdi),
+                   ("P>1/2", ">10", lambda r: f"{r['units_above_half']}/{r['units']}")], rows)
 
 
 def run_fit(config: RunConfig, run_dir: str | Path, target: str | None = "0.75",
@@ -121,8 +128,7 @@ def run_fit(config: RunConfig, run_dir: str | Path, target: str | None = "0.75",
     model = gated.remove()
     if parsed_target is not None:
         out = run_dir / "extracted"
-        plan = choose(posterior, ModelTotals.of(model), parsed_target, form, multiple)
-        small = extract_model(model, plan)
+        small, plan = extract(model, posterior, parsed_target, form, multiple)
         record = _record(run_dir, parsed_target, plan, posterior)
         save_extracted(small, tokenizer, out, record, overwrite=True)
         extracted = {**evaluate(small), **record, **model_size(small, out), "path": str(out)}
@@ -190,8 +196,8 @@ def run_extract(run_dir: str | Path, target: str, out: str | Path, overwrite: bo
         extract_streaming(source, plan, out, record, overwrite)
     else:
         model, tokenizer = load_fitted_model(run_dir)
-        plan = choose(posterior, ModelTotals.of(model), parsed, form, multiple)
+        small, plan = extract(model, posterior, parsed, form, multiple)
         record = _record(run_dir, parsed, plan, posterior)
-        save_extracted(extract_model(model, plan), tokenizer, out, record, overwrite)
+        save_extracted(small, tokenizer, out, record, overwrite)
     files_bytes = sum(p.stat().st_size for p in Path(out).glob("*.safetensors"))
     return {**record, "file_bytes": files_bytes, "path": str(out)}

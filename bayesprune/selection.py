@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -114,7 +114,6 @@ class ExtractionPlan:
     bytes: float = 0.0
     fraction: float = 1.0
     log_probability: float = 0.0
-    notes: dict = field(default_factory=dict)
 
     @property
     def kept_layers(self) -> list[int]:
@@ -243,11 +242,10 @@ def _choose_per_layer(scorer: _Scorer, target: Target, multiple: int) -> Extract
     # Items: (inclusion probability, layer, part, kept unit indices, parameters). A
     # part is a chunk of heads or neurons, a whole branch, or a whole block when
     # nothing inside it is gated.
-    items, orders = [], {}
+    items = []
     for kind, branch_p, chunk in (("head", pa, 1), ("neuron", pm, multiple)):
         if kind in gated:
             order, sorted_p = _unit_order(scorer, kind)
-            orders[kind] = order
             for l in range(L):
                 for start in range(0, order.shape[1], chunk):
                     p = pb[l] * branch_p[l] * sorted_p[l, start:start + chunk]

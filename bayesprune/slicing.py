@@ -21,9 +21,9 @@ import torch
 from safetensors import safe_open
 
 from .architectures import Architecture, Widths, architecture_for_config, widths_of
-from .selection import ExtractionPlan, ModelTotals, TargetError
 from .io import atomic_directory
 from .loading import build_model, global_access
+from .selection import ExtractionPlan, ModelTotals, TargetError, choose
 
 EXTRACTION_FILE = "bayesprune_extraction.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -267,7 +267,5 @@ def extract_streaming(source: str | Path, plan: ExtractionPlan, out: str | Path,
 def extract(model: torch.nn.Module, posterior, target, form: str = "per-layer",
             multiple: int = 1) -> tuple[torch.nn.Module, ExtractionPlan]:
     """Choose the sub-network for ``target`` and cut it from ``model`` in memory."""
-    from .selection import choose
-
     plan = choose(posterior, ModelTotals.of(model), target, form, multiple)
     return extract_model(model, plan), plan

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import pyplot, save_figure, write_results
+from common import plot_frontier, write_results
 
 import bayesprune as bp
 from bayesprune.baselines import baseline_plan, block_scores, sleb_scores
@@ -70,15 +70,10 @@ def main() -> None:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in dict.fromkeys(r["method"] for r in rows):
-        members = sorted((r for r in rows if r["method"] == name), key=lambda r: r["fraction"])
-        ax.plot([r["fraction"] for r in members], [r["perplexity"] for r in members], "o-", label=name)
-    ax.set(xlabel="fraction of decoder parameters kept", ylabel="test perplexity (log scale)", yscale="log",
-           title="Block removal, no recovery")
-    ax.legend(fontsize=8)
-    save_figure(fig, path)
+    groups = {}
+    for r in rows:
+        groups.setdefault(r["method"], []).append(r)
+    plot_frontier(groups, path, "Block removal, no recovery")
 
 
 if __name__ == "__main__":

@@ -30,3 +30,18 @@ def write_results(result: dict, out: str | Path, plot=None) -> Path:
         plot(result["rows"], out.with_suffix(".png"))
     print(f"wrote {out}" + (f" and {out.with_suffix('.png')}" if plot is not None else ""))
     return out
+
+
+def plot_frontier(groups: dict[str, list[dict]], path: str | Path, title: str, dense: float | None = None) -> None:
+    """Test perplexity (log scale) against the fraction of decoder parameters kept, one line per group."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, members in groups.items():
+        members = sorted(members, key=lambda r: r["fraction"])
+        ax.plot([r["fraction"] for r in members], [r["perplexity"] for r in members], "o-", label=label)
+    if dense is not None:
+        ax.axhline(dense, color="k", ls=":", label="dense")
+    ax.set(xlabel="fraction of decoder parameters kept", ylabel="test perplexity (log scale)", yscale="log",
+           title=title)
+    ax.legend(fontsize=7)
+    save_figure(fig, path)

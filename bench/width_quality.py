@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import pyplot, save_figure, write_results
+from common import plot_frontier, write_results
 
 import bayesprune as bp
 from bayesprune.pipeline import CONFIG_FILE
@@ -60,21 +60,11 @@ def main() -> None:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    plt = pyplot()
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     groups = {}
     for r in rows[1:]:
         groups.setdefault(f"{Path(r['run']).name} ({'+'.join(r['units'])}) {r['form']}"
                           f"{' ×' + str(r['multiple']) if r.get('multiple', 1) > 1 else ''}", []).append(r)
-    for label, members in groups.items():
-        members.sort(key=lambda r: r["fraction"])
-        ax.plot([r["fraction"] for r in members], [r["perplexity"] for r in members], "o-", label=label)
-    ax.axhline(rows[0]["perplexity"], color="k", ls=":", label="dense")
-    ax.set(xlabel="fraction of decoder parameters kept", ylabel="test perplexity (log scale)", yscale="log",
-           title="Held-out perplexity after extraction, no recovery")
-    ax.legend(fontsize=7)
-    save_figure(fig, path)
+    plot_frontier(groups, path, "Held-out perplexity after extraction, no recovery", dense=rows[0]["perplexity"])
 
 
 if __name__ == "__main__":
