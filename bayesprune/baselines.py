@@ -5,6 +5,10 @@
 * SLEB (Song et al., 2024): remove, one at a time, the block whose removal raises
   the calibration negative log-likelihood least, re-scoring the rest after each removal.
 * random (seeded) and drop-last.
+* magnitude (structured width): every head group and neuron scored by the L2 norm
+  of all the weights removed with it (query/key/value rows and output-projection
+  columns; gate/up rows and down-projection columns); the same share of the
+  lowest-norm heads and neurons goes in every block.
 
 Each scorer returns one score per block, higher = keep; :func:`baseline_plan`
 turns scores into an :class:`~bayesprune.selection.ExtractionPlan` for a target,
@@ -21,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .architectures import decoder_layers
+from .architectures import architecture_of, decoder_layers, unit_count
 from .config import GateConfig
 from .evaluate import sequence_nll
 from .gates import gate
-from .selection import ExtractionPlan, ModelTotals, Target, choose_blocks
+from .selection import ExtractionPlan, ModelTotals, Target, choose_blocks, choose_units
 
 BLOCK_BASELINES = ("shortgpt", "sleb", "random", "drop-last")
 
@@ -152,3 +156,39 @@ def run_block_baseline(method: str, model, target: Target | str | float, windows
     seconds = time.time() - started
     tokens = 0 if windows is None or method in ("random", "drop-last") else windows.numel()
     return BaselineResult(method, baseline_plan(model, scores, target), scores, tokens, seconds)
+
+
+@torch.no_grad()
+def magnitude_scores(model) -> dict[str, torch.Tensor]:
+    """L2 norm of the weights of every head group and neuron, ``(layer, unit)`` per kind."""
+    arch = architecture_of(model)
+    gated = gate(model, GateConfig(units=("block",)))
+    widths = gated.widths
+    gated.remove()
+    kinds = [kind for kind in ("head", "neuron") if arch.gate_site(kind) is not None]
+    squares = {kind: [] for kind in kinds}
+    for block in decoder_layers(model):
+        for kind in kinds:
+            units = unit_count(widths, kind)
+            total = torch.zeros(units, dtype=torch.float64)
+            for piece in arch.width:
+                if piece.kind != kind:
+                    continue
+                weight = block.get_submodule(piece.module).weight.double()
+                weight = weight.T if arch.transposed else weight  # (out, in)
+                per = widths.features(piece.per_unit)
+                if piece.axis == "out":
+                    total += (weight ** 2).view(units, per, -1).sum((1, 2))
+                else:
+                    total += (weight ** 2).view(weight.shape[0], units, per).sum((0, 2))
+            squares[kind].append(total)
+    return {kind: torch.stack(rows).sqrt() for kind, rows in squares.items()}
+
+
+def magnitude_plan(model, target: Target | str | float, form: str = "uniform", multiple: int = 1) -> ExtractionPlan:
+    """The magnitude baseline's plan: lowest-norm head groups and neurons go first in every block."""
+    scores = magnitude_scores(model)
+    gated = gate(model, GateConfig(units=tuple(scores)))
+    sizes = gated.unit_parameters()
+    gated.remove()
+    return choose_units(scores, sizes, ModelTotals.of(model), target, form, multiple)

@@ -212,6 +212,25 @@ def choose_blocks(scores: torch.Tensor, sizes: dict[str, torch.Tensor], totals: 
     return _choose(_Scorer(sizes, totals, {"block": p}, {}, p), target, "per-layer", 1)
 
 
+def choose_units(unit_scores: dict[str, torch.Tensor], sizes: dict[str, torch.Tensor], totals: ModelTotals,
+                 target: Target | str | float, form: str = "uniform", multiple: int = 1) -> ExtractionPlan:
+    """Head-group / neuron removal by any per-unit score (higher = keep): the path width baselines share.
+
+    ``unit_scores`` maps ``head`` / ``neuron`` to ``(layer, unit)`` scores. Scores are
+    compared only within a layer and kind (they become within-layer rank quantiles),
+    so the uniform form drops about the same share of heads and of neurons everywhere.
+    """
+    target = target if isinstance(target, Target) else Target.parse(target)
+    if form not in FORMS:
+        raise TargetError(f"unknown form {form!r}; choose one of {list(FORMS)}")
+    quantiles = {}
+    for kind, scores in unit_scores.items():
+        ranks = torch.argsort(torch.argsort(scores.double(), dim=-1, stable=True), dim=-1, stable=True).double()
+        quantiles[kind] = (ranks + 1) / (scores.shape[-1] + 1)
+    keep = torch.ones(len(sizes["other"]), dtype=torch.float64)
+    return _choose(_Scorer(sizes, totals, {}, quantiles, keep), target, form, multiple)
+
+
 def _choose(scorer: _Scorer, target: Target, form: str, multiple: int) -> ExtractionPlan:
     if target.kind == "layers":
         plan = _choose_depth(scorer, int(target.value))

@@ -5,7 +5,9 @@ import torch.nn.functional as F
 from bayesprune import extract_model
 from bayesprune.architectures import decoder_layers
 from bayesprune.baselines import (baseline_plan, block_influence, calibration_nll, drop_last_scores,
-                                  random_scores, run_block_baseline, sleb_scores)
+                                  magnitude_plan, magnitude_scores, random_scores, run_block_baseline, sleb_scores)
+from bayesprune.model import NonFiniteLossError
+from bayesprune.recovery import recover
 from tests.conftest import VOCAB, tiny_model
 
 WINDOWS = torch.randint(0, VOCAB, (6, 12), generator=torch.Generator().manual_seed(0))
@@ -75,3 +77,59 @@ def test_baseline_results_record_their_budget_and_fit_the_target():
         run_block_baseline("sleb", model, "0.5")
     with pytest.raises(ValueError, match="unknown baseline"):
         run_block_baseline("magic", model, "0.5", WINDOWS)
+
+
+def test_magnitude_scores_are_the_norms_of_the_weights_cut_with_each_unit():
+    model = tiny_model("llama")  # 2 KV groups of 2 query heads, head_dim 8; 48 neurons
+    scores = magnitude_scores(model)
+    attn, mlp = decoder_layers(model)[1].self_attn, decoder_layers(model)[1].mlp
+    group = 1
+    q = attn.q_proj.weight[group * 16:(group + 1) * 16]
+    k, v = attn.k_proj.weight[group * 8:(group + 1) * 8], attn.v_proj.weight[group * 8:(group + 1) * 8]
+    o = attn.o_proj.weight[:, group * 16:(group + 1) * 16]
+    expected = torch.sqrt(sum((w.double() ** 2).sum() for w in (q, k, v, o)))
+    assert scores["head"].shape == (4, 2) and scores["head"][1, group].item() == pytest.approx(expected.item())
+    neuron = 7
+    expected = torch.sqrt(sum((w.double() ** 2).sum() for w in (
+        mlp.gate_proj.weight[neuron], mlp.up_proj.weight[neuron], mlp.down_proj.weight[:, neuron])))
+    assert scores["neuron"].shape == (4, 48) and scores["neuron"][1, neuron].item() == pytest.approx(expected.item())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_magnitude_plan_drops_the_smallest_units_and_fits_the_target(family):
+    model = tiny_model(family)
+    mlp = decoder_layers(model)[2].mlp
+    with torch.no_grad():
+        if family == "gpt2":
+            mlp.c_fc.weight[:, 5] *= 1e-3
+            mlp.c_proj.weight[5] *= 1e-3
+        else:
+            for w in (mlp.gate_proj.weight[5], mlp.up_proj.weight[5], mlp.down_proj.weight[:, 5]):
+                w *= 1e-3
+    plan = magnitude_plan(model, "0.7")
+    assert plan.form == "uniform" and plan.fraction <= 0.7 and len(plan.layers) == 4
+    assert 5 not in plan.layers[2].neurons
+    assert len({len(layer.neurons) for layer in plan.layers}) == 1
+    small = extract_model(model, plan)
+    with torch.no_grad():
+        assert torch.isfinite(calibration_nll(small, WINDOWS) * torch.ones(1)).all()
+
+
+def test_recovery_trains_on_the_requested_tokens_and_lowers_the_loss():
+    model = tiny_model("llama")
+    tokens = WINDOWS.flatten()
+    before = calibration_nll(model, WINDOWS)
+    record = recover(model, tokens, num_tokens=40 * 2 * 12, seq_len=12, batch_size=2, lr=3e-3, progress=False)
+    assert record["steps"] == 40 and record["tokens"] == 960 and len(record["losses"]) == 40
+    assert calibration_nll(model, WINDOWS) < before
+
+
+def test_recovery_stops_on_a_non_finite_loss_before_touching_the_weights():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NonFiniteLossError):
+        recover(model, WINDOWS.flatten(), 100, seq_len=12, batch_size=2, progress=False)
+    after = model.state_dict()
+    assert all(torch.equal(state[k], after[k]) or torch.isnan(state[k]).any() for k in state)
