@@ -8,13 +8,20 @@ multiply-adds of every linear layer and the LM head plus attention scores and
 mixing over the context; ``efficiency`` = measured speed-up / ideal speed-up
 (1.0 = the kernels keep pace with the FLOPs removed).
 
-    .venv/bin/python bench/speed.py --runs runs/depth runs/width runs/joint --target 0.5
+Baselines (``--baselines``) are timed in the same rounds: ShortGPT stands for every
+block-removal method (SLEB, random and drop-last give the same shapes at a size),
+magnitude for uniform head/neuron removal, and Wanda (unstructured and 2:4) for
+the unstructured methods, whose pruned weights keep their dense shapes and run
+on the same dense kernels (SparseGPT's output has the same shapes as Wanda's).
+
+    .venv/bin/python bench/speed.py --runs runs/depth runs/width runs/joint --target 0.5 --baselines
     .venv/bin/python bench/speed.py --tiny          # smoke run on a tiny random Llama
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import statistics
 import time
@@ -25,8 +32,10 @@ from common import pyplot, save_figure, write_results
 
 import bayesprune as bp
 from bayesprune.architectures import decoder_layers
+from bayesprune.baselines import baseline_plan, block_influence, magnitude_plan
 from bayesprune.loading import SkippedAttention
 from bayesprune.posterior import POSTERIOR_FILE
+from bayesprune.unstructured import prune_unstructured, sparsity_for
 
 
 def flops_per_token(model, context: float) -> float:
@@ -59,6 +68,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--baselines", action="store_true", help="also time ShortGPT, magnitude and Wanda outputs")
     parser.add_argument("--out", default="bench/results/speed.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -75,7 +85,7 @@ def main() -> None:
                                      progress=False).posterior(50)}
         gated.remove()
     else:
-        dense, _ = bp.load_model()
+        dense, tokenizer = bp.load_model()
         posteriors = {Path(run).name: bp.GatePosterior.load(Path(run) / POSTERIOR_FILE) for run in args.runs}
     models = {"dense": dense}
     for name, posterior in posteriors.items():
@@ -84,6 +94,8 @@ def main() -> None:
         for form, multiple in variants:
             small, plan = bp.extract(dense, posterior, args.target, form, multiple)
             models[f"{name} {form}" + (f" ×{multiple}" if multiple > 1 else "")] = small
+    if args.baselines:
+        models.update(baseline_models(dense, args.target, calibration_windows(dense, None if args.tiny else tokenizer)))
     vocab = dense.config.vocab_size
     g = torch.Generator().manual_seed(0)
     inputs = {b: torch.randint(0, vocab, (b, prefill), generator=g) for b in (1, 8)}
@@ -128,6 +140,26 @@ def main() -> None:
               "prefill_tokens": prefill, "decode": {"prompt": prompt, "new_tokens": new},
               "machine": platform.platform(), "processor": platform.processor(), "torch": torch.__version__}
     write_results(result, args.out, plot)
+
+
+def calibration_windows(dense, tokenizer) -> torch.Tensor:
+    """8 × 128 seeded fit-split windows of the default corpus (random tokens without a tokenizer)."""
+    if tokenizer is None:
+        return torch.randint(0, dense.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(1))
+    fit_windows = bp.windows(bp.load_splits(tokenizer, bp.DataConfig())["fit"], 128)
+    return fit_windows[torch.randperm(fit_windows.shape[0], generator=torch.Generator().manual_seed(0))[:8]]
+
+
+def baseline_models(dense, target: str, calibration: torch.Tensor) -> dict:
+    """Each baseline's output at ``target``."""
+    models = {"shortgpt (block)": bp.extract_model(dense, baseline_plan(dense, block_influence(dense, calibration),
+                                                                        target)),
+              "magnitude uniform": bp.extract_model(dense, magnitude_plan(dense, target))}
+    for label, pattern in (("wanda unstructured", None), ("wanda 2:4", (2, 4))):
+        pruned = copy.deepcopy(dense)
+        prune_unstructured(pruned, calibration, "wanda", sparsity_for(pruned, float(target)), pattern, progress=False)
+        models[label] = pruned
+    return models
 
 
 def plot(rows: list[dict], path: Path) -> None:
