@@ -78,6 +78,16 @@ def test_pruning_a_model_hits_the_sparsity_and_keeps_it_working(family, method):
         assert torch.isfinite(sequence_nll(model, WINDOWS)).all()
 
 
+def test_every_family_can_be_pruned_two_four(family):
+    model = tiny_model(family)
+    prune_unstructured(model, WINDOWS, "sparsegpt", pattern=(2, 4), progress=False)
+    for block in decoder_layers(model):
+        for name, p in block.named_parameters():
+            if p.dim() == 2 and "norm" not in name:
+                weight = p.T if family == "gpt2" else p
+                assert ((weight != 0).reshape(weight.shape[0], -1, 4).sum(-1) <= 2).all(), name
+
+
 def test_blocks_are_pruned_on_the_outputs_of_already_pruned_blocks():
     """Block 1's statistics must come from pruned block 0, as in both papers."""
     from bayesprune.unstructured import _first_block_inputs, _InputStatistics, _linears, _run_block
