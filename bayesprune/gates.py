@@ -26,10 +26,12 @@ from .config import WIDTH_KINDS, GateConfig
 
 
 class GateValues:
-    """The current gate tensor of each kind; ``None`` = open.
+    """The current gate tensor of each kind (``None`` = open) and optional output amplitudes.
 
     Block, attn and mlp gates have shape ``(..., num_layers)``; head and neuron
-    gates ``(..., num_layers, units)``.
+    gates ``(..., num_layers, units)``. An amplitude (same shape as its gates)
+    scales what a unit writes: a unit contributes ``gate · amplitude`` times its
+    output, while norms that average over heads see the gate alone.
     """
 
     def __init__(self, kinds: tuple[str, ...], num_layers: int, units: dict[str, int]):
@@ -37,28 +39,41 @@ class GateValues:
         self.num_layers = num_layers
         self.units = units
         self.current: dict[str, torch.Tensor | None] = {k: None for k in kinds}
+        self.amplitudes: dict[str, torch.Tensor | None] = {k: None for k in kinds}
 
     def shape(self, kind: str) -> tuple[int, ...]:
         return (self.num_layers, self.units[kind]) if kind in self.units else (self.num_layers,)
 
-    def set(self, values: dict[str, torch.Tensor | None]) -> None:
+    def _check(self, values: dict[str, torch.Tensor | None], what: str) -> None:
         unknown = set(values) - set(self.kinds)
         if unknown:
             raise KeyError(f"no gates of kind(s) {sorted(unknown)}; this model gates {list(self.kinds)}")
         for kind, value in values.items():
             shape = self.shape(kind)
             if value is not None and tuple(value.shape[value.dim() - len(shape):]) != shape:
-                raise ValueError(f"{kind} gates need {' x '.join(map(str, shape))} values, "
+                raise ValueError(f"{kind} {what} need {' x '.join(map(str, shape))} values, "
                                  f"got shape {tuple(value.shape)}")
-            self.current[kind] = value
+
+    def set(self, values: dict[str, torch.Tensor | None],
+            amplitudes: dict[str, torch.Tensor | None] | None = None) -> None:
+        self._check(values, "gates")
+        self._check(amplitudes or {}, "amplitudes")
+        self.current.update(values)
+        self.amplitudes.update(amplitudes or {})
 
     def clear(self) -> None:
         self.current = {k: None for k in self.kinds}
+        self.amplitudes = {k: None for k in self.kinds}
 
-    def of(self, kind: str, index: int) -> torch.Tensor | None:
-        value = self.current.get(kind)
-        if value is None:
+    def of(self, kind: str, index: int, scaled: bool = True) -> torch.Tensor | None:
+        """Layer ``index``'s gates of ``kind`` (times their amplitudes when ``scaled``)."""
+        value, amplitude = self.current.get(kind), self.amplitudes.get(kind) if scaled else None
+        if value is None and amplitude is None:
             return None
+        if value is None:
+            value = amplitude
+        elif amplitude is not None:
+            value = value * amplitude
         return value[..., index, :] if kind in self.units else value[..., index]
 
 
@@ -116,8 +131,8 @@ class _FeatureGate(_Wrapper):
         super().__init__(wrapped, values, kind, index)
         self.features = features
 
-    def _feature_gate(self, like: torch.Tensor) -> torch.Tensor | None:
-        z = self.values.of(self.kind, self.index)
+    def _feature_gate(self, like: torch.Tensor, scaled: bool = True) -> torch.Tensor | None:
+        z = self.values.of(self.kind, self.index, scaled)
         if z is None:
             return None
         z = z.to(like.dtype).repeat_interleave(self.features, dim=-1)
@@ -136,7 +151,7 @@ class GatedHeadNorm(_FeatureGate):
     """An RMS norm over all heads that averages only over the heads whose gate is on."""
 
     def forward(self, x):
-        z = self._feature_gate(x)
+        z = self._feature_gate(x, scaled=False)
         if z is None:
             return self.wrapped(x)
         norm = self.wrapped
@@ -231,17 +246,19 @@ class GatedModel(nn.Module):
             for parent, name, wrapper in reversed(removed):
                 setattr(parent, name, wrapper)
 
-    def set_gates(self, values: dict[str, torch.Tensor | None]) -> None:
-        self.values.set(values)
+    def set_gates(self, values: dict[str, torch.Tensor | None],
+                  amplitudes: dict[str, torch.Tensor | None] | None = None) -> None:
+        self.values.set(values, amplitudes)
 
     @contextlib.contextmanager
-    def gates_set(self, values: dict[str, torch.Tensor | None]):
-        previous = dict(self.values.current)
-        self.values.set(values)
+    def gates_set(self, values: dict[str, torch.Tensor | None],
+                  amplitudes: dict[str, torch.Tensor | None] | None = None):
+        previous = dict(self.values.current), dict(self.values.amplitudes)
+        self.values.set(values, amplitudes)
         try:
             yield self
         finally:
-            self.values.current = previous
+            self.values.current, self.values.amplitudes = previous
 
     def unit_parameters(self) -> dict[str, torch.Tensor]:
         """Parameters per layer of each part (see :func:`block_sizes`) and units per layer."""

@@ -102,3 +102,48 @@ def test_width_gates_need_layer_by_unit_values_and_nest(family, ids):
 def test_heads_cannot_be_gated_where_transformers_cannot_shrink_them():
     with pytest.raises(ValueError, match="cannot gate heads"):
         gate(tiny_model("gpt2"), GateConfig(units=("head",)))
+
+
+def test_amplitudes_scale_what_units_write_as_folding_them_into_the_output_projections_would(family, ids):
+    """An amplitude on a head / neuron / branch equals scaling its output-projection columns (rows for attn/mlp)."""
+    units = ("attn", "mlp", "neuron") + (("head",) if family != "gpt2" else ())
+    model = tiny_model(family)
+    folded = tiny_model(family)
+    gated = gate(model, GateConfig(units=units))
+    g = torch.Generator().manual_seed(3)
+    amplitudes = {k: 0.5 + torch.rand(gated.values.shape(k), generator=g) for k in units}
+    arch = gated.arch
+    widths = gated.widths
+    with torch.no_grad():
+        for index, block in enumerate(decoder_layers(folded)):
+            for kind, branch in (("head", arch.attention), ("neuron", arch.mlp)):
+                site = arch.gate_site(kind)
+                if kind not in units or site is None:
+                    continue
+                weight = block.get_submodule(site.module).weight
+                scale = amplitudes[kind][index].repeat_interleave(widths.features(site.per_unit))
+                weight.mul_(scale[:, None] if arch.transposed else scale)
+            for kind, branch in (("attn", arch.attention), ("mlp", arch.mlp)):
+                out = arch.gate_site("head" if kind == "attn" else "neuron")
+                module = block.get_submodule(out.module if out is not None else f"{branch}.c_proj")
+                module.weight.mul_(amplitudes[kind][index])
+                if getattr(module, "bias", None) is not None:
+                    module.bias.mul_(amplitudes[kind][index])
+        expected = folded(input_ids=ids).logits
+        with gated.gates_set({}, amplitudes):
+            assert torch.allclose(gated(input_ids=ids).logits, expected, atol=1e-4)
+
+
+def test_head_norms_see_the_gates_not_the_amplitudes(ids):
+    gated = gate(tiny_model("olmo2"), GateConfig(units=("head",)))
+    norm = decoder_layers(gated.model)[0].self_attn.q_norm
+    seen = []
+    handle = norm.register_forward_hook(lambda module, args, output: seen.append(output))
+    gates = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
+    with torch.no_grad():
+        with gated.gates_set({"head": gates}):
+            gated(input_ids=ids)
+        with gated.gates_set({"head": gates}, {"head": torch.full((4, 2), 3.0)}):
+            gated(input_ids=ids)
+    handle.remove()
+    assert torch.equal(seen[0], seen[1])
