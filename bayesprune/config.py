@@ -105,6 +105,40 @@ class FitConfig(_JsonConfig):
 
 
 @dataclass
+class AmortisedConfig(_JsonConfig):
+    """The cost-amortised (push puppet) guide: one fit for every cost.
+
+    Each step draws a cost ``λ``: 0 with ``zero_probability``, else
+    ``Exponential(rate)``. Curves over ``t = λ / (1 + λ)`` are clamped cubic
+    B-splines with ``control_points`` control points; thresholds start at
+    ``threshold_start`` (``−1/T`` makes every unit almost surely on just above cost 0).
+    Layer threshold curves deviate from their kind's shared curve under
+    ``Normal(0, σ_kind)``, ``σ²_kind ~ InverseGamma(2, curve_scale²)``. ``prior_inclusion`` is the
+    prior probability that a unit is on (the KL target of the gates).
+    """
+
+    zero_probability: float = 1 / 3
+    rate: float = 0.3
+    control_points: int = 10
+    temperature: float = 0.5
+    threshold_start: float = -2.0
+    threshold_rise: float = 4.0
+    curve_scale: float = 1.0
+    prior_inclusion: float = 0.8
+    lr: float = 0.05
+
+    def __post_init__(self):
+        if not 0 <= self.zero_probability < 1:
+            raise ValueError(f"AmortisedConfig.zero_probability must be in [0, 1), got {self.zero_probability}")
+        if self.rate <= 0 or self.temperature <= 0 or self.curve_scale <= 0 or self.lr <= 0:
+            raise ValueError("AmortisedConfig rate, temperature, curve_scale and lr must be positive")
+        if self.control_points < 4:
+            raise ValueError(f"AmortisedConfig.control_points must be >= 4 (cubic), got {self.control_points}")
+        if not 0 < self.prior_inclusion < 1:
+            raise ValueError(f"AmortisedConfig.prior_inclusion must be in (0, 1), got {self.prior_inclusion}")
+
+
+@dataclass
 class DataConfig(_JsonConfig):
     """Corpus and split settings. ``path=None`` means the Shakespeare corpus."""
 

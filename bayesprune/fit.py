@@ -24,7 +24,8 @@ from .posterior import GatePosterior
 CHECKPOINT_FILE = "checkpoint.safetensors"
 
 
-def _step_seed(seed: int, step: int) -> int:
+def step_seed(seed: int, step: int) -> int:
+    """The RNG seed of one step: a resumed fit redraws exactly what an unbroken one drew."""
     return (seed * 1_000_003 + step) % 2**32
 
 
@@ -55,14 +56,16 @@ class Fit:
         return self.posterior(num_draws).to_inference_data()
 
 
-def _trainable(gated: GatedModel, config: FitConfig) -> list[torch.nn.Parameter]:
+def set_trainable(gated: GatedModel, config: FitConfig) -> list[torch.nn.Parameter]:
+    """Freeze or unfreeze the network's weights as ``config.weights`` says; the trainable ones."""
     joint = config.weights == "joint"
     for p in gated.parameters():
         p.requires_grad_(joint)
     return [p for p in gated.parameters() if p.requires_grad]
 
 
-def _save_checkpoint(path: Path, step: int, guide, optimizer, gated, history) -> None:
+def save_checkpoint(path: Path, step: int, guide, optimizer, gated, history) -> None:
+    """Guide (any module with a state dict), optimizer state, trained weights and history, atomically."""
     tensors = {f"guide.{k}": v for k, v in guide.state_dict().items()}
     state = optimizer.state_dict()
     for index, values in state["state"].items():
@@ -81,7 +84,8 @@ def load_network(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> No
         raise ValueError(f"checkpoint weights do not fit this model: {unexpected[:3]} …")
 
 
-def _load_checkpoint(path: Path, guide, optimizer, gated) -> tuple[int, list[float]]:
+def load_checkpoint(path: Path, guide, optimizer, gated) -> tuple[int, list[float]]:
+    """Restore what :func:`save_checkpoint` wrote; returns the step reached and the loss history."""
     tensors, meta = load_tensors(path)
     guide.load_state_dict({k.removeprefix("guide."): v for k, v in tensors.items() if k.startswith("guide.")})
     with gated.unwrapped() as model:
@@ -109,13 +113,13 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
         raise ValueError(f"sequences must be (n, seq_len >= 2) token ids, got shape {tuple(sequences.shape)}")
     pyro.clear_param_store()
     gated.model.eval()
-    trainable = _trainable(gated, config)
+    trainable = set_trainable(gated, config)
     model = PruningModel(gated, sequences, prior)
     guide = make_guide(model)
     batch_size = min(config.batch_size, sequences.shape[0])
 
     def draw_batch(step: int) -> torch.Tensor:
-        pyro.set_rng_seed(_step_seed(config.seed, step))
+        pyro.set_rng_seed(step_seed(config.seed, step))
         return torch.randperm(sequences.shape[0])[:batch_size]
 
     def elbo_loss(step: int, when: str) -> torch.Tensor:
@@ -139,7 +143,7 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
     optimizer = torch.optim.Adam(groups)
     start, history = 0, []
     if checkpoint is not None and checkpoint.exists():
-        start, history = _load_checkpoint(checkpoint, guide, optimizer, gated)
+        start, history = load_checkpoint(checkpoint, guide, optimizer, gated)
 
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="SVI",
                disable=not progress)
@@ -155,14 +159,14 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
             completed = step + 1
             bar.set_postfix(elbo_per_token=f"{history[-1]:.4f}")
             if checkpoint is not None and completed % config.checkpoint_every == 0:
-                _save_checkpoint(checkpoint, completed, guide, optimizer, gated, history)
+                save_checkpoint(checkpoint, completed, guide, optimizer, gated, history)
     except KeyboardInterrupt:
         if checkpoint is not None:
-            _save_checkpoint(checkpoint, completed, guide, optimizer, gated, history)
+            save_checkpoint(checkpoint, completed, guide, optimizer, gated, history)
         raise
     finally:
         gated.values.clear()
     if checkpoint is not None:
-        _save_checkpoint(checkpoint, completed, guide, optimizer, gated, history)
+        save_checkpoint(checkpoint, completed, guide, optimizer, gated, history)
     return Fit(gated, model, guide, config, prior, history)
 

@@ -1,0 +1,103 @@
+"""Fitting the cost-amortised guide: one cost per step, the gates straight through.
+
+Every step reseeds from ``(seed, step)`` (cost, mini-batch and gate draws), so a fit
+resumed from its checkpoint continues exactly as one that never stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyro
+import torch
+from tqdm.auto import tqdm
+
+from .amortised import CostConditionedGates, draw_cost
+from .config import AmortisedConfig, FitConfig
+from .evaluate import sequence_nll
+from .fit import CHECKPOINT_FILE, load_checkpoint, save_checkpoint, set_trainable, step_seed
+from .gates import GatedModel
+from .model import NonFiniteLossError, kept_fraction
+
+
+@dataclass
+class AmortisedFit:
+    """A fitted cost-conditioned guide, the network it gates, and the per-step record."""
+
+    gated: GatedModel
+    gates: CostConditionedGates
+    config: FitConfig
+    amortised: AmortisedConfig
+    sizes: dict[str, torch.Tensor]
+    history: list[dict] = field(default_factory=list)
+
+
+def amortised_loss(gated: GatedModel, gates: CostConditionedGates, batch: torch.Tensor, cost: float,
+                   sizes: dict[str, torch.Tensor], corpus_tokens: int) -> tuple[torch.Tensor, dict]:
+    """The loss per predicted token at ``cost`` for one mini-batch, and its parts."""
+    draws, amplitudes, probabilities = gates.sample(cost)
+    gated.set_gates(draws, amplitudes)
+    try:
+        nll = sequence_nll(gated, batch).sum() / (batch.shape[0] * (batch.shape[1] - 1))
+    finally:
+        gated.values.clear()
+    expected = kept_fraction({k: p.double() for k, p in probabilities.items()}, sizes).float()
+    regulariser = (gates.kl(probabilities) - gates.curve_log_prior()) / corpus_tokens
+    loss = nll + cost * expected + regulariser
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(f"the amortised loss is {loss.item()} at cost {cost:.3f}")
+    return loss, {"cost": cost, "nll": nll.item(), "expected_kept": expected.item(), "loss": loss.item()}
+
+
+def fit_amortised(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = None,
+                  amortised: AmortisedConfig | None = None, run_dir: str | Path | None = None,
+                  progress: bool = True) -> AmortisedFit:
+    """Fit the cost-conditioned guide (and, with ``weights="joint"``, the weights) to ``sequences``.
+
+    With ``run_dir``, a checkpoint is written every ``checkpoint_every`` steps, on an
+    interrupt and at the end; a fit that finds one there resumes from it.
+    """
+    config = config or FitConfig()
+    amortised = amortised or AmortisedConfig()
+    if sequences.dim() != 2 or sequences.shape[1] < 2:
+        raise ValueError(f"sequences must be (n, seq_len >= 2) token ids, got shape {tuple(sequences.shape)}")
+    gated.model.eval()
+    trainable = set_trainable(gated, config)
+    gates = CostConditionedGates.for_model(gated, amortised)
+    sizes = gated.unit_parameters()
+    corpus_tokens = sequences.shape[0] * (sequences.shape[1] - 1)
+    batch_size = min(config.batch_size, sequences.shape[0])
+    groups = [{"params": list(gates.parameters()), "lr": amortised.lr}]
+    if trainable:
+        groups.append({"params": trainable, "lr": config.weight_lr})
+    optimizer = torch.optim.Adam(groups)  # no weight decay on anything
+    checkpoint = Path(run_dir) / CHECKPOINT_FILE if run_dir is not None else None
+    start, history = 0, []
+    if checkpoint is not None and checkpoint.exists():
+        start, history = load_checkpoint(checkpoint, gates, optimizer, gated)
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="amortised SVI",
+               disable=not progress)
+    completed = start
+    try:
+        for step in bar:
+            pyro.set_rng_seed(step_seed(config.seed, step))
+            cost = draw_cost(amortised)
+            batch = sequences[torch.randperm(sequences.shape[0])[:batch_size]]
+            loss, record = amortised_loss(gated, gates, batch, cost, sizes, corpus_tokens)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], config.clip_norm)
+            optimizer.step()
+            history.append(record)
+            completed = step + 1
+            bar.set_postfix(cost=f"{cost:.2f}", nll=f"{record['nll']:.3f}", kept=f"{record['expected_kept']:.2f}")
+            if checkpoint is not None and completed % config.checkpoint_every == 0:
+                save_checkpoint(checkpoint, completed, gates, optimizer, gated, history)
+    except KeyboardInterrupt:
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, completed, gates, optimizer, gated, history)
+        raise
+    if checkpoint is not None:
+        save_checkpoint(checkpoint, completed, gates, optimizer, gated, history)
+    return AmortisedFit(gated, gates, config, amortised, sizes, history)
