@@ -83,6 +83,19 @@ def kept_parameters(gates: dict[str, torch.Tensor], sizes: dict[str, torch.Tenso
     return (gates.get("block", one) * (sizes["other"] + attn + mlp)).sum(-1)
 
 
+def block_on_probability(on: dict[str, torch.Tensor], one: torch.Tensor) -> torch.Tensor:
+    """Probability that a block contributes at all, from its layer-kind inclusion probabilities.
+
+    A block is gone when its block gate is off, or when every branch gated inside it
+    is off; kinds without gates count as on. ``one`` has the shape of the result.
+    """
+    if {"attn", "mlp"} & set(on):
+        branches_off = (1 - on.get("attn", one)) * (1 - on.get("mlp", one))
+    else:
+        branches_off = torch.zeros_like(one)
+    return on.get("block", one) * (1 - branches_off)
+
+
 def kept_fraction(gates: dict[str, torch.Tensor], sizes: dict[str, torch.Tensor]) -> torch.Tensor:
     """C(z): the fraction of decoder parameters that :func:`kept_parameters` keeps."""
     return kept_parameters(gates, sizes) / kept_parameters({}, sizes)

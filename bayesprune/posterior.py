@@ -24,7 +24,7 @@ from torch.distributions import biject_to
 
 from .config import WIDTH_KINDS
 from .io import load_tensors, save_tensors
-from .model import kept_fraction
+from .model import block_on_probability, kept_fraction
 
 POSTERIOR_FILE = "posterior.safetensors"
 _QUADRATURE_NODES = 32
@@ -101,12 +101,7 @@ class GatePosterior:
         counted: a block keeps its most likely head and neuron).
         """
         on = {k: self.inclusion(k) for k in self.kinds if k not in WIDTH_KINDS}
-        one = torch.ones(self.num_draws, len(self.layer_names))
-        if {"attn", "mlp"} & set(on):
-            branches_off = (1 - on.get("attn", one)) * (1 - on.get("mlp", one))
-        else:
-            branches_off = torch.zeros_like(one)
-        return on.get("block", one) * (1 - branches_off)
+        return block_on_probability(on, torch.ones(self.num_draws, len(self.layer_names)))
 
     def ranking(self) -> list[int]:
         """Layer indices from most to least likely to be kept (posterior means)."""

@@ -152,14 +152,6 @@ class _Scorer:
         self.order = torch.argsort(self.keep_p, descending=True, stable=True).tolist()
         self.decoder_total = float(sum(self._layer_size(l, self.H, self.N) for l in range(self.L)))
 
-    @classmethod
-    def of(cls, posterior: GatePosterior, totals: ModelTotals) -> "_Scorer":
-        kinds = posterior.kinds
-        return cls(posterior.sizes, totals,
-                   {k: posterior.inclusion_mean(k) for k in kinds if k not in WIDTH_KINDS},
-                   {k: posterior.inclusion_mean(k) for k in kinds if k in WIDTH_KINDS},
-                   posterior.block_keep_probability().mean(0))
-
     def _layer_size(self, l: int, heads: int, neurons: int, attn: bool = True, mlp: bool = True) -> float:
         s = self.sizes
         size = s["other"][l]
@@ -191,12 +183,28 @@ class _Scorer:
 def choose(posterior: GatePosterior, totals: ModelTotals, target: Target | str | float,
            form: str = "per-layer", multiple: int = 1) -> ExtractionPlan:
     """The sub-network of the most probable units no larger than ``target``; TargetError if none is."""
+    kinds = posterior.kinds
+    return choose_by_probability(posterior.sizes, totals,
+                                 {k: posterior.inclusion_mean(k) for k in kinds if k not in WIDTH_KINDS},
+                                 {k: posterior.inclusion_mean(k) for k in kinds if k in WIDTH_KINDS},
+                                 posterior.block_keep_probability().mean(0), target, form, multiple)
+
+
+def choose_by_probability(sizes: dict[str, torch.Tensor], totals: ModelTotals, layer_p: dict[str, torch.Tensor],
+                          unit_p: dict[str, torch.Tensor], keep_p: torch.Tensor, target: Target | str | float,
+                          form: str = "per-layer", multiple: int = 1) -> ExtractionPlan:
+    """The sub-network of the most probable units given inclusion probabilities directly.
+
+    ``layer_p`` holds ``(layer,)`` probabilities of block / attn / mlp gates,
+    ``unit_p`` ``(layer, unit)`` ones of head / neuron gates, ``keep_p`` the
+    probability that each block contributes at all (it orders whole blocks).
+    """
     target = target if isinstance(target, Target) else Target.parse(target)
     if form not in FORMS:
         raise TargetError(f"unknown form {form!r}; choose one of {list(FORMS)}")
     if multiple < 1:
         raise TargetError(f"multiple must be >= 1, got {multiple}")
-    return _choose(_Scorer.of(posterior, totals), target, form, multiple)
+    return _choose(_Scorer(sizes, totals, layer_p, unit_p, keep_p), target, form, multiple)
 
 
 def choose_blocks(scores: torch.Tensor, sizes: dict[str, torch.Tensor], totals: ModelTotals,
@@ -220,15 +228,12 @@ def choose_units(unit_scores: dict[str, torch.Tensor], sizes: dict[str, torch.Te
     compared only within a layer and kind (they become within-layer rank quantiles),
     so the uniform form drops about the same share of heads and of neurons everywhere.
     """
-    target = target if isinstance(target, Target) else Target.parse(target)
-    if form not in FORMS:
-        raise TargetError(f"unknown form {form!r}; choose one of {list(FORMS)}")
     quantiles = {}
     for kind, scores in unit_scores.items():
         ranks = torch.argsort(torch.argsort(scores.double(), dim=-1, stable=True), dim=-1, stable=True).double()
         quantiles[kind] = (ranks + 1) / (scores.shape[-1] + 1)
     keep = torch.ones(len(sizes["other"]), dtype=torch.float64)
-    return _choose(_Scorer(sizes, totals, {}, quantiles, keep), target, form, multiple)
+    return choose_by_probability(sizes, totals, {}, quantiles, keep, target, form, multiple)
 
 
 def _choose(scorer: _Scorer, target: Target, form: str, multiple: int) -> ExtractionPlan:
