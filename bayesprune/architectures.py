@@ -50,7 +50,8 @@ class Architecture:
 
     ``layers`` is the dotted path from the ``*ForCausalLM`` module to the
     ``ModuleList`` of decoder blocks; ``attention`` and ``mlp`` are attributes of a
-    block. ``per_layer_fields`` are config lists with one entry per block, sliced
+    block; ``outputs`` are the attention and MLP output projections (where
+    amplitudes are folded). ``per_layer_fields`` are config lists with one entry per block, sliced
     when blocks are removed. ``width`` lists the weights cut by head and neuron
     gates (no ``head`` entries: heads cannot be gated), ``head_norms`` the norms
     among them that mix heads, ``neuron_field`` the config field holding the FFN
@@ -66,6 +67,7 @@ class Architecture:
     head_norms: tuple[WidthSlice, ...] = ()
     neuron_field: str = "intermediate_size"
     transposed: bool = False
+    outputs: tuple[str, str] = ("self_attn.o_proj", "mlp.down_proj")
 
     def width_slices(self, kind: str) -> tuple[WidthSlice, ...]:
         return tuple(s for s in self.width + self.head_norms if s.kind == kind)
@@ -87,7 +89,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gpt2": Architecture("gpt2", layers="transformer.h", attention="attn", mlp="mlp",
                          width=(WidthSlice("mlp.c_fc", "neuron", "out", "one"),
                                 WidthSlice("mlp.c_proj", "neuron", "in", "one")),
-                         neuron_field="n_inner", transposed=True),
+                         neuron_field="n_inner", transposed=True, outputs=("attn.c_proj", "mlp.c_proj")),
 }
 
 

@@ -91,14 +91,19 @@ class CostCurve:
 
     def plan(self, target: Target | str | float, totals: ModelTotals, form: str = "per-layer",
              multiple: int = 1) -> tuple[ExtractionPlan, float]:
-        """The sub-network for ``target``: units ranked by inclusion probability at the solved cost."""
+        """The sub-network for ``target``: units ranked by inclusion probability at the solved cost.
+
+        The plan carries the amplitudes at that cost, so the extracted model is the
+        hard-gated network the guide trained at that cost.
+        """
         target = target if isinstance(target, Target) else Target.parse(target)
         cost = self.solve(target, totals)
         p = self.probabilities(cost)
         layer = {k: v for k, v in p.items() if k not in WIDTH_KINDS}
         units = {k: v for k, v in p.items() if k in WIDTH_KINDS}
         keep = block_on_probability(layer, torch.ones(len(self.layer_names), dtype=torch.float64))
-        return choose_by_probability(self.sizes, totals, layer, units, keep, target, form, multiple), cost
+        plan = choose_by_probability(self.sizes, totals, layer, units, keep, target, form, multiple)
+        return plan.fold(self.amplitudes(cost)), cost
 
     def save(self, path: str | Path) -> None:
         tensors = {f"gates.{k}": v for k, v in self.gates.state_dict().items()}

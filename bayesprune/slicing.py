@@ -34,12 +34,30 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 
 @dataclass(frozen=True)
 class Recipe:
-    """Take ``source``, keep positions ``index`` along ``dim`` (``None``: all of it)."""
+    """Take ``source``, keep positions ``index`` along ``dim`` (``None``: all of it), then scale.
+
+    Scaling folds amplitudes in: the kept tensor is multiplied by ``factor`` and, along
+    ``scale_dim``, by ``scale`` (one value per kept position).
+    """
 
     source: str
     shape: tuple[int, ...]
     dim: int | None = None
     index: tuple[int, ...] | None = None
+    scale: tuple[float, ...] | None = None
+    scale_dim: int = 0
+    factor: float = 1.0
+
+    def finish(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (already cut) with the scaling applied, at its own dtype."""
+        if self.scale is None and self.factor == 1.0:
+            return tensor
+        scaled = tensor.double() * self.factor
+        if self.scale is not None:
+            view = [1] * tensor.dim()
+            view[self.scale_dim] = -1
+            scaled = scaled * torch.tensor(self.scale, dtype=torch.float64).view(view)
+        return scaled.to(tensor.dtype)
 
     def runs(self) -> list[tuple[int, int]]:
         """``index`` as half-open runs of consecutive positions."""
@@ -82,18 +100,27 @@ def recipes(plan: ExtractionPlan, arch: Architecture, widths: Widths,
         piece = slices.get(module)
         units = None if piece is None else (layer.heads if piece.kind == "head" else layer.neurons)
         new_name = f"{prefix}{new}.{rest}"
-        if units is None or (leaf == "bias" and piece.axis == "in"):
-            result[new_name] = Recipe(name, tuple(shape))
-            continue
-        if len(shape) == 1:
-            dim = 0
-        else:
-            dim = 0 if (piece.axis == "out") != arch.transposed else 1
-        positions = _features(units, widths.features(piece.per_unit))
-        cut = list(shape)
-        cut[dim] = len(positions)
-        result[new_name] = Recipe(name, tuple(cut), dim, positions)
+        dim, positions, cut = None, None, tuple(shape)
+        if units is not None and not (leaf == "bias" and piece.axis == "in"):
+            dim = 0 if len(shape) == 1 or (piece.axis == "out") != arch.transposed else 1
+            positions = _features(units, widths.features(piece.per_unit))
+            cut = tuple(len(positions) if d == dim else size for d, size in enumerate(shape))
+        result[new_name] = Recipe(name, cut, dim, positions, **_folding(module, leaf, layer, arch, widths))
     return result
+
+
+def _folding(module: str, leaf: str, layer, arch: Architecture, widths: Widths) -> dict:
+    """How an output projection's tensor is scaled to fold the layer's amplitudes in (else nothing)."""
+    if module not in arch.outputs:
+        return {}
+    attention = module == arch.outputs[0]
+    factor = layer.attn_amplitude if attention else layer.mlp_amplitude
+    units = layer.head_amplitudes if attention else layer.neuron_amplitudes
+    if leaf != "weight" or units is None:
+        return {"factor": factor} if factor != 1.0 else {}
+    per_unit = widths.features(arch.gate_site("head" if attention else "neuron").per_unit)
+    scale = tuple(a for a in units for _ in range(per_unit))
+    return {"scale": scale, "scale_dim": 0 if arch.transposed else 1, "factor": factor}
 
 
 def extracted_config(config, plan: ExtractionPlan, arch: Architecture, widths: Widths):
@@ -163,7 +190,7 @@ def extract_model(model: torch.nn.Module, plan: ExtractionPlan) -> torch.nn.Modu
         tensor = state[recipe.source]
         if recipe.dim is not None:
             tensor = tensor.index_select(recipe.dim, torch.tensor(recipe.index))
-        cut[name] = tensor.detach().clone()
+        cut[name] = recipe.finish(tensor.detach()).clone()
     return build_model(extracted_config(model.config, plan, arch, widths), cut)
 
 
@@ -207,9 +234,9 @@ class CheckpointFiles:
         with safe_open(self.where[recipe.source], framework="pt") as f:
             piece = f.get_slice(recipe.source)
             if recipe.dim is None:
-                return piece[:]
+                return recipe.finish(piece[:])
             lead = (slice(None),) * recipe.dim
-            return torch.cat([piece[lead + (slice(a, b),)] for a, b in recipe.runs()], dim=recipe.dim)
+            return recipe.finish(torch.cat([piece[lead + (slice(a, b),)] for a, b in recipe.runs()], dim=recipe.dim))
 
 
 def _write_streaming(files: CheckpointFiles, plan_recipes: dict[str, Recipe], path: Path) -> None:

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -11,8 +13,13 @@ SEQUENCES = torch.randint(0, VOCAB, (16, 12), generator=torch.Generator().manual
 
 
 @pytest.fixture(scope="module")
-def fitted():
-    model = tiny_model("llama")
+def fitted_model():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def fitted(fitted_model):
+    model = fitted_model
     gated = gate(model, GateConfig(units=("attn", "head", "neuron")))
     fit = fit_amortised(gated, SEQUENCES, FitConfig(steps=30, batch_size=4),
                         AmortisedConfig(lr=0.1, zero_probability=0.0, rate=0.5), progress=False)
@@ -65,3 +72,22 @@ def test_save_and_load_give_the_same_curve(fitted, tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a tensor file")
     with pytest.raises(ValueError):
         CostCurve.load(tmp_path / "bad.safetensors")
+
+
+def test_the_extracted_model_at_a_target_is_the_hard_gated_model_at_the_solved_cost(fitted, fitted_model):
+    from bayesprune import extract_model
+
+    curve, totals = fitted
+    curve = copy.deepcopy(curve)
+    with torch.no_grad():
+        for p in curve.gates.log_amplitudes.values():  # make the amplitudes matter
+            p.normal_(0, 0.5)
+    plan, cost = curve.plan("0.7", totals)
+    gated = gate(fitted_model, GateConfig(units=curve.gates.kinds))
+    hard = plan.gates(gated.kinds, gated.widths.heads, gated.widths.neurons)
+    ids = SEQUENCES[:2]
+    with torch.no_grad(), gated.gates_set(hard, curve.amplitudes(cost)):
+        expected = gated(input_ids=ids).logits
+    gated.remove()
+    with torch.no_grad():
+        assert torch.allclose(extract_model(fitted_model, plan)(input_ids=ids).logits, expected, atol=1e-4)

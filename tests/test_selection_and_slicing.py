@@ -175,6 +175,42 @@ def test_per_layer_model_round_trips_through_load_pruned(family, tmp_path, ids):
         AutoModelForCausalLM.from_pretrained(out)
 
 
+def test_a_plan_gives_back_the_hard_gates_it_was_made_from(family):
+    gated = gate(tiny_model(family), GateConfig(units=width_units(family)))
+    mask = random_mask(gated)
+    back = plan_of(mask).gates(gated.kinds, gated.widths.heads, gated.widths.neurons)
+    expected = {k: v.clone() for k, v in mask.items()}  # units under a closed block or branch read as off
+    for kind, branch in (("head", "attn"), ("neuron", "mlp")):
+        if kind in expected:
+            expected[kind] *= (mask["block"] * mask[branch])[:, None]
+    for branch in ("attn", "mlp"):
+        expected[branch] *= mask["block"]
+    assert set(back) == set(expected) and all(torch.equal(back[k], expected[k]) for k in expected)
+
+
+def random_amplitudes(gated, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: 0.5 + torch.rand(gated.values.shape(k), generator=g) for k in gated.kinds if k != "block"}
+
+
+def test_folded_amplitudes_give_the_hard_gated_model_with_amplitudes(family, ids, tmp_path):
+    model = tiny_model(family)
+    model.save_pretrained(tmp_path / "original")
+    gated = gate(model, GateConfig(units=width_units(family)))
+    mask, amplitudes = random_mask(gated), random_amplitudes(gated)
+    with torch.no_grad(), gated.gates_set(mask, amplitudes):
+        expected = gated(input_ids=ids).logits
+    gated.remove()
+    plan = plan_of(mask).fold(amplitudes)
+    small = extract_model(model, plan)
+    with torch.no_grad():
+        assert torch.allclose(small(input_ids=ids).logits, expected, atol=1e-4)
+    out = extract_streaming(tmp_path / "original", plan, tmp_path / "streamed", plan.record())
+    streamed = load_file(out / "model.safetensors")
+    assert all(torch.equal(small.state_dict()[k], streamed[k]) for k in streamed)
+    assert plan.record()["amplitudes_folded"]
+
+
 def test_streaming_extraction_writes_what_the_in_memory_path_builds(family, tmp_path):
     model = tiny_model(family)
     model.save_pretrained(tmp_path / "original")
