@@ -1,0 +1,92 @@
+"""Quality before extracting: held-out loss of sub-networks sampled at a cost, and their ensembles.
+
+At a cost ``λ`` the amortised guide is a distribution over sub-networks. Drawing
+``S`` of them (hard gates from the inclusion probabilities, amplitudes at ``λ``) and
+scoring each on a small validation budget gives a predicted held-out loss with a
+band: the spread over sub-networks, widened by the sampling error of the budget
+(a bootstrap over validation windows). Averaging the *predictions* of the ``S``
+sub-networks (the posterior-predictive mixture ``p(x) = mean_s p_s(x)``) is the
+ensemble; :func:`ensemble_nll` scores it against its members.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .cost_curve import CostCurve
+from .gates import GatedModel
+from .model import kept_fraction
+
+
+def _token_log_probs(gated: GatedModel, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Log-probability of every predicted token, ``(windows, seq_len − 1)``."""
+    parts = []
+    for start in range(0, windows.shape[0], batch_size):
+        batch = windows[start:start + batch_size]
+        logits = gated(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        parts.append(-F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none"))
+    return torch.cat(parts)
+
+
+def _draw(curve: CostCurve, cost: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    return {k: torch.bernoulli(p, generator=generator).float() for k, p in curve.probabilities(cost).items()}
+
+
+@torch.no_grad()
+def sampled_log_probs(gated: GatedModel, curve: CostCurve, windows: torch.Tensor, cost: float,
+                      num_masks: int = 8, seed: int = 0, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token log-probabilities under ``num_masks`` sub-networks drawn at ``cost``, ``(mask, window, token)``,
+    and each sub-network's kept fraction of decoder parameters."""
+    generator = torch.Generator().manual_seed(seed)
+    amplitudes = curve.amplitudes(cost)
+    log_probs, fractions = [], []
+    for _ in range(num_masks):
+        gates = _draw(curve, cost, generator)
+        with gated.gates_set(gates, amplitudes):
+            log_probs.append(_token_log_probs(gated, windows, batch_size))
+        fractions.append(float(kept_fraction({k: g.double() for k, g in gates.items()}, curve.sizes)))
+    return torch.stack(log_probs), torch.tensor(fractions, dtype=torch.float64)
+
+
+def predicted_quality(gated: GatedModel, curve: CostCurve, windows: torch.Tensor, costs, num_masks: int = 8,
+                      bootstrap: int = 200, level: float = 0.9, seed: int = 0, progress: bool = True) -> list[dict]:
+    """Per cost: predicted perplexity (mean over sampled sub-networks) and a ``level`` band.
+
+    The band is taken over bootstrap replicates that resample both the sub-networks
+    and the validation windows, so it covers the choice of sub-network and the
+    noise of a small validation budget.
+    """
+    generator = torch.Generator().manual_seed(seed + 1)
+    rows = []
+    for cost in tqdm(costs, desc="predicting", disable=not progress):
+        log_probs, fractions = sampled_log_probs(gated, curve, windows, float(cost), num_masks, seed)
+        per_window = -log_probs.mean(-1)                                      # (mask, window) NLL
+        masks = torch.randint(0, num_masks, (bootstrap, num_masks), generator=generator)
+        picks = torch.randint(0, windows.shape[0], (bootstrap, windows.shape[0]), generator=generator)
+        resampled = per_window[masks]                                          # (replicate, mask, window)
+        replicates = torch.gather(resampled, 2, picks[:, None, :].expand(-1, num_masks, -1)).mean((1, 2))
+        low, high = torch.quantile(replicates, torch.tensor([(1 - level) / 2, (1 + level) / 2]))
+        nll = per_window.mean().item()
+        rows.append({"cost": float(cost), "fraction": float(fractions.mean()), "nll": nll,
+                     "perplexity": math.exp(nll), "perplexity_low": math.exp(low.item()),
+                     "perplexity_high": math.exp(high.item()), "level": level, "masks": num_masks,
+                     "tokens": int(log_probs.shape[1] * log_probs.shape[2]),
+                     "mask_perplexities": [math.exp(v) for v in per_window.mean(-1).tolist()]})
+    return rows
+
+
+@torch.no_grad()
+def ensemble_nll(gated: GatedModel, curve: CostCurve, windows: torch.Tensor, cost: float, num_masks: int = 4,
+                 seed: int = 0) -> dict:
+    """NLL per token of the posterior-predictive ensemble of ``num_masks`` sub-networks at ``cost``,
+    next to its members' NLLs."""
+    log_probs, fractions = sampled_log_probs(gated, curve, windows, cost, num_masks, seed)
+    mixture = torch.logsumexp(log_probs, 0) - math.log(num_masks)
+    members = (-log_probs.mean((1, 2))).tolist()
+    return {"cost": cost, "masks": num_masks, "ensemble_nll": -mixture.mean().item(),
+            "member_nll": members, "mean_member_nll": sum(members) / num_masks,
+            "member_fractions": fractions.tolist()}

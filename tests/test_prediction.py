@@ -1,0 +1,48 @@
+import math
+
+import pytest
+import torch
+
+from bayesprune import FitConfig, GateConfig, gate
+from bayesprune.amortised_fit import fit_amortised
+from bayesprune.config import AmortisedConfig
+from bayesprune.cost_curve import CostCurve
+from bayesprune.evaluate import sequence_nll
+from bayesprune.prediction import ensemble_nll, predicted_quality, sampled_log_probs
+from tests.conftest import VOCAB, tiny_model
+
+SEQUENCES = torch.randint(0, VOCAB, (16, 12), generator=torch.Generator().manual_seed(0))
+VALIDATION = torch.randint(0, VOCAB, (6, 12), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    gated = gate(tiny_model("llama"), GateConfig(units=("head", "neuron")))
+    fit = fit_amortised(gated, SEQUENCES, FitConfig(steps=20, batch_size=4),
+                        AmortisedConfig(lr=0.1, zero_probability=0.0, rate=0.5), progress=False)
+    return gated, CostCurve.from_fit(fit)
+
+
+def test_at_cost_zero_every_sample_is_the_dense_model_and_the_band_is_the_data_noise(fitted):
+    gated, curve = fitted
+    with torch.no_grad():
+        dense = (sequence_nll(gated, VALIDATION).sum() / VALIDATION[:, 1:].numel()).item()
+    row = predicted_quality(gated, curve, VALIDATION, [0.0], num_masks=3, progress=False)[0]
+    assert row["fraction"] == 1.0 and row["nll"] == pytest.approx(dense, rel=1e-5)
+    assert row["perplexity_low"] <= math.exp(dense) <= row["perplexity_high"]
+    assert all(p == pytest.approx(math.exp(dense), rel=1e-5) for p in row["mask_perplexities"])
+
+
+def test_sampled_sub_networks_differ_and_are_reproducible(fitted):
+    gated, curve = fitted
+    a, fa = sampled_log_probs(gated, curve, VALIDATION, 2.0, num_masks=4, seed=3)
+    b, fb = sampled_log_probs(gated, curve, VALIDATION, 2.0, num_masks=4, seed=3)
+    assert torch.equal(a, b) and torch.equal(fa, fb)
+    assert a.shape == (4, 6, 11) and (fa < 1).all()
+
+
+def test_the_ensemble_is_never_worse_than_its_average_member(fitted):
+    gated, curve = fitted
+    result = ensemble_nll(gated, curve, VALIDATION, 2.0, num_masks=4)
+    assert result["ensemble_nll"] < result["mean_member_nll"]  # Jensen, strict: the members differ
+    assert len(result["member_nll"]) == 4
