@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .config import DataConfig, FitConfig, GateConfig, PriorConfig, RunConfig
+from .config import AmortisedConfig, DataConfig, FitConfig, GateConfig, PriorConfig, RunConfig
 
 
 def _fit_parser(sub) -> None:
@@ -24,6 +24,12 @@ def _fit_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=FitConfig.seed)
     p.add_argument("--cost", type=float, default=PriorConfig.cost,
                    help="nats of loss per token traded for the whole network")
+    p.add_argument("--amortised", action="store_true",
+                   help="one cost-amortised fit for every cost (push puppet) instead of one at --cost")
+    p.add_argument("--cost-rate", type=float, default=AmortisedConfig.rate,
+                   help="with --amortised: costs are drawn from Exponential(rate)")
+    p.add_argument("--zero-cost", type=float, default=AmortisedConfig.zero_probability,
+                   help="with --amortised: probability that a step trains the dense model (cost 0)")
     p.add_argument("--eval-tokens", type=int, default=DataConfig.eval_tokens)
     p.add_argument("--eval-window", type=int, default=DataConfig.eval_window)
     _extraction_options(p)
@@ -44,6 +50,7 @@ def _run_config(args) -> RunConfig:
         fit=FitConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                       weights=args.weights, seed=args.seed),
         data=DataConfig(path=args.data, eval_tokens=args.eval_tokens, eval_window=args.eval_window),
+        amortised=AmortisedConfig(rate=args.cost_rate, zero_probability=args.zero_cost) if args.amortised else None,
     )
 
 

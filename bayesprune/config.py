@@ -166,6 +166,7 @@ class RunConfig(_JsonConfig):
     prior: PriorConfig = field(default_factory=PriorConfig)
     fit: FitConfig = field(default_factory=FitConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    amortised: AmortisedConfig | None = None  # set: one cost-amortised fit instead of one at prior.cost
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunConfig":
@@ -175,6 +176,7 @@ class RunConfig(_JsonConfig):
             prior=PriorConfig.from_dict(values.get("prior", {})),
             fit=FitConfig.from_dict(values.get("fit", {})),
             data=DataConfig.from_dict(values.get("data", {})),
+            amortised=AmortisedConfig.from_dict(values["amortised"]) if values.get("amortised") else None,
         )
 
     def save(self, path: str | Path) -> None:

@@ -90,7 +90,7 @@ class CostCurve:
         return high / (1 - high)
 
     def plan(self, target: Target | str | float, totals: ModelTotals, form: str = "per-layer",
-             multiple: int = 1) -> tuple[ExtractionPlan, float]:
+             multiple: int = 1) -> ExtractionPlan:
         """The sub-network for ``target``: units ranked by inclusion probability at the solved cost.
 
         The plan carries the amplitudes at that cost, so the extracted model is the
@@ -103,7 +103,8 @@ class CostCurve:
         units = {k: v for k, v in p.items() if k in WIDTH_KINDS}
         keep = block_on_probability(layer, torch.ones(len(self.layer_names), dtype=torch.float64))
         plan = choose_by_probability(self.sizes, totals, layer, units, keep, target, form, multiple)
-        return plan.fold(self.amplitudes(cost)), cost
+        plan.cost = cost
+        return plan.fold(self.amplitudes(cost))
 
     def save(self, path: str | Path) -> None:
         tensors = {f"gates.{k}": v for k, v in self.gates.state_dict().items()}

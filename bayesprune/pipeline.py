@@ -17,18 +17,21 @@ from pathlib import Path
 
 import torch
 
+from .amortised_fit import fit_amortised
 from .architectures import architecture_for_config
 from .config import WIDTH_KINDS, RunConfig
+from .cost_curve import CURVE_FILE, CostCurve, cost_grid
 from .data import load_splits, windows
 from .evaluate import model_size, perplexity
 from .fit import CHECKPOINT_FILE, fit, load_network
 from .gates import gate
 from .io import atomic_write_json, atomic_write_text, load_tensors
+from .model import block_on_probability
 from .models import load_model, resolve_model
-from .plots import plot_block_forest, plot_width
+from .plots import plot_block_forest, plot_size_curve, plot_thresholds, plot_width
 from .posterior import POSTERIOR_FILE, GatePosterior
-from .selection import Target, choose
-from .slicing import CheckpointFiles, extract, extract_streaming, save_extracted
+from .selection import ModelTotals, Target
+from .slicing import CheckpointFiles, extract, extract_streaming, plan_for, save_extracted
 
 CONFIG_FILE = "config.json"
 UNIT_LEVEL_DRAWS = 100
@@ -107,34 +110,22 @@ def run_fit(config: RunConfig, run_dir: str | Path, target: str | None = "0.75",
     log(f"dense model: test perplexity {dense['perplexity']:.3f}, {dense['parameters']:,} parameters")
 
     gated = gate(model, config.gate)
-    result = fit(gated, windows(splits["fit"], config.fit.seq_len), config.fit, config.prior,
-                 run_dir=run_dir, progress=progress)
-    posterior = result.posterior()
-    posterior.save(run_dir / POSTERIOR_FILE)
-    files = _write_plots_and_tables(run_dir, posterior)
-    rows = posterior.summary() if set(posterior.kinds) - set(WIDTH_KINDS) else []
-    if rows:
-        log(format_ranking(rows))
-    width_rows = posterior.width_summary()
-    if width_rows:
-        log(format_widths(width_rows))
-    kept = posterior.kept_fraction_draws()
-    report = {
-        "config": config.to_dict(), "dense": dense, "ranking": rows, "widths": width_rows,
-        "elbo_per_token": {"first": result.history[0] if result.history else None,
-                           "last": result.history[-1] if result.history else None},
-        "kept_fraction_under_posterior": {"mean": kept.mean().item(), "sd": kept.std().item()},
-    }
+    sequences = windows(splits["fit"], config.fit.seq_len)
+    if config.amortised is not None:
+        fitted, part, files = _fit_amortised(gated, sequences, config, run_dir, progress, log)
+    else:
+        fitted, part, files = _fit_fixed_cost(gated, sequences, config, run_dir, progress, log)
+    report = {"config": config.to_dict(), "dense": dense, **part}
     model = gated.remove()
     if parsed_target is not None:
         out = run_dir / "extracted"
-        small, plan = extract(model, posterior, parsed_target, form, multiple)
-        record = _record(run_dir, parsed_target, plan, posterior)
+        small, plan = extract(model, fitted, parsed_target, form, multiple)
+        record = _record(run_dir, parsed_target, plan, fitted)
         save_extracted(small, tokenizer, out, record, overwrite=True)
         extracted = {**evaluate(small), **record, **model_size(small, out), "path": str(out)}
         report["extracted"] = extracted
         files["extracted_model"] = str(out)
-        log(f"extracted ({parsed_target}, {form}): kept {len(plan.layers)}/{len(posterior.layer_names)} blocks, "
+        log(f"extracted ({parsed_target}, {form}): kept {len(plan.layers)}/{plan.num_layers} blocks, "
             f"{plan.fraction:.3f} of decoder parameters, test perplexity {extracted['perplexity']:.3f} "
             f"(dense {dense['perplexity']:.3f}), {extracted['parameters']:,} parameters")
     report["files"] = files
@@ -145,12 +136,65 @@ def run_fit(config: RunConfig, run_dir: str | Path, target: str | None = "0.75",
     return report
 
 
-def _record(run_dir: Path, target: Target, plan, posterior: GatePosterior) -> dict:
-    keep_p = posterior.block_keep_probability().mean(0)
-    removed = [i for i in range(len(posterior.layer_names)) if i not in plan.kept_layers]
+def _fit_fixed_cost(gated, sequences, config: RunConfig, run_dir: Path, progress: bool, log):
+    """One fit at ``config.prior.cost``: the posterior, its tables and plots."""
+    result = fit(gated, sequences, config.fit, config.prior, run_dir=run_dir, progress=progress)
+    posterior = result.posterior()
+    posterior.save(run_dir / POSTERIOR_FILE)
+    files = _write_plots_and_tables(run_dir, posterior)
+    rows = posterior.summary() if set(posterior.kinds) - set(WIDTH_KINDS) else []
+    if rows:
+        log(format_ranking(rows))
+    width_rows = posterior.width_summary()
+    if width_rows:
+        log(format_widths(width_rows))
+    kept = posterior.kept_fraction_draws()
+    part = {"ranking": rows, "widths": width_rows,
+            "elbo_per_token": {"first": result.history[0] if result.history else None,
+                               "last": result.history[-1] if result.history else None},
+            "kept_fraction_under_posterior": {"mean": kept.mean().item(), "sd": kept.std().item()}}
+    return posterior, part, files
+
+
+def _fit_amortised(gated, sequences, config: RunConfig, run_dir: Path, progress: bool, log):
+    """One cost-amortised fit: the cost curve, the kept size at every cost, the threshold curves."""
+    result = fit_amortised(gated, sequences, config.fit, config.amortised, run_dir=run_dir, progress=progress)
+    curve = CostCurve.from_fit(result)
+    curve.save(run_dir / CURVE_FILE)
+    with gated.unwrapped() as model:
+        rows = curve.size_curve(cost_grid(), ModelTotals.of(model))
+    plot_size_curve(rows, run_dir / "size_curve.png")
+    plot_thresholds(curve, run_dir / "thresholds.png")
+    log(format_size_curve(rows))
+    files = {"cost_curve": str(run_dir / CURVE_FILE), "size_curve_plot": str(run_dir / "size_curve.png"),
+             "threshold_plot": str(run_dir / "thresholds.png")}
+    return curve, {"size_curve": rows, "history_last": result.history[-10:]}, files
+
+
+def format_size_curve(rows: list[dict]) -> str:
+    return _table([("cost", ">8", lambda r: f"{r['cost']:.3f}"), ("kept", ">6", lambda r: f"{r['fraction']:.3f}"),
+                   ("5%–95% of draws", "<16", lambda r: f"{r['fraction_5%']:.3f}–{r['fraction_95%']:.3f}"),
+                   ("MB", ">8", lambda r: f"{r['megabytes']:.1f}")], rows)
+
+
+def _record(run_dir: Path, target: Target, plan, fitted) -> dict:
+    if isinstance(fitted, CostCurve):
+        on = {k: v for k, v in fitted.probabilities(plan.cost).items() if k not in WIDTH_KINDS}
+        keep_p = block_on_probability(on, torch.ones(plan.num_layers, dtype=torch.float64))
+    else:
+        keep_p = fitted.block_keep_probability().mean(0)
+    removed = [i for i in range(plan.num_layers) if i not in plan.kept_layers]
     return {"source_run": str(run_dir), "target": str(target), **plan.record(),
-            "removed_layer_names": [posterior.layer_names[i] for i in removed],
+            "removed_layer_names": [fitted.layer_names[i] for i in removed],
             "removed_inclusion": [keep_p[i].item() for i in removed]}
+
+
+def load_fitted(run_dir: str | Path):
+    """What a run fitted: its :class:`CostCurve` (cost-amortised run) or :class:`GatePosterior`."""
+    run_dir = Path(run_dir)
+    if (run_dir / CURVE_FILE).is_file():
+        return CostCurve.load(run_dir / CURVE_FILE)
+    return GatePosterior.load(run_dir / POSTERIOR_FILE)
 
 
 def load_fitted_model(run_dir: str | Path):
@@ -177,7 +221,7 @@ def run_extract(run_dir: str | Path, target: str, out: str | Path, overwrite: bo
     """
     run_dir = Path(run_dir)
     parsed = Target.parse(target)
-    posterior = GatePosterior.load(run_dir / POSTERIOR_FILE)
+    fitted = load_fitted(run_dir)
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another --out or remove it")
     config = RunConfig.load(run_dir / CONFIG_FILE)
@@ -190,14 +234,14 @@ def run_extract(run_dir: str | Path, target: str, out: str | Path, overwrite: bo
 
         source = resolve_model(config.model)
         files = CheckpointFiles(source)
-        plan = choose(posterior, files.totals(architecture_for_config(AutoConfig.from_pretrained(source))),
-                      parsed, form, multiple)
-        record = _record(run_dir, parsed, plan, posterior)
+        plan = plan_for(fitted, files.totals(architecture_for_config(AutoConfig.from_pretrained(source))),
+                        parsed, form, multiple)
+        record = _record(run_dir, parsed, plan, fitted)
         extract_streaming(source, plan, out, record, overwrite)
     else:
         model, tokenizer = load_fitted_model(run_dir)
-        small, plan = extract(model, posterior, parsed, form, multiple)
-        record = _record(run_dir, parsed, plan, posterior)
+        small, plan = extract(model, fitted, parsed, form, multiple)
+        record = _record(run_dir, parsed, plan, fitted)
         save_extracted(small, tokenizer, out, record, overwrite)
     files_bytes = sum(p.stat().st_size for p in Path(out).glob("*.safetensors"))
     return {**record, "file_bytes": files_bytes, "path": str(out)}

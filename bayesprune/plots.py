@@ -58,3 +58,43 @@ def plot_width(posterior: GatePosterior, path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def plot_size_curve(rows: list[dict], path: str | Path) -> None:
+    """Expected fraction of decoder parameters kept vs cost, with the 5–95 % range of hard gate draws."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    costs = [r["cost"] for r in rows]
+    ax.fill_between(costs, [r["fraction_5%"] for r in rows], [r["fraction_95%"] for r in rows], alpha=0.3,
+                    label="5–95 % of gate draws")
+    ax.plot(costs, [r["fraction"] for r in rows], "o-", ms=3, label="expected")
+    ax.set(xscale="symlog", xlabel="cost λ (nats per token for the whole network)",
+           ylabel="fraction of decoder parameters kept", ylim=(0, 1.02), title="Kept size vs cost (one fit)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_thresholds(curve, path: str | Path, count: int = 60) -> None:
+    """Learned threshold curves: one line per layer, one panel per unit kind, shared curve in black."""
+    import torch
+
+    plt = _pyplot()
+    kinds = curve.gates.kinds
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 3.6), squeeze=False)
+    positions = np.linspace(0, 0.99, count)
+    costs = positions / (1 - positions)
+    with torch.no_grad():
+        for ax, kind in zip(axes[0], kinds):
+            layers = np.stack([curve.gates.threshold(kind, float(c)).numpy() for c in costs], -1)
+            colours = plt.cm.viridis(np.linspace(0, 1, layers.shape[0]))
+            for layer, colour in zip(layers, colours):
+                ax.plot(positions, layer, color=colour, lw=0.8)
+            shared = [float(curve.gates.thresholds[kind](float(t))) for t in positions]
+            ax.plot(positions, shared, "k--", lw=1.5, label="shared curve")
+            ax.set(xlabel="λ / (1 + λ)", ylabel="threshold", title=f"{kind} (colour: layer)")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -123,6 +123,7 @@ class ExtractionPlan:
     bytes: float = 0.0
     fraction: float = 1.0
     log_probability: float = 0.0
+    cost: float | None = None  # the cost a cost-amortised fit was read at
 
     @property
     def kept_layers(self) -> list[int]:
@@ -168,7 +169,7 @@ class ExtractionPlan:
                             "attn": l.attn, "mlp": l.mlp} for l in self.layers],
                 "decoder_parameters": self.decoder_parameters, "parameters": self.parameters,
                 "bytes": self.bytes, "fraction_of_decoder": self.fraction,
-                "log_probability": self.log_probability,
+                "log_probability": self.log_probability, "cost": self.cost,
                 "amplitudes_folded": any(l.head_amplitudes is not None or l.neuron_amplitudes is not None
                                          or l.attn_amplitude != 1 or l.mlp_amplitude != 1 for l in self.layers)}
 

@@ -95,3 +95,24 @@ def test_bad_inputs_get_clear_errors(tmp_path, capsys):
 def test_console_script_is_installed():
     done = subprocess.run([sys.executable, "-m", "bayesprune.cli", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "extract" in done.stdout
+
+
+def test_an_amortised_run_resizes_to_any_target_without_refitting(tiny_model_dir, corpus_dir, tmp_path, capsys):
+    from bayesprune import load_pruned
+
+    run = tmp_path / "run"
+    assert main(["fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir), "--out", str(run),
+                 "--units", "head,neuron", "--amortised", "--target", "0.6", *FIT_ARGS]) == 0
+    printed = capsys.readouterr().out
+    assert "cost" in printed and "MB" in printed
+    for name in ("cost_curve.safetensors", "size_curve.png", "thresholds.png", "report.json", "extracted/config.json"):
+        assert (run / name).is_file(), name
+    report = json.loads((run / "report.json").read_text())
+    assert report["size_curve"][0]["fraction"] == 1.0 and report["extracted"]["cost"] > 0
+    assert report["extracted"]["fraction_of_decoder"] <= 0.6 and report["extracted"]["amplitudes_folded"]
+    for target in ("0.5", "0.3"):
+        small = tmp_path / f"small-{target}"
+        assert main(["extract", str(run), "--target", target, "--out", str(small)]) == 0
+        record = json.loads(capsys.readouterr().out)
+        assert float(target) - 0.1 < record["fraction_of_decoder"] <= float(target) and record["cost"] > 0
+        assert load_pruned(small).config.num_hidden_layers == 4

@@ -49,8 +49,8 @@ def test_the_solver_finds_the_cost_of_a_target_and_the_plan_fills_it(fitted):
     target = (1 + low) / 2
     cost = curve.solve(target, totals)
     assert curve.expected_fraction(cost) == pytest.approx(target, abs=0.01)
-    plan, planned_cost = curve.plan(target, totals)
-    assert planned_cost == cost
+    plan = curve.plan(target, totals)
+    assert plan.cost == cost and plan.record()["cost"] == cost
     assert target - 0.06 <= plan.fraction <= target
     with pytest.raises(TargetError, match="block count"):
         curve.solve("2layers", totals)
@@ -58,8 +58,8 @@ def test_the_solver_finds_the_cost_of_a_target_and_the_plan_fills_it(fitted):
 
 def test_a_target_below_what_any_cost_keeps_is_still_filled_by_rank(fitted):
     curve, totals = fitted
-    plan, cost = curve.plan("0.05", totals)
-    assert cost > 1e5 and plan.fraction <= 0.05
+    plan = curve.plan("0.05", totals)
+    assert plan.cost > 1e5 and plan.fraction <= 0.05
 
 
 def test_save_and_load_give_the_same_curve(fitted, tmp_path):
@@ -82,7 +82,8 @@ def test_the_extracted_model_at_a_target_is_the_hard_gated_model_at_the_solved_c
     with torch.no_grad():
         for p in curve.gates.log_amplitudes.values():  # make the amplitudes matter
             p.normal_(0, 0.5)
-    plan, cost = curve.plan("0.7", totals)
+    plan = curve.plan("0.7", totals)
+    cost = plan.cost
     gated = gate(fitted_model, GateConfig(units=curve.gates.kinds))
     hard = plan.gates(gated.kinds, gated.widths.heads, gated.widths.neurons)
     ids = SEQUENCES[:2]
