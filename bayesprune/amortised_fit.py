@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 from .amortised import CostConditionedGates, draw_cost
 from .config import AmortisedConfig, FitConfig
 from .evaluate import sequence_nll
-from .fit import CHECKPOINT_FILE, load_checkpoint, save_checkpoint, set_trainable, step_seed
+from .fit import (CHECKPOINT_FILE, load_checkpoint, make_optimizer, save_checkpoint, schedule, set_trainable,
+                  step_seed)
 from .gates import GatedModel
 from .model import NonFiniteLossError, kept_fraction
 
@@ -68,10 +69,7 @@ def fit_amortised(gated: GatedModel, sequences: torch.Tensor, config: FitConfig 
     sizes = gated.unit_parameters()
     corpus_tokens = sequences.shape[0] * (sequences.shape[1] - 1)
     batch_size = min(config.batch_size, sequences.shape[0])
-    groups = [{"params": list(gates.parameters()), "lr": amortised.lr}]
-    if trainable:
-        groups.append({"params": trainable, "lr": config.weight_lr})
-    optimizer = torch.optim.Adam(groups)  # no weight decay on anything
+    optimizer = make_optimizer(list(gates.parameters()), amortised.lr, trainable, config)
     checkpoint = Path(run_dir) / CHECKPOINT_FILE if run_dir is not None else None
     start, history = 0, []
     if checkpoint is not None and checkpoint.exists():
@@ -87,7 +85,8 @@ def fit_amortised(gated: GatedModel, sequences: torch.Tensor, config: FitConfig 
             loss, record = amortised_loss(gated, gates, batch, cost, sizes, corpus_tokens)
             optimizer.zero_grad()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], config.clip_norm)
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.clip_norm)
+            schedule(optimizer, step, config)
             optimizer.step()
             history.append(record)
             completed = step + 1

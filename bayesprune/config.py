@@ -91,10 +91,17 @@ class FitConfig(_JsonConfig):
     seed: int = 0
     checkpoint_every: int = 25
     posterior_draws: int = 1000
+    weight_decay: float = 0.0  # network weights only (decoupled); never the guide's parameters
+    warmup_steps: int = 0
+    schedule: str = "constant"  # or "cosine": from the full rate after warm-up down to 0.1×
 
     def __post_init__(self):
         if self.weights not in ("frozen", "joint"):
             raise ValueError(f"FitConfig.weights must be 'frozen' or 'joint', got {self.weights!r}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"FitConfig.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ValueError("FitConfig.weight_decay and warmup_steps must be >= 0")
         for name in ("steps", "batch_size", "seq_len", "checkpoint_every", "posterior_draws"):
             if getattr(self, name) < 1:
                 raise ValueError(f"FitConfig.{name} must be >= 1, got {getattr(self, name)}")

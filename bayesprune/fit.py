@@ -6,6 +6,7 @@ the same mini-batches and gates as one that never stopped.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +63,29 @@ def set_trainable(gated: GatedModel, config: FitConfig) -> list[torch.nn.Paramet
     for p in gated.parameters():
         p.requires_grad_(joint)
     return [p for p in gated.parameters() if p.requires_grad]
+
+
+def make_optimizer(guide_parameters: list, guide_lr: float, trainable: list, config: FitConfig):
+    """AdamW with the guide's parameters (never decayed) and, if trained, the network's weights."""
+    groups = [{"params": guide_parameters, "lr": guide_lr, "weight_decay": 0.0}]
+    if trainable:
+        groups.append({"params": trainable, "lr": config.weight_lr, "weight_decay": config.weight_decay})
+    optimizer = torch.optim.AdamW(groups)
+    for group in optimizer.param_groups:
+        group["base_lr"] = group["lr"]
+    return optimizer
+
+
+def schedule(optimizer, step: int, config: FitConfig) -> None:
+    """Set every group's rate for ``step``: linear warm-up, then constant or cosine down to 0.1×."""
+    factor = 1.0
+    if step < config.warmup_steps:
+        factor = (step + 1) / config.warmup_steps
+    elif config.schedule == "cosine":
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps - 1)
+        factor = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
 
 
 def save_checkpoint(path: Path, step: int, guide, optimizer, gated, history) -> None:
@@ -137,10 +161,7 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
     loss_fn = Trace_ELBO().differentiable_loss
     checkpoint = Path(run_dir) / CHECKPOINT_FILE if run_dir is not None else None
     elbo_loss(0, "while setting up the guide")  # builds the guide's parameters from a trace
-    groups = [{"params": list(guide.parameters()), "lr": config.guide_lr}]
-    if trainable:
-        groups.append({"params": trainable, "lr": config.weight_lr})
-    optimizer = torch.optim.Adam(groups)
+    optimizer = make_optimizer(list(guide.parameters()), config.guide_lr, trainable, config)
     start, history = 0, []
     if checkpoint is not None and checkpoint.exists():
         start, history = load_checkpoint(checkpoint, guide, optimizer, gated)
@@ -153,7 +174,8 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
             loss = elbo_loss(step, f"at step {step}")
             optimizer.zero_grad()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], config.clip_norm)
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.clip_norm)
+            schedule(optimizer, step, config)
             optimizer.step()
             history.append(-loss.item())
             completed = step + 1

