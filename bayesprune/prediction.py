@@ -65,18 +65,39 @@ def predicted_quality(gated: GatedModel, curve: CostCurve, windows: torch.Tensor
     for cost in tqdm(costs, desc="predicting", disable=not progress):
         log_probs, fractions = sampled_log_probs(gated, curve, windows, float(cost), num_masks, seed)
         per_window = -log_probs.mean(-1)                                      # (mask, window) NLL
-        masks = torch.randint(0, num_masks, (bootstrap, num_masks), generator=generator)
-        picks = torch.randint(0, windows.shape[0], (bootstrap, windows.shape[0]), generator=generator)
-        resampled = per_window[masks]                                          # (replicate, mask, window)
-        replicates = torch.gather(resampled, 2, picks[:, None, :].expand(-1, num_masks, -1)).mean((1, 2))
-        low, high = torch.quantile(replicates, torch.tensor([(1 - level) / 2, (1 + level) / 2]))
+        low, high = _band(per_window, bootstrap, level, generator)
         nll = per_window.mean().item()
         rows.append({"cost": float(cost), "fraction": float(fractions.mean()), "nll": nll,
-                     "perplexity": math.exp(nll), "perplexity_low": math.exp(low.item()),
-                     "perplexity_high": math.exp(high.item()), "level": level, "masks": num_masks,
+                     "perplexity": math.exp(nll), "perplexity_low": math.exp(low),
+                     "perplexity_high": math.exp(high), "level": level, "masks": num_masks,
                      "tokens": int(log_probs.shape[1] * log_probs.shape[2]),
                      "mask_perplexities": [math.exp(v) for v in per_window.mean(-1).tolist()]})
     return rows
+
+
+def _band(per_window: torch.Tensor, bootstrap: int, level: float, generator: torch.Generator) -> tuple[float, float]:
+    """Bootstrap ``level`` interval of the mean NLL of ``(mask, window)`` values, resampling masks and windows."""
+    masks, count = per_window.shape
+    pick_masks = torch.randint(0, masks, (bootstrap, masks), generator=generator)
+    pick_windows = torch.randint(0, count, (bootstrap, count), generator=generator)
+    resampled = per_window[pick_masks]                                          # (replicate, mask, window)
+    replicates = torch.gather(resampled, 2, pick_windows[:, None, :].expand(-1, masks, -1)).mean((1, 2))
+    low, high = torch.quantile(replicates, torch.tensor([(1 - level) / 2, (1 + level) / 2]))
+    return low.item(), high.item()
+
+
+@torch.no_grad()
+def plan_quality(gated: GatedModel, plan, amplitudes: dict[str, torch.Tensor], windows: torch.Tensor,
+                 bootstrap: int = 200, level: float = 0.9, seed: int = 0, batch_size: int = 8) -> dict:
+    """Predicted perplexity of the sub-network a plan would extract, from its hard gates (no extraction),
+    with a bootstrap band over the validation windows."""
+    gates = plan.gates(gated.kinds, gated.widths.heads, gated.widths.neurons)
+    with gated.gates_set(gates, amplitudes):
+        per_window = -_token_log_probs(gated, windows, batch_size).mean(-1)[None]
+    low, high = _band(per_window, bootstrap, level, torch.Generator().manual_seed(seed + 1))
+    nll = per_window.mean().item()
+    return {"fraction": plan.fraction, "nll": nll, "perplexity": math.exp(nll), "perplexity_low": math.exp(low),
+            "perplexity_high": math.exp(high), "level": level, "tokens": int(windows[:, 1:].numel())}
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ from bayesprune.amortised_fit import fit_amortised
 from bayesprune.config import AmortisedConfig
 from bayesprune.cost_curve import CostCurve
 from bayesprune.evaluate import sequence_nll
-from bayesprune.prediction import ensemble_nll, predicted_quality, sampled_log_probs
+from bayesprune.prediction import ensemble_nll, plan_quality, predicted_quality, sampled_log_probs
 from tests.conftest import VOCAB, tiny_model
 
 SEQUENCES = torch.randint(0, VOCAB, (16, 12), generator=torch.Generator().manual_seed(0))
@@ -46,3 +46,18 @@ def test_the_ensemble_is_never_worse_than_its_average_member(fitted):
     result = ensemble_nll(gated, curve, VALIDATION, 2.0, num_masks=4)
     assert result["ensemble_nll"] < result["mean_member_nll"]  # Jensen, strict: the members differ
     assert len(result["member_nll"]) == 4
+
+
+def test_a_plans_predicted_quality_is_what_its_extracted_model_scores(fitted):
+    from bayesprune import ModelTotals, extract_model
+
+    gated, curve = fitted
+    with gated.unwrapped() as model:
+        totals = ModelTotals.of(model)
+        plan = curve.plan("0.6", totals)
+        small = extract_model(model, plan)
+    row = plan_quality(gated, plan, curve.amplitudes(plan.cost), VALIDATION)
+    with torch.no_grad():
+        measured = (sequence_nll(small, VALIDATION).sum() / VALIDATION[:, 1:].numel()).item()
+    assert row["nll"] == pytest.approx(measured, rel=1e-4)
+    assert row["perplexity_low"] <= row["perplexity"] <= row["perplexity_high"]
