@@ -11,13 +11,11 @@ from pathlib import Path
 
 import pyro
 import torch
-from tqdm.auto import tqdm
 
 from .amortised import CostConditionedGates, draw_cost
 from .config import AmortisedConfig, FitConfig
 from .evaluate import sequence_nll
-from .fit import (CHECKPOINT_FILE, load_checkpoint, make_optimizer, save_checkpoint, schedule, set_trainable,
-                  step_seed)
+from .fit import CHECKPOINT_FILE, make_optimizer, optimise, set_trainable, step_seed
 from .gates import GatedModel
 from .model import NonFiniteLossError, kept_fraction
 
@@ -71,32 +69,14 @@ def fit_amortised(gated: GatedModel, sequences: torch.Tensor, config: FitConfig 
     batch_size = min(config.batch_size, sequences.shape[0])
     optimizer = make_optimizer(list(gates.parameters()), amortised.lr, trainable, config)
     checkpoint = Path(run_dir) / CHECKPOINT_FILE if run_dir is not None else None
-    start, history = 0, []
-    if checkpoint is not None and checkpoint.exists():
-        start, history = load_checkpoint(checkpoint, gates, optimizer, gated)
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="amortised SVI",
-               disable=not progress)
-    completed = start
-    try:
-        for step in bar:
-            pyro.set_rng_seed(step_seed(config.seed, step))
-            cost = draw_cost(amortised)
-            batch = sequences[torch.randperm(sequences.shape[0])[:batch_size]]
-            loss, record = amortised_loss(gated, gates, batch, cost, sizes, corpus_tokens)
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.clip_norm)
-            schedule(optimizer, step, config)
-            optimizer.step()
-            history.append(record)
-            completed = step + 1
-            bar.set_postfix(cost=f"{cost:.2f}", nll=f"{record['nll']:.3f}", kept=f"{record['expected_kept']:.2f}")
-            if checkpoint is not None and completed % config.checkpoint_every == 0:
-                save_checkpoint(checkpoint, completed, gates, optimizer, gated, history)
-    except KeyboardInterrupt:
-        if checkpoint is not None:
-            save_checkpoint(checkpoint, completed, gates, optimizer, gated, history)
-        raise
-    if checkpoint is not None:
-        save_checkpoint(checkpoint, completed, gates, optimizer, gated, history)
+
+    def step_loss(step: int):
+        pyro.set_rng_seed(step_seed(config.seed, step))
+        cost = draw_cost(amortised)
+        batch = sequences[torch.randperm(sequences.shape[0])[:batch_size]]
+        loss, record = amortised_loss(gated, gates, batch, cost, sizes, corpus_tokens)
+        return loss, record, {"cost": f"{cost:.2f}", "nll": f"{record['nll']:.3f}",
+                              "kept": f"{record['expected_kept']:.2f}"}
+
+    history = optimise(step_loss, gates, optimizer, gated, config, checkpoint, "amortised SVI", progress)
     return AmortisedFit(gated, gates, config, amortised, sizes, history)

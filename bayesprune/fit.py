@@ -123,6 +123,41 @@ def load_checkpoint(path: Path, guide, optimizer, gated) -> tuple[int, list[floa
     return int(meta["step"]), list(meta["history"])
 
 
+def optimise(step_loss, guide, optimizer, gated: GatedModel, config: FitConfig, checkpoint: Path | None,
+             description: str, progress: bool = True) -> list:
+    """The loop every fit shares: resume from ``checkpoint`` if there, then per step
+    ``step_loss(step) -> (loss, record, shown)``, clip, schedule, step; a checkpoint every
+    ``checkpoint_every`` steps, on an interrupt and at the end. Returns the records."""
+    start, history = 0, []
+    if checkpoint is not None and checkpoint.exists():
+        start, history = load_checkpoint(checkpoint, guide, optimizer, gated)
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=description,
+               disable=not progress)
+    completed = start
+    try:
+        for step in bar:
+            loss, record, shown = step_loss(step)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.clip_norm)
+            schedule(optimizer, step, config)
+            optimizer.step()
+            history.append(record)
+            completed = step + 1
+            bar.set_postfix(shown)
+            if checkpoint is not None and completed % config.checkpoint_every == 0:
+                save_checkpoint(checkpoint, completed, guide, optimizer, gated, history)
+    except KeyboardInterrupt:
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, completed, guide, optimizer, gated, history)
+        raise
+    finally:
+        gated.values.clear()
+    if checkpoint is not None:
+        save_checkpoint(checkpoint, completed, guide, optimizer, gated, history)
+    return history
+
+
 def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = None,
         prior: PriorConfig | None = None, run_dir: str | Path | None = None,
         progress: bool = True) -> Fit:
@@ -162,33 +197,11 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
     checkpoint = Path(run_dir) / CHECKPOINT_FILE if run_dir is not None else None
     elbo_loss(0, "while setting up the guide")  # builds the guide's parameters from a trace
     optimizer = make_optimizer(list(guide.parameters()), config.guide_lr, trainable, config)
-    start, history = 0, []
-    if checkpoint is not None and checkpoint.exists():
-        start, history = load_checkpoint(checkpoint, guide, optimizer, gated)
 
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="SVI",
-               disable=not progress)
-    completed = start
-    try:
-        for step in bar:
-            loss = elbo_loss(step, f"at step {step}")
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.clip_norm)
-            schedule(optimizer, step, config)
-            optimizer.step()
-            history.append(-loss.item())
-            completed = step + 1
-            bar.set_postfix(elbo_per_token=f"{history[-1]:.4f}")
-            if checkpoint is not None and completed % config.checkpoint_every == 0:
-                save_checkpoint(checkpoint, completed, guide, optimizer, gated, history)
-    except KeyboardInterrupt:
-        if checkpoint is not None:
-            save_checkpoint(checkpoint, completed, guide, optimizer, gated, history)
-        raise
-    finally:
-        gated.values.clear()
-    if checkpoint is not None:
-        save_checkpoint(checkpoint, completed, guide, optimizer, gated, history)
+    def step_loss(step: int):
+        loss = elbo_loss(step, f"at step {step}")
+        return loss, -loss.item(), {"elbo_per_token": f"{-loss.item():.4f}"}
+
+    history = optimise(step_loss, guide, optimizer, gated, config, checkpoint, "SVI", progress)
     return Fit(gated, model, guide, config, prior, history)
 
