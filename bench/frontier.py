@@ -66,6 +66,7 @@ def parse_args():
     parser.add_argument("--quick", action="store_true", help="2 sizes, small budgets, 5-step fits")
     parser.add_argument("--out", default="bench/results/frontier.json")
     parser.add_argument("--fresh", action="store_true", help="ignore rows of an earlier run with the same settings")
+    parser.add_argument("--table", action="store_true", help="only print the tables of --out as Markdown")
     args = parser.parse_args()
     if args.quick:
         args.fractions, args.recovery_fractions = ["1.0", "0.75", "0.5"], ["0.5"]
@@ -135,8 +136,26 @@ def plan_size(plan) -> dict:
             "kept_layers": len(plan.layers)}
 
 
+def markdown(rows: list[dict], corpus: str) -> str:
+    """Method × target table of one corpus's perplexities (achieved kept fraction in the header row)."""
+    targets = sorted({r["target"] for r in rows if r["method"] != "dense"}, key=lambda t: -float(t) if t[0] != "2" else 0)
+    lines = ["| method | " + " | ".join(f"{float(t):.0%}" if t[0] != "2" else t for t in targets) + " |",
+             "|---|" + "---|" * len(targets)]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        cells = {r["target"]: r[corpus] for r in rows if r["method"] == method}
+        lines.append(f"| {method} | " + " | ".join(
+            "" if t not in cells else f"{cells[t]:,.1f}" if cells[t] < 1e5 else f"{cells[t]:.1e}" for t in targets)
+            + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     args = parse_args()
+    if args.table:
+        rows = json.loads(Path(args.out).read_text())["rows"]
+        for corpus in ("shakespeare", "kjv"):
+            print(f"\n{corpus}\n\n{markdown(rows, corpus)}")
+        return
     torch.set_num_threads(2)
     width_run = ensure_run(args.width_run, ("head", "neuron"), args.quick)
     block_run = ensure_run(args.block_run, ("block",), args.quick)
