@@ -15,8 +15,9 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: str | Path) -> None:
-    fig.tight_layout()
+def save_figure(fig, path: str | Path, rect: tuple[float, float, float, float] | None = None) -> None:
+    """Lay ``fig`` out inside ``rect`` (figure fractions; default all of it), write it, close it."""
+    fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=120)
     pyplot().close(fig)
 

@@ -66,7 +66,7 @@ def parse_args():
     parser.add_argument("--quick", action="store_true", help="2 sizes, small budgets, 5-step fits")
     parser.add_argument("--out", default="bench/results/frontier.json")
     parser.add_argument("--fresh", action="store_true", help="ignore rows of an earlier run with the same settings")
-    parser.add_argument("--table", action="store_true", help="only print the tables of --out as Markdown")
+    parser.add_argument("--table", action="store_true", help="only print the tables of --out as Markdown and redraw its figure")
     args = parser.parse_args()
     if args.quick:
         args.fractions, args.recovery_fractions = ["1.0", "0.75", "0.5"], ["0.5"]
@@ -155,6 +155,7 @@ def main() -> None:
         rows = json.loads(Path(args.out).read_text())["rows"]
         for corpus in ("shakespeare", "kjv"):
             print(f"\n{corpus}\n\n{markdown(rows, corpus)}")
+        plot(rows, Path(args.out).with_suffix(".png"), ["shakespeare", "kjv"])
         return
     torch.set_num_threads(2)
     width_run = ensure_run(args.width_run, ("head", "neuron"), args.quick)
@@ -245,9 +246,21 @@ def main() -> None:
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')} in {time.time() - frontier.started:.0f} s")
 
 
+COLOURS = {"bayesprune-width": "tab:blue", "bayesprune-block": "tab:cyan", "shortgpt": "tab:green",
+           "sleb": "tab:red", "random": "tab:gray", "drop-last": "tab:brown", "magnitude": "tab:olive",
+           "wanda": "tab:purple", "sparsegpt": "tab:pink", "dense": "black"}
+
+
+def family(method: str) -> str:
+    """The method a row belongs to, without its seed, 2:4 pattern or recovery."""
+    base = method.removesuffix("+recovery").removesuffix("-2:4")
+    return "random" if base.startswith("random") else base
+
+
 def plot(rows: list[dict], path: Path, corpora: list[str]) -> None:
+    """One panel per corpus; a colour per method family, dashed after recovery, squares for unstructured."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(corpora), figsize=(7 * len(corpora), 5), sharex=True)
+    fig, axes = plt.subplots(1, len(corpora), figsize=(6.5 * len(corpora) + 2.5, 5), sharex=True)
     dense = next(r for r in rows if r["method"] == "dense")
     groups: dict[str, list[dict]] = {}
     for r in rows:
@@ -257,18 +270,18 @@ def plot(rows: list[dict], path: Path, corpora: list[str]) -> None:
         for method, members in groups.items():
             members = sorted(members, key=lambda r: r["fraction"])
             style = "--" if method.endswith("+recovery") else ":" if method.startswith("random") else "-"
-            marker = "s" if method.startswith(("wanda", "sparsegpt")) else "o"
-            width = 2.2 if method.startswith("bayesprune") else 1.0
+            marker = "s" if method.startswith(("wanda", "sparsegpt")) else "D" if "+" in method else "o"
             ax.plot([r["fraction"] for r in members], [r[corpus] for r in members], style, marker=marker,
-                    lw=width, ms=4, label=method)
+                    color=COLOURS[family(method)], lw=2.4 if method.startswith("bayesprune") else 1.0, ms=4,
+                    label=method)
         ax.axhline(dense[corpus], color="k", lw=0.6, label="dense")
         ax.set(xlabel="fraction of decoder parameters kept (non-zero for Wanda/SparseGPT)",
                ylabel="perplexity (log scale)", yscale="log", title=f"{corpus} test",
-               ylim=(dense[corpus] * 0.9, dense[corpus] * 300))
-        ax.invert_xaxis()
-    axes[0].legend(fontsize=7, ncol=2)
-    save_figure(fig, path)
-
+               ylim=(dense[corpus] * 0.6, dense[corpus] * 300))
+    axes[0].invert_xaxis()  # shared: inverting every panel would undo it
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8)
+    save_figure(fig, path, rect=(0, 0, 1 - 2.4 / fig.get_figwidth(), 1))
 
 if __name__ == "__main__":
     main()
