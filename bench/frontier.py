@@ -22,7 +22,7 @@ Writes ``frontier.json`` after every row; a rerun with the same measurement sett
 keeps the rows already there and measures only the rest (``--fresh`` starts over).
 Writes ``frontier.png`` at the end.
 
-    .venv/bin/python bench/frontier.py            # full run, ≈ 2 h on 2 CPU cores after the fits
+    .venv/bin/python bench/frontier.py            # full run, ≈ 2.5 h on 2 CPU cores after the fits
     .venv/bin/python bench/frontier.py --quick    # smoke run, a few minutes
 """
 
