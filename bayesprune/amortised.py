@@ -35,6 +35,7 @@ import math
 import torch
 from torch import nn
 
+from .baselines import magnitude_scores
 from .config import WIDTH_KINDS, AmortisedConfig
 from .gates import GatedModel
 
@@ -55,8 +56,6 @@ def draw_cost(config: AmortisedConfig) -> float:
 
 def unit_importance(gated: GatedModel) -> dict[str, torch.Tensor]:
     """Per kind: weight norm of each unit over its layer's mean (head, neuron), or ones (layer kinds)."""
-    from .baselines import magnitude_scores
-
     importance = {k: torch.ones(gated.num_layers, dtype=torch.float64) for k in gated.kinds if k not in WIDTH_KINDS}
     if set(gated.kinds) & set(WIDTH_KINDS):
         with gated.unwrapped() as model:

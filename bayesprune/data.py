@@ -140,6 +140,12 @@ def windows(tokens: torch.Tensor, length: int) -> torch.Tensor:
     return tokens[: n * length].view(n, length)
 
 
+def batches(windows: torch.Tensor, batch_size: int):
+    """Consecutive mini-batches of at most ``batch_size`` windows."""
+    for start in range(0, windows.shape[0], batch_size):
+        yield windows[start:start + batch_size]
+
+
 def load_splits(tokenizer, config) -> dict[str, torch.Tensor]:
     """Token streams of the fit / validation / test splits described by a ``DataConfig``."""
     parts = split_documents(load_documents(config.path), config.validation_fraction, config.test_fraction)

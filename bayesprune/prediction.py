@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .cost_curve import CostCurve
+from .data import batches
 from .gates import GatedModel
 from .model import kept_fraction
 
@@ -25,8 +26,7 @@ from .model import kept_fraction
 def _token_log_probs(gated: GatedModel, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Log-probability of every predicted token, ``(windows, seq_len − 1)``."""
     parts = []
-    for start in range(0, windows.shape[0], batch_size):
-        batch = windows[start:start + batch_size]
+    for batch in batches(windows, batch_size):
         logits = gated(input_ids=batch, use_cache=False).logits[:, :-1].float()
         parts.append(-F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none"))
     return torch.cat(parts)

@@ -40,12 +40,12 @@ from common import pyplot, save_figure
 
 import bayesprune as bp
 from bayesprune.architectures import decoder_layers
-from bayesprune.baselines import baseline_plan, block_scores, magnitude_plan, sleb_scores
+from bayesprune.baselines import (baseline_plan, block_scores, magnitude_plan, prune_unstructured, sleb_scores,
+                                  sparsity_for)
 from bayesprune.data import bible_path
 from bayesprune.pipeline import CONFIG_FILE, run_fit
 from bayesprune.posterior import POSTERIOR_FILE
 from bayesprune.recovery import recover
-from bayesprune.unstructured import prune_unstructured, sparsity_for
 
 FRACTIONS = ["1.0", "0.9", "0.75", "0.6", "0.5", "0.4", "0.3", "0.25"]
 BLOCK_METHODS = [("shortgpt", 0), ("sleb", 0), ("random", 0), ("random", 1), ("random", 2), ("drop-last", 0)]

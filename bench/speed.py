@@ -32,10 +32,9 @@ from common import pyplot, save_figure, write_results
 
 import bayesprune as bp
 from bayesprune.architectures import decoder_layers
-from bayesprune.baselines import baseline_plan, block_influence, magnitude_plan
+from bayesprune.baselines import baseline_plan, block_influence, magnitude_plan, prune_unstructured, sparsity_for
 from bayesprune.loading import SkippedAttention
 from bayesprune.posterior import POSTERIOR_FILE
-from bayesprune.unstructured import prune_unstructured, sparsity_for
 
 
 def flops_per_token(model, context: float) -> float:

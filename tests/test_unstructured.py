@@ -3,7 +3,7 @@ import torch
 
 from bayesprune.architectures import decoder_layers
 from bayesprune.evaluate import sequence_nll
-from bayesprune.unstructured import (nonzero_fraction, prune_unstructured, sparsegpt_prune, sparsity_for,
+from bayesprune.baselines.unstructured import (nonzero_fraction, prune_unstructured, sparsegpt_prune, sparsity_for,
                                      wanda_prune)
 from tests.conftest import VOCAB, tiny_model
 
@@ -90,7 +90,7 @@ def test_every_family_can_be_pruned_two_four(family):
 
 def test_blocks_are_pruned_on_the_outputs_of_already_pruned_blocks():
     """Block 1's statistics must come from pruned block 0, as in both papers."""
-    from bayesprune.unstructured import _first_block_inputs, _InputStatistics, _linears, _run_block
+    from bayesprune.baselines.unstructured import _first_block_inputs, _InputStatistics, _linears, _run_block
 
     model = tiny_model("llama")
     reference = tiny_model("llama")

@@ -25,18 +25,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .architectures import architecture_of, decoder_layers, unit_count
-from .config import GateConfig
-from .evaluate import sequence_nll
-from .gates import gate
-from .selection import ExtractionPlan, ModelTotals, Target, choose_blocks, choose_units
+from ..architectures import architecture_of, decoder_layers, unit_count
+from ..config import GateConfig
+from ..data import batches
+from ..evaluate import sequence_nll
+from ..gates import gate
+from ..selection import ExtractionPlan, ModelTotals, Target, choose_blocks, choose_units
 
 BLOCK_BASELINES = ("shortgpt", "sleb", "random", "drop-last")
-
-
-def _batches(windows: torch.Tensor, batch_size: int):
-    for start in range(0, windows.shape[0], batch_size):
-        yield windows[start:start + batch_size]
 
 
 @torch.no_grad()
@@ -54,7 +50,7 @@ def block_influence(model, windows: torch.Tensor, batch_size: int = 4) -> torch.
 
     handles = [block.register_forward_hook(recorder(i), with_kwargs=True) for i, block in enumerate(layers)]
     try:
-        for batch in _batches(windows, batch_size):
+        for batch in batches(windows, batch_size):
             model(input_ids=batch, use_cache=False)
     finally:
         for handle in handles:
@@ -65,7 +61,7 @@ def block_influence(model, windows: torch.Tensor, batch_size: int = 4) -> torch.
 @torch.no_grad()
 def calibration_nll(model, windows: torch.Tensor, batch_size: int = 4) -> float:
     """Mean next-token negative log-likelihood over the calibration windows."""
-    total = sum(sequence_nll(model, batch).sum().item() for batch in _batches(windows, batch_size))
+    total = sum(sequence_nll(model, batch).sum().item() for batch in batches(windows, batch_size))
     return total / (windows.shape[0] * (windows.shape[1] - 1))
 
 

@@ -26,14 +26,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from .architectures import count_parameters, decoder_layers
+from ..architectures import count_parameters, decoder_layers
+from ..data import batches
 
 UNSTRUCTURED = ("wanda", "sparsegpt")
-
-
-def _batches(windows: torch.Tensor, batch_size: int):
-    for start in range(0, windows.shape[0], batch_size):
-        yield windows[start:start + batch_size]
 
 
 def wanda_prune(weight: torch.Tensor, feature_sq_norms: torch.Tensor, sparsity: float,
@@ -130,7 +126,7 @@ def _first_block_inputs(model, windows: torch.Tensor, batch_size: int) -> list[t
 
     handle = decoder_layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for batch in _batches(windows, batch_size):
+        for batch in batches(windows, batch_size):
             try:
                 model(input_ids=batch, use_cache=False)
             except _StopForward:
