@@ -9,7 +9,7 @@ cost's expected size, next to the mean over sampled sub-networks. Writes
 ``bench/results/scratch.json`` and ``scratch.png``; the run folder keeps the
 checkpoint (rerun to resume).
 
-    .venv/bin/python bench/scratch.py               # ≈ 40 min on 2 CPU cores
+    .venv/bin/python bench/scratch.py               # ≈ 1 h on 2 CPU cores (1.7 s per step)
     .venv/bin/python bench/scratch.py --quick       # smoke run
 """
 
