@@ -8,7 +8,8 @@ Exponential(0.3)) and the gates from
     q(z_u = 1 | λ) = σ((importance_u · amplitude_u(λ) − threshold_{ℓ,kind}(λ)) / T)
 
 * ``importance_u``: the L2 norm of the weights a unit owns, over its layer's mean
-  (1 for blocks and branches, which own a whole layer's part);
+  (1 for blocks and branches, which own a whole layer's part); read from the
+  current weights at every step when they are trained with the gates;
 * ``threshold_{ℓ,kind}``: a monotone clamped B-spline in ``t = λ / (1 + λ)`` per
   layer and kind, a shared curve per kind plus layer deviations that the
   hierarchical prior ``Normal(0, σ_kind)``, ``σ²_kind ~ InverseGamma(2, s²)``, shrinks
@@ -35,7 +36,7 @@ import math
 import torch
 from torch import nn
 
-from .baselines import magnitude_scores
+from .architectures import unit_norms
 from .config import WIDTH_KINDS, AmortisedConfig
 from .gates import GatedModel
 
@@ -54,12 +55,16 @@ def draw_cost(config: AmortisedConfig) -> float:
     return float(torch.empty(()).exponential_(config.rate))
 
 
-def unit_importance(gated: GatedModel) -> dict[str, torch.Tensor]:
-    """Per kind: weight norm of each unit over its layer's mean (head, neuron), or ones (layer kinds)."""
-    importance = {k: torch.ones(gated.num_layers, dtype=torch.float64) for k in gated.kinds if k not in WIDTH_KINDS}
+def unit_importance(gated: GatedModel, track: bool = False) -> dict[str, torch.Tensor]:
+    """Per kind: weight norm of each unit over its layer's mean (head, neuron), or ones (layer kinds).
+
+    With ``track``, the norms are differentiable in the current weights (a fit that
+    trains the weights reads them afresh every step); otherwise they are constants.
+    """
+    importance = {k: torch.ones(gated.num_layers) for k in gated.kinds if k not in WIDTH_KINDS}
     if set(gated.kinds) & set(WIDTH_KINDS):
-        with gated.unwrapped() as model:
-            norms = magnitude_scores(model)
+        with gated.unwrapped() as model, torch.set_grad_enabled(track):
+            norms = unit_norms(model, torch.float32)
         for kind in WIDTH_KINDS:
             if kind in gated.kinds:
                 importance[kind] = norms[kind] / norms[kind].mean(-1, keepdim=True)
@@ -93,6 +98,11 @@ class CostConditionedGates(nn.Module):
 
     def importance(self, kind: str) -> torch.Tensor:
         return getattr(self, f"importance_{kind}")
+
+    def set_importance(self, importance: dict[str, torch.Tensor]) -> None:
+        """Replace every kind's importance (weights changed), keeping any gradient it carries."""
+        for kind in self.kinds:
+            setattr(self, f"importance_{kind}", importance[kind].float())
 
     def threshold(self, kind: str, cost: float) -> torch.Tensor:
         """Each layer's threshold for ``kind`` at ``cost``: ``(layer,)``."""

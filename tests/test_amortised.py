@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from bayesprune import FitConfig, GateConfig, gate
-from bayesprune.amortised import CostConditionedGates, cost_position, draw_cost
+from bayesprune.amortised import CostConditionedGates, cost_position, draw_cost, unit_importance
 from bayesprune.amortised_fit import fit_amortised
 from bayesprune.config import AmortisedConfig
 from bayesprune.model import NonFiniteLossError
@@ -85,11 +85,30 @@ def test_a_fit_learns_to_keep_less_at_higher_cost():
     assert len(fit.history) == 40 and {"cost", "nll", "expected_kept"} <= set(fit.history[0])
 
 
-def test_an_interrupted_fit_resumes_exactly(tmp_path):
+def test_importance_follows_trained_weights_with_its_gradient_and_stays_put_when_frozen():
+    gated = gate(tiny_model("llama"), GateConfig(units=("head", "neuron")))
+    tracked = unit_importance(gated, track=True)
+    tracked["neuron"][0, 0].backward()
+    down = gated.model.model.layers[0].mlp.down_proj
+    assert down.weight.grad is not None and down.weight.grad.abs().sum() > 0
+    before = {k: v.clone() for k, v in unit_importance(gated).items()}
+    frozen = fit_amortised(gated, SEQUENCES, FitConfig(steps=3, batch_size=4), progress=False)
+    assert all(torch.equal(frozen.gates.importance(k), before[k]) for k in before)
+    joint = fit_amortised(gated, SEQUENCES, FitConfig(steps=3, batch_size=4, weights="joint", weight_lr=0.05),
+                          progress=False)
+    after = unit_importance(gated)
+    for kind in before:
+        assert torch.equal(joint.gates.importance(kind), after[kind])
+        assert not joint.gates.importance(kind).requires_grad
+        assert not torch.allclose(after[kind], before[kind])
+
+
+@pytest.mark.parametrize("weights", ["frozen", "joint"])
+def test_an_interrupted_fit_resumes_exactly(tmp_path, weights):
     def run(steps, directory):
         gated = gate(tiny_model("llama"), GateConfig(units=("neuron",)))
-        return fit_amortised(gated, SEQUENCES, FitConfig(steps=steps, batch_size=2, checkpoint_every=3),
-                             run_dir=directory, progress=False)
+        config = FitConfig(steps=steps, batch_size=2, checkpoint_every=3, weights=weights)
+        return fit_amortised(gated, SEQUENCES, config, run_dir=directory, progress=False)
 
     whole = run(6, tmp_path / "whole")
     run(3, tmp_path / "parts")

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..architectures import architecture_of, decoder_layers, unit_count
+from ..architectures import decoder_layers, unit_norms
 from ..config import GateConfig
 from ..data import batches
 from ..evaluate import sequence_nll
@@ -156,29 +156,8 @@ def run_block_baseline(method: str, model, target: Target | str | float, windows
 
 @torch.no_grad()
 def magnitude_scores(model) -> dict[str, torch.Tensor]:
-    """L2 norm of the weights of every head group and neuron, ``(layer, unit)`` per kind."""
-    arch = architecture_of(model)
-    gated = gate(model, GateConfig(units=("block",)))
-    widths = gated.widths
-    gated.remove()
-    kinds = [kind for kind in ("head", "neuron") if arch.gate_site(kind) is not None]
-    squares = {kind: [] for kind in kinds}
-    for block in decoder_layers(model):
-        for kind in kinds:
-            units = unit_count(widths, kind)
-            total = torch.zeros(units, dtype=torch.float64)
-            for piece in arch.width:
-                if piece.kind != kind:
-                    continue
-                weight = block.get_submodule(piece.module).weight.double()
-                weight = weight.T if arch.transposed else weight  # (out, in)
-                per = widths.features(piece.per_unit)
-                if piece.axis == "out":
-                    total += (weight ** 2).view(units, per, -1).sum((1, 2))
-                else:
-                    total += (weight ** 2).view(weight.shape[0], units, per).sum((0, 2))
-            squares[kind].append(total)
-    return {kind: torch.stack(rows).sqrt() for kind, rows in squares.items()}
+    """The magnitude baseline's scores: :func:`unit_norms` in double precision."""
+    return unit_norms(model, torch.float64)
 
 
 def magnitude_plan(model, target: Target | str | float, form: str = "uniform", multiple: int = 1) -> ExtractionPlan:
