@@ -25,6 +25,7 @@ kept fraction vs cost, stability over mask draws, threshold curves, the frontier
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import platform
 import time
@@ -54,6 +55,7 @@ def parse_args():
     parser.add_argument("--masks", type=int, default=8)
     parser.add_argument("--ensemble", type=int, default=4)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--replot", action="store_true", help="only redraw the figure of --out from its JSON")
     parser.add_argument("--out", default="bench/results/amortised.json")
     args = parser.parse_args()
     if args.quick:
@@ -80,6 +82,11 @@ def fit_run(path: Path, steps: int, eval_tokens: int, cost: float | None = None)
 
 def main() -> None:
     args = parse_args()
+    if args.replot:
+        result = json.loads(Path(args.out).read_text())
+        plot(result["rows"], result["sweep"], result["size_curve"], result["dense_perplexity"],
+             Path(args.out).with_suffix(".png"))
+        return
     torch.set_num_threads(2)
     started = time.time()
     runs = Path(args.runs)
@@ -159,9 +166,8 @@ def plot(rows: list[dict], sweep: list[dict], size_curve: list[dict], dense: flo
     ax = axes[0, 0]
     costs = [r["cost"] for r in sweep]
     ax.fill_between(costs, [r["perplexity_low"] for r in sweep], [r["perplexity_high"] for r in sweep], alpha=0.3)
-    ax.plot(costs, [r["perplexity"] for r in sweep], "o-", ms=3, label="sampled sub-networks (validation)")
-    ax.axhline(dense, color="k", lw=0.6, label="dense (test)")
-    ax.set(xscale="symlog", yscale="log", xlabel="cost λ", ylabel="perplexity", title="Perplexity vs cost")
+    ax.plot(costs, [r["perplexity"] for r in sweep], "o-", ms=3, label="sampled sub-networks (cost 0: dense)")
+    ax.set(xscale="symlog", yscale="log", xlabel="cost λ", ylabel="validation perplexity", title="Perplexity vs cost")
     ax.legend(fontsize=7)
     ax = axes[0, 1]
     costs = [r["cost"] for r in size_curve]
@@ -186,7 +192,7 @@ def plot(rows: list[dict], sweep: list[dict], size_curve: list[dict], dense: flo
                 yerr=[[r["predicted"]["perplexity"] - r["predicted"]["perplexity_low"] for r in amortised],
                       [r["predicted"]["perplexity_high"] - r["predicted"]["perplexity"] for r in amortised]],
                 fmt="none", color="C2", capsize=3, label="predicted from validation windows (90 %)")
-    ax.axhline(dense, color="k", lw=0.6, label="dense")
+    ax.axhline(dense, color="k", lw=0.6, label="dense (test)")
     ax.set(yscale="log", xlabel="size of the extracted model (MB = 10⁶ bytes)", ylabel="perplexity (test unless marked)",
            title="Size–quality frontier")
     ax.legend(fontsize=7)
