@@ -49,7 +49,7 @@ def parse_args():
     parser.add_argument("--amortised-steps", type=int, default=300)
     parser.add_argument("--fixed-steps", type=int, default=150)
     parser.add_argument("--targets", nargs="+", default=["0.9", "0.75", "0.6", "0.5", "0.35", "0.25"])
-    parser.add_argument("--fixed-targets", nargs="+", default=["0.75", "0.5", "0.35"])
+    parser.add_argument("--fixed-targets", nargs="*", default=["0.75", "0.5", "0.35"])
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--validation-windows", type=int, default=8, help="256-token validation windows")
     parser.add_argument("--masks", type=int, default=8)
