@@ -17,6 +17,7 @@ checkpoint (rerun to resume).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import platform
 import time
@@ -49,6 +50,7 @@ def parse_args():
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--masks", type=int, default=4)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--replot", action="store_true", help="only redraw the figure of --out from its JSON")
     parser.add_argument("--out", default="bench/results/scratch.json")
     args = parser.parse_args()
     if args.quick:
@@ -59,6 +61,10 @@ def parse_args():
 
 def main() -> None:
     args = parse_args()
+    if args.replot:
+        result = json.loads(Path(args.out).read_text())
+        plot(result["rows"], result["dense_perplexity"], Path(args.out).with_suffix(".png"))
+        return
     torch.set_num_threads(2)
     started = time.time()
     tokenizer = gpt2_tokenizer()
@@ -112,12 +118,12 @@ def plot(rows: list[dict], dense: float, path: Path) -> None:
     left.fill_between(costs, [r["sampled_low"] for r in rows], [r["sampled_high"] for r in rows], alpha=0.3,
                       label="sampled sub-networks (90 %)")
     left.axhline(dense, color="k", lw=0.6, label="cost 0 (dense)")
-    left.set(xscale="symlog", yscale="log", xlabel="cost λ", ylabel="test perplexity",
+    left.set(xscale="log", xlabel="cost λ (log scale)", ylabel="test perplexity",
              title="From scratch: perplexity vs cost")
     left.legend(fontsize=7)
     for key, label in (("fraction", "decoder parameters"), ("heads_kept", "head groups"), ("neurons_kept", "neurons")):
         right.plot(costs, [r[key] for r in rows], "o-", ms=3, label=label)
-    right.set(xscale="symlog", xlabel="cost λ", ylabel="expected fraction kept", ylim=(0, 1.02),
+    right.set(xscale="log", xlabel="cost λ (log scale)", ylabel="expected fraction kept", ylim=(0, 1.02),
               title="Kept fractions vs cost")
     right.legend(fontsize=7)
     save_figure(fig, path)
