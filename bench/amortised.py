@@ -126,7 +126,8 @@ def main() -> None:
               f"[{sampled['perplexity_low']:.2f}, {sampled['perplexity_high']:.2f}]", flush=True)
     for target in args.fixed_targets:
         cost = curve.solve(target, totals)
-        posterior = bp.GatePosterior.load(fit_run(runs / f"fixed-{target}", args.fixed_steps, args.eval_tokens, cost) / POSTERIOR_FILE)
+        run = fit_run(runs / f"fixed-{target}", args.fixed_steps, args.eval_tokens, cost)
+        posterior = bp.GatePosterior.load(run / POSTERIOR_FILE)
         with gated.unwrapped() as plain:
             small, plan = bp.extract(plain, posterior, target)
             measured = test_perplexity(small)
@@ -193,7 +194,8 @@ def plot(rows: list[dict], sweep: list[dict], size_curve: list[dict], dense: flo
                       [r["predicted"]["perplexity_high"] - r["predicted"]["perplexity"] for r in amortised]],
                 fmt="none", color="C2", capsize=3, label="predicted from validation windows (90 %)")
     ax.axhline(dense, color="k", lw=0.6, label="dense (test)")
-    ax.set(yscale="log", xlabel="size of the extracted model (MB = 10⁶ bytes)", ylabel="perplexity (test unless marked)",
+    ax.set(yscale="log", xlabel="size of the extracted model (MB = 10⁶ bytes)",
+           ylabel="perplexity (test unless marked)",
            title="Size–quality frontier")
     ax.legend(fontsize=7)
     save_figure(fig, path)

@@ -73,7 +73,8 @@ def parse_args():
     parser.add_argument("--quick", action="store_true", help="2 sizes, small budgets, 5-step fits")
     parser.add_argument("--out", default="bench/results/frontier.json")
     parser.add_argument("--fresh", action="store_true", help="ignore rows of an earlier run with the same settings")
-    parser.add_argument("--table", action="store_true", help="only print the tables of --out as Markdown and redraw its figure")
+    parser.add_argument("--table", action="store_true",
+                        help="only print the tables of --out as Markdown and redraw its figure")
     args = parser.parse_args()
     if args.quick:
         args.fractions, args.recovery_fractions = ["1.0", "0.75", "0.5"], ["0.5"]
@@ -148,7 +149,8 @@ def plan_size(plan) -> dict:
 
 def markdown(rows: list[dict], corpus: str) -> str:
     """Method × target table of one corpus's perplexities (achieved kept fraction in the header row)."""
-    targets = sorted({r["target"] for r in rows if r["method"] != "dense"}, key=lambda t: -float(t) if t[0] != "2" else 0)
+    targets = sorted({r["target"] for r in rows if r["method"] != "dense"},
+                     key=lambda t: -float(t) if t[0] != "2" else 0)
     lines = ["| method | " + " | ".join(f"{float(t):.0%}" if t[0] != "2" else t for t in targets) + " |",
              "|---|" + "---|" * len(targets)]
     for method in dict.fromkeys(r["method"] for r in rows):
@@ -262,7 +264,8 @@ def main() -> None:
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')} in {time.time() - frontier.started:.0f} s")
 
 
-COLOURS = {"bayesprune-width": "tab:blue", "bayesprune-block": "tab:cyan", "bayesprune-amortised": "navy", "shortgpt": "tab:green",
+COLOURS = {"bayesprune-width": "tab:blue", "bayesprune-block": "tab:cyan", "bayesprune-amortised": "navy",
+           "shortgpt": "tab:green",
            "sleb": "tab:red", "random": "tab:gray", "drop-last": "tab:brown", "magnitude": "tab:olive",
            "wanda": "tab:purple", "sparsegpt": "tab:pink", "dense": "black"}
 

@@ -84,7 +84,8 @@ def test_non_finite_elbo_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_p
     with torch.no_grad():
         gated.model.model.layers[2].mlp.down_proj.weight.fill_(float("nan"))
     config = FitConfig(steps=4, batch_size=4, seq_len=12, checkpoint_every=2)
-    with pytest.raises(NonFiniteLossError, match=r"not finite while setting up the guide.*sequences \[.*checkpoint in .* is intact"):
+    expected = r"not finite while setting up the guide.*sequences \[.*checkpoint in .* is intact"
+    with pytest.raises(NonFiniteLossError, match=expected):
         fit(gated, SEQUENCES, config, run_dir=tmp_path, progress=False)
     assert (tmp_path / CHECKPOINT_FILE).read_bytes() == saved
 
