@@ -17,7 +17,10 @@ Exponential(0.3)) and the gates from
   has no funnel at ``σ → 0``);
 * ``amplitude_u(λ) = exp(s_u · g_kind(t))`` with ``g_kind(0) = 0`` pinned: what a
   kept unit writes is scaled by it (heads, neurons and branches; a whole block's
-  update cannot be folded into weights, so blocks carry none).
+  update cannot be folded into weights, so blocks carry none);
+* with ``offset_scale > 0``, a learned per-unit offset ``b_u ~ Normal(0, offset_scale)``
+  added to ``importance_u · amplitude_u``: units rank by more than their norms
+  without their outputs having to change.
 
 At ``λ = 0`` every gate is on and every amplitude is exactly 1: the network is the
 dense one, whatever the parameters. Per predicted token the loss is
@@ -91,6 +94,8 @@ class CostConditionedGates(nn.Module):
         self.log_amplitudes = nn.ParameterDict({k: nn.Parameter(torch.zeros_like(importance[k], dtype=torch.float32))
                                                 for k in scaled})
         self.amplitude_curves = nn.ModuleDict({k: PinnedCurves((), count, 0.0, 1.0) for k in scaled})
+        self.offsets = nn.ParameterDict({k: nn.Parameter(torch.zeros_like(importance[k], dtype=torch.float32))
+                                         for k in (self.kinds if config.offset_scale > 0 else ())})
 
     @classmethod
     def for_model(cls, gated: GatedModel, config: AmortisedConfig | None = None) -> "CostConditionedGates":
@@ -122,6 +127,8 @@ class CostConditionedGates(nn.Module):
         amplitude = self.amplitude(kind, cost)
         if amplitude is not None:
             drive = drive * amplitude
+        if kind in self.offsets:
+            drive = drive + self.offsets[kind]
         threshold = self.threshold(kind, cost)
         if kind in WIDTH_KINDS:
             threshold = threshold[:, None]
@@ -150,11 +157,14 @@ class CostConditionedGates(nn.Module):
         return total
 
     def curve_log_prior(self) -> torch.Tensor:
-        """log p of every kind's layer deviations from its shared threshold curve, ``σ_kind`` integrated out."""
+        """log p of the layer deviations from each kind's shared threshold curve (``σ_kind`` integrated
+        out) and of the unit offsets, up to a constant."""
         shape, rate = 2.0, self.config.curve_scale ** 2
         total = torch.zeros(())
         for deviations in self.deviations.values():
             n = deviations.numel()
             total = total + (math.lgamma(shape + n / 2) - math.lgamma(shape) - n / 2 * math.log(2 * math.pi * rate)
                              - (shape + n / 2) * torch.log1p(deviations.pow(2).sum() / (2 * rate)))
+        for offsets in self.offsets.values():
+            total = total - offsets.pow(2).sum() / (2 * self.config.offset_scale ** 2)
         return total

@@ -30,6 +30,8 @@ def _fit_parser(sub) -> None:
                    help="with --amortised: costs are drawn from Exponential(rate)")
     p.add_argument("--zero-cost", type=float, default=AmortisedConfig.zero_probability,
                    help="with --amortised: probability that a step trains the dense model (cost 0)")
+    p.add_argument("--offset-scale", type=float, default=AmortisedConfig.offset_scale,
+                   help="with --amortised: prior scale of learned per-unit importance offsets (0: none)")
     p.add_argument("--eval-tokens", type=int, default=DataConfig.eval_tokens)
     p.add_argument("--eval-window", type=int, default=DataConfig.eval_window)
     _extraction_options(p)
@@ -50,7 +52,8 @@ def _run_config(args) -> RunConfig:
         fit=FitConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                       weights=args.weights, seed=args.seed),
         data=DataConfig(path=args.data, eval_tokens=args.eval_tokens, eval_window=args.eval_window),
-        amortised=AmortisedConfig(rate=args.cost_rate, zero_probability=args.zero_cost) if args.amortised else None,
+        amortised=AmortisedConfig(rate=args.cost_rate, zero_probability=args.zero_cost,
+                                  offset_scale=args.offset_scale) if args.amortised else None,
     )
 
 

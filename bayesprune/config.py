@@ -121,7 +121,9 @@ class AmortisedConfig(_JsonConfig):
     ``threshold_start`` (``−1/T`` makes every unit almost surely on just above cost 0).
     Layer threshold curves deviate from their kind's shared curve under
     ``Normal(0, σ_kind)``, ``σ²_kind ~ InverseGamma(2, curve_scale²)``. ``prior_inclusion`` is the
-    prior probability that a unit is on (the KL target of the gates).
+    prior probability that a unit is on (the KL target of the gates). ``offset_scale > 0``
+    gives every unit a learned, cost-free correction to its importance under
+    ``Normal(0, offset_scale)`` (0: importance is the weight norm alone, as in the paper).
     """
 
     zero_probability: float = 1 / 3
@@ -133,6 +135,7 @@ class AmortisedConfig(_JsonConfig):
     curve_scale: float = 1.0
     prior_inclusion: float = 0.8
     lr: float = 0.05
+    offset_scale: float = 0.0
 
     def __post_init__(self):
         if not 0 <= self.zero_probability < 1:
@@ -143,6 +146,8 @@ class AmortisedConfig(_JsonConfig):
             raise ValueError(f"AmortisedConfig.control_points must be >= 4 (cubic), got {self.control_points}")
         if not 0 < self.prior_inclusion < 1:
             raise ValueError(f"AmortisedConfig.prior_inclusion must be in (0, 1), got {self.prior_inclusion}")
+        if self.offset_scale < 0:
+            raise ValueError(f"AmortisedConfig.offset_scale must be >= 0, got {self.offset_scale}")
 
 
 @dataclass

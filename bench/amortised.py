@@ -48,6 +48,8 @@ def parse_args():
     parser.add_argument("--runs", default="runs/amortised-bench", help="folder for the fits (reused if there)")
     parser.add_argument("--amortised-steps", type=int, default=300)
     parser.add_argument("--fixed-steps", type=int, default=150)
+    parser.add_argument("--offset-scale", type=float, default=0.0,
+                        help="prior scale of the amortised fit's per-unit importance offsets (0: none)")
     parser.add_argument("--targets", nargs="+", default=["0.9", "0.75", "0.6", "0.5", "0.35", "0.25"])
     parser.add_argument("--fixed-targets", nargs="*", default=["0.75", "0.5", "0.35"])
     parser.add_argument("--eval-tokens", type=int, default=8192)
@@ -66,11 +68,11 @@ def parse_args():
     return args
 
 
-def fit_run(path: Path, steps: int, eval_tokens: int, cost: float | None = None) -> Path:
+def fit_run(path: Path, steps: int, eval_tokens: int, cost: float | None = None, offset_scale: float = 0.0) -> Path:
     config = bp.RunConfig(gate=bp.GateConfig(units=("head", "neuron")))
     config.fit.steps, config.data.eval_tokens = steps, eval_tokens
     if cost is None:
-        config.amortised = AmortisedConfig()
+        config.amortised = AmortisedConfig(offset_scale=offset_scale)
     else:
         config.prior.cost = cost
     done = path / (CURVE_FILE if cost is None else POSTERIOR_FILE)
@@ -90,7 +92,8 @@ def main() -> None:
     torch.set_num_threads(2)
     started = time.time()
     runs = Path(args.runs)
-    curve = CostCurve.load(fit_run(runs / "amortised", args.amortised_steps, args.eval_tokens) / CURVE_FILE)
+    curve = CostCurve.load(fit_run(runs / "amortised", args.amortised_steps, args.eval_tokens,
+                                   offset_scale=args.offset_scale) / CURVE_FILE)
     model, tokenizer = bp.load_model()
     splits = bp.load_splits(tokenizer, bp.DataConfig())
     totals = bp.ModelTotals.of(model)

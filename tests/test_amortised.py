@@ -28,7 +28,8 @@ def test_at_cost_zero_the_model_is_exactly_the_dense_one_whatever_the_parameters
         reference = model(input_ids=ids).logits
     units = tuple(u for u in UNITS if not (family == "gpt2" and u == "head"))
     gated = gate(model, GateConfig(units=units))
-    gates = scrambled(CostConditionedGates.for_model(gated))
+    gates = scrambled(CostConditionedGates.for_model(gated, AmortisedConfig(offset_scale=1.0)))
+    assert set(gates.offsets) == set(units)
     draws, amplitudes, probabilities = gates.sample(0.0)
     assert all(torch.equal(p, torch.ones_like(p)) for p in probabilities.values())
     assert all(torch.equal(a, torch.ones_like(a)) for a in amplitudes.values())
@@ -57,6 +58,29 @@ def test_layer_curves_are_shrunk_toward_the_shared_curve():
     with torch.no_grad():
         gates.deviations["neuron"][1] += 0.5
     assert at_zero > apart > gates.curve_log_prior()
+
+
+def test_unit_offsets_rerank_units_under_their_prior_and_survive_a_round_trip(tmp_path):
+    from bayesprune.cost_curve import CostCurve
+
+    gated = gate(tiny_model("llama"), GateConfig(units=("head", "neuron")))
+    assert len(CostConditionedGates.for_model(gated).offsets) == 0
+    config = AmortisedConfig(offset_scale=0.5, lr=0.1)
+    fit = fit_amortised(gated, SEQUENCES, FitConfig(steps=10, batch_size=4), config, progress=False)
+    gates = fit.gates
+    assert all(offsets.abs().max() > 0 for offsets in gates.offsets.values())
+    without = gates.importance("neuron") * gates.amplitude("neuron", 1.0) - gates.threshold("neuron", 1.0)[:, None]
+    expected = (without + gates.offsets["neuron"]) / config.temperature
+    assert torch.allclose(gates.logits("neuron", 1.0), expected)
+    prior = gates.curve_log_prior()
+    with torch.no_grad():
+        gates.offsets["head"].add_(1.0)
+    assert gates.curve_log_prior() < prior
+    curve = CostCurve.from_fit(fit)
+    curve.save(tmp_path / "curve.safetensors")
+    loaded = CostCurve.load(tmp_path / "curve.safetensors")
+    assert loaded.gates.config.offset_scale == 0.5
+    assert torch.equal(loaded.probabilities(1.0)["head"], curve.probabilities(1.0)["head"])
 
 
 def test_cost_draws_follow_the_configured_mixture():
