@@ -18,7 +18,7 @@ Exponential(0.3)) and the gates from
 * ``amplitude_u(λ) = exp(s_u · g_kind(t))`` with ``g_kind(0) = 0`` pinned: what a
   kept unit writes is scaled by it (heads, neurons and branches; a whole block's
   update cannot be folded into weights, so blocks carry none);
-* with ``offset_scale > 0``, a learned per-unit offset ``b_u ~ Normal(0, offset_scale)``
+* unless ``offset_scale`` is 0, a learned per-unit offset ``b_u ~ Normal(0, offset_scale)``
   added to ``importance_u · amplitude_u``: units rank by more than their norms
   without their outputs having to change.
 

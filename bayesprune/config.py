@@ -121,7 +121,7 @@ class AmortisedConfig(_JsonConfig):
     ``threshold_start`` (``−1/T`` makes every unit almost surely on just above cost 0).
     Layer threshold curves deviate from their kind's shared curve under
     ``Normal(0, σ_kind)``, ``σ²_kind ~ InverseGamma(2, curve_scale²)``. ``prior_inclusion`` is the
-    prior probability that a unit is on (the KL target of the gates). ``offset_scale > 0``
+    prior probability that a unit is on (the KL target of the gates). ``offset_scale``
     gives every unit a learned, cost-free correction to its importance under
     ``Normal(0, offset_scale)`` (0: importance is the weight norm alone, as in the paper).
     """
@@ -135,7 +135,7 @@ class AmortisedConfig(_JsonConfig):
     curve_scale: float = 1.0
     prior_inclusion: float = 0.8
     lr: float = 0.05
-    offset_scale: float = 0.0
+    offset_scale: float = 0.5
 
     def __post_init__(self):
         if not 0 <= self.zero_probability < 1:

@@ -48,7 +48,7 @@ def parse_args():
     parser.add_argument("--runs", default="runs/amortised-bench", help="folder for the fits (reused if there)")
     parser.add_argument("--amortised-steps", type=int, default=300)
     parser.add_argument("--fixed-steps", type=int, default=150)
-    parser.add_argument("--offset-scale", type=float, default=0.0,
+    parser.add_argument("--offset-scale", type=float, default=AmortisedConfig.offset_scale,
                         help="prior scale of the amortised fit's per-unit importance offsets (0: none)")
     parser.add_argument("--targets", nargs="+", default=["0.9", "0.75", "0.6", "0.5", "0.35", "0.25"])
     parser.add_argument("--fixed-targets", nargs="*", default=["0.75", "0.5", "0.35"])
@@ -68,7 +68,8 @@ def parse_args():
     return args
 
 
-def fit_run(path: Path, steps: int, eval_tokens: int, cost: float | None = None, offset_scale: float = 0.0) -> Path:
+def fit_run(path: Path, steps: int, eval_tokens: int, cost: float | None = None,
+            offset_scale: float = AmortisedConfig.offset_scale) -> Path:
     config = bp.RunConfig(gate=bp.GateConfig(units=("head", "neuron")))
     config.fit.steps, config.data.eval_tokens = steps, eval_tokens
     if cost is None:

@@ -64,7 +64,7 @@ def test_unit_offsets_rerank_units_under_their_prior_and_survive_a_round_trip(tm
     from bayesprune.cost_curve import CostCurve
 
     gated = gate(tiny_model("llama"), GateConfig(units=("head", "neuron")))
-    assert len(CostConditionedGates.for_model(gated).offsets) == 0
+    assert len(CostConditionedGates.for_model(gated, AmortisedConfig(offset_scale=0)).offsets) == 0
     config = AmortisedConfig(offset_scale=0.5, lr=0.1)
     fit = fit_amortised(gated, SEQUENCES, FitConfig(steps=10, batch_size=4), config, progress=False)
     gates = fit.gates
