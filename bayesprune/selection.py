@@ -148,7 +148,10 @@ class ExtractionPlan:
         return gates
 
     def fold(self, amplitudes: dict[str, torch.Tensor]) -> "ExtractionPlan":
-        """Attach amplitudes (``attn``/``mlp``: ``(layer,)``, ``head``/``neuron``: ``(layer, unit)``) to fold on extraction."""
+        """Attach amplitudes to fold on extraction.
+
+        ``attn``/``mlp``: ``(layer,)``; ``head``/``neuron``: ``(layer, unit)``.
+        """
         for layer in self.layers:
             l = layer.index
             if "head" in amplitudes and layer.heads is not None:
@@ -165,7 +168,8 @@ class ExtractionPlan:
         """A JSON-able description, written next to the extracted checkpoint."""
         return {"form": self.form, "kept_layers": self.kept_layers,
                 "removed_layers": [i for i in range(self.num_layers) if i not in self.kept_layers],
-                "layers": [{"index": l.index, "heads": l.heads, "neurons": None if l.neurons is None else len(l.neurons),
+                "layers": [{"index": l.index, "heads": l.heads,
+                            "neurons": None if l.neurons is None else len(l.neurons),
                             "attn": l.attn, "mlp": l.mlp} for l in self.layers],
                 "decoder_parameters": self.decoder_parameters, "parameters": self.parameters,
                 "bytes": self.bytes, "fraction_of_decoder": self.fraction,
