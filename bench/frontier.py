@@ -21,7 +21,8 @@ pruning on as many fit-split tokens as the bayesprune width fit used, at the
 (the unpruned model fine-tuned the same way) shows how much of that is adaptation to
 the corpus. Every row records its calibration / fit / recovery tokens and seconds.
 Writes ``frontier.json`` after every row; a rerun with the same measurement settings
-keeps the rows already there and measures only the rest (``--fresh`` starts over).
+keeps the rows already there and measures only the rest, fitting only the runs those
+need (``--fresh`` starts over).
 Writes ``frontier.png`` at the end.
 
     .venv/bin/python bench/frontier.py            # full run, ≈ 2.5 h on 2 CPU cores after the fits
@@ -85,17 +86,28 @@ def parse_args():
     return args
 
 
+def fit_config(units: tuple[str, ...], quick: bool, amortised: bool = False) -> bp.RunConfig:
+    """The settings a missing run is fitted with: the defaults, ``AMORTISED_STEPS`` for the amortised one."""
+    config = bp.RunConfig(gate=bp.GateConfig(units=units))
+    if amortised:
+        config.amortised, config.fit.steps = AmortisedConfig(), AMORTISED_STEPS
+    if quick:
+        config.fit.steps, config.fit.batch_size, config.data.eval_tokens = 5, 2, 512
+    return config
+
+
+def run_config(path: str, units: tuple[str, ...], quick: bool) -> bp.RunConfig:
+    """The settings of the run at ``path``, or those it will be fitted with."""
+    saved = Path(path) / CONFIG_FILE
+    return bp.RunConfig.load(saved) if saved.is_file() else fit_config(units, quick)
+
+
 def ensure_run(path: str, units: tuple[str, ...], quick: bool, amortised: bool = False) -> Path:
-    """A fitted run at ``path``, fitted now (default settings, no extraction) if it is not there."""
+    """A fitted run at ``path``, fitted now (``fit_config``, no extraction) if it is not there."""
     path = Path(path)
     if not (path / (CURVE_FILE if amortised else POSTERIOR_FILE)).is_file():
-        config = bp.RunConfig(gate=bp.GateConfig(units=units))
-        if amortised:
-            config.amortised, config.fit.steps = AmortisedConfig(), AMORTISED_STEPS
-        if quick:
-            config.fit.steps, config.fit.batch_size, config.data.eval_tokens = 5, 2, 512
         print(f"fitting {units} gates into {path}", flush=True)
-        run_fit(config, path, target=None, progress=True, log=lambda message: None)
+        run_fit(fit_config(units, quick, amortised), path, target=None, progress=True, log=lambda message: None)
     return path
 
 
@@ -170,13 +182,10 @@ def main() -> None:
         plot(rows, Path(args.out).with_suffix(".png"), ["shakespeare", "kjv"])
         return
     torch.set_num_threads(2)
-    width_run = ensure_run(args.width_run, ("head", "neuron"), args.quick)
-    block_run = ensure_run(args.block_run, ("block",), args.quick)
-    amortised_run = ensure_run(args.amortised_run, ("head", "neuron"), args.quick, amortised=True)
-    run_config = bp.RunConfig.load(width_run / CONFIG_FILE)
-    fit_tokens = run_config.fit.steps * run_config.fit.batch_size * run_config.fit.seq_len
-    model, tokenizer = bp.load_model(run_config.model)
-    splits = bp.load_splits(tokenizer, run_config.data)
+    width_config = run_config(args.width_run, ("head", "neuron"), args.quick)
+    fit_tokens = width_config.fit.steps * width_config.fit.batch_size * width_config.fit.seq_len
+    model, tokenizer = bp.load_model(width_config.model)
+    splits = bp.load_splits(tokenizer, width_config.data)
     bible = bp.split_documents(bp.load_documents(bible_path()))["test"]
     corpora = {"shakespeare": splits["test"], "kjv": bp.tokenize(tokenizer, bible)}
     fit_windows = bp.windows(splits["fit"], args.seq_len)
@@ -204,11 +213,14 @@ def main() -> None:
         frontier.add("dense", "1.0", model, dense_size, calibration_tokens=0, fit_tokens=0)
     recovered("dense", "1.0", copy.deepcopy(model), dense_size, dict(calibration_tokens=0, fit_tokens=0))
 
+    def missing(method: str, target: str) -> bool:
+        return not frontier.done(method, target) or (method in args.recovery_methods and
+                                                     target in args.recovery_fractions and
+                                                     not frontier.done(f"{method}+recovery", target))
+
     def structured(method: str, plan_for, tokens: int, fit: int, seconds: float) -> None:
         for target in fractions:
-            if frontier.done(method, target) and (method not in args.recovery_methods or
-                                                  target not in args.recovery_fractions or
-                                                  frontier.done(f"{method}+recovery", target)):
+            if not missing(method, target):
                 continue
             plan = plan_for(target)
             small = bp.extract_model(model, plan)
@@ -217,23 +229,28 @@ def main() -> None:
                 frontier.add(method, target, small, plan_size(plan), **record)
             recovered(method, target, small, plan_size(plan), record)
 
-    for run, label in ((width_run, "bayesprune-width"), (block_run, "bayesprune-block")):
-        posterior = bp.GatePosterior.load(run / POSTERIOR_FILE)
-        fit_seconds = json.loads((run / "report.json").read_text()).get("wall_seconds", 0.0)
-        structured(label, lambda t, p=posterior: bp.choose(p, totals, t, "per-layer"), 0, fit_tokens, fit_seconds)
-    curve = CostCurve.load(amortised_run / CURVE_FILE)
-    report = json.loads((amortised_run / "report.json").read_text())
-    amortised_tokens = report["config"]["fit"]["steps"] * report["config"]["fit"]["batch_size"] * \
-        report["config"]["fit"]["seq_len"]
-    structured("bayesprune-amortised", lambda t: curve.plan(t, totals), 0, amortised_tokens, report["wall_seconds"])
+    for path, units, label in ((args.width_run, ("head", "neuron"), "bayesprune-width"),
+                               (args.block_run, ("block",), "bayesprune-block")):
+        if any(missing(label, t) for t in fractions):  # a run is fitted only when rows of it are missing
+            run = ensure_run(path, units, args.quick)
+            posterior = bp.GatePosterior.load(run / POSTERIOR_FILE)
+            fit_seconds = json.loads((run / "report.json").read_text()).get("wall_seconds", 0.0)
+            structured(label, lambda t, p=posterior: bp.choose(p, totals, t, "per-layer"), 0, fit_tokens,
+                       fit_seconds)
+    if any(missing("bayesprune-amortised", t) for t in fractions):
+        amortised_run = ensure_run(args.amortised_run, ("head", "neuron"), args.quick, amortised=True)
+        curve = CostCurve.load(amortised_run / CURVE_FILE)
+        report = json.loads((amortised_run / "report.json").read_text())
+        amortised_tokens = report["config"]["fit"]["steps"] * report["config"]["fit"]["batch_size"] * \
+            report["config"]["fit"]["seq_len"]
+        structured("bayesprune-amortised", lambda t: curve.plan(t, totals), 0, amortised_tokens,
+                   report["wall_seconds"])
 
     smallest = baseline_plan(model, block_scores("drop-last", model), min(fractions, key=float))
     depth = len(decoder_layers(model)) - len(smallest.layers)
     for method, seed in BLOCK_METHODS:
         name = f"random-{seed}" if method == "random" else method
-        if all(frontier.done(name, t) for t in fractions) and \
-                (name not in args.recovery_methods or all(frontier.done(f"{name}+recovery", t)
-                                                          for t in args.recovery_fractions if t in fractions)):
+        if not any(missing(name, t) for t in fractions):
             continue
         started = time.time()
         if method == "sleb":  # the greedy search goes only as deep as the smallest size needs
