@@ -1,23 +1,24 @@
 """bayesprune: Bayesian structured pruning of Hugging Face causal language models."""
 
-from .config import DataConfig, FitConfig, GateConfig, PriorConfig, RunConfig
+from .config import CostConfig, DataConfig, FitConfig, GateConfig, PriorConfig, RunConfig
 from .data import load_documents, load_splits, split_documents, tokenize, windows
 from .evaluate import model_size, perplexity
-from .selection import ExtractionPlan, LayerPlan, ModelTotals, Target, TargetError, choose
 from .fit import Fit, fit
-from .model import NonFiniteLossError
 from .gates import GatedModel, gate
 from .loading import load_pruned
+from .model import NonFiniteLossError, ShrinkagePrior
 from .models import load_model
-from .posterior import GatePosterior
+from .posterior import GatePosterior, cost_grid
+from .selection import ExtractionPlan, LayerPlan, ModelTotals, Target, TargetError
+from .sizes import UnitSizes
 from .slicing import extract, extract_model, extract_streaming, save_extracted
 
 __all__ = [
-    "DataConfig", "FitConfig", "GateConfig", "PriorConfig", "RunConfig",
+    "CostConfig", "DataConfig", "FitConfig", "GateConfig", "PriorConfig", "RunConfig",
     "load_documents", "load_splits", "split_documents", "tokenize", "windows",
     "model_size", "perplexity",
-    "ExtractionPlan", "LayerPlan", "ModelTotals", "Target", "TargetError", "choose",
+    "ExtractionPlan", "LayerPlan", "ModelTotals", "Target", "TargetError", "UnitSizes",
     "extract", "extract_model", "extract_streaming", "save_extracted", "load_pruned",
-    "Fit", "NonFiniteLossError", "fit",
-    "GatedModel", "gate", "load_model", "GatePosterior",
+    "Fit", "NonFiniteLossError", "ShrinkagePrior", "fit",
+    "GatedModel", "gate", "load_model", "GatePosterior", "cost_grid",
 ]

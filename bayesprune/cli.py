@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .config import AmortisedConfig, DataConfig, FitConfig, GateConfig, PriorConfig, RunConfig
+from .config import CostConfig, DataConfig, FitConfig, GateConfig, PriorConfig, RunConfig
 
 
 def _fit_parser(sub) -> None:
@@ -14,24 +14,24 @@ def _fit_parser(sub) -> None:
     p.add_argument("--model", help="Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--data", help="text file, folder or .jsonl (default: the Shakespeare corpus)")
     p.add_argument("--out", required=True, help="run directory (an existing one with the same settings resumes)")
-    p.add_argument("--units", default="block", help="comma-separated gate kinds: block, attn, mlp, head, neuron")
+    p.add_argument("--units", default=",".join(GateConfig.units),
+                   help="comma-separated gate kinds: block, attn, mlp, head, neuron")
     p.add_argument("--target", default="0.75",
-                   help="size to extract after fitting: 0.75, 75%%, 12layers, 80M, 300MB, or 'none'")
+                   help="size to extract after fitting: 0.75, 75%%, 12layers, 80M, 300MB, 40%%flops, or 'none'")
     p.add_argument("--weights", choices=["frozen", "joint"], default=FitConfig.weights)
     p.add_argument("--steps", type=int, default=FitConfig.steps)
     p.add_argument("--batch-size", type=int, default=FitConfig.batch_size)
     p.add_argument("--seq-len", type=int, default=FitConfig.seq_len)
     p.add_argument("--seed", type=int, default=FitConfig.seed)
-    p.add_argument("--cost", type=float, default=PriorConfig.cost,
-                   help="nats of loss per token traded for the whole network")
-    p.add_argument("--amortised", action="store_true",
-                   help="one cost-amortised fit for every cost (push puppet) instead of one at --cost")
-    p.add_argument("--cost-rate", type=float, default=AmortisedConfig.rate,
-                   help="with --amortised: costs are drawn from Exponential(rate)")
-    p.add_argument("--zero-cost", type=float, default=AmortisedConfig.zero_probability,
-                   help="with --amortised: probability that a step trains the dense model (cost 0)")
-    p.add_argument("--offset-scale", type=float, default=AmortisedConfig.offset_scale,
-                   help="with --amortised: prior scale of learned per-unit importance offsets (0: none)")
+    p.add_argument("--cost", type=float, default=None,
+                   help="fit at this one cost (nats of loss per token traded for the whole network) instead of "
+                        "drawing a cost every step so that one fit answers for every size")
+    p.add_argument("--cost-rate", type=float, default=CostConfig.rate,
+                   help="costs are drawn from Exponential(rate) (unless --cost)")
+    p.add_argument("--zero-cost", type=float, default=CostConfig.zero_probability,
+                   help="probability that a step fits the dense model, at cost 0 (unless --cost)")
+    p.add_argument("--offset-scale", type=float, default=PriorConfig.offset_scale,
+                   help="prior scale of the per-unit importance offsets (0: none, the paper's norm-only ranking)")
     p.add_argument("--eval-tokens", type=int, default=DataConfig.eval_tokens)
     p.add_argument("--eval-window", type=int, default=DataConfig.eval_window)
     _extraction_options(p)
@@ -48,12 +48,11 @@ def _run_config(args) -> RunConfig:
     return RunConfig(
         model=args.model,
         gate=GateConfig(units=tuple(u.strip() for u in args.units.split(",") if u.strip())),
-        prior=PriorConfig(cost=args.cost),
+        prior=PriorConfig(offset_scale=args.offset_scale),
+        cost=CostConfig(fixed=args.cost, rate=args.cost_rate, zero_probability=args.zero_cost),
         fit=FitConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                       weights=args.weights, seed=args.seed),
         data=DataConfig(path=args.data, eval_tokens=args.eval_tokens, eval_window=args.eval_window),
-        amortised=AmortisedConfig(rate=args.cost_rate, zero_probability=args.zero_cost,
-                                  offset_scale=args.offset_scale) if args.amortised else None,
     )
 
 
@@ -63,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     _fit_parser(sub)
     p = sub.add_parser("extract", help="write a smaller Hugging Face model from a fitted run")
     p.add_argument("run", help="run directory written by 'bayesprune fit'")
-    p.add_argument("--target", required=True, help="0.5, 50%%, 12layers, 80M or 300MB")
+    p.add_argument("--target", required=True, help="0.5, 50%%, 12layers, 80M, 300MB or 40%%flops")
     p.add_argument("--out", required=True, help="output folder (must not exist)")
     _extraction_options(p)
     p.add_argument("--in-memory", action="store_true",
@@ -81,10 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "fit":
+            config = _run_config(args)
             from .pipeline import run_fit
 
             target = None if args.target.lower() == "none" else args.target
-            run_fit(_run_config(args), args.out, target=target, log=lambda s: print(s, flush=True),
+            run_fit(config, args.out, target=target, log=lambda s: print(s, flush=True),
                     form=args.form, multiple=args.multiple)
         elif args.command == "extract":
             from .pipeline import run_extract

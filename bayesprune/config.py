@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +37,7 @@ class GateConfig(_JsonConfig):
     units. Each is nested under the kinds above it.
     """
 
-    units: tuple[str, ...] = ("block",)
+    units: tuple[str, ...] = ("head", "neuron")
 
     def __post_init__(self):
         self.units = tuple(self.units)
@@ -50,47 +51,89 @@ class GateConfig(_JsonConfig):
         self.units = tuple(k for k in UNIT_KINDS if k in self.units)
 
 
+def _finite(config, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{type(config).__name__}.{name} must be a finite number, got {value!r}")
+
+
 @dataclass
 class PriorConfig(_JsonConfig):
-    """Hierarchical shrinkage prior over the gate inclusion logits.
+    """The hierarchical shrinkage prior over the cost-conditioned inclusion logits (see :mod:`bayesprune.model`).
 
-    Per unit kind: ``mean_logit ~ Normal(mean_logit_loc, mean_logit_scale)`` and
-    ``global_scale ~ HalfCauchy(global_scale)``; per unit:
-    ``local_scale ~ HalfCauchy(1)`` and
-    ``logit ~ Normal(mean_logit, global_scale * local_scale)``.
-    ``cost`` (nats of loss per token for the whole network) tilts the prior by
-    ``exp(-cost * tokens * kept_fraction)``.
+    Thresholds are clamped cubic B-splines over ``t = cost / (1 + cost)`` with
+    ``control_points`` control points, starting at ``threshold_start`` (``−1/T``:
+    every unit almost surely on just above cost 0) and rising by ``threshold_rise``
+    at the prior's centre; ``temperature`` is ``T``. Per kind, the shared curve's
+    increments have prior scale ``shared_curve_scale`` around that rise; layer
+    deviations from it are horseshoe-distributed with global scale
+    ``HalfCauchy(curve_scale)``. Per unit, ``offset_scale`` is the prior scale of
+    the cost-free importance offsets (0: none, the paper's norm-only ranking) and
+    ``amplitude_scale`` that of the log-amplitudes.
     """
 
-    mean_logit_loc: float = 1.5
-    mean_logit_scale: float = 2.0
-    global_scale: float = 1.0
-    cost: float = 0.5
+    control_points: int = 10
     temperature: float = 0.5
+    threshold_start: float = -2.0
+    threshold_rise: float = 4.0
+    shared_curve_scale: float = 1.0
+    curve_scale: float = 1.0
+    offset_scale: float = 0.5
+    amplitude_scale: float = 1.0
 
     def __post_init__(self):
-        if self.mean_logit_scale <= 0 or self.global_scale <= 0:
-            raise ValueError("PriorConfig scales must be positive")
-        if self.cost < 0:
-            raise ValueError(f"PriorConfig.cost must be >= 0, got {self.cost}")
-        if self.temperature <= 0:
-            raise ValueError(f"PriorConfig.temperature must be positive, got {self.temperature}")
+        _finite(self, "temperature", "threshold_start", "threshold_rise", "shared_curve_scale", "curve_scale",
+                "offset_scale", "amplitude_scale")
+        if self.control_points < 4:
+            raise ValueError(f"PriorConfig.control_points must be >= 4 (cubic), got {self.control_points}")
+        for name in ("temperature", "shared_curve_scale", "curve_scale", "amplitude_scale"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"PriorConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.offset_scale < 0:
+            raise ValueError(f"PriorConfig.offset_scale must be >= 0, got {self.offset_scale}")
+
+
+@dataclass
+class CostConfig(_JsonConfig):
+    """The cost each step is fitted at (nats of loss per token traded for the whole network).
+
+    ``fixed=None`` (the default) draws a cost afresh at every step: 0 with
+    ``zero_probability``, else ``Exponential(rate)``, so one fit answers for every
+    cost. A number fixes the cost: the same model and guide, read at that cost only.
+    """
+
+    fixed: float | None = None
+    zero_probability: float = 1 / 3
+    rate: float = 0.3
+
+    def __post_init__(self):
+        _finite(self, "zero_probability", "rate")
+        if self.fixed is not None:
+            _finite(self, "fixed")
+            if self.fixed < 0:
+                raise ValueError(f"CostConfig.fixed must be >= 0, got {self.fixed}")
+        if not 0 <= self.zero_probability < 1:
+            raise ValueError(f"CostConfig.zero_probability must be in [0, 1), got {self.zero_probability}")
+        if self.rate <= 0:
+            raise ValueError(f"CostConfig.rate must be positive, got {self.rate}")
 
 
 @dataclass
 class FitConfig(_JsonConfig):
     """Stochastic variational inference settings."""
 
-    steps: int = 150
+    steps: int = 200
     batch_size: int = 4
     seq_len: int = 128
     weights: str = "frozen"  # "frozen" or "joint"
-    guide_lr: float = 0.1
+    guide_lr: float = 0.05
+    guide_init_scale: float = 0.01
     weight_lr: float = 1e-5
     clip_norm: float = 1.0
     seed: int = 0
     checkpoint_every: int = 25
-    posterior_draws: int = 1000
+    posterior_draws: int = 100
     weight_decay: float = 0.0  # network weights only (decoupled); never the guide's parameters
     warmup_steps: int = 0
     schedule: str = "constant"  # or "cosine": from the full rate after warm-up down to 0.1×
@@ -100,6 +143,7 @@ class FitConfig(_JsonConfig):
             raise ValueError(f"FitConfig.weights must be 'frozen' or 'joint', got {self.weights!r}")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"FitConfig.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        _finite(self, "guide_lr", "guide_init_scale", "weight_lr", "clip_norm", "weight_decay")
         if self.weight_decay < 0 or self.warmup_steps < 0:
             raise ValueError("FitConfig.weight_decay and warmup_steps must be >= 0")
         for name in ("steps", "batch_size", "seq_len", "checkpoint_every", "posterior_draws"):
@@ -107,47 +151,8 @@ class FitConfig(_JsonConfig):
                 raise ValueError(f"FitConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.seq_len < 2:
             raise ValueError("FitConfig.seq_len must be >= 2 (one token predicts the next)")
-        if self.guide_lr <= 0 or self.weight_lr <= 0 or self.clip_norm <= 0:
-            raise ValueError("FitConfig learning rates and clip_norm must be positive")
-
-
-@dataclass
-class AmortisedConfig(_JsonConfig):
-    """The cost-amortised (push puppet) guide: one fit for every cost.
-
-    Each step draws a cost ``λ``: 0 with ``zero_probability``, else
-    ``Exponential(rate)``. Curves over ``t = λ / (1 + λ)`` are clamped cubic
-    B-splines with ``control_points`` control points; thresholds start at
-    ``threshold_start`` (``−1/T`` makes every unit almost surely on just above cost 0).
-    Layer threshold curves deviate from their kind's shared curve under
-    ``Normal(0, σ_kind)``, ``σ²_kind ~ InverseGamma(2, curve_scale²)``. ``prior_inclusion`` is the
-    prior probability that a unit is on (the KL target of the gates). ``offset_scale``
-    gives every unit a learned, cost-free correction to its importance under
-    ``Normal(0, offset_scale)`` (0: importance is the weight norm alone, as in the paper).
-    """
-
-    zero_probability: float = 1 / 3
-    rate: float = 0.3
-    control_points: int = 10
-    temperature: float = 0.5
-    threshold_start: float = -2.0
-    threshold_rise: float = 4.0
-    curve_scale: float = 1.0
-    prior_inclusion: float = 0.8
-    lr: float = 0.05
-    offset_scale: float = 0.5
-
-    def __post_init__(self):
-        if not 0 <= self.zero_probability < 1:
-            raise ValueError(f"AmortisedConfig.zero_probability must be in [0, 1), got {self.zero_probability}")
-        if self.rate <= 0 or self.temperature <= 0 or self.curve_scale <= 0 or self.lr <= 0:
-            raise ValueError("AmortisedConfig rate, temperature, curve_scale and lr must be positive")
-        if self.control_points < 4:
-            raise ValueError(f"AmortisedConfig.control_points must be >= 4 (cubic), got {self.control_points}")
-        if not 0 < self.prior_inclusion < 1:
-            raise ValueError(f"AmortisedConfig.prior_inclusion must be in (0, 1), got {self.prior_inclusion}")
-        if self.offset_scale < 0:
-            raise ValueError(f"AmortisedConfig.offset_scale must be >= 0, got {self.offset_scale}")
+        if min(self.guide_lr, self.guide_init_scale, self.weight_lr, self.clip_norm) <= 0:
+            raise ValueError("FitConfig learning rates, guide_init_scale and clip_norm must be positive")
 
 
 @dataclass
@@ -176,9 +181,9 @@ class RunConfig(_JsonConfig):
     model: str | None = None
     gate: GateConfig = field(default_factory=GateConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
     fit: FitConfig = field(default_factory=FitConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    amortised: AmortisedConfig | None = None  # set: one cost-amortised fit instead of one at prior.cost
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunConfig":
@@ -186,9 +191,9 @@ class RunConfig(_JsonConfig):
             model=values.get("model"),
             gate=GateConfig.from_dict(values.get("gate", {})),
             prior=PriorConfig.from_dict(values.get("prior", {})),
+            cost=CostConfig.from_dict(values.get("cost", {})),
             fit=FitConfig.from_dict(values.get("fit", {})),
             data=DataConfig.from_dict(values.get("data", {})),
-            amortised=AmortisedConfig.from_dict(values["amortised"]) if values.get("amortised") else None,
         )
 
     def save(self, path: str | Path) -> None:

@@ -1,7 +1,12 @@
-"""SVI: the guide (and optionally the weights) fitted by stochastic variational inference.
+"""SVI: the cost-conditioned guide (and optionally the weights) fitted through Pyro's ELBO.
 
-Every step reseeds from ``(seed, step)``, so a fit resumed from a checkpoint draws
-the same mini-batches and gates as one that never stopped.
+The loss is ``Trace_ELBO()(model, guide)``, an ``nn.Module`` over the model of
+:mod:`bayesprune.model` and the guide of :mod:`bayesprune.guide`: one step draws a
+cost (or takes the fixed one), a mini-batch, ``θ`` from the guide and the gates
+given ``θ``, and differentiates the ELBO per predicted token. Every step reseeds
+from ``(seed, step)``, so a fit resumed from a checkpoint draws the same costs,
+mini-batches and gates as one that never stopped. When the weights are trained,
+each step reads the units' importance from the current weights, with its gradient.
 """
 
 from __future__ import annotations
@@ -13,13 +18,14 @@ from pathlib import Path
 import pyro
 import torch
 from pyro.infer import Trace_ELBO
-from pyro.infer.autoguide import AutoNormal, init_to_median, init_to_value
 from tqdm.auto import tqdm
 
-from .config import FitConfig, PriorConfig
+from .config import CostConfig, FitConfig, PriorConfig
 from .gates import GatedModel
+from .guide import CostConditionedGuide
+from .inclusion import unit_importance
 from .io import load_tensors, save_tensors
-from .model import NonFiniteLossError, PruningModel
+from .model import NonFiniteLossError, PruningModel, ShrinkagePrior
 from .posterior import GatePosterior
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -30,31 +36,32 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % 2**32
 
 
-def make_guide(model: PruningModel) -> AutoNormal:
-    """Mean-field normal guide over the scales and logits; logits start at the prior mean."""
-    values, loc = model.gated.values, model.prior.mean_logit_loc
-    start = {f"{k}_logit": torch.full(values.shape(k), loc) for k in values.kinds}
-    start |= {f"{k}_layer_logit": torch.full((values.num_layers, 1), loc) for k in values.units}
-    return AutoNormal(model, init_loc_fn=init_to_value(values=start, fallback=init_to_median), init_scale=0.1)
+def draw_cost(config: CostConfig) -> float:
+    """The cost of one step: the fixed one, or a draw from the mixture (torch's global generator)."""
+    if config.fixed is not None:
+        return float(config.fixed)
+    if torch.rand(()).item() < config.zero_probability:
+        return 0.0
+    return float(torch.empty(()).exponential_(config.rate))
 
 
 @dataclass
 class Fit:
-    """A fitted gate posterior and the network it belongs to."""
+    """A fitted cost-conditioned posterior and the network it belongs to."""
 
     gated: GatedModel
     model: PruningModel
-    guide: AutoNormal
+    guide: CostConditionedGuide
     config: FitConfig
-    prior: PriorConfig
-    history: list[float] = field(default_factory=list)
+    cost: CostConfig
+    history: list[dict] = field(default_factory=list)
 
     def posterior(self, num_draws: int | None = None) -> GatePosterior:
-        return GatePosterior.from_guide(self.guide, self.model, num_draws or self.config.posterior_draws,
-                                        seed=self.config.seed)
+        return GatePosterior.from_guide(self.guide, self.model, self.cost.fixed,
+                                        num_draws or self.config.posterior_draws, seed=self.config.seed)
 
-    def to_inference_data(self, num_draws: int | None = None):
-        return self.posterior(num_draws).to_inference_data()
+    def to_inference_data(self, costs=None, num_draws: int | None = None):
+        return self.posterior(num_draws).to_inference_data(costs)
 
 
 def set_trainable(gated: GatedModel, config: FitConfig) -> list[torch.nn.Parameter]:
@@ -159,49 +166,46 @@ def optimise(step_loss, guide, optimizer, gated: GatedModel, config: FitConfig, 
 
 
 def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = None,
-        prior: PriorConfig | None = None, run_dir: str | Path | None = None,
-        progress: bool = True) -> Fit:
-    """Fit the gate posterior to ``sequences`` (token windows, ``(n, seq_len)``).
+        prior: PriorConfig | ShrinkagePrior | None = None, cost: CostConfig | None = None,
+        run_dir: str | Path | None = None, progress: bool = True) -> Fit:
+    """Fit the cost-conditioned gate posterior to ``sequences`` (token windows, ``(n, seq_len)``).
 
-    With ``run_dir``, a checkpoint is written every ``checkpoint_every`` steps, on
-    an interrupt and at the end, and a fit that finds one there resumes from it.
+    ``cost`` says which cost each step is fitted at (default: a fresh draw per step,
+    so one fit answers for every cost). With ``run_dir``, a checkpoint is written
+    every ``checkpoint_every`` steps, on an interrupt and at the end, and a fit that
+    finds one there resumes from it.
     """
     config = config or FitConfig()
-    prior = prior or PriorConfig()
+    cost = cost or CostConfig()
     if sequences.dim() != 2 or sequences.shape[1] < 2:
         raise ValueError(f"sequences must be (n, seq_len >= 2) token ids, got shape {tuple(sequences.shape)}")
     pyro.clear_param_store()
     gated.model.eval()
     trainable = set_trainable(gated, config)
-    model = PruningModel(gated, sequences, prior)
-    guide = make_guide(model)
+    model = PruningModel(gated, sequences, prior or PriorConfig(), track_importance=bool(trainable))
+    guide = CostConditionedGuide(model.prior, config.guide_init_scale)
+    elbo = Trace_ELBO()(model, guide)
     batch_size = min(config.batch_size, sequences.shape[0])
+    checkpoint = Path(run_dir) / CHECKPOINT_FILE if run_dir is not None else None
+    optimizer = make_optimizer(list(guide.parameters()), config.guide_lr, trainable, config)
 
-    def draw_batch(step: int) -> torch.Tensor:
+    def step_loss(step: int):
         pyro.set_rng_seed(step_seed(config.seed, step))
-        return torch.randperm(sequences.shape[0])[:batch_size]
-
-    def elbo_loss(step: int, when: str) -> torch.Tensor:
+        step_cost = draw_cost(cost)
+        batch = torch.randperm(sequences.shape[0])[:batch_size]
         try:
             # Per predicted token: Adam does not care about the scale; clipping does.
-            loss = loss_fn(model, guide, draw_batch(step)) / model.num_tokens
+            loss = elbo(batch, step_cost) / model.num_tokens
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"the loss is {loss.item()}")
         except NonFiniteLossError as err:
             kept = f"the checkpoint in {run_dir} is intact; " if checkpoint is not None else ""
-            raise NonFiniteLossError(f"the ELBO is not finite {when} ({err}); {kept}"
-                                     f"check the weights and data, or lower guide_lr / weight_lr") from err
-        return loss
-
-    loss_fn = Trace_ELBO().differentiable_loss
-    checkpoint = Path(run_dir) / CHECKPOINT_FILE if run_dir is not None else None
-    elbo_loss(0, "while setting up the guide")  # builds the guide's parameters from a trace
-    optimizer = make_optimizer(list(guide.parameters()), config.guide_lr, trainable, config)
-
-    def step_loss(step: int):
-        loss = elbo_loss(step, f"at step {step}")
-        return loss, -loss.item(), {"elbo_per_token": f"{-loss.item():.4f}"}
+            raise NonFiniteLossError(f"the ELBO is not finite at step {step}, cost {step_cost:.3f} ({err}); "
+                                     f"{kept}check the weights and data, or lower guide_lr / weight_lr") from err
+        record = {"cost": step_cost, "loss": loss.item()}
+        return loss, record, {"cost": f"{step_cost:.2f}", "loss": f"{loss.item():.4f}"}
 
     history = optimise(step_loss, guide, optimizer, gated, config, checkpoint, "SVI", progress)
-    return Fit(gated, model, guide, config, prior, history)
-
+    if trainable:
+        model.importance = unit_importance(gated)  # constants of the trained weights
+    return Fit(gated, model, guide, config, cost, history)

@@ -23,6 +23,7 @@ from torch import nn
 from .architectures import (Architecture, Widths, architecture_of, decoder_layers, layer_names, unit_count,
                             widths_of)
 from .config import WIDTH_KINDS, GateConfig
+from .sizes import UnitSizes
 
 
 class GateValues:
@@ -260,13 +261,14 @@ class GatedModel(nn.Module):
         finally:
             self.values.current, self.values.amplitudes = previous
 
-    def unit_parameters(self) -> dict[str, torch.Tensor]:
+    def unit_parameters(self) -> UnitSizes:
         """Parameters per layer of each part (see :func:`block_sizes`) and units per layer."""
         with self.unwrapped() as model:
             rows = [block_sizes({n: tuple(p.shape) for n, p in block.named_parameters()}, self.arch, self.widths)
                     for block in decoder_layers(model)]
-        rows = [r | {"heads": self.widths.heads, "neurons": self.widths.neurons} for r in rows]
-        return {key: torch.tensor([r[key] for r in rows], dtype=torch.float64) for key in rows[0]}
+        w = self.widths
+        rows = [r | {"heads": w.heads, "neurons": w.neurons, "head_features": w.features("query")} for r in rows]
+        return UnitSizes(**{key: torch.tensor([r[key] for r in rows], dtype=torch.float64) for key in rows[0]})
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)

@@ -1,133 +1,167 @@
-"""The generative model: hierarchical shrinkage prior on gates, a compute cost, the LM likelihood.
+"""The generative model: a cost-conditioned hierarchical shrinkage prior on the gates, a compute cost, the LM likelihood.
 
-After Kubinec (2026), *Push Puppet Networks: Structured Bayesian Pruning Algorithm
-for Language Model Compression* (arXiv 2606.28251), written as a Pyro model. For
-each unit kind ``k`` with one unit per decoder layer (block, attn, mlp)::
+After Kubinec (2026), *Push Puppet Networks* (arXiv 2606.28251), written as one Pyro
+model conditioned on the cost ``λ`` (nats of loss per token traded for the whole
+network). For each gated unit kind ``k`` (block, attn, mlp, head, neuron), with
+``c`` spline control points and ``t = λ / (1 + λ)``:
 
-    mean_logit_k    ~ Normal(mean_logit_loc, mean_logit_scale)         # ()
-    global_scale_k  ~ HalfCauchy(global_scale)                          # ()
-    local_scale_k,l ~ HalfCauchy(1)                                     # (layer,)
-    logit_k,l       ~ Normal(mean_logit_k, global_scale_k·local_scale_k,l)
-    gate_k,l        =  straight-through relaxed Bernoulli(logit_k,l)    # exact 0/1 forward
+*global level* (per kind)::
 
-and for the width kinds (head, neuron), with many units per layer, one more level
-so that the units of a layer share a layer mean::
+    shared_k        ~ Normal(rise increments, shared_curve_scale)        # (c−1,) threshold curve
+    g_k             ~ Normal(linear, 1)                                  # (c−1,) amplitude curve, g_k(0) = 0
+    global_scale_k  ~ HalfCauchy(curve_scale)                            # ()
 
-    layer_scale_k     ~ HalfCauchy(global_scale)                        # ()
-    layer_logit_k,l   ~ Normal(mean_logit_k, layer_scale_k)             # (layer, 1)
-    local_scale_k,l,u ~ HalfCauchy(1)                                   # (layer, unit)
-    logit_k,l,u       ~ Normal(layer_logit_k,l, global_scale_k·local_scale_k,l,u)
+*layer level* (horseshoe: a few layers may stand out, the rest shrink to the shared curve)::
 
-then ``factor(-cost · N · C(gate))`` with ``C`` the fraction of decoder parameters
-kept, counted from the real weights each unit carries and only when its ancestors
-are on (``N`` = predicted tokens in the corpus, so ``cost`` is in nats per token for
-the whole network) and ``factor(-NLL(sequence | gates))`` for each sequence,
-scaled from the mini-batch to the corpus by a subsampled plate.
+    local_scale_k,ℓ ~ HalfCauchy(1)                                      # (layer,)
+    deviation_k,ℓ   ~ Normal(0, global_scale_k · local_scale_k,ℓ)        # (layer, c−1)
 
-The gate draw is a reparameterised transform of the logit (``q(gate | logit) =
-p(gate | logit)``), so it is recorded with ``pyro.deterministic`` rather than as a
-sample site: the ELBO is ``E_q[log p(data | gates)] - KL`` over the continuous sites.
+*unit level*::
+
+    offset_u        ~ Normal(0, offset_scale)                            # (layer[, unit])
+    log_amplitude_u ~ Normal(0, amplitude_scale)                         # (layer[, unit]); not for blocks
+
+*gates*: ``z_u ~ Bernoulli(σ(logit_u(λ)))`` with the cost-conditioned logits of
+:mod:`bayesprune.inclusion` (threshold ``= spline(softplus(shared_k + deviation_k,ℓ))``,
+importance from the weight norms, amplitudes ``exp(log_amplitude_u · g_k(t))``),
+drawn straight through: exact 0/1 in the forward pass, the gradient of the
+probability in the backward pass. The guide draws the gates from this same
+conditional, so they enter the ELBO through the likelihood only (recorded with
+``pyro.deterministic``).
+
+*cost*: ``factor(−λ · N · C(ρ))`` with ``C`` the fraction of decoder parameters kept,
+counted from the real weights of every unit and only under open ancestors
+(:class:`bayesprune.sizes.UnitSizes`), at the inclusion probabilities ``ρ``: ``C`` is
+multilinear in independent gates, so this is ``E[C(z)]`` exactly (the tilt
+``exp(−λ N C(z))`` averaged over the gates, without its sampling noise). ``N`` is the
+number of predicted tokens in the corpus.
+
+*likelihood*: ``factor(−NLL(sequence | z, amplitudes))`` per sequence in a plate
+subsampled from the corpus, so the prior and the cost keep their meaning at any
+mini-batch size. A fixed-cost fit is this model with ``λ`` held fixed.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pyro
 import pyro.distributions as dist
 import torch
+from torch import nn
 
+from . import inclusion
 from .config import PriorConfig
 from .evaluate import sequence_nll
 from .gates import GatedModel
+from .splines import rising_increments
 
 
 class NonFiniteLossError(FloatingPointError):
     """The ELBO became NaN or infinite."""
 
 
+@dataclass(frozen=True)
+class Site:
+    """One latent variable: its name, event shape, support and the value the guide starts at."""
+
+    name: str
+    shape: tuple[int, ...]
+    positive: bool
+    start: torch.Tensor
+
+
 class ShrinkagePrior:
-    """Horseshoe-type prior on the inclusion logits of one unit kind; override to swap it."""
+    """The hierarchical prior over the inclusion parameters ``θ``; subclass it to change a level.
 
-    def __init__(self, config: PriorConfig):
+    :meth:`sites` says what is latent, :meth:`distribution` how each site is
+    distributed given the ones before it, so the guide and the posterior need no
+    other knowledge of the prior.
+    """
+
+    def __init__(self, config: PriorConfig, kinds: tuple[str, ...], num_layers: int, units: dict[str, int]):
         self.config = config
+        self.kinds = kinds
+        self.num_layers = num_layers
+        self.units = units
 
-    def sample_logits(self, kind: str, num_layers: int, num_units: int | None = None) -> torch.Tensor:
-        """Logits ``(layer,)``, or ``(layer, unit)`` with ``num_units``."""
+    def unit_shape(self, kind: str) -> tuple[int, ...]:
+        return (self.num_layers, self.units[kind]) if kind in self.units else (self.num_layers,)
+
+    def sites(self) -> list[Site]:
+        c, L = self.config, self.num_layers
+        free = c.control_points - 1
+        sites = []
+        for kind in self.kinds:
+            sites += [Site(f"{kind}_threshold_curve", (free,), False, rising_increments(c.control_points,
+                                                                                          c.threshold_rise)),
+                      Site(f"{kind}_global_scale", (), True, torch.tensor(c.curve_scale)),
+                      Site(f"{kind}_local_scale", (L,), True, torch.ones(L)),
+                      Site(f"{kind}_deviation", (L, free), False, torch.zeros(L, free))]
+            if c.offset_scale > 0:
+                sites.append(Site(f"{kind}_offset", self.unit_shape(kind), False, torch.zeros(self.unit_shape(kind))))
+            if kind != "block":  # a whole block's update cannot be folded into weights
+                sites += [Site(f"{kind}_log_amplitude", self.unit_shape(kind), False,
+                               torch.zeros(self.unit_shape(kind))),
+                          Site(f"{kind}_amplitude_curve", (free,), False, torch.linspace(0, 1, c.control_points)[1:])]
+        return sites
+
+    def distribution(self, site: Site, theta: inclusion.Theta) -> dist.Distribution:
+        """The prior of ``site`` given the sites drawn before it (``theta``)."""
         c = self.config
-        mean_logit = pyro.sample(f"{kind}_mean_logit", dist.Normal(c.mean_logit_loc, c.mean_logit_scale))
-        global_scale = pyro.sample(f"{kind}_global_scale", dist.HalfCauchy(torch.tensor(c.global_scale)))
-        if num_units is None:
-            with pyro.plate(f"{kind}_units", num_layers, dim=-1):
-                local_scale = pyro.sample(f"{kind}_local_scale", dist.HalfCauchy(torch.ones(())))
-                return pyro.sample(f"{kind}_logit", dist.Normal(mean_logit, global_scale * local_scale))
-        layer_scale = pyro.sample(f"{kind}_layer_scale", dist.HalfCauchy(torch.tensor(c.global_scale)))
-        with pyro.plate(f"{kind}_layers", num_layers, dim=-2):
-            layer_logit = pyro.sample(f"{kind}_layer_logit", dist.Normal(mean_logit, layer_scale))
-            with pyro.plate(f"{kind}_units", num_units, dim=-1):
-                local_scale = pyro.sample(f"{kind}_local_scale", dist.HalfCauchy(torch.ones(())))
-                return pyro.sample(f"{kind}_logit", dist.Normal(layer_logit, global_scale * local_scale))
+        kind, _, part = site.name.partition("_")
+        if part == "threshold_curve":
+            base = dist.Normal(site.start, c.shared_curve_scale)
+        elif part == "global_scale":
+            base = dist.HalfCauchy(torch.tensor(c.curve_scale))
+        elif part == "local_scale":
+            base = dist.HalfCauchy(torch.ones(site.shape))
+        elif part == "deviation":
+            scale = theta[f"{kind}_global_scale"][..., None] * theta[f"{kind}_local_scale"]
+            base = dist.Normal(torch.zeros(site.shape), scale[..., None].expand(scale.shape + site.shape[-1:]))
+        elif part == "offset":
+            base = dist.Normal(torch.zeros(site.shape), c.offset_scale)
+        elif part == "log_amplitude":
+            base = dist.Normal(torch.zeros(site.shape), c.amplitude_scale)
+        elif part == "amplitude_curve":
+            base = dist.Normal(site.start, 1.0)
+        else:
+            raise KeyError(f"no prior for site {site.name}")
+        return base.to_event(len(site.shape)) if site.shape else base
+
+    def sample(self) -> inclusion.Theta:
+        theta: inclusion.Theta = {}
+        for site in self.sites():
+            theta[site.name] = pyro.sample(site.name, self.distribution(site, theta))
+        return theta
 
 
-def kept_parameters(gates: dict[str, torch.Tensor], sizes: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Decoder parameters whose units are on, a unit counting only when its ancestors are on.
+class PruningModel(nn.Module):
+    """The Pyro model over a gated network and a fixed set of token windows: ``model(batch, cost)``."""
 
-    ``sizes`` is :meth:`GatedModel.unit_parameters` (per layer: ``other``, fixed
-    ``attn`` / ``mlp`` parts, parameters per ``head`` / ``neuron``, and the unit
-    counts ``heads`` / ``neurons``). A missing gate kind counts as always on;
-    gates may carry leading draw dimensions.
-    """
-    one = torch.ones((), dtype=torch.float64)
-    heads = gates["head"].sum(-1) if "head" in gates else sizes["heads"]
-    neurons = gates["neuron"].sum(-1) if "neuron" in gates else sizes["neurons"]
-    attn = gates.get("attn", one) * (sizes["attn"] + sizes["head"] * heads)
-    mlp = gates.get("mlp", one) * (sizes["mlp"] + sizes["neuron"] * neurons)
-    return (gates.get("block", one) * (sizes["other"] + attn + mlp)).sum(-1)
-
-
-def block_on_probability(on: dict[str, torch.Tensor], one: torch.Tensor) -> torch.Tensor:
-    """Probability that a block contributes at all, from its layer-kind inclusion probabilities.
-
-    A block is gone when its block gate is off, or when every branch gated inside it
-    is off; kinds without gates count as on. ``one`` has the shape of the result.
-    """
-    if {"attn", "mlp"} & set(on):
-        branches_off = (1 - on.get("attn", one)) * (1 - on.get("mlp", one))
-    else:
-        branches_off = torch.zeros_like(one)
-    return on.get("block", one) * (1 - branches_off)
-
-
-def kept_fraction(gates: dict[str, torch.Tensor], sizes: dict[str, torch.Tensor]) -> torch.Tensor:
-    """C(z): the fraction of decoder parameters that :func:`kept_parameters` keeps."""
-    return kept_parameters(gates, sizes) / kept_parameters({}, sizes)
-
-
-class PruningModel:
-    """The Pyro model over a gated network and a fixed set of token windows."""
-
-    def __init__(self, gated: GatedModel, sequences: torch.Tensor, prior: PriorConfig,
-                 shrinkage: ShrinkagePrior | None = None):
+    def __init__(self, gated: GatedModel, sequences: torch.Tensor, prior: ShrinkagePrior | PriorConfig,
+                 track_importance: bool = False):
+        super().__init__()
         self.gated = gated
         self.sequences = sequences
+        if isinstance(prior, PriorConfig):
+            prior = ShrinkagePrior(prior, gated.kinds, gated.num_layers, gated.values.units)
         self.prior = prior
-        self.shrinkage = shrinkage or ShrinkagePrior(prior)
         self.sizes = gated.unit_parameters()
         self.num_tokens = sequences.shape[0] * (sequences.shape[1] - 1)
+        self.track_importance = track_importance
+        self.importance = inclusion.unit_importance(gated)
 
-    def sample_gates(self) -> dict[str, torch.Tensor]:
-        gates = {}
-        for kind in self.gated.kinds:
-            logit = self.shrinkage.sample_logits(kind, self.gated.num_layers, self.gated.values.units.get(kind))
-            draw = dist.RelaxedBernoulliStraightThrough(
-                torch.tensor(self.prior.temperature), logits=logit).rsample()
-            gates[kind] = pyro.deterministic(f"{kind}_gate", draw)
-        return gates
-
-    def __call__(self, batch: torch.Tensor) -> None:
-        gates = self.sample_gates()
-        kept = kept_fraction({k: g.double() for k, g in gates.items()}, self.sizes).float()
-        pyro.factor("cost", -self.prior.cost * self.num_tokens * kept)
-        self.gated.set_gates(gates)
-        with pyro.plate("sequences", self.sequences.shape[0], subsample=batch):
+    def forward(self, batch: torch.Tensor, cost: float) -> None:
+        theta = self.prior.sample()
+        if self.track_importance:  # trained weights: a unit's weights can grow to keep it in
+            self.importance = inclusion.unit_importance(self.gated, track=True)
+        p = inclusion.probabilities(theta, self.importance, cost, self.prior.config)
+        gates = {k: pyro.deterministic(f"{k}_gate", v + (torch.bernoulli(v.detach()) - v).detach())
+                 for k, v in p.items()}
+        pyro.factor("cost", -cost * self.num_tokens * self.sizes.kept_fraction(p).float())
+        with pyro.plate("sequences", self.sequences.shape[0], subsample=batch), \
+                self.gated.gates_set(gates, inclusion.amplitudes(theta, self.importance, cost)):
             nll = sequence_nll(self.gated, self.sequences[batch])                        # (batch,)
             if not torch.isfinite(nll).all():
                 raise NonFiniteLossError(f"the network's log-likelihood is not finite on sequences "

@@ -67,6 +67,16 @@ def resolve_model(source: str | None) -> Path:
     return path
 
 
+def load_config(source: str | None = None):
+    """The model's config alone (no weights): what validation reads before anything is loaded."""
+    from transformers import AutoConfig
+
+    path = resolve_model(source)
+    if path.suffix == ".gguf":
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    return AutoConfig.from_pretrained(path)
+
+
 def load_model(source: str | None = None):
     """``(model, tokenizer)`` in float32 and eval mode."""
     path = resolve_model(source)

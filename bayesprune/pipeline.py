@@ -1,13 +1,14 @@
-"""The main job and its run directory: fit → posterior → extract → evaluate → report.
+"""The main job and its run directory: validate → fit → posterior → extract → evaluate → report.
 
 A run directory holds ``config.json`` (how it was made), ``checkpoint.safetensors``
-(resumable fit state), ``posterior.safetensors`` (the fitted posterior that extraction reads),
-``posterior.nc`` (ArviZ InferenceData; with head or neuron gates only its first
-``UNIT_LEVEL_DRAWS`` draws, to keep the file small: ``posterior.safetensors`` is the
-exact posterior), ``summary.csv`` (``az.summary`` of the per-layer variables),
-``forest.png`` (block/branch gates), ``width.png`` (head/neuron gates),
-``report.json`` and, with a target, ``extracted/`` (a Hugging Face folder with the
-tokenizer).
+(resumable fit state), ``posterior.safetensors`` (the fitted posterior that extraction
+reads: any target from one run), ``posterior.nc`` (ArviZ InferenceData over a cost
+grid; with head or neuron gates only its first ``UNIT_LEVEL_DRAWS`` draws, to keep
+the file small), ``summary.csv`` (``az.summary`` of the per-layer variables at every
+cost of the grid), ``inclusion.png`` (inclusion with intervals across the cost),
+``size_curve.png``, ``thresholds.png``, ``forest.png`` (block/branch gates) and
+``width.png`` (head/neuron gates) at the cost of the target, ``report.json`` and,
+with a target, ``extracted/`` (a Hugging Face folder with the tokenizer).
 """
 
 from __future__ import annotations
@@ -17,24 +18,40 @@ from pathlib import Path
 
 import torch
 
-from .amortised_fit import fit_amortised
 from .architectures import architecture_for_config
 from .config import WIDTH_KINDS, RunConfig
-from .cost_curve import CURVE_FILE, CostCurve, cost_grid
 from .data import load_splits, windows
 from .evaluate import model_size, perplexity
 from .fit import CHECKPOINT_FILE, fit, load_network
 from .gates import gate
 from .io import atomic_write_json, atomic_write_text, load_tensors
-from .model import block_on_probability
-from .models import load_model, resolve_model
-from .plots import plot_block_forest, plot_size_curve, plot_thresholds, plot_width
-from .posterior import POSTERIOR_FILE, GatePosterior
-from .selection import ModelTotals, Target
-from .slicing import CheckpointFiles, extract, extract_streaming, plan_for, save_extracted
+from .models import load_config, load_model, resolve_model
+from .plots import plot_block_forest, plot_inclusion_over_cost, plot_size_curve, plot_thresholds, plot_width
+from .posterior import POSTERIOR_FILE, GatePosterior, cost_grid
+from .selection import FORMS, ModelTotals, Target, TargetError
+from .slicing import CheckpointFiles, extract, extract_model, extract_streaming, save_extracted
 
 CONFIG_FILE = "config.json"
-UNIT_LEVEL_DRAWS = 100
+UNIT_LEVEL_DRAWS = 20
+SUMMARY_TARGET = "0.75"  # where a run without a target shows its ranking and widths
+
+
+def validate(config: RunConfig, target: str | None, form: str = "per-layer", multiple: int = 1) -> Target | None:
+    """Check the model family, gate kinds and target before any weights are loaded or scored."""
+    parsed = Target.parse(target) if target is not None else None
+    if form not in FORMS:
+        raise TargetError(f"unknown form {form!r}; choose one of {list(FORMS)}")
+    if multiple < 1:
+        raise TargetError(f"multiple must be >= 1, got {multiple}")
+    arch = architecture_for_config(load_config(config.model))
+    for kind in config.gate.units:
+        if kind in WIDTH_KINDS and arch.gate_site(kind) is None:
+            raise ValueError(f"{arch.family} models cannot gate {kind}s: transformers' {arch.family} modules "
+                             f"cannot hold fewer of them")
+    if parsed is not None and parsed.kind == "layers" and not set(config.gate.units) - set(WIDTH_KINDS):
+        raise TargetError(f"a block count ({parsed}) needs block, attn or mlp gates; this run gates "
+                          f"{list(config.gate.units)}")
+    return parsed
 
 
 def _prepare_run_dir(run_dir: Path, config: RunConfig) -> None:
@@ -48,23 +65,34 @@ def _prepare_run_dir(run_dir: Path, config: RunConfig) -> None:
     config.save(existing)
 
 
-def _write_plots_and_tables(run_dir: Path, posterior: GatePosterior) -> dict:
+def _write_plots_and_tables(run_dir: Path, posterior: GatePosterior, cost: float, size_rows: list[dict]) -> dict:
     import arviz as az
 
-    width = [k for k in posterior.kinds if posterior.units(k) is not None]
-    layer_kinds = [k for k in posterior.kinds if k not in width]
-    idata = posterior.to_inference_data(UNIT_LEVEL_DRAWS if width else None)
-    idata.to_netcdf(run_dir / "posterior.nc")
-    names = [f"{k}_inclusion" for k in layer_kinds] + [f"{k}_kept_fraction" for k in width]
+    width = [k for k in posterior.kinds if k in WIDTH_KINDS]
+    layer_kinds = [k for k in posterior.kinds if k not in WIDTH_KINDS]
+    idata = posterior.to_inference_data(sorted(set(posterior.default_costs()) | {cost}),
+                                        UNIT_LEVEL_DRAWS if width else None)
+    tmp = run_dir / ".posterior.nc.tmp"
+    idata.to_netcdf(str(tmp))
+    tmp.replace(run_dir / "posterior.nc")
+    names = [f"{k}_inclusion" for k in layer_kinds] + [f"{k}_kept_fraction" for k in width] + ["kept_fraction"]
     atomic_write_text(run_dir / "summary.csv", az.summary(idata, var_names=names, kind="stats").to_csv())
     files = {"posterior": str(run_dir / POSTERIOR_FILE), "inference_data": str(run_dir / "posterior.nc"),
              "summary": str(run_dir / "summary.csv")}
+    plots = {"inclusion_plot": ("inclusion.png", lambda path: plot_inclusion_over_cost(idata, path)),
+             "threshold_plot": ("thresholds.png", lambda path: plot_thresholds(posterior, path))}
+    if len(size_rows) > 1:
+        plots["size_curve_plot"] = ("size_curve.png", lambda path: plot_size_curve(size_rows, path))
     if layer_kinds:
-        plot_block_forest(idata, layer_kinds, len(posterior.layer_names), run_dir / "forest.png")
-        files["forest_plot"] = str(run_dir / "forest.png")
+        plots["forest_plot"] = ("forest.png", lambda path: plot_block_forest(
+            idata, layer_kinds, len(posterior.layer_names), cost, path))
     if width:
-        plot_width(posterior, run_dir / "width.png")
-        files["width_plot"] = str(run_dir / "width.png")
+        plots["width_plot"] = ("width.png", lambda path: plot_width(posterior, cost, path))
+    for key, (name, draw) in plots.items():
+        tmp = run_dir / f".{name}.tmp.png"
+        draw(tmp)
+        tmp.replace(run_dir / name)
+        files[key] = str(run_dir / name)
     return files
 
 
@@ -93,10 +121,10 @@ def format_widths(rows: list[dict]) -> str:
 
 def run_fit(config: RunConfig, run_dir: str | Path, target: str | None = "0.75",
             progress: bool = True, log=print, form: str = "per-layer", multiple: int = 1) -> dict:
-    """Fit the gate posterior, summarise it, and (with ``target``) extract and evaluate."""
+    """Fit the cost-conditioned gate posterior, summarise it, and (with ``target``) extract and evaluate."""
     started = time.time()
     run_dir = Path(run_dir)
-    parsed_target = Target.parse(target) if target is not None else None
+    parsed_target = validate(config, target, form, multiple)
     model, tokenizer = load_model(config.model)
     splits = load_splits(tokenizer, config.data)
     _prepare_run_dir(run_dir, config)
@@ -110,24 +138,31 @@ def run_fit(config: RunConfig, run_dir: str | Path, target: str | None = "0.75",
     log(f"dense model: test perplexity {dense['perplexity']:.3f}, {dense['parameters']:,} parameters")
 
     gated = gate(model, config.gate)
-    sequences = windows(splits["fit"], config.fit.seq_len)
-    if config.amortised is not None:
-        fitted, part, files = _fit_amortised(gated, sequences, config, run_dir, progress, log)
-    else:
-        fitted, part, files = _fit_fixed_cost(gated, sequences, config, run_dir, progress, log)
-    report = {"config": config.to_dict(), "dense": dense, **part}
+    result = fit(gated, windows(splits["fit"], config.fit.seq_len), config.fit, config.prior, config.cost,
+                 run_dir=run_dir, progress=progress)
+    posterior = result.posterior()
+    posterior.save(run_dir / POSTERIOR_FILE)
     model = gated.remove()
-    if parsed_target is not None:
+    totals = ModelTotals.of(model)
+    plan = posterior.plan(parsed_target, totals, form, multiple) if parsed_target is not None else None
+    cost = plan.cost if plan is not None else posterior.plan(SUMMARY_TARGET, totals).cost
+    costs = [posterior.fixed_cost] if posterior.fixed_cost is not None else cost_grid()
+    size_rows = posterior.size_curve(costs, totals)
+    files = _write_plots_and_tables(run_dir, posterior, cost, size_rows)
+    report = {"config": config.to_dict(), "dense": dense, **_summaries(posterior, cost, size_rows, log),
+              "loss": {"first": result.history[0] if result.history else None,
+                       "last": result.history[-10:]}}
+    if plan is not None:
         out = run_dir / "extracted"
-        small, plan = extract(model, fitted, parsed_target, form, multiple)
-        record = _record(run_dir, parsed_target, plan, fitted)
+        small = extract_model(model, plan)
+        record = _record(run_dir, parsed_target, plan, posterior)
         save_extracted(small, tokenizer, out, record, overwrite=True)
         extracted = {**evaluate(small), **record, **model_size(small, out), "path": str(out)}
         report["extracted"] = extracted
         files["extracted_model"] = str(out)
-        log(f"extracted ({parsed_target}, {form}): kept {len(plan.layers)}/{plan.num_layers} blocks, "
-            f"{plan.fraction:.3f} of decoder parameters, test perplexity {extracted['perplexity']:.3f} "
-            f"(dense {dense['perplexity']:.3f}), {extracted['parameters']:,} parameters")
+        log(f"extracted ({parsed_target}, {form}) at cost {plan.cost:.3f}: kept {len(plan.layers)}/"
+            f"{plan.num_layers} blocks, {plan.fraction:.3f} of decoder parameters, test perplexity "
+            f"{extracted['perplexity']:.3f} (dense {dense['perplexity']:.3f}), {extracted['parameters']:,} parameters")
     report["files"] = files
     report["wall_seconds"] = time.time() - started
     atomic_write_json(run_dir / "report.json", report)
@@ -136,39 +171,17 @@ def run_fit(config: RunConfig, run_dir: str | Path, target: str | None = "0.75",
     return report
 
 
-def _fit_fixed_cost(gated, sequences, config: RunConfig, run_dir: Path, progress: bool, log):
-    """One fit at ``config.prior.cost``: the posterior, its tables and plots."""
-    result = fit(gated, sequences, config.fit, config.prior, run_dir=run_dir, progress=progress)
-    posterior = result.posterior()
-    posterior.save(run_dir / POSTERIOR_FILE)
-    files = _write_plots_and_tables(run_dir, posterior)
-    rows = posterior.summary() if set(posterior.kinds) - set(WIDTH_KINDS) else []
+def _summaries(posterior: GatePosterior, cost: float, size_rows: list[dict], log) -> dict:
+    """The ranking (layer kinds) and widths (width kinds) at ``cost``, and the size curve, logged and returned."""
+    rows = posterior.summary(cost) if set(posterior.kinds) - set(WIDTH_KINDS) else []
+    width_rows = posterior.width_summary(cost)
+    log(f"posterior at cost {cost:.3f}:")
     if rows:
         log(format_ranking(rows))
-    width_rows = posterior.width_summary()
     if width_rows:
         log(format_widths(width_rows))
-    kept = posterior.kept_fraction_draws()
-    part = {"ranking": rows, "widths": width_rows,
-            "elbo_per_token": {"first": result.history[0] if result.history else None,
-                               "last": result.history[-1] if result.history else None},
-            "kept_fraction_under_posterior": {"mean": kept.mean().item(), "sd": kept.std().item()}}
-    return posterior, part, files
-
-
-def _fit_amortised(gated, sequences, config: RunConfig, run_dir: Path, progress: bool, log):
-    """One cost-amortised fit: the cost curve, the kept size at every cost, the threshold curves."""
-    result = fit_amortised(gated, sequences, config.fit, config.amortised, run_dir=run_dir, progress=progress)
-    curve = CostCurve.from_fit(result)
-    curve.save(run_dir / CURVE_FILE)
-    with gated.unwrapped() as model:
-        rows = curve.size_curve(cost_grid(), ModelTotals.of(model))
-    plot_size_curve(rows, run_dir / "size_curve.png")
-    plot_thresholds(curve, run_dir / "thresholds.png")
-    log(format_size_curve(rows))
-    files = {"cost_curve": str(run_dir / CURVE_FILE), "size_curve_plot": str(run_dir / "size_curve.png"),
-             "threshold_plot": str(run_dir / "thresholds.png")}
-    return curve, {"size_curve": rows, "history_last": result.history[-10:]}, files
+    log(format_size_curve(size_rows))
+    return {"summary_cost": cost, "ranking": rows, "widths": width_rows, "size_curve": size_rows}
 
 
 def format_size_curve(rows: list[dict]) -> str:
@@ -177,23 +190,22 @@ def format_size_curve(rows: list[dict]) -> str:
                    ("MB", ">8", lambda r: f"{r['megabytes']:.1f}")], rows)
 
 
-def _record(run_dir: Path, target: Target, plan, fitted) -> dict:
-    if isinstance(fitted, CostCurve):
-        on = {k: v for k, v in fitted.probabilities(plan.cost).items() if k not in WIDTH_KINDS}
-        keep_p = block_on_probability(on, torch.ones(plan.num_layers, dtype=torch.float64))
-    else:
-        keep_p = fitted.block_keep_probability().mean(0)
+def _record(run_dir: Path, target: Target, plan, posterior: GatePosterior) -> dict:
+    keep_p = posterior.block_keep_probability(plan.cost).mean(0)
     removed = [i for i in range(plan.num_layers) if i not in plan.kept_layers]
-    return {"source_run": str(run_dir), "target": str(target), **plan.record(),
-            "removed_layer_names": [fitted.layer_names[i] for i in removed],
+    return {"source_run": str(run_dir.resolve()), "target": str(target), **plan.record(),
+            "removed_layer_names": [posterior.layer_names[i] for i in removed],
             "removed_inclusion": [keep_p[i].item() for i in removed]}
 
 
-def load_fitted(run_dir: str | Path):
-    """What a run fitted: its :class:`CostCurve` (cost-amortised run) or :class:`GatePosterior`."""
+def load_fitted(run_dir: str | Path) -> GatePosterior:
+    """The posterior a run fitted."""
     run_dir = Path(run_dir)
-    if (run_dir / CURVE_FILE).is_file():
-        return CostCurve.load(run_dir / CURVE_FILE)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{run_dir} is not a bayesprune run directory (no {CONFIG_FILE})")
+    if not (run_dir / POSTERIOR_FILE).is_file():
+        raise FileNotFoundError(f"{run_dir} has no {POSTERIOR_FILE}: its fit has not finished "
+                                f"(rerun 'bayesprune fit' with the same settings to resume it)")
     return GatePosterior.load(run_dir / POSTERIOR_FILE)
 
 
@@ -234,8 +246,8 @@ def run_extract(run_dir: str | Path, target: str, out: str | Path, overwrite: bo
 
         source = resolve_model(config.model)
         files = CheckpointFiles(source)
-        plan = plan_for(fitted, files.totals(architecture_for_config(AutoConfig.from_pretrained(source))),
-                        parsed, form, multiple)
+        plan = fitted.plan(parsed, files.totals(architecture_for_config(AutoConfig.from_pretrained(source))),
+                           form, multiple)
         record = _record(run_dir, parsed, plan, fitted)
         extract_streaming(source, plan, out, record, overwrite)
     else:

@@ -1,16 +1,23 @@
-"""The fitted gate posterior: inclusion probabilities, rankings, summaries, InferenceData.
+"""The fitted posterior: inclusion probabilities at any cost, with intervals; sizes, rankings, plans, InferenceData.
 
-The guide is mean-field normal, so the posterior is stored exactly as one
-``Normal(loc, scale)`` per latent site in unconstrained space (scales live on the
-log scale): a few numbers per unit, even for 10⁵ neurons. Draws are generated from
-it on demand with a fixed seed, so every summary of a saved posterior is repeatable.
+The guide is mean-field normal over ``θ`` (:mod:`bayesprune.guide`), so the posterior
+is stored exactly as one ``Normal(loc, scale)`` per site in unconstrained space, with
+the units' importance and sizes. Draws of ``θ`` are generated from it on demand
+with a fixed seed, so every summary of a saved posterior is repeatable, and every
+read-out is a function of the cost: one fit answers for every size.
 
 Two different uncertainties are reported and kept apart:
 
-* ``{kind}_inclusion`` is the probability that a unit's gate is on, ``σ(logit)``;
-  its mean is the *posterior inclusion probability*.
-* the spread of ``σ(logit)`` over posterior draws (credible interval) is the
+* ``{kind}_inclusion`` is the probability ``ρ_u(λ)`` that a unit's gate is on at cost
+  ``λ``; its posterior mean is the *posterior inclusion probability*.
+* the spread of ``ρ_u(λ)`` over draws of ``θ`` (its credible interval) is the
   uncertainty *about* that probability.
+
+A target size is met in two steps: solve for the cost whose expected kept size is
+the target (a fixed-cost fit keeps its cost), then rank the units by their posterior
+inclusion probability *at that cost* and keep the most probable until the target is
+filled exactly (:func:`bayesprune.selection.choose_by_probability`); the posterior
+mean amplitudes at that cost are folded into the kept weights.
 """
 
 from __future__ import annotations
@@ -20,162 +27,203 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.distributions import biject_to
 
-from .config import WIDTH_KINDS
+from . import inclusion
+from .config import WIDTH_KINDS, PriorConfig
 from .io import load_tensors, save_tensors
-from .model import block_on_probability, kept_fraction
+from .model import ShrinkagePrior
+from .selection import ExtractionPlan, ModelTotals, Target, TargetError, choose_by_probability
+from .sizes import UnitSizes
 
 POSTERIOR_FILE = "posterior.safetensors"
-_QUADRATURE_NODES = 32
+_MAX_POSITION = 1 - 1e-6  # t = λ / (1 + λ) of the largest cost the solver tries (λ ≈ 10⁶)
+
+
+def cost_grid(count: int = 25, largest: float = 20.0) -> list[float]:
+    """Costs evenly spaced on the curves' axis ``λ / (1 + λ)`` from 0 to ``largest``."""
+    top = largest / (1 + largest)
+    return [t / (1 - t) for t in (top * i / (count - 1) for i in range(count))]
 
 
 @dataclass
 class GatePosterior:
-    """Mean-field posterior of every latent site of the gate model, with unit names and sizes."""
+    """Mean-field posterior of the inclusion parameters, with the units' names, importance and sizes."""
 
+    prior: PriorConfig
     kinds: tuple[str, ...]
     layer_names: list[str]
+    units: dict[str, int]
+    importance: dict[str, torch.Tensor]
+    sizes: UnitSizes
     locs: dict[str, torch.Tensor]
     scales: dict[str, torch.Tensor]
-    positive: frozenset[str]
-    sizes: dict[str, torch.Tensor]
-    num_draws: int = 1000
+    fixed_cost: float | None = None
+    num_draws: int = 100
     seed: int = 0
-    _draws: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
+    _theta: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
-    def from_guide(cls, guide, model, num_draws: int = 1000, seed: int = 0) -> "GatePosterior":
-        """Read the loc and scale of each site of an ``AutoNormal`` guide."""
-        locs, scales, positive = {}, {}, set()
-        for name, site in guide.prototype_trace.iter_stochastic_nodes():
-            loc, scale = guide._get_loc_and_scale(name)
-            locs[name], scales[name] = loc.detach().clone(), scale.detach().clone()
-            probe = torch.tensor([0.0, 1.0])
-            value = biject_to(site["fn"].support)(probe)
-            if torch.allclose(value, probe.exp()):
-                positive.add(name)
-            elif not torch.allclose(value, probe):
-                raise ValueError(f"site {name} has support {site['fn'].support}; "
-                                 f"only real and positive sites are stored")
-        return cls(model.gated.kinds, list(model.gated.layer_names), locs, scales, frozenset(positive),
-                   model.sizes, num_draws, seed)
+    def from_guide(cls, guide, model, fixed_cost: float | None = None, num_draws: int = 100,
+                   seed: int = 0) -> "GatePosterior":
+        """Read the loc and scale of every site of a :class:`~bayesprune.guide.CostConditionedGuide`."""
+        locs, scales = {}, {}
+        for site in guide.sites:
+            loc, scale = guide.loc_and_scale(site)
+            locs[site.name], scales[site.name] = loc.detach().clone(), scale.detach().clone()
+        gated = model.gated
+        return cls(model.prior.config, tuple(gated.kinds), list(gated.layer_names), dict(gated.values.units),
+                   {k: v.detach().clone() for k, v in model.importance.items()}, model.sizes, locs, scales,
+                   fixed_cost, num_draws, seed)
 
-    def units(self, kind: str) -> int | None:
-        """Units per layer of a width kind; ``None`` for block, attn and mlp."""
-        shape = self.locs[f"{kind}_logit"].shape
-        return shape[-1] if len(shape) == 2 else None
+    # -- draws -----------------------------------------------------------------------------------------
 
-    def draws(self, name: str) -> torch.Tensor:
-        """``(draw, ...)`` samples of one site, the same ones every time."""
-        if name not in self._draws:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + sorted(self.locs).index(name))
-            loc, scale = self.locs[name], self.scales[name]
-            eps = torch.randn((self.num_draws,) + loc.shape, generator=generator)
-            value = loc + scale * eps
-            self._draws[name] = value.exp() if name in self.positive else value
-        return self._draws[name]
+    @property
+    def sites(self):
+        return ShrinkagePrior(self.prior, self.kinds, len(self.layer_names), self.units).sites()
 
-    def inclusion(self, kind: str) -> torch.Tensor:
-        """``σ(logit)`` per draw, ``(draw, layer)`` or ``(draw, layer, unit)``."""
-        return torch.sigmoid(self.draws(f"{kind}_logit"))
+    def theta(self) -> inclusion.Theta:
+        """``(draw, ...)`` samples of every site, the same ones every time."""
+        if not self._theta:
+            for index, site in enumerate(self.sites):
+                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+                loc, scale = self.locs[site.name], self.scales[site.name]
+                value = loc + scale * torch.randn((self.num_draws,) + loc.shape, generator=generator)
+                self._theta[site.name] = value.exp() if site.positive else value
+        return self._theta
 
-    def inclusion_mean(self, kind: str) -> torch.Tensor:
-        """Posterior inclusion probability ``E[σ(logit)]`` of each unit of ``kind``.
+    def _cost(self, cost: float | None) -> float:
+        if cost is None:
+            if self.fixed_cost is None:
+                raise ValueError("this posterior answers for every cost: say which one (cost=…)")
+            return self.fixed_cost
+        inclusion.cost_position(cost)  # refuses negative and non-finite costs
+        return float(cost)
 
-        Computed by Gauss–Hermite quadrature over the normal posterior of the logit
-        (exact to ~1e-9, and no draws held in memory for 10⁵ units).
+    @torch.no_grad()
+    def inclusion(self, cost: float | None = None) -> dict[str, torch.Tensor]:
+        """``ρ(λ)`` per draw of ``θ``: ``(draw, layer)`` or ``(draw, layer, unit)`` per kind."""
+        return inclusion.probabilities(self.theta(), self.importance, self._cost(cost), self.prior)
+
+    def inclusion_mean(self, cost: float | None = None) -> dict[str, torch.Tensor]:
+        """Posterior inclusion probability of every unit at ``cost``."""
+        return {k: v.double().mean(0) for k, v in self.inclusion(cost).items()}
+
+    @torch.no_grad()
+    def amplitudes(self, cost: float | None = None) -> dict[str, torch.Tensor]:
+        """Posterior mean output amplitude of every unit at ``cost`` (folded into the weights on extraction)."""
+        values = inclusion.amplitudes(self.theta(), self.importance, self._cost(cost))
+        return {k: v.mean(0) for k, v in values.items()}
+
+    @torch.no_grad()
+    def thresholds(self, kind: str, cost: float | None = None) -> torch.Tensor:
+        """Each layer's threshold for ``kind`` per draw, ``(draw, layer)``."""
+        return inclusion.thresholds(self.theta(), kind, self._cost(cost), self.prior)
+
+    # -- sizes -----------------------------------------------------------------------------------------
+
+    def fraction_under_draws(self, cost: float | None = None, measure: UnitSizes | None = None) -> torch.Tensor:
+        """Expected kept fraction of decoder parameters (or of ``measure``) for each draw of ``θ``."""
+        return (measure or self.sizes).kept_fraction(self.inclusion(cost))
+
+    def expected_fraction(self, cost: float | None = None, measure: UnitSizes | None = None) -> float:
+        """Posterior expected fraction of decoder parameters (or of ``measure``) kept by hard gates at ``cost``."""
+        return float(self.fraction_under_draws(cost, measure).mean())
+
+    def fraction_draws(self, cost: float | None = None, seed: int = 0) -> torch.Tensor:
+        """Kept fractions of hard gate draws, one per draw of ``θ``: both uncertainties at once."""
+        generator = torch.Generator().manual_seed(seed)
+        gates = {k: torch.bernoulli(v.double(), generator=generator) for k, v in self.inclusion(cost).items()}
+        return self.sizes.kept_fraction(gates)
+
+    def expected_blocks(self, cost: float | None = None) -> float:
+        """Posterior expected number of blocks that contribute at ``cost``."""
+        return float(self.block_keep_probability(cost).sum(-1).mean())
+
+    def size_curve(self, costs, totals: ModelTotals) -> list[dict]:
+        """Per cost: expected kept fraction, its spread over draws, parameters and MB (10⁶ bytes)."""
+        decoder = self.sizes.decoder_parameters
+        rows = []
+        for cost in costs:
+            draws = self.fraction_draws(float(cost))
+            mean = self.expected_fraction(float(cost))
+            parameters = mean * decoder + totals.outside_parameters
+            rows.append({"cost": float(cost), "fraction": mean, "fraction_sd": float(draws.std()),
+                         "fraction_5%": float(draws.quantile(0.05)), "fraction_95%": float(draws.quantile(0.95)),
+                         "parameters": parameters, "megabytes": parameters * totals.bytes_per_parameter / 1e6})
+        return rows
+
+    def solve(self, target: Target | str | float, totals: ModelTotals, tolerance: float = 1e-4) -> float:
+        """The cost whose posterior expected kept size equals ``target`` (bisection over ``λ / (1 + λ)``)."""
+        target = target if isinstance(target, Target) else Target.parse(target)
+        if target.kind == "layers":
+            if not set(self.kinds) - set(WIDTH_KINDS):
+                raise TargetError(f"a block count needs block, attn or mlp gates; this run gates {list(self.kinds)}")
+            size, wanted = self.expected_blocks, target.value
+        else:
+            measure = self.sizes.flops() if target.kind == "flops" else self.sizes
+            wanted = totals.decoder_fraction(target, self.sizes)
+
+            def size(cost):
+                return self.expected_fraction(cost, measure)
+        low, high = 0.0, _MAX_POSITION
+        if size(high / (1 - high)) > wanted:
+            return high / (1 - high)  # the largest cost still keeps more: the chooser fills to the target
+        while high - low > tolerance:
+            middle = (low + high) / 2
+            if size(middle / (1 - middle)) > wanted:
+                low = middle
+            else:
+                high = middle
+        return high / (1 - high)
+
+    def plan(self, target: Target | str | float, totals: ModelTotals, form: str = "per-layer",
+             multiple: int = 1) -> ExtractionPlan:
+        """The sub-network for ``target``: units ranked by posterior inclusion at the solved (or fixed) cost.
+
+        The plan carries the posterior mean amplitudes at that cost, so the extracted
+        model is the hard-gated network the posterior describes at that cost.
         """
-        nodes, weights = np.polynomial.hermite.hermgauss(_QUADRATURE_NODES)
-        loc, scale = self.locs[f"{kind}_logit"].double(), self.scales[f"{kind}_logit"].double()
-        total = torch.zeros_like(loc)
-        for x, w in zip(nodes, weights):
-            total += w * torch.sigmoid(loc + scale * (2 ** 0.5 * x))
-        return (total / np.pi ** 0.5).float()
+        target = target if isinstance(target, Target) else Target.parse(target)
+        cost = self.fixed_cost if self.fixed_cost is not None else self.solve(target, totals)
+        p = self.inclusion_mean(cost)
+        layer = {k: v for k, v in p.items() if k not in WIDTH_KINDS}
+        units = {k: v for k, v in p.items() if k in WIDTH_KINDS}
+        keep = self.block_keep_probability(cost).double().mean(0)
+        plan = choose_by_probability(self.sizes, totals, layer, units, keep, target, form, multiple)
+        plan.cost = cost
+        return plan.fold(self.amplitudes(cost))
 
-    def block_keep_probability(self) -> torch.Tensor:
+    # -- blocks ----------------------------------------------------------------------------------------
+
+    def block_keep_probability(self, cost: float | None = None) -> torch.Tensor:
         """Per draw, the probability that a block contributes at all, ``(draw, layer)``.
 
-        A block is gone when its block gate is off, or when every branch gated
-        inside it is off; kinds without gates count as on (width gates are not
-        counted: a block keeps its most likely head and neuron).
+        A block is gone when its block gate is off, or when every branch gated inside
+        it is off; kinds without gates count as on (width gates are not counted: a
+        block keeps its most likely head and neuron).
         """
-        on = {k: self.inclusion(k) for k in self.kinds if k not in WIDTH_KINDS}
-        return block_on_probability(on, torch.ones(self.num_draws, len(self.layer_names)))
+        on = {k: v for k, v in self.inclusion(cost).items() if k not in WIDTH_KINDS}
+        return inclusion.block_on_probability(on, torch.ones(self.num_draws, len(self.layer_names)))
 
-    def ranking(self) -> list[int]:
-        """Layer indices from most to least likely to be kept (posterior means)."""
-        return torch.argsort(self.block_keep_probability().mean(0), descending=True, stable=True).tolist()
+    def removal_probability(self, cost: float | None = None) -> torch.Tensor:
+        """``P[l, k]``: posterior probability that block ``l`` is among the ``k`` removed first at ``cost``.
 
-    def removal_probability(self) -> torch.Tensor:
-        """``P[l, k]``: posterior probability that block ``l`` is among the ``k`` removed first.
-
-        Over draws, blocks are ordered by their keep probability in that draw;
-        ``k`` runs from 0 to the number of layers.
+        Over draws of ``θ``, blocks are ordered by their keep probability in that
+        draw; ``k`` runs from 0 to the number of layers.
         """
-        keep = self.block_keep_probability()                                   # (draw, layer)
+        keep = self.block_keep_probability(cost)                              # (draw, layer)
         ranks = torch.argsort(torch.argsort(keep, dim=1, stable=True), dim=1)  # 0 = removed first
         k = torch.arange(keep.shape[1] + 1)
         return (ranks[:, :, None] < k).float().mean(0)                        # (layer, k)
 
-    def kept_fraction_draws(self, seed: int = 0, chunk: int = 100) -> torch.Tensor:
-        """Fraction of decoder parameters kept by hard gate draws, one per posterior draw."""
-        generator = torch.Generator().manual_seed(seed)
-        parts = []
-        for start in range(0, self.num_draws, chunk):
-            gates = {k: torch.bernoulli(self.inclusion(k)[start:start + chunk], generator=generator).double()
-                     for k in self.kinds}
-            parts.append(kept_fraction(gates, self.sizes))
-        return torch.cat(parts)
-
-    def layer_kept_fraction(self, kind: str) -> torch.Tensor:
-        """Expected fraction of a layer's heads or neurons kept, per draw, ``(draw, layer)``."""
-        return self.inclusion(kind).mean(-1)
-
-    def to_inference_data(self, num_draws: int | None = None):
-        """ArviZ ``InferenceData``: one chain, dims named after structure, real module names.
-
-        Width kinds carry ``(layer, head)`` / ``(layer, neuron)`` logits and
-        inclusion probabilities (their per-unit local scales are left out: use
-        :attr:`locs` / :attr:`scales`); ``num_draws`` keeps only the first draws.
-        """
+    def summary(self, cost: float | None = None) -> list[dict]:
+        """Per block at ``cost``: inclusion mean, 94 % HDI, rank and probability of removal at its rank."""
         import arviz as az
 
-        n = num_draws or self.num_draws
-
-        def values(tensor):
-            return tensor[:n].numpy()[None]
-
-        posterior, dims, coords = {}, {}, {"layer": self.layer_names}
-        for kind in self.kinds:
-            units = self.units(kind)
-            unit_dims = ["layer"] if units is None else ["layer", kind]
-            if units is not None:
-                coords[kind] = np.arange(units)
-                posterior[f"{kind}_layer_logit"] = values(self.draws(f"{kind}_layer_logit")[..., 0])
-                posterior[f"{kind}_kept_fraction"] = values(self.layer_kept_fraction(kind))
-                dims[f"{kind}_layer_logit"] = dims[f"{kind}_kept_fraction"] = ["layer"]
-                posterior[f"{kind}_layer_scale"] = values(self.draws(f"{kind}_layer_scale"))
-            else:
-                posterior[f"{kind}_local_scale"] = values(self.draws(f"{kind}_local_scale"))
-                dims[f"{kind}_local_scale"] = unit_dims
-            posterior[f"{kind}_logit"] = values(self.draws(f"{kind}_logit"))
-            posterior[f"{kind}_inclusion"] = values(self.inclusion(kind))
-            dims[f"{kind}_logit"] = dims[f"{kind}_inclusion"] = unit_dims
-            for name in ("mean_logit", "global_scale"):
-                posterior[f"{kind}_{name}"] = values(self.draws(f"{kind}_{name}"))
-        posterior["kept_fraction"] = values(self.kept_fraction_draws())
-        return az.from_dict(posterior=posterior, dims=dims, coords=coords,
-                            attrs={"inference_library": "pyro", "method": "SVI (bayesprune)"})
-
-    def summary(self) -> list[dict]:
-        """Per block: inclusion mean, 94 % HDI, rank and probability of removal at its rank."""
-        import arviz as az
-
-        keep = self.block_keep_probability().numpy()
+        keep = self.block_keep_probability(cost).numpy()
         mean = keep.mean(0)
         hdi = az.hdi(keep[None], hdi_prob=0.94)  # (layer, 2)
-        removal = self.removal_probability()
+        removal = self.removal_probability(cost)
         order = np.argsort(-mean, kind="stable")
         rows = []
         for rank, layer in enumerate(order, 1):
@@ -185,30 +233,80 @@ class GatePosterior:
                          "p_removed_if_k": float(removal[layer, k_removed]), "k": k_removed})
         return rows
 
-    def width_summary(self) -> list[dict]:
-        """Per layer and width kind: expected fraction of units kept, 94 % HDI, units above 1/2."""
+    def width_summary(self, cost: float | None = None) -> list[dict]:
+        """Per layer and width kind at ``cost``: expected fraction of units kept, 94 % HDI, units above 1/2."""
         import arviz as az
 
         rows = []
+        p = self.inclusion(cost)
         for kind in self.kinds:
-            if self.units(kind) is None:
+            if kind not in WIDTH_KINDS:
                 continue
-            fraction = self.layer_kept_fraction(kind).numpy()
+            fraction = p[kind].mean(-1).numpy()
             hdi = az.hdi(fraction[None], hdi_prob=0.94)
-            likely = (self.inclusion_mean(kind) > 0.5).sum(-1)
+            likely = (p[kind].double().mean(0) > 0.5).sum(-1)
             for layer, name in enumerate(self.layer_names):
                 rows.append({"kind": kind, "layer": name, "kept_fraction": float(fraction[:, layer].mean()),
                              "hdi_3%": float(hdi[layer, 0]), "hdi_97%": float(hdi[layer, 1]),
-                             "units_above_half": int(likely[layer]), "units": self.units(kind)})
+                             "units_above_half": int(likely[layer]), "units": self.units[kind]})
         return rows
+
+    # -- ArviZ -----------------------------------------------------------------------------------------
+
+    def default_costs(self) -> list[float]:
+        return [self.fixed_cost] if self.fixed_cost is not None else cost_grid(9, 5.0)
+
+    def to_inference_data(self, costs=None, num_draws: int | None = None):
+        """ArviZ ``InferenceData`` over a cost grid: one chain, dims named after structure, real module names.
+
+        ``{kind}_inclusion`` has dims ``(cost, layer)`` or ``(cost, layer, head|neuron)``;
+        ``{kind}_kept_fraction`` (width kinds) and ``{kind}_threshold`` ``(cost, layer)``;
+        ``kept_fraction`` ``(cost,)`` is the expected fraction of decoder parameters
+        kept; the prior's scales are there too. ``num_draws`` keeps only the first draws.
+        """
+        import arviz as az
+
+        costs = [float(c) for c in (costs if costs is not None else self.default_costs())]
+        n = num_draws or self.num_draws
+        theta = {name: value[:n] for name, value in self.theta().items()}
+        posterior, dims = {}, {}
+        coords = {"cost": costs, "layer": self.layer_names, **{k: np.arange(u) for k, u in self.units.items()}}
+        per_cost: dict[str, list] = {}
+        with torch.no_grad():
+            for cost in costs:
+                p = inclusion.probabilities(theta, self.importance, cost, self.prior)
+                for kind, value in p.items():
+                    per_cost.setdefault(f"{kind}_inclusion", []).append(value)
+                    if kind in WIDTH_KINDS:
+                        per_cost.setdefault(f"{kind}_kept_fraction", []).append(value.mean(-1))
+                    per_cost.setdefault(f"{kind}_threshold", []).append(
+                        inclusion.thresholds(theta, kind, cost, self.prior))
+                per_cost.setdefault("kept_fraction", []).append(self.sizes.kept_fraction(p))
+        for name, values in per_cost.items():
+            posterior[name] = torch.stack(values, 1).float().numpy()[None]           # (chain, draw, cost, …)
+            kind = name.split("_", 1)[0]
+            dims[name] = (["cost"] if name == "kept_fraction" else
+                          ["cost", "layer", kind] if name == f"{kind}_inclusion" and kind in WIDTH_KINDS else
+                          ["cost", "layer"])
+        for kind in self.kinds:
+            posterior[f"{kind}_global_scale"] = theta[f"{kind}_global_scale"].numpy()[None]
+            posterior[f"{kind}_local_scale"] = theta[f"{kind}_local_scale"].numpy()[None]
+            dims[f"{kind}_local_scale"] = ["layer"]
+        return az.from_dict(posterior=posterior, dims=dims, coords=coords,
+                            attrs={"inference_library": "pyro", "method": "SVI, cost-conditioned guide (bayesprune)",
+                                   "fixed_cost": "none" if self.fixed_cost is None else self.fixed_cost})
+
+    # -- files -----------------------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> None:
         tensors = {f"loc.{k}": v for k, v in self.locs.items()}
         tensors |= {f"scale.{k}": v for k, v in self.scales.items()}
-        tensors |= {f"sizes.{k}": v for k, v in self.sizes.items()}
-        save_tensors(path, tensors, {"kinds": list(self.kinds), "layer_names": self.layer_names,
-                                     "positive": sorted(self.positive), "num_draws": self.num_draws,
-                                     "seed": self.seed})
+        tensors |= {f"importance.{k}": v for k, v in self.importance.items()}
+        tensors |= self.sizes.to_tensors()
+        save_tensors(path, tensors, {"format": "bayesprune cost-conditioned posterior", "kinds": list(self.kinds),
+                                     "layer_names": self.layer_names, "units": self.units,
+                                     "prior": self.prior.to_dict(), "fixed_cost": self.fixed_cost,
+                                     "num_draws": self.num_draws, "seed": self.seed})
 
     @classmethod
     def load(cls, path: str | Path) -> "GatePosterior":
@@ -218,13 +316,21 @@ class GatePosterior:
             return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
 
         try:
-            posterior = cls(tuple(meta["kinds"]), list(meta["layer_names"]), part("loc."), part("scale."),
-                            frozenset(meta["positive"]), part("sizes."), int(meta["num_draws"]), int(meta["seed"]))
-            for kind in posterior.kinds:
-                if posterior.locs[f"{kind}_logit"].shape[0] != len(posterior.layer_names):
-                    raise ValueError("logits do not match the layer names")
-                if posterior.scales[f"{kind}_logit"].shape != posterior.locs[f"{kind}_logit"].shape:
-                    raise ValueError("locs and scales differ in shape")
-        except (KeyError, ValueError, TypeError) as err:
+            if meta.get("format") != "bayesprune cost-conditioned posterior":
+                raise ValueError("no cost-conditioned posterior format marker")
+            fixed = meta["fixed_cost"]
+            posterior = cls(PriorConfig.from_dict(meta["prior"]), tuple(meta["kinds"]), list(meta["layer_names"]),
+                            {k: int(v) for k, v in meta["units"].items()}, part("importance."),
+                            UnitSizes.from_tensors(tensors), part("loc."), part("scale."),
+                            None if fixed is None else float(fixed), int(meta["num_draws"]), int(meta["seed"]))
+            for site in posterior.sites:
+                loc, scale = posterior.locs[site.name], posterior.scales[site.name]
+                if tuple(loc.shape) != site.shape or tuple(scale.shape) != site.shape:
+                    raise ValueError(f"site {site.name} has shape {tuple(loc.shape)}, the prior expects {site.shape}")
+                if not (torch.isfinite(loc).all() and torch.isfinite(scale).all() and (scale > 0).all()):
+                    raise ValueError(f"site {site.name} holds non-finite values or non-positive scales")
+            if posterior.sizes.num_layers != len(posterior.layer_names):
+                raise ValueError("the unit sizes do not match the layer names")
+        except (KeyError, ValueError, TypeError, RuntimeError) as err:
             raise ValueError(f"{path} is not a bayesprune posterior ({err})") from err
         return posterior

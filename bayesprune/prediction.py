@@ -1,6 +1,6 @@
 """Quality before extracting: held-out loss of sub-networks sampled at a cost, and their ensembles.
 
-At a cost ``λ`` the amortised guide is a distribution over sub-networks. Drawing
+At a cost ``λ`` the posterior is a distribution over sub-networks. Drawing
 ``S`` of them (hard gates from the inclusion probabilities, amplitudes at ``λ``) and
 scoring each on a small validation budget gives a predicted held-out loss with a
 band: the spread over sub-networks, widened by the sampling error of the budget
@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .cost_curve import CostCurve
 from .data import batches
 from .gates import GatedModel
-from .model import kept_fraction
+from .posterior import GatePosterior
 
 
 def _token_log_probs(gated: GatedModel, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -32,27 +31,30 @@ def _token_log_probs(gated: GatedModel, windows: torch.Tensor, batch_size: int) 
     return torch.cat(parts)
 
 
-def _draw(curve: CostCurve, cost: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    return {k: torch.bernoulli(p, generator=generator).float() for k, p in curve.probabilities(cost).items()}
+def _draw(posterior: GatePosterior, cost: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Hard gates of one sub-network: a draw of ``θ``, then the gates given it."""
+    index = int(torch.randint(posterior.num_draws, (), generator=generator))
+    return {k: torch.bernoulli(p[index].double(), generator=generator).float()
+            for k, p in posterior.inclusion(cost).items()}
 
 
 @torch.no_grad()
-def sampled_log_probs(gated: GatedModel, curve: CostCurve, windows: torch.Tensor, cost: float,
+def sampled_log_probs(gated: GatedModel, posterior: GatePosterior, windows: torch.Tensor, cost: float,
                       num_masks: int = 8, seed: int = 0, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Token log-probabilities under ``num_masks`` sub-networks drawn at ``cost``, ``(mask, window, token)``,
     and each sub-network's kept fraction of decoder parameters."""
     generator = torch.Generator().manual_seed(seed)
-    amplitudes = curve.amplitudes(cost)
+    amplitudes = posterior.amplitudes(cost)
     log_probs, fractions = [], []
     for _ in range(num_masks):
-        gates = _draw(curve, cost, generator)
+        gates = _draw(posterior, cost, generator)
         with gated.gates_set(gates, amplitudes):
             log_probs.append(_token_log_probs(gated, windows, batch_size))
-        fractions.append(float(kept_fraction({k: g.double() for k, g in gates.items()}, curve.sizes)))
+        fractions.append(float(posterior.sizes.kept_fraction(gates)))
     return torch.stack(log_probs), torch.tensor(fractions, dtype=torch.float64)
 
 
-def predicted_quality(gated: GatedModel, curve: CostCurve, windows: torch.Tensor, costs, num_masks: int = 8,
+def predicted_quality(gated: GatedModel, posterior: GatePosterior, windows: torch.Tensor, costs, num_masks: int = 8,
                       bootstrap: int = 200, level: float = 0.9, seed: int = 0, progress: bool = True) -> list[dict]:
     """Per cost: predicted perplexity (mean over sampled sub-networks) and a ``level`` band.
 
@@ -63,7 +65,7 @@ def predicted_quality(gated: GatedModel, curve: CostCurve, windows: torch.Tensor
     generator = torch.Generator().manual_seed(seed + 1)
     rows = []
     for cost in tqdm(costs, desc="predicting", disable=not progress):
-        log_probs, fractions = sampled_log_probs(gated, curve, windows, float(cost), num_masks, seed)
+        log_probs, fractions = sampled_log_probs(gated, posterior, windows, float(cost), num_masks, seed)
         per_window = -log_probs.mean(-1)                                      # (mask, window) NLL
         low, high = _band(per_window, bootstrap, level, generator)
         nll = per_window.mean().item()
@@ -101,11 +103,11 @@ def plan_quality(gated: GatedModel, plan, amplitudes: dict[str, torch.Tensor], w
 
 
 @torch.no_grad()
-def ensemble_nll(gated: GatedModel, curve: CostCurve, windows: torch.Tensor, cost: float, num_masks: int = 4,
+def ensemble_nll(gated: GatedModel, posterior: GatePosterior, windows: torch.Tensor, cost: float, num_masks: int = 4,
                  seed: int = 0) -> dict:
     """NLL per token of the posterior-predictive ensemble of ``num_masks`` sub-networks at ``cost``,
     next to its members' NLLs."""
-    log_probs, fractions = sampled_log_probs(gated, curve, windows, cost, num_masks, seed)
+    log_probs, fractions = sampled_log_probs(gated, posterior, windows, cost, num_masks, seed)
     mixture = torch.logsumexp(log_probs, 0) - math.log(num_masks)
     members = (-log_probs.mean((1, 2))).tolist()
     return {"cost": cost, "masks": num_masks, "ensemble_nll": -mixture.mean().item(),

@@ -3,7 +3,9 @@
 Targets: ``"12layers"`` (blocks kept, full width), ``0.5`` or ``"50%"`` (fraction
 of decoder parameters kept), ``"80M"`` / ``"1.2B"`` / ``"80000000"`` (parameters
 of the whole model), ``"300MB"`` (weight bytes, MB = 10⁶ bytes, at the model's
-dtype). The largest sub-network that does not exceed the target is chosen.
+dtype), ``"40%flops"`` / ``"0.4flops"`` (fraction of the decoder's forward FLOPs per
+token at a context of :data:`~bayesprune.sizes.FLOP_CONTEXT` tokens). The largest
+sub-network that does not exceed the target is chosen.
 
 Units are kept in order of posterior inclusion probability, a unit counting with
 its ancestors (``p`` of a neuron = P(block) · P(mlp) · P(neuron)); opening a block
@@ -35,7 +37,7 @@ import torch
 
 from .architectures import count_bytes, count_parameters, decoder_layers
 from .config import WIDTH_KINDS
-from .posterior import GatePosterior
+from .sizes import UnitSizes
 
 FORMS = ("per-layer", "uniform")
 
@@ -46,7 +48,7 @@ class TargetError(ValueError):
 
 @dataclass(frozen=True)
 class Target:
-    kind: str  # "layers", "fraction", "parameters" or "bytes"
+    kind: str  # "layers", "fraction", "flops" (a fraction of decoder FLOPs), "parameters" or "bytes"
     value: float
 
     @classmethod
@@ -55,6 +57,10 @@ class Target:
         scale = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "B": 1e9}
         if m := re.fullmatch(r"(\d+)(LAYERS?|BLOCKS?)", s):
             target = cls("layers", int(m[1]))
+        elif m := re.fullmatch(r"(\d+(?:\.\d+)?)%FLOPS?", s):
+            target = cls("flops", float(m[1]) / 100)
+        elif m := re.fullmatch(r"(0*\.\d+|0|1(?:\.0*)?)FLOPS?", s):
+            target = cls("flops", float(m[1]))
         elif m := re.fullmatch(r"(\d+(?:\.\d+)?)%", s):
             target = cls("fraction", float(m[1]) / 100)
         elif m := re.fullmatch(r"(\d+(?:\.\d+)?)([KMG])B", s):
@@ -66,16 +72,17 @@ class Target:
         else:
             raise TargetError(
                 f"cannot read target {text!r}: use a fraction (0.5 or 50%), blocks (12layers), "
-                f"parameters (80M, 1.2B) or a size (300MB)")
+                f"parameters (80M, 1.2B), a size (300MB) or a FLOP fraction (40%flops)")
         if target.value <= 0:
             raise TargetError(f"target {text!r} keeps nothing")
-        if target.kind == "fraction" and target.value > 1:
+        if target.kind in ("fraction", "flops") and target.value > 1:
             raise TargetError(f"target {text!r} is more than the whole model")
         return target
 
     def __str__(self) -> str:
         return {"layers": f"{int(self.value)} layers", "fraction": f"{self.value:.4g} of decoder parameters",
-                "parameters": f"{self.value:,.0f} parameters", "bytes": f"{self.value / 1e6:,.1f} MB"}[self.kind]
+                "parameters": f"{self.value:,.0f} parameters", "bytes": f"{self.value / 1e6:,.1f} MB",
+                "flops": f"{self.value:.4g} of decoder FLOPs"}[self.kind]
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,21 @@ class ModelTotals:
     def of(cls, model) -> "ModelTotals":
         blocks = sum(count_parameters(b) for b in decoder_layers(model))
         return cls(count_parameters(model) - blocks, count_bytes(model) / count_parameters(model))
+
+    def decoder_fraction(self, target: Target, sizes: UnitSizes) -> float:
+        """The fraction of decoder parameters (of decoder FLOPs for a FLOP target) ``target`` asks for."""
+        decoder = sizes.decoder_parameters
+        wanted = {"fraction": lambda v: v, "flops": lambda v: v,
+                  "parameters": lambda v: (v - self.outside_parameters) / decoder,
+                  "bytes": lambda v: (v / self.bytes_per_parameter - self.outside_parameters) / decoder,
+                  }[target.kind](target.value)
+        if wanted <= 0:
+            raise TargetError(f"target {target} leaves nothing for the decoder blocks "
+                              f"({self.outside_parameters:,} parameters sit outside them)")
+        if wanted > 1 + 1e-9:
+            raise TargetError(f"target {target} is more than the whole model "
+                              f"({decoder + self.outside_parameters:,.0f} parameters)")
+        return wanted
 
 
 @dataclass
@@ -123,7 +145,8 @@ class ExtractionPlan:
     bytes: float = 0.0
     fraction: float = 1.0
     log_probability: float = 0.0
-    cost: float | None = None  # the cost a cost-amortised fit was read at
+    flop_fraction: float = 1.0  # of decoder FLOPs per token (sizes.FLOP_CONTEXT tokens of context)
+    cost: float | None = None  # the cost the posterior was read at
 
     @property
     def kept_layers(self) -> list[int]:
@@ -173,6 +196,7 @@ class ExtractionPlan:
                             "attn": l.attn, "mlp": l.mlp} for l in self.layers],
                 "decoder_parameters": self.decoder_parameters, "parameters": self.parameters,
                 "bytes": self.bytes, "fraction_of_decoder": self.fraction,
+                "flop_fraction_of_decoder": self.flop_fraction,
                 "log_probability": self.log_probability, "cost": self.cost,
                 "amplitudes_folded": any(l.head_amplitudes is not None or l.neuron_amplitudes is not None
                                          or l.attn_amplitude != 1 or l.mlp_amplitude != 1 for l in self.layers)}
@@ -183,62 +207,49 @@ def _log(p: torch.Tensor) -> torch.Tensor:
 
 
 class _Scorer:
-    """Inclusion probabilities and sizes in the shape the choosers need."""
+    """Inclusion probabilities and sizes in the shape the choosers need.
 
-    def __init__(self, sizes: dict[str, torch.Tensor], totals: ModelTotals, p: dict[str, torch.Tensor],
-                 unit_p: dict[str, torch.Tensor], keep_p: torch.Tensor):
+    ``measure`` is what the budget counts: decoder parameters, or FLOPs per token for
+    a FLOP target; plans always report their parameters.
+    """
+
+    def __init__(self, sizes: UnitSizes, totals: ModelTotals, p: dict[str, torch.Tensor],
+                 unit_p: dict[str, torch.Tensor], keep_p: torch.Tensor, target: Target):
         self.totals = totals
-        self.sizes = {k: v.double() for k, v in sizes.items()}
-        self.L = len(keep_p)
-        self.H = int(self.sizes["heads"][0])
-        self.N = int(self.sizes["neurons"][0])
+        self.sizes = sizes
+        self.measure = sizes.flops() if target.kind == "flops" else sizes
+        self.L = sizes.num_layers
+        self.H = int(sizes.heads[0])
+        self.N = int(sizes.neurons[0])
         ones = torch.ones(self.L, dtype=torch.float64)
         self.p = {k: p.get(k, ones).double() for k in ("block", "attn", "mlp")}
         self.unit_p = {k: v.double() for k, v in unit_p.items()}
         self.gated = set(p) | set(unit_p)
         self.keep_p = keep_p.double()
         self.order = torch.argsort(self.keep_p, descending=True, stable=True).tolist()
-        self.decoder_total = float(sum(self._layer_size(l, self.H, self.N) for l in range(self.L)))
-
-    def _layer_size(self, l: int, heads: int, neurons: int, attn: bool = True, mlp: bool = True) -> float:
-        s = self.sizes
-        size = s["other"][l]
-        if attn:
-            size = size + s["attn"][l] + heads * s["head"][l]
-        if mlp:
-            size = size + s["mlp"][l] + neurons * s["neuron"][l]
-        return float(size)
 
     def budget(self, target: Target) -> float:
-        """The most decoder parameters ``target`` allows."""
-        outside = self.totals.outside_parameters
-        return {"fraction": target.value * self.decoder_total, "parameters": target.value - outside,
-                "bytes": target.value / self.totals.bytes_per_parameter - outside}[target.kind] * (1 + 1e-9)
+        """The most the measure may count for ``target``."""
+        if target.kind in ("fraction", "flops"):
+            return target.value * self.measure.decoder_parameters * (1 + 1e-9)
+        return self.totals.decoder_fraction(target, self.sizes) * self.sizes.decoder_parameters * (1 + 1e-9)
 
     def finish(self, plan: ExtractionPlan) -> ExtractionPlan:
-        decoder = 0.0
+        decoder = flops = 0.0
         for layer in plan.layers:
             heads = self.H if layer.heads is None else len(layer.heads)
             neurons = self.N if layer.neurons is None else len(layer.neurons)
-            decoder += self._layer_size(layer.index, heads, neurons, layer.attn, layer.mlp)
+            decoder += self.sizes.layer_parameters(layer.index, heads, neurons, layer.attn, layer.mlp)
+            flops += self.sizes.flops().layer_parameters(layer.index, heads, neurons, layer.attn, layer.mlp)
         plan.decoder_parameters = decoder
         plan.parameters = decoder + self.totals.outside_parameters
         plan.bytes = plan.parameters * self.totals.bytes_per_parameter
-        plan.fraction = decoder / self.decoder_total
+        plan.fraction = decoder / self.sizes.decoder_parameters
+        plan.flop_fraction = flops / self.sizes.flops().decoder_parameters
         return plan
 
 
-def choose(posterior: GatePosterior, totals: ModelTotals, target: Target | str | float,
-           form: str = "per-layer", multiple: int = 1) -> ExtractionPlan:
-    """The sub-network of the most probable units no larger than ``target``; TargetError if none is."""
-    kinds = posterior.kinds
-    return choose_by_probability(posterior.sizes, totals,
-                                 {k: posterior.inclusion_mean(k) for k in kinds if k not in WIDTH_KINDS},
-                                 {k: posterior.inclusion_mean(k) for k in kinds if k in WIDTH_KINDS},
-                                 posterior.block_keep_probability().mean(0), target, form, multiple)
-
-
-def choose_by_probability(sizes: dict[str, torch.Tensor], totals: ModelTotals, layer_p: dict[str, torch.Tensor],
+def choose_by_probability(sizes: UnitSizes, totals: ModelTotals, layer_p: dict[str, torch.Tensor],
                           unit_p: dict[str, torch.Tensor], keep_p: torch.Tensor, target: Target | str | float,
                           form: str = "per-layer", multiple: int = 1) -> ExtractionPlan:
     """The sub-network of the most probable units given inclusion probabilities directly.
@@ -252,10 +263,10 @@ def choose_by_probability(sizes: dict[str, torch.Tensor], totals: ModelTotals, l
         raise TargetError(f"unknown form {form!r}; choose one of {list(FORMS)}")
     if multiple < 1:
         raise TargetError(f"multiple must be >= 1, got {multiple}")
-    return _choose(_Scorer(sizes, totals, layer_p, unit_p, keep_p), target, form, multiple)
+    return _choose(_Scorer(sizes, totals, layer_p, unit_p, keep_p, target), target, form, multiple)
 
 
-def choose_blocks(scores: torch.Tensor, sizes: dict[str, torch.Tensor], totals: ModelTotals,
+def choose_blocks(scores: torch.Tensor, sizes: UnitSizes, totals: ModelTotals,
                   target: Target | str | float) -> ExtractionPlan:
     """Whole-block removal by any score (higher = keep): the path block-removal baselines share.
 
@@ -265,10 +276,10 @@ def choose_blocks(scores: torch.Tensor, sizes: dict[str, torch.Tensor], totals: 
     target = target if isinstance(target, Target) else Target.parse(target)
     ranks = torch.argsort(torch.argsort(scores.double(), stable=True), stable=True).double()
     p = (ranks + 1) / (len(scores) + 1)  # only the order matters
-    return _choose(_Scorer(sizes, totals, {"block": p}, {}, p), target, "per-layer", 1)
+    return _choose(_Scorer(sizes, totals, {"block": p}, {}, p, target), target, "per-layer", 1)
 
 
-def choose_units(unit_scores: dict[str, torch.Tensor], sizes: dict[str, torch.Tensor], totals: ModelTotals,
+def choose_units(unit_scores: dict[str, torch.Tensor], sizes: UnitSizes, totals: ModelTotals,
                  target: Target | str | float, form: str = "uniform", multiple: int = 1) -> ExtractionPlan:
     """Head-group / neuron removal by any per-unit score (higher = keep): the path width baselines share.
 
@@ -280,7 +291,7 @@ def choose_units(unit_scores: dict[str, torch.Tensor], sizes: dict[str, torch.Te
     for kind, scores in unit_scores.items():
         ranks = torch.argsort(torch.argsort(scores.double(), dim=-1, stable=True), dim=-1, stable=True).double()
         quantiles[kind] = (ranks + 1) / (scores.shape[-1] + 1)
-    keep = torch.ones(len(sizes["other"]), dtype=torch.float64)
+    keep = torch.ones(sizes.num_layers, dtype=torch.float64)
     return choose_by_probability(sizes, totals, {}, quantiles, keep, target, form, multiple)
 
 
@@ -309,7 +320,7 @@ def _unit_order(scorer: _Scorer, kind: str) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _choose_per_layer(scorer: _Scorer, target: Target, multiple: int) -> ExtractionPlan:
-    s, L, gated = scorer.sizes, scorer.L, scorer.gated
+    s, L, gated = scorer.measure, scorer.L, scorer.gated
     pb, pa, pm = scorer.p["block"], scorer.p["attn"], scorer.p["mlp"]
     # Items: (inclusion probability, layer, part, kept unit indices, parameters). A
     # part is a chunk of heads or neurons, a whole branch, or a whole block when
@@ -321,16 +332,16 @@ def _choose_per_layer(scorer: _Scorer, target: Target, multiple: int) -> Extract
             for l in range(L):
                 for start in range(0, order.shape[1], chunk):
                     p = pb[l] * branch_p[l] * sorted_p[l, start:start + chunk]
-                    size = p.numel() * s[kind][l]
+                    size = p.numel() * getattr(s, kind)[l]
                     items.append((float(p.mean()), l, kind, order[l, start:start + chunk].tolist(), float(size)))
     for l in range(L):
         for branch, kind, p in (("attn", "head", pa), ("mlp", "neuron", pm)):
             if kind not in gated and branch in gated:
-                size = s[branch][l] + s[kind + "s"][l] * s[kind][l]
+                size = getattr(s, branch)[l] + getattr(s, kind + "s")[l] * getattr(s, kind)[l]
                 joint = pb[l] * p[l]
                 items.append((float(joint), l, branch, None, float(size)))
         if not gated & {"attn", "mlp", "head", "neuron"}:
-            size = scorer._layer_size(l, scorer.H, scorer.N)
+            size = s.layer_parameters(l, scorer.H, scorer.N)
             items.append((float(pb[l]), l, "block", None, size))
     items.sort(key=lambda item: -item[0])
 
@@ -338,12 +349,12 @@ def _choose_per_layer(scorer: _Scorer, target: Target, multiple: int) -> Extract
         """What the first item of ``part`` in block ``l`` costs beyond itself."""
         cost = 0.0
         if l not in layers and part != "block":
-            cost += s["other"][l]
+            cost += s.other[l]
             for branch, kind in (("attn", "head"), ("mlp", "neuron")):
                 if branch not in gated and kind not in gated:  # ungated branches come with the block
-                    cost += s[branch][l] + s[kind + "s"][l] * s[kind][l]
+                    cost += getattr(s, branch)[l] + getattr(s, kind + "s")[l] * getattr(s, kind)[l]
         if part in WIDTH_KINDS and (l, part) not in parts:
-            cost += s["attn" if part == "head" else "mlp"][l]
+            cost += (s.attn if part == "head" else s.mlp)[l]
         return float(cost)
 
     budget = scorer.budget(target)
@@ -381,7 +392,7 @@ def _choose_uniform(scorer: _Scorer, target: Target, multiple: int) -> Extractio
     The plan that removes the least probable units wins: the smallest maximum
     inclusion probability among the units it drops (ties: the more probable mask).
     """
-    s, L, H, N, gated = scorer.sizes, scorer.L, scorer.H, scorer.N, scorer.gated
+    s, L, H, N, gated = scorer.measure, scorer.L, scorer.H, scorer.N, scorer.gated
     budget = scorer.budget(target)
     order = scorer.order
     sorted_logs, orders = {}, {}
@@ -405,8 +416,8 @@ def _choose_uniform(scorer: _Scorer, target: Target, multiple: int) -> Extractio
     for k in range(1, L + 1):
         keep = sorted(order[:k])
         for h in (range(1, H + 1) if "head" in gated else [H]):
-            fixed = sum(scorer._layer_size(l, h, 0) for l in keep)
-            per_neuron = float(sum(s["neuron"][l] for l in keep))
+            fixed = sum(s.layer_parameters(l, h, 0) for l in keep)
+            per_neuron = float(sum(s.neuron[l] for l in keep))
             n = min(N, math.floor((budget - fixed) / per_neuron)) if "neuron" in gated else N
             if n < N:
                 n -= n % multiple
@@ -428,7 +439,7 @@ def _choose_uniform(scorer: _Scorer, target: Target, multiple: int) -> Extractio
             if best is None or key > best_key:
                 best, best_key = plan, key
     if best is None:
-        smallest = min(scorer._layer_size(l, 1 if "head" in gated else H, min(multiple, N)) for l in range(L))
+        smallest = min(s.layer_parameters(l, 1 if "head" in gated else H, min(multiple, N)) for l in range(L))
         raise TargetError(f"target {target} is below the smallest uniform sub-network: one block with "
                           f"one head group and {min(multiple, N)} neurons needs {smallest:,.0f} decoder parameters, "
                           f"the target allows {budget:,.0f}")

@@ -21,10 +21,9 @@ import torch
 from safetensors import safe_open
 
 from .architectures import Architecture, Widths, architecture_for_config, widths_of
-from .cost_curve import CostCurve
 from .io import atomic_directory
 from .loading import build_model, global_access
-from .selection import ExtractionPlan, ModelTotals, TargetError, choose
+from .selection import ExtractionPlan, ModelTotals, TargetError
 
 EXTRACTION_FILE = "bayesprune_extraction.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -292,15 +291,9 @@ def extract_streaming(source: str | Path, plan: ExtractionPlan, out: str | Path,
     return Path(out)
 
 
-def plan_for(fitted, totals: ModelTotals, target, form: str = "per-layer", multiple: int = 1) -> ExtractionPlan:
-    """The plan for ``target`` from a fixed-cost :class:`GatePosterior` or a cost-amortised :class:`CostCurve`."""
-    if isinstance(fitted, CostCurve):
-        return fitted.plan(target, totals, form, multiple)
-    return choose(fitted, totals, target, form, multiple)
-
-
-def extract(model: torch.nn.Module, fitted, target, form: str = "per-layer",
+def extract(model: torch.nn.Module, posterior, target, form: str = "per-layer",
             multiple: int = 1) -> tuple[torch.nn.Module, ExtractionPlan]:
-    """Choose the sub-network for ``target`` (from a posterior or a cost curve) and cut it from ``model`` in memory."""
-    plan = plan_for(fitted, ModelTotals.of(model), target, form, multiple)
+    """Choose the sub-network for ``target`` from a :class:`~bayesprune.GatePosterior` and cut it from ``model``
+    in memory."""
+    plan = posterior.plan(target, ModelTotals.of(model), form, multiple)
     return extract_model(model, plan), plan

@@ -4,14 +4,14 @@ A clamped B-spline passes through its first and last control points and stays
 inside their convex hull; with non-decreasing control points it is non-decreasing.
 So a curve whose first control point is pinned takes exactly that value at 0, and
 a curve whose control points are a cumulative sum of positive increments is
-monotone — both by construction, not by initialisation.
+monotone — both by construction, not by initialisation. The curves are plain
+functions of their control points, so the control points can be random variables.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 
 def bspline_basis(t: torch.Tensor, count: int, degree: int = 3) -> torch.Tensor:
@@ -36,49 +36,23 @@ def bspline_basis(t: torch.Tensor, count: int, degree: int = 3) -> torch.Tensor:
     return basis
 
 
-class MonotoneCurves(nn.Module):
-    """A batch of non-decreasing curves ``f(t) = start + Σ_i B_i(t) · Σ_{j≤i} softplus(raw_j)``.
-
-    ``start`` is fixed (the value at ``t = 0``); ``shape`` is the batch shape (one
-    curve per layer, say). ``offsets`` (same shape as the increments, optional)
-    are added to the raw increments before the softplus, so that a shared curve
-    plus per-curve deviations can be expressed by passing the shared part.
-    """
-
-    def __init__(self, shape: tuple[int, ...], count: int = 10, start: float = 0.0, rise: float = 1.0):
-        super().__init__()
-        self.count = count
-        self.start = start
-        step = rise / (count - 1)
-        inverse_softplus = step + torch.log(-torch.expm1(torch.tensor(-step))).item()
-        self.raw = nn.Parameter(torch.full((*shape, count - 1), inverse_softplus))
-
-    def controls(self, offsets: torch.Tensor | None = None) -> torch.Tensor:
-        raw = self.raw if offsets is None else self.raw + offsets
-        steps = F.softplus(raw)
-        zero = torch.zeros_like(steps[..., :1])
-        return self.start + torch.cat([zero, steps.cumsum(-1)], -1)
-
-    def forward(self, t: torch.Tensor | float, offsets: torch.Tensor | None = None) -> torch.Tensor:
-        """Curve values at the scalar ``t``: the batch shape."""
-        basis = bspline_basis(torch.as_tensor(t), self.count).to(self.raw.dtype)
-        return self.controls(offsets) @ basis
+def monotone_controls(start: float, raw: torch.Tensor) -> torch.Tensor:
+    """Non-decreasing control points ``start, start + softplus(raw_1), …`` (cumulative), ``(..., count)``."""
+    steps = F.softplus(raw)
+    return start + torch.cat([torch.zeros_like(steps[..., :1]), steps.cumsum(-1)], -1)
 
 
-class PinnedCurves(nn.Module):
-    """A batch of free curves pinned to ``start`` at ``t = 0`` (first control point fixed)."""
+def pinned_controls(start: float, free: torch.Tensor) -> torch.Tensor:
+    """Control points whose first is fixed at ``start``, the rest free, ``(..., count)``."""
+    return torch.cat([torch.full_like(free[..., :1], start), free], -1)
 
-    def __init__(self, shape: tuple[int, ...], count: int = 10, start: float = 0.0, slope: float = 1.0):
-        super().__init__()
-        self.count = count
-        self.start = start
-        rest = start + slope * torch.linspace(0, 1, count)[1:]
-        self.free = nn.Parameter(rest.expand(*shape, count - 1).clone())
 
-    def controls(self) -> torch.Tensor:
-        first = torch.full_like(self.free[..., :1], self.start)
-        return torch.cat([first, self.free], -1)
+def curve_at(controls: torch.Tensor, t: float) -> torch.Tensor:
+    """Values at ``t`` of the clamped cubic B-splines with these control points: the batch shape."""
+    return controls @ bspline_basis(torch.as_tensor(t), controls.shape[-1]).to(controls)
 
-    def forward(self, t: torch.Tensor | float) -> torch.Tensor:
-        basis = bspline_basis(torch.as_tensor(t), self.count).to(self.free.dtype)
-        return self.controls() @ basis
+
+def rising_increments(count: int, rise: float) -> torch.Tensor:
+    """Raw increments whose monotone curve rises linearly by ``rise`` over [0, 1]: ``(count − 1,)``."""
+    step = torch.tensor(rise / (count - 1), dtype=torch.float64)
+    return (step + torch.log(-torch.expm1(-step))).float().expand(count - 1).clone()
