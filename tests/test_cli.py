@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import arviz as az
 import pytest
 from transformers import AutoModelForCausalLM
 
@@ -13,12 +14,12 @@ FIT_ARGS = ["--steps", "3", "--batch-size", "2", "--seq-len", "32", "--eval-toke
 def test_fit_extract_evaluate_round_trip(tiny_model_dir, corpus_dir, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir), "--out", str(run),
-                 "--target", "2layers", *FIT_ARGS]) == 0
+                 "--units", "block", "--target", "2layers", *FIT_ARGS]) == 0
     printed = capsys.readouterr().out
     assert "model.layers.0" in printed and "report.json" in printed
     for name in ("config.json", "checkpoint.safetensors", "posterior.safetensors", "posterior.nc",
-                 "summary.csv", "forest.png", "report.json", "extracted/config.json",
-                 "extracted/tokenizer.json"):
+                 "summary.csv", "forest.png", "inclusion.png", "thresholds.png", "size_curve.png", "report.json",
+                 "extracted/config.json", "extracted/tokenizer.json"):
         assert (run / name).is_file(), name
     report = json.loads((run / "report.json").read_text())
     assert len(report["extracted"]["kept_layers"]) == 2
@@ -38,18 +39,18 @@ def test_fit_extract_evaluate_round_trip(tiny_model_dir, corpus_dir, tmp_path, c
 
     # The same settings resume (nothing left to fit); different settings are refused.
     assert main(["fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir), "--out", str(run),
-                 "--target", "none", *FIT_ARGS]) == 0
+                 "--units", "block", "--target", "none", *FIT_ARGS]) == 0
     capsys.readouterr()
     assert main(["fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir), "--out", str(run),
-                 "--cost", "2", *FIT_ARGS]) == 2
+                 "--units", "block", "--cost", "2", *FIT_ARGS]) == 2
     assert "different configuration" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("target", ["0layers", "9layers", "12heads", "1KB"])
+@pytest.mark.parametrize("target", ["0layers", "9layers", "12heads", "1KB", "1GB"])
 def test_impossible_targets_fail_cleanly_and_write_nothing(tiny_model_dir, corpus_dir, tmp_path, capsys, target):
     run = tmp_path / "run"
     assert main(["fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir), "--out", str(run),
-                 "--target", "none", *FIT_ARGS]) == 0
+                 "--units", "block", "--target", "none", *FIT_ARGS]) == 0
     capsys.readouterr()
     assert main(["extract", str(run), "--target", target, "--out", str(tmp_path / "small")]) == 2
     assert "error" in capsys.readouterr().err
@@ -87,9 +88,28 @@ def test_bad_inputs_get_clear_errors(tmp_path, capsys):
     assert "no model at" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
     assert main(["extract", str(tmp_path), "--target", "0.5", "--out", str(tmp_path / "s")]) == 2
-    assert "posterior.safetensors does not exist" in capsys.readouterr().err
+    assert "not a bayesprune run directory" in capsys.readouterr().err
     assert main(["fit", "--units", "heads", "--out", str(tmp_path / "r")]) == 2
     assert "unknown unit kind" in capsys.readouterr().err
+    assert main(["fit", "--cost", "nan", "--out", str(tmp_path / "r")]) == 2
+    assert "finite" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_settings_and_targets_are_checked_before_any_weights_are_scored(tmp_path, capsys, monkeypatch):
+    import bayesprune.pipeline as pipeline
+    from tests.conftest import tiny_model
+
+    gpt2 = tmp_path / "gpt2"
+    tiny_model("gpt2").save_pretrained(gpt2)
+    monkeypatch.setattr(pipeline, "load_model", lambda *a: pytest.fail("weights were loaded"))
+    assert main(["fit", "--model", str(gpt2), "--units", "head", "--out", str(tmp_path / "r")]) == 2
+    assert "cannot gate heads" in capsys.readouterr().err
+    assert main(["fit", "--model", str(gpt2), "--units", "neuron", "--target", "3layers",
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "needs block, attn or mlp gates" in capsys.readouterr().err
+    assert main(["fit", "--model", str(gpt2), "--target", "3 bananas", "--out", str(tmp_path / "r")]) == 2
+    assert "cannot read target" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 def test_console_script_is_installed():
@@ -97,22 +117,35 @@ def test_console_script_is_installed():
     assert done.returncode == 0 and "extract" in done.stdout
 
 
-def test_an_amortised_run_resizes_to_any_target_without_refitting(tiny_model_dir, corpus_dir, tmp_path, capsys):
+def test_the_default_run_resizes_to_any_target_without_refitting(tiny_model_dir, corpus_dir, tmp_path, capsys):
     from bayesprune import load_pruned
 
     run = tmp_path / "run"
     assert main(["fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir), "--out", str(run),
-                 "--units", "head,neuron", "--amortised", "--target", "0.6", *FIT_ARGS]) == 0
+                 "--target", "0.6", *FIT_ARGS]) == 0
     printed = capsys.readouterr().out
     assert "cost" in printed and "MB" in printed
-    for name in ("cost_curve.safetensors", "size_curve.png", "thresholds.png", "report.json", "extracted/config.json"):
+    for name in ("posterior.safetensors", "size_curve.png", "thresholds.png", "inclusion.png", "width.png",
+                 "report.json", "extracted/config.json"):
         assert (run / name).is_file(), name
     report = json.loads((run / "report.json").read_text())
     assert report["size_curve"][0]["fraction"] == 1.0 and report["extracted"]["cost"] > 0
     assert report["extracted"]["fraction_of_decoder"] <= 0.6 and report["extracted"]["amplitudes_folded"]
-    for target in ("0.5", "0.3"):
+    for target in ("0.5", "0.3", "40%flops"):
         small = tmp_path / f"small-{target}"
         assert main(["extract", str(run), "--target", target, "--out", str(small)]) == 0
         record = json.loads(capsys.readouterr().out)
-        assert float(target) - 0.1 < record["fraction_of_decoder"] <= float(target) and record["cost"] > 0
+        kept = record["flop_fraction_of_decoder" if "flops" in target else "fraction_of_decoder"]
+        wanted = bp_target(target)
+        assert wanted - 0.1 < kept <= wanted and record["cost"] > 0
         assert load_pruned(small).config.num_hidden_layers == 4
+    idata = az.from_netcdf(run / "posterior.nc")
+    assert idata.posterior["neuron_inclusion"].dims == ("chain", "draw", "cost", "layer", "neuron")
+    assert list(idata.posterior["layer"].values) == [f"model.layers.{i}" for i in range(4)]
+    assert float(idata.posterior["kept_fraction"].sel(cost=0.0).mean()) == 1.0
+
+
+def bp_target(text: str) -> float:
+    from bayesprune import Target
+
+    return Target.parse(text).value
