@@ -5,13 +5,14 @@ from .data import load_documents, load_splits, split_documents, tokenize, window
 from .evaluate import model_size, perplexity
 from .fit import Fit, fit
 from .gates import GatedModel, gate
-from .loading import load_pruned
+from .pruned import load_pruned
 from .model import NonFiniteLossError, ShrinkagePrior
-from .models import load_model
+from .pretrained import load_model
 from .posterior import GatePosterior, cost_grid
-from .selection import ExtractionPlan, LayerPlan, ModelTotals, Target, TargetError
+from .plan import ExtractionPlan, LayerPlan
+from .targets import ModelTotals, Target, TargetError
 from .sizes import UnitSizes
-from .slicing import extract, extract_model, extract_streaming, save_extracted
+from .extraction import extract, extract_model, extract_streaming, save_extracted
 
 __all__ = [
     "CostConfig", "DataConfig", "FitConfig", "GateConfig", "PriorConfig", "RunConfig",

@@ -194,7 +194,7 @@ def architecture_for_config(config) -> Architecture:
 def unit_norms(model, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """L2 norm of the weights of every head group and neuron, ``(layer, unit)`` per kind.
 
-    Differentiable in the weights (the cost-amortised guide reads it live when
+    Differentiable in the weights (the model reads it live when
     weights are trained); ``dtype`` is the precision of the sums (default: the weights').
     """
     arch = architecture_of(model)

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from .data import load_splits
             from .evaluate import model_size, perplexity
-            from .models import load_model, resolve_model
+            from .pretrained import load_model, resolve_model
 
             data = DataConfig(path=args.data, eval_tokens=args.eval_tokens, eval_window=args.eval_window)
             model, tokenizer = load_model(args.model)

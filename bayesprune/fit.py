@@ -118,7 +118,10 @@ def load_network(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> No
 def load_checkpoint(path: Path, guide, optimizer, gated) -> tuple[int, list[float]]:
     """Restore what :func:`save_checkpoint` wrote; returns the step reached and the loss history."""
     tensors, meta = load_tensors(path)
-    guide.load_state_dict({k.removeprefix("guide."): v for k, v in tensors.items() if k.startswith("guide.")})
+    try:
+        guide.load_state_dict({k.removeprefix("guide."): v for k, v in tensors.items() if k.startswith("guide.")})
+    except RuntimeError as err:
+        raise ValueError(f"the checkpoint {path} does not fit this fit's gates and prior ({err})") from err
     with gated.unwrapped() as model:
         load_network(model, tensors)
     state: dict = {}
@@ -202,8 +205,9 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
             kept = f"the checkpoint in {run_dir} is intact; " if checkpoint is not None else ""
             raise NonFiniteLossError(f"the ELBO is not finite at step {step}, cost {step_cost:.3f} ({err}); "
                                      f"{kept}check the weights and data, or lower guide_lr / weight_lr") from err
-        record = {"cost": step_cost, "loss": loss.item()}
-        return loss, record, {"cost": f"{step_cost:.2f}", "loss": f"{loss.item():.4f}"}
+        record = {"cost": step_cost, "loss": loss.item(), **model.last_step}
+        return loss, record, {"cost": f"{step_cost:.2f}", "nll": f"{record['nll']:.3f}",
+                              "kept": f"{record['expected_kept']:.2f}"}
 
     history = optimise(step_loss, guide, optimizer, gated, config, checkpoint, "SVI", progress)
     if trainable:

@@ -151,6 +151,7 @@ class PruningModel(nn.Module):
         self.num_tokens = sequences.shape[0] * (sequences.shape[1] - 1)
         self.track_importance = track_importance
         self.importance = inclusion.unit_importance(gated)
+        self.last_step: dict[str, float] = {}  # NLL per token and expected kept fraction of the latest call
 
     def forward(self, batch: torch.Tensor, cost: float) -> None:
         theta = self.prior.sample()
@@ -159,7 +160,8 @@ class PruningModel(nn.Module):
         p = inclusion.probabilities(theta, self.importance, cost, self.prior.config)
         gates = {k: pyro.deterministic(f"{k}_gate", v + (torch.bernoulli(v.detach()) - v).detach())
                  for k, v in p.items()}
-        pyro.factor("cost", -cost * self.num_tokens * self.sizes.kept_fraction(p).float())
+        expected = self.sizes.kept_fraction(p).float()
+        pyro.factor("cost", -cost * self.num_tokens * expected)
         with pyro.plate("sequences", self.sequences.shape[0], subsample=batch), \
                 self.gated.gates_set(gates, inclusion.amplitudes(theta, self.importance, cost)):
             nll = sequence_nll(self.gated, self.sequences[batch])                        # (batch,)
@@ -167,3 +169,5 @@ class PruningModel(nn.Module):
                 raise NonFiniteLossError(f"the network's log-likelihood is not finite on sequences "
                                          f"{batch[~torch.isfinite(nll)].tolist()}")
             pyro.factor("likelihood", -nll)
+        self.last_step = {"nll": nll.sum().item() / (len(batch) * (self.sequences.shape[1] - 1)),
+                          "expected_kept": expected.item()}

@@ -25,11 +25,12 @@ from .evaluate import model_size, perplexity
 from .fit import CHECKPOINT_FILE, fit, load_network
 from .gates import gate
 from .io import atomic_write_json, atomic_write_text, load_tensors
-from .models import load_config, load_model, resolve_model
+from .pretrained import load_config, load_model, resolve_model
 from .plots import plot_block_forest, plot_inclusion_over_cost, plot_size_curve, plot_thresholds, plot_width
 from .posterior import POSTERIOR_FILE, GatePosterior, cost_grid
-from .selection import FORMS, ModelTotals, Target, TargetError
-from .slicing import CheckpointFiles, extract, extract_model, extract_streaming, save_extracted
+from .selection import FORMS
+from .targets import ModelTotals, Target, TargetError
+from .extraction import CheckpointFiles, extract, extract_model, extract_streaming, save_extracted
 
 CONFIG_FILE = "config.json"
 UNIT_LEVEL_DRAWS = 20

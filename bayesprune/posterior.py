@@ -32,8 +32,10 @@ from . import inclusion
 from .config import WIDTH_KINDS, PriorConfig
 from .io import load_tensors, save_tensors
 from .model import ShrinkagePrior
-from .selection import ExtractionPlan, ModelTotals, Target, TargetError, choose_by_probability
+from .plan import ExtractionPlan
+from .selection import choose_by_probability
 from .sizes import UnitSizes
+from .targets import ModelTotals, Target, TargetError
 
 POSTERIOR_FILE = "posterior.safetensors"
 _MAX_POSITION = 1 - 1e-6  # t = λ / (1 + λ) of the largest cost the solver tries (λ ≈ 10⁶)

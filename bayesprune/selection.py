@@ -1,11 +1,7 @@
-"""Selection: from a posterior and a target size to an extraction plan (which blocks, heads, neurons stay).
+"""Selection: from inclusion probabilities and a target (:mod:`bayesprune.targets`) to an extraction plan
+(:mod:`bayesprune.plan`): which blocks, heads and neurons stay.
 
-Targets: ``"12layers"`` (blocks kept, full width), ``0.5`` or ``"50%"`` (fraction
-of decoder parameters kept), ``"80M"`` / ``"1.2B"`` / ``"80000000"`` (parameters
-of the whole model), ``"300MB"`` (weight bytes, MB = 10⁶ bytes, at the model's
-dtype), ``"40%flops"`` / ``"0.4flops"`` (fraction of the decoder's forward FLOPs per
-token at a context of :data:`~bayesprune.sizes.FLOP_CONTEXT` tokens). The largest
-sub-network that does not exceed the target is chosen.
+The largest sub-network that does not exceed the target is chosen.
 
 Units are kept in order of posterior inclusion probability, a unit counting with
 its ancestors (``p`` of a neuron = P(block) · P(mlp) · P(neuron)); opening a block
@@ -30,176 +26,15 @@ Two forms:
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass
 
 import torch
 
-from .architectures import count_bytes, count_parameters, decoder_layers
 from .config import WIDTH_KINDS
+from .plan import ExtractionPlan, LayerPlan
 from .sizes import UnitSizes
+from .targets import ModelTotals, Target, TargetError
 
 FORMS = ("per-layer", "uniform")
-
-
-class TargetError(ValueError):
-    """A target that cannot be parsed or cannot be met by this model."""
-
-
-@dataclass(frozen=True)
-class Target:
-    kind: str  # "layers", "fraction", "flops" (a fraction of decoder FLOPs), "parameters" or "bytes"
-    value: float
-
-    @classmethod
-    def parse(cls, text: str | float | int) -> "Target":
-        s = str(text).strip().replace(" ", "").replace("_", "").upper()
-        scale = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "B": 1e9}
-        if m := re.fullmatch(r"(\d+)(LAYERS?|BLOCKS?)", s):
-            target = cls("layers", int(m[1]))
-        elif m := re.fullmatch(r"(\d+(?:\.\d+)?)%FLOPS?", s):
-            target = cls("flops", float(m[1]) / 100)
-        elif m := re.fullmatch(r"(0*\.\d+|0|1(?:\.0*)?)FLOPS?", s):
-            target = cls("flops", float(m[1]))
-        elif m := re.fullmatch(r"(\d+(?:\.\d+)?)%", s):
-            target = cls("fraction", float(m[1]) / 100)
-        elif m := re.fullmatch(r"(\d+(?:\.\d+)?)([KMG])B", s):
-            target = cls("bytes", float(m[1]) * scale[m[2]])
-        elif m := re.fullmatch(r"0*\.\d+|0|1(?:\.0*)?", s):
-            target = cls("fraction", float(m[0]))
-        elif m := re.fullmatch(r"(\d+(?:\.\d+)?)([KMB]?)", s):
-            target = cls("parameters", float(m[1]) * scale[m[2]])
-        else:
-            raise TargetError(
-                f"cannot read target {text!r}: use a fraction (0.5 or 50%), blocks (12layers), "
-                f"parameters (80M, 1.2B), a size (300MB) or a FLOP fraction (40%flops)")
-        if target.value <= 0:
-            raise TargetError(f"target {text!r} keeps nothing")
-        if target.kind in ("fraction", "flops") and target.value > 1:
-            raise TargetError(f"target {text!r} is more than the whole model")
-        return target
-
-    def __str__(self) -> str:
-        return {"layers": f"{int(self.value)} layers", "fraction": f"{self.value:.4g} of decoder parameters",
-                "parameters": f"{self.value:,.0f} parameters", "bytes": f"{self.value / 1e6:,.1f} MB",
-                "flops": f"{self.value:.4g} of decoder FLOPs"}[self.kind]
-
-
-@dataclass(frozen=True)
-class ModelTotals:
-    """What a target needs beyond the posterior: parameters outside the decoder blocks, bytes per parameter."""
-
-    outside_parameters: int
-    bytes_per_parameter: float
-
-    @classmethod
-    def of(cls, model) -> "ModelTotals":
-        blocks = sum(count_parameters(b) for b in decoder_layers(model))
-        return cls(count_parameters(model) - blocks, count_bytes(model) / count_parameters(model))
-
-    def decoder_fraction(self, target: Target, sizes: UnitSizes) -> float:
-        """The fraction of decoder parameters (of decoder FLOPs for a FLOP target) ``target`` asks for."""
-        decoder = sizes.decoder_parameters
-        wanted = {"fraction": lambda v: v, "flops": lambda v: v,
-                  "parameters": lambda v: (v - self.outside_parameters) / decoder,
-                  "bytes": lambda v: (v / self.bytes_per_parameter - self.outside_parameters) / decoder,
-                  }[target.kind](target.value)
-        if wanted <= 0:
-            raise TargetError(f"target {target} leaves nothing for the decoder blocks "
-                              f"({self.outside_parameters:,} parameters sit outside them)")
-        if wanted > 1 + 1e-9:
-            raise TargetError(f"target {target} is more than the whole model "
-                              f"({decoder + self.outside_parameters:,.0f} parameters)")
-        return wanted
-
-
-@dataclass
-class LayerPlan:
-    """What one kept block keeps: ``None`` = all heads / neurons; ``attn``/``mlp`` False = branch removed.
-
-    Amplitudes (from a cost-amortised fit) scale what kept units write and are
-    folded into the output projections: one per kept head / neuron, in the order of
-    ``heads`` / ``neurons``, and one per branch.
-    """
-
-    index: int
-    heads: list[int] | None = None
-    neurons: list[int] | None = None
-    attn: bool = True
-    mlp: bool = True
-    head_amplitudes: list[float] | None = None
-    neuron_amplitudes: list[float] | None = None
-    attn_amplitude: float = 1.0
-    mlp_amplitude: float = 1.0
-
-
-@dataclass
-class ExtractionPlan:
-    """The kept blocks in model order, the form, and the size it comes to."""
-
-    layers: list[LayerPlan]
-    num_layers: int
-    form: str = "per-layer"
-    decoder_parameters: float = 0.0
-    parameters: float = 0.0
-    bytes: float = 0.0
-    fraction: float = 1.0
-    log_probability: float = 0.0
-    flop_fraction: float = 1.0  # of decoder FLOPs per token (sizes.FLOP_CONTEXT tokens of context)
-    cost: float | None = None  # the cost the posterior was read at
-
-    @property
-    def kept_layers(self) -> list[int]:
-        return [layer.index for layer in self.layers]
-
-    def gates(self, kinds: tuple[str, ...], heads: int, neurons: int) -> dict[str, torch.Tensor]:
-        """The hard gates of this plan for a model gated with ``kinds`` (1 = kept, 0 = removed)."""
-        kept = {layer.index: layer for layer in self.layers}
-        gates = {}
-        for kind in kinds:
-            if kind in WIDTH_KINDS:
-                count, branch, field_name = (heads, "attn", "heads") if kind == "head" else (neurons, "mlp", "neurons")
-                values = torch.zeros(self.num_layers, count)
-                for l, layer in kept.items():
-                    if getattr(layer, branch):
-                        units = getattr(layer, field_name)
-                        values[l, slice(None) if units is None else units] = 1
-            else:
-                values = torch.tensor([float(l in kept and (kind == "block" or getattr(kept[l], kind)))
-                                       for l in range(self.num_layers)])
-            gates[kind] = values
-        return gates
-
-    def fold(self, amplitudes: dict[str, torch.Tensor]) -> "ExtractionPlan":
-        """Attach amplitudes to fold on extraction.
-
-        ``attn``/``mlp``: ``(layer,)``; ``head``/``neuron``: ``(layer, unit)``.
-        """
-        for layer in self.layers:
-            l = layer.index
-            if "head" in amplitudes and layer.heads is not None:
-                layer.head_amplitudes = amplitudes["head"][l, layer.heads].tolist()
-            if "neuron" in amplitudes and layer.neurons is not None:
-                layer.neuron_amplitudes = amplitudes["neuron"][l, layer.neurons].tolist()
-            if "attn" in amplitudes:
-                layer.attn_amplitude = float(amplitudes["attn"][l])
-            if "mlp" in amplitudes:
-                layer.mlp_amplitude = float(amplitudes["mlp"][l])
-        return self
-
-    def record(self) -> dict:
-        """A JSON-able description, written next to the extracted checkpoint."""
-        return {"form": self.form, "kept_layers": self.kept_layers,
-                "removed_layers": [i for i in range(self.num_layers) if i not in self.kept_layers],
-                "layers": [{"index": l.index, "heads": l.heads,
-                            "neurons": None if l.neurons is None else len(l.neurons),
-                            "attn": l.attn, "mlp": l.mlp} for l in self.layers],
-                "decoder_parameters": self.decoder_parameters, "parameters": self.parameters,
-                "bytes": self.bytes, "fraction_of_decoder": self.fraction,
-                "flop_fraction_of_decoder": self.flop_fraction,
-                "log_probability": self.log_probability, "cost": self.cost,
-                "amplitudes_folded": any(l.head_amplitudes is not None or l.neuron_amplitudes is not None
-                                         or l.attn_amplitude != 1 or l.mlp_amplitude != 1 for l in self.layers)}
 
 
 def _log(p: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
-"""One cost-amortised fit vs separate fixed-cost fits on the default model, with predicted quality.
+"""One fit over every cost vs separate fixed-cost fits (the same model, cost held fixed), with predicted quality.
 
-1. A cost-amortised fit of head+neuron gates (frozen weights) → its cost curve.
+1. The default fit of head+neuron gates (frozen weights, a cost drawn every step).
 2. For each comparison target (75/50/35 %), a fixed-cost fit at the cost the curve
    solves for that target (same meaning of λ in both models).
 3. Test perplexity of the extracted sub-network at every frontier target: from the
@@ -35,11 +35,9 @@ import torch
 from common import pyplot, save_figure, write_results
 
 import bayesprune as bp
-from bayesprune.config import AmortisedConfig
-from bayesprune.cost_curve import CURVE_FILE, CostCurve, cost_grid
 from bayesprune.pipeline import run_fit
 from bayesprune.plots import plot_thresholds
-from bayesprune.posterior import POSTERIOR_FILE
+from bayesprune.posterior import POSTERIOR_FILE, cost_grid
 from bayesprune.prediction import ensemble_nll, plan_quality, predicted_quality
 
 
@@ -48,7 +46,7 @@ def parse_args():
     parser.add_argument("--runs", default="runs/amortised-bench", help="folder for the fits (reused if there)")
     parser.add_argument("--amortised-steps", type=int, default=300)
     parser.add_argument("--fixed-steps", type=int, default=150)
-    parser.add_argument("--offset-scale", type=float, default=AmortisedConfig.offset_scale,
+    parser.add_argument("--offset-scale", type=float, default=bp.PriorConfig.offset_scale,
                         help="prior scale of the amortised fit's per-unit importance offsets (0: none)")
     parser.add_argument("--targets", nargs="+", default=["0.9", "0.75", "0.6", "0.5", "0.35", "0.25"])
     parser.add_argument("--fixed-targets", nargs="*", default=["0.75", "0.5", "0.35"])
@@ -69,15 +67,12 @@ def parse_args():
 
 
 def fit_run(path: Path, steps: int, eval_tokens: int, cost: float | None = None,
-            offset_scale: float = AmortisedConfig.offset_scale) -> Path:
-    config = bp.RunConfig(gate=bp.GateConfig(units=("head", "neuron")))
+            offset_scale: float = bp.PriorConfig.offset_scale) -> Path:
+    """A fitted run at ``path``: every cost (``cost=None``) or one fixed cost; fitted now if missing."""
+    config = bp.RunConfig(gate=bp.GateConfig(units=("head", "neuron")), cost=bp.CostConfig(fixed=cost))
     config.fit.steps, config.data.eval_tokens = steps, eval_tokens
-    if cost is None:
-        config.amortised = AmortisedConfig(offset_scale=offset_scale)
-    else:
-        config.prior.cost = cost
-    done = path / (CURVE_FILE if cost is None else POSTERIOR_FILE)
-    if not done.is_file():
+    config.prior.offset_scale = offset_scale
+    if not (path / POSTERIOR_FILE).is_file():
         print(f"fitting {path}", flush=True)
         run_fit(config, path, target=None, log=lambda message: None)
     return path
@@ -93,8 +88,8 @@ def main() -> None:
     torch.set_num_threads(2)
     started = time.time()
     runs = Path(args.runs)
-    curve = CostCurve.load(fit_run(runs / "amortised", args.amortised_steps, args.eval_tokens,
-                                   offset_scale=args.offset_scale) / CURVE_FILE)
+    curve = bp.GatePosterior.load(fit_run(runs / "amortised", args.amortised_steps, args.eval_tokens,
+                                          offset_scale=args.offset_scale) / POSTERIOR_FILE)
     model, tokenizer = bp.load_model()
     splits = bp.load_splits(tokenizer, bp.DataConfig())
     totals = bp.ModelTotals.of(model)
@@ -107,7 +102,7 @@ def main() -> None:
         return bp.perplexity(m, test, 256, args.eval_tokens, progress=False)["perplexity"]
 
     dense = test_perplexity(model)
-    gated = bp.gate(model, bp.GateConfig(units=curve.gates.kinds))
+    gated = bp.gate(model, bp.GateConfig(units=curve.kinds))
     rows = []
     for target in args.targets:
         plan = curve.plan(target, totals)

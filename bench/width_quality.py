@@ -42,7 +42,7 @@ def main() -> None:
     print(f"dense perplexity {rows[0]['perplexity']:.2f}", flush=True)
     for run in args.runs:
         posterior = bp.GatePosterior.load(Path(run) / POSTERIOR_FILE)
-        widths = [k for k in posterior.kinds if posterior.units(k) is not None]
+        widths = list(posterior.units)
         for target in args.targets:
             for form, multiple in [("per-layer", 1)] + ([("uniform", 1), ("per-layer", 64)] if widths else []):
                 started = time.time()

@@ -71,14 +71,21 @@ def tiny_model_dir(tmp_path, tokenizer):
     return path
 
 
-def posterior_for(model, logits: dict[str, torch.Tensor]):
-    """A posterior over ``model`` whose gates have these (almost certain) logits."""
-    from bayesprune import GateConfig, GatePosterior, gate
+def posterior_for(model, logits: dict[str, torch.Tensor], cost: float = 1.0):
+    """A fixed-cost posterior over ``model`` whose gates have these (almost certain) inclusion logits at ``cost``."""
+    from bayesprune import GateConfig, GatePosterior, PriorConfig, gate
+    from bayesprune.guide import CostConditionedGuide
+    from bayesprune.model import PruningModel
 
     gated = gate(model, GateConfig(units=tuple(logits)))
-    sizes = gated.unit_parameters()
-    names = list(gated.layer_names)
+    pruning = PruningModel(gated, torch.zeros(1, 2, dtype=torch.long), PriorConfig())
+    posterior = GatePosterior.from_guide(CostConditionedGuide(pruning.prior, init_scale=1e-4), pruning, cost,
+                                         num_draws=50)
     gated.remove()
-    locs = {f"{k}_logit": v.float() for k, v in logits.items()}
-    scales = {name: torch.full_like(v, 1e-3) for name, v in locs.items()}
-    return GatePosterior(gated.kinds, names, locs, scales, frozenset(), sizes, num_draws=50)
+    temperature = posterior.prior.temperature
+    for kind, logit in logits.items():
+        threshold = posterior.thresholds(kind, cost).mean(0)
+        threshold = threshold[:, None] if logit.dim() == 2 else threshold
+        posterior.locs[f"{kind}_offset"] = (temperature * logit - posterior.importance[kind] + threshold).float()
+    posterior._theta.clear()
+    return posterior

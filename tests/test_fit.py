@@ -1,17 +1,17 @@
 import pytest
 import torch
 
-from bayesprune import FitConfig, GateConfig, NonFiniteLossError, PriorConfig, fit, gate
+from bayesprune import CostConfig, FitConfig, GateConfig, NonFiniteLossError, fit, gate
 from bayesprune.fit import CHECKPOINT_FILE
-from tests.conftest import VOCAB, tiny_model
+from tests.conftest import TINY_CONFIGS, VOCAB, tiny_model
 
 SEQUENCES = torch.randint(0, VOCAB, (24, 12), generator=torch.Generator().manual_seed(0))
 
 
-def run(steps, run_dir=None, weights="frozen", units=("block",), **kw):
+def run(steps, run_dir=None, weights="frozen", units=("block", "head", "neuron"), cost=None, **kw):
     gated = gate(tiny_model("llama"), GateConfig(units=units))
     config = FitConfig(steps=steps, batch_size=4, seq_len=12, weights=weights, checkpoint_every=2, **kw)
-    return fit(gated, SEQUENCES, config, run_dir=run_dir, progress=False)
+    return fit(gated, SEQUENCES, config, cost=cost, run_dir=run_dir, progress=False)
 
 
 def guide_state(result):
@@ -35,31 +35,74 @@ def test_a_seed_reproduces_the_fit():
 def test_fit_moves_the_guide_and_keeps_frozen_weights():
     model_before = {k: v.clone() for k, v in tiny_model("llama").state_dict().items()}
     result = run(5)
-    assert len(result.history) == 5
-    locs = result.guide.state_dict()["locs.block_logit_unconstrained"]
-    assert not torch.allclose(locs, torch.full_like(locs, PriorConfig().mean_logit_loc))
+    assert len(result.history) == 5 and {"cost", "loss"} <= set(result.history[0])
+    offsets = result.guide.neuron_offset_loc
+    assert not torch.allclose(offsets, torch.zeros_like(offsets))
     with result.gated.unwrapped() as model:
         for key, value in model.state_dict().items():
             assert torch.equal(value, model_before[key]), key
 
 
-def test_joint_fit_trains_the_weights():
-    result = run(3, weights="joint")
+def test_joint_fit_trains_the_weights_and_reads_importance_from_them():
+    from bayesprune.inclusion import unit_importance
+
+    before = {k: v.clone() for k, v in unit_importance(gate(tiny_model("llama"), GateConfig())).items()}
+    frozen = run(3, units=("head", "neuron"))
+    assert all(torch.equal(frozen.model.importance[k], before[k]) for k in before)
+    result = run(3, weights="joint", units=("head", "neuron"), weight_lr=0.05)
     with result.gated.unwrapped() as model:
-        before = tiny_model("llama").state_dict()
-        assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        assert any(not torch.equal(v, tiny_model("llama").state_dict()[k]) for k, v in model.state_dict().items())
+    after = unit_importance(result.gated)
+    for kind in before:
+        assert torch.equal(result.model.importance[kind], after[kind]) and not after[kind].requires_grad
+        assert not torch.allclose(after[kind], before[kind])
+
+
+def test_a_fit_learns_to_keep_less_at_higher_cost():
+    result = run(40, units=("head", "neuron"), cost=CostConfig(zero_probability=0.0, rate=0.5), guide_lr=0.1)
+    posterior = result.posterior()
+    assert posterior.expected_fraction(0.0) == 1.0
+    assert posterior.expected_fraction(0.05) > posterior.expected_fraction(1.0) > posterior.expected_fraction(20.0)
+
+
+def test_a_fixed_cost_fit_is_the_same_model_read_at_its_cost():
+    result = run(4, units=("head", "neuron"), cost=CostConfig(fixed=0.8))
+    assert {r["cost"] for r in result.history} == {0.8}
+    posterior = result.posterior()
+    assert posterior.fixed_cost == 0.8
+    assert torch.equal(posterior.inclusion()["head"], posterior.inclusion(0.8)["head"])
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_every_gate_kind_moves_the_loss_in_every_family(family):
+    from pyro.infer import Trace_ELBO
+
+    from bayesprune import PriorConfig
+    from bayesprune.guide import CostConditionedGuide
+    from bayesprune.model import PruningModel
+
+    units = tuple(u for u in ("block", "attn", "mlp", "head", "neuron") if not (family == "gpt2" and u == "head"))
+    gated = gate(tiny_model(family), GateConfig(units=units))
+    model = PruningModel(gated, SEQUENCES, PriorConfig())
+    guide = CostConditionedGuide(model.prior)
+    torch.manual_seed(0)
+    Trace_ELBO()(model, guide)(torch.arange(4), 1.0).backward()
+    for kind in units:
+        for name in ("offset", "threshold_curve"):
+            grad = guide.get_parameter(f"{kind}_{name}_loc_unconstrained").grad
+            assert grad is not None and grad.abs().sum() > 0, (kind, name)
 
 
 @pytest.mark.parametrize("weights", ["frozen", "joint"])
 def test_resume_after_an_interrupt_gives_the_same_result(tmp_path, weights):
     straight = run(6, weights=weights)
 
-    gated = gate(tiny_model("llama"), GateConfig())
+    gated = gate(tiny_model("llama"), GateConfig(units=("block", "head", "neuron")))
     calls = []
 
     def interrupt(module, args, output):
         calls.append(1)
-        if len(calls) == 5:  # one setup trace, then the forward of the 4th step
+        if len(calls) == 4:  # the forward of the 4th step
             raise KeyboardInterrupt
 
     handle = gated.model.model.layers[1].register_forward_hook(interrupt)
@@ -69,7 +112,8 @@ def test_resume_after_an_interrupt_gives_the_same_result(tmp_path, weights):
     handle.remove()
     assert (tmp_path / CHECKPOINT_FILE).exists()
 
-    resumed = fit(gate(tiny_model("llama"), GateConfig()), SEQUENCES, config, run_dir=tmp_path, progress=False)
+    resumed = fit(gate(tiny_model("llama"), GateConfig(units=("block", "head", "neuron"))), SEQUENCES, config,
+                  run_dir=tmp_path, progress=False)
     assert resumed.history == straight.history
     assert_same_state(guide_state(resumed), guide_state(straight))
     if weights == "joint":
@@ -80,11 +124,11 @@ def test_resume_after_an_interrupt_gives_the_same_result(tmp_path, weights):
 def test_non_finite_elbo_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
     run(2, run_dir=tmp_path)
     saved = (tmp_path / CHECKPOINT_FILE).read_bytes()
-    gated = gate(tiny_model("llama"), GateConfig())
+    gated = gate(tiny_model("llama"), GateConfig(units=("block", "head", "neuron")))
     with torch.no_grad():
         gated.model.model.layers[2].mlp.down_proj.weight.fill_(float("nan"))
     config = FitConfig(steps=4, batch_size=4, seq_len=12, checkpoint_every=2)
-    expected = r"not finite while setting up the guide.*sequences \[.*checkpoint in .* is intact"
+    expected = r"not finite at step 2.*sequences \[.*checkpoint in .* is intact"
     with pytest.raises(NonFiniteLossError, match=expected):
         fit(gated, SEQUENCES, config, run_dir=tmp_path, progress=False)
     assert (tmp_path / CHECKPOINT_FILE).read_bytes() == saved
@@ -93,6 +137,12 @@ def test_non_finite_elbo_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_p
 def test_bad_sequences_are_refused():
     with pytest.raises(ValueError, match="sequences must be"):
         fit(gate(tiny_model("llama")), SEQUENCES[0], FitConfig(steps=1), progress=False)
+
+
+def test_a_checkpoint_of_other_gates_is_refused(tmp_path):
+    run(2, run_dir=tmp_path)
+    with pytest.raises(ValueError, match="does not fit this fit"):
+        run(4, run_dir=tmp_path, units=("neuron",))
 
 
 def test_corrupt_checkpoint_is_reported(tmp_path):

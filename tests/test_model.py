@@ -3,69 +3,190 @@ import pytest
 import torch
 from pyro import poutine
 
-from bayesprune import GateConfig, PriorConfig, gate
-from bayesprune.model import PruningModel, kept_fraction, kept_parameters
+from bayesprune import CostConfig, GateConfig, PriorConfig, ShrinkagePrior, UnitSizes, gate
+from bayesprune import inclusion
+from bayesprune.fit import draw_cost
+from bayesprune.guide import CostConditionedGuide
+from bayesprune.model import PruningModel
 from tests.conftest import VOCAB, tiny_model
+
+SEQUENCES = torch.randint(0, VOCAB, (10, 8), generator=torch.Generator().manual_seed(0))
+UNITS = ("block", "attn", "mlp", "head", "neuron")
+
+
+def sizes(**values) -> UnitSizes:
+    base = dict(other=1.0, attn=0.0, mlp=0.0, head=0.0, neuron=0.0, heads=2.0, neurons=2.0, head_features=1.0)
+    base |= values
+    return UnitSizes(**{k: torch.full((2,), float(v), dtype=torch.float64) for k, v in base.items()})
 
 
 def test_kept_fraction_counts_nesting():
-    zero, two = torch.zeros(2), torch.full((2,), 2.0)
-    sizes = {"attn": torch.tensor([2.0, 2.0]), "mlp": torch.tensor([6.0, 6.0]), "other": torch.tensor([1.0, 1.0]),
-             "head": zero, "neuron": zero, "heads": two, "neurons": two}
-    full = kept_fraction({}, sizes)
-    assert full.item() == 1.0
+    s = sizes(attn=2, mlp=6)
+    assert s.kept_fraction({}).item() == 1.0 and s.decoder_parameters == 18
     # Block 1 off removes all 9 of its parameters, whatever its branches say.
     z = {"block": torch.tensor([1.0, 0.0]), "attn": torch.tensor([0.0, 1.0]), "mlp": torch.tensor([1.0, 1.0])}
-    assert kept_fraction(z, sizes).item() == pytest.approx((6 + 1) / 18)
+    assert s.kept_fraction(z).item() == pytest.approx((6 + 1) / 18)
     draws = {"block": torch.tensor([[1.0, 1.0], [0.0, 1.0]])}
-    assert kept_fraction(draws, sizes).tolist() == [1.0, 0.5]
+    assert s.kept_fraction(draws).tolist() == [1.0, 0.5]
 
 
 def test_width_units_count_only_under_open_ancestors():
     # Per layer: 1 norm, attn = 1 fixed + 2 heads × 3, mlp = 0 fixed + 4 neurons × 2 → 16.
-    sizes = {"other": torch.ones(2), "attn": torch.ones(2), "head": torch.full((2,), 3.0),
-             "mlp": torch.zeros(2), "neuron": torch.full((2,), 2.0),
-             "heads": torch.full((2,), 2.0), "neurons": torch.full((2,), 4.0)}
-    assert kept_parameters({}, sizes).item() == 32
+    s = sizes(attn=1, head=3, neuron=2, neurons=4)
+    assert s.kept_parameters({}).item() == 32
     z = {"block": torch.tensor([1.0, 0.0]), "mlp": torch.tensor([1.0, 1.0]),
          "head": torch.tensor([[1.0, 0.0], [1.0, 1.0]]), "neuron": torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 2)}
-    assert kept_parameters(z, sizes).item() == 1 + (1 + 3) + 2 * 2
+    assert s.kept_parameters(z).item() == 1 + (1 + 3) + 2 * 2
     z["mlp"] = torch.tensor([0.0, 1.0])
-    assert kept_parameters(z, sizes).item() == 1 + (1 + 3)
+    assert s.kept_parameters(z).item() == 1 + (1 + 3)
 
 
-def test_width_sites_are_layer_by_unit():
+def test_flops_count_two_per_weight_and_attention_over_the_context():
+    s = sizes(attn=1, head=3, neuron=2, head_features=8)
+    flops = s.flops(context=10)
+    assert flops.neuron[0] == 4 and flops.other[0] == 2
+    assert flops.head[0] == 2 * 3 + 4 * 10 * 8
+    assert flops.decoder_parameters > 2 * s.decoder_parameters
+
+
+def trace(units=UNITS, cost=0.7, family="llama", **prior):
     pyro.clear_param_store()
-    gated = gate(tiny_model("llama"), GateConfig(units=("head", "neuron")))
-    sequences = torch.randint(0, VOCAB, (6, 8), generator=torch.Generator().manual_seed(0))
-    model = PruningModel(gated, sequences, PriorConfig())
-    trace = poutine.trace(model).get_trace(torch.arange(2))
-    assert trace.nodes["neuron_logit"]["value"].shape == (4, 48)
-    assert trace.nodes["neuron_layer_logit"]["value"].shape == (4, 1)
-    assert trace.nodes["head_gate"]["value"].shape == (4, 2)
-    assert set(trace.nodes["neuron_gate"]["value"].unique().tolist()) <= {0.0, 1.0}
+    gated = gate(tiny_model(family), GateConfig(units=units))
+    model = PruningModel(gated, SEQUENCES, PriorConfig(**prior))
+    guide = CostConditionedGuide(model.prior)
+    guide_trace = poutine.trace(guide).get_trace()
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(torch.tensor([0, 3]), cost)
+    return gated, model, guide_trace, model_trace
 
 
-@pytest.mark.parametrize("units", [("block",), ("block", "attn", "mlp")])
-def test_model_sites_shapes_and_scaling(units):
-    pyro.clear_param_store()
-    gated = gate(tiny_model("llama"), GateConfig(units=units))
-    sequences = torch.randint(0, VOCAB, (10, 8), generator=torch.Generator().manual_seed(0))
-    prior = PriorConfig(cost=0.7)
-    model = PruningModel(gated, sequences, prior)
-    trace = poutine.trace(model).get_trace(torch.tensor([0, 3]))
-    for kind in units:
-        assert trace.nodes[f"{kind}_mean_logit"]["value"].shape == ()
-        assert trace.nodes[f"{kind}_global_scale"]["value"].shape == ()
-        assert trace.nodes[f"{kind}_local_scale"]["value"].shape == (4,)
-        assert trace.nodes[f"{kind}_logit"]["value"].shape == (4,)
-        gates = trace.nodes[f"{kind}_gate"]["value"]
-        assert set(gates.tolist()) <= {0.0, 1.0}, "straight-through gates are exactly 0 or 1 going forward"
+def test_one_vectorised_site_per_parameter_and_kind_with_its_levels():
+    _, model, guide_trace, model_trace = trace()
+    for kind in UNITS:
+        unit = (4, 48) if kind == "neuron" else (4, 2) if kind == "head" else (4,)
+        assert model_trace.nodes[f"{kind}_threshold_curve"]["value"].shape == (9,)      # global level
+        assert model_trace.nodes[f"{kind}_global_scale"]["value"].shape == ()
+        assert model_trace.nodes[f"{kind}_local_scale"]["value"].shape == (4,)          # layer level
+        assert model_trace.nodes[f"{kind}_deviation"]["value"].shape == (4, 9)
+        assert model_trace.nodes[f"{kind}_offset"]["value"].shape == unit               # unit level
+        assert (f"{kind}_log_amplitude" in model_trace.nodes) == (kind != "block")
+        gates = model_trace.nodes[f"{kind}_gate"]["value"]
+        assert gates.shape == unit and set(gates.unique().tolist()) <= {0.0, 1.0}
+    latent = {n for n, s in model_trace.nodes.items()
+              if s["type"] == "sample" and not s["is_observed"] and not n.endswith("sequences")}
+    assert latent == {n for n, s in guide_trace.nodes.items() if s["type"] == "sample"}
+
+
+def test_the_cost_factor_is_the_expected_kept_size_and_the_likelihood_is_scaled_to_the_corpus():
+    _, model, guide_trace, model_trace = trace(cost=0.7)
+    theta = {n: s["value"] for n, s in guide_trace.nodes.items() if s["type"] == "sample"}
+    p = inclusion.probabilities(theta, model.importance, 0.7, model.prior.config)
+    factor = model_trace.nodes["cost"]["fn"].log_factor
     assert model.num_tokens == 10 * 7
-    gates = {k: trace.nodes[f"{k}_gate"]["value"].double() for k in units}
-    cost = trace.nodes["cost"]["fn"].log_factor
-    assert cost.item() == pytest.approx(-0.7 * 70 * kept_fraction(gates, model.sizes).item(), rel=1e-5)
-    likelihood = trace.nodes["likelihood"]
+    assert factor.item() == pytest.approx(-0.7 * 70 * model.sizes.kept_fraction(p).item(), rel=1e-5)
+    likelihood = model_trace.nodes["likelihood"]
     assert likelihood["scale"] == pytest.approx(10 / 2), "the mini-batch is scaled to the corpus"
     assert likelihood["fn"].log_factor.shape == (2,)
-    gated.values.clear()
+
+
+def scrambled(prior: ShrinkagePrior) -> dict[str, torch.Tensor]:
+    """Every parameter far from where the guide starts."""
+    generator = torch.Generator().manual_seed(3)
+    return {s.name: (torch.randn(s.shape, generator=generator) * 2).exp() if s.positive else
+            torch.randn(s.shape, generator=generator) * 2 for s in prior.sites()}
+
+
+@pytest.mark.parametrize("family", ["llama", "olmo2", "gpt2"])
+def test_at_cost_zero_the_model_is_exactly_the_dense_one_whatever_the_parameters(family):
+    model = tiny_model(family)
+    ids = SEQUENCES[:2]
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+    units = tuple(u for u in UNITS if not (family == "gpt2" and u == "head"))
+    gated = gate(model, GateConfig(units=units))
+    pruning = PruningModel(gated, SEQUENCES, PriorConfig(offset_scale=1.0))
+    theta = scrambled(pruning.prior)
+    p = inclusion.probabilities(theta, pruning.importance, 0.0, pruning.prior.config)
+    amplitudes = inclusion.amplitudes(theta, pruning.importance, 0.0)
+    assert all(torch.equal(v, torch.ones_like(v)) for v in p.values())
+    assert set(amplitudes) == set(units) - {"block"}
+    assert all(torch.equal(a, torch.ones_like(a)) for a in amplitudes.values())
+    with torch.no_grad(), gated.gates_set(p, amplitudes):
+        assert torch.equal(gated(input_ids=ids).logits, reference)
+
+
+def test_thresholds_rise_with_the_cost_and_importance_is_relative_to_the_layer():
+    gated = gate(tiny_model("llama"), GateConfig(units=UNITS))
+    pruning = PruningModel(gated, SEQUENCES, PriorConfig())
+    theta = scrambled(pruning.prior)
+    for kind in UNITS:
+        values = torch.stack([inclusion.thresholds(theta, kind, c, pruning.prior.config)
+                              for c in (0.0, 0.1, 0.5, 1, 3, 10, 100)])
+        assert (values.diff(dim=0) >= -1e-5).all()
+        assert torch.allclose(values[0], torch.full_like(values[0], PriorConfig().threshold_start))
+    for kind in ("head", "neuron"):
+        assert torch.allclose(pruning.importance[kind].mean(-1), torch.ones(4))
+
+
+def test_logits_add_offsets_to_amplified_importance_and_subtract_the_layer_threshold():
+    gated = gate(tiny_model("llama"), GateConfig(units=("neuron",)))
+    pruning = PruningModel(gated, SEQUENCES, PriorConfig())
+    theta, c = scrambled(pruning.prior), pruning.prior.config
+    importance = pruning.importance["neuron"]
+    amplitude = inclusion.amplitude(theta, "neuron", 1.0, 2)
+    expected = (importance * amplitude + theta["neuron_offset"] -
+                inclusion.thresholds(theta, "neuron", 1.0, c)[:, None]) / c.temperature
+    assert torch.allclose(inclusion.logits(theta, "neuron", importance, 1.0, c), expected)
+    none = ShrinkagePrior(PriorConfig(offset_scale=0), ("neuron",), 4, {"neuron": 48})
+    assert "neuron_offset" not in {s.name for s in none.sites()}
+
+
+def test_layer_deviations_are_shrunk_toward_the_shared_curve_by_a_horseshoe():
+    prior = ShrinkagePrior(PriorConfig(), ("neuron",), 4, {"neuron": 48})
+    site = next(s for s in prior.sites() if s.name == "neuron_deviation")
+    theta = {"neuron_global_scale": torch.tensor(0.1), "neuron_local_scale": torch.tensor([1.0, 1.0, 1.0, 10.0])}
+    density = prior.distribution(site, theta)
+    apart = torch.zeros(4, 9)
+    apart[0] = 0.5
+    escaped = torch.zeros(4, 9)
+    escaped[3] = 0.5
+    assert density.log_prob(torch.zeros(4, 9)) > density.log_prob(escaped) > density.log_prob(apart), \
+        "a layer with a large local scale may stand out; the others shrink"
+
+
+def test_a_prior_is_swapped_in_one_place():
+    class WideOffsets(ShrinkagePrior):
+        def distribution(self, site, theta):
+            if site.name.endswith("_offset"):
+                return pyro.distributions.Normal(torch.zeros(site.shape), 5.0).to_event(len(site.shape))
+            return super().distribution(site, theta)
+
+    gated = gate(tiny_model("llama"), GateConfig(units=("head",)))
+    prior = WideOffsets(PriorConfig(), gated.kinds, gated.num_layers, gated.values.units)
+    model = PruningModel(gated, SEQUENCES, prior)
+    guide_trace = poutine.trace(CostConditionedGuide(prior)).get_trace()
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(torch.tensor([0]), 0.5)
+    assert model_trace.nodes["head_offset"]["fn"].base_dist.scale.max() == 5.0
+
+
+def test_cost_draws_follow_the_configured_mixture_and_a_fixed_cost_is_fixed():
+    torch.manual_seed(0)
+    config = CostConfig(zero_probability=0.25, rate=2.0)
+    draws = torch.tensor([draw_cost(config) for _ in range(4000)])
+    assert (draws == 0).float().mean().item() == pytest.approx(0.25, abs=0.03)
+    assert draws[draws > 0].mean().item() == pytest.approx(0.5, abs=0.05)
+    assert {draw_cost(CostConfig(fixed=0.4)) for _ in range(5)} == {0.4}
+    assert inclusion.cost_position(1.0) == 0.5
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="cost"):
+            inclusion.cost_position(bad)
+    with pytest.raises(ValueError, match="finite"):
+        CostConfig(fixed=float("nan"))
+
+
+def test_importance_follows_trained_weights_with_its_gradient():
+    gated = gate(tiny_model("llama"), GateConfig(units=("head", "neuron")))
+    tracked = inclusion.unit_importance(gated, track=True)
+    tracked["neuron"][0, 0].backward()
+    down = gated.model.model.layers[0].mlp.down_proj
+    assert down.weight.grad is not None and down.weight.grad.abs().sum() > 0
+    assert not inclusion.unit_importance(gated)["neuron"].requires_grad

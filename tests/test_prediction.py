@@ -3,10 +3,7 @@ import math
 import pytest
 import torch
 
-from bayesprune import FitConfig, GateConfig, gate
-from bayesprune.amortised_fit import fit_amortised
-from bayesprune.config import AmortisedConfig
-from bayesprune.cost_curve import CostCurve
+from bayesprune import CostConfig, FitConfig, GateConfig, fit, gate
 from bayesprune.evaluate import sequence_nll
 from bayesprune.prediction import ensemble_nll, plan_quality, predicted_quality, sampled_log_probs
 from tests.conftest import VOCAB, tiny_model
@@ -18,9 +15,9 @@ VALIDATION = torch.randint(0, VOCAB, (6, 12), generator=torch.Generator().manual
 @pytest.fixture(scope="module")
 def fitted():
     gated = gate(tiny_model("llama"), GateConfig(units=("head", "neuron")))
-    fit = fit_amortised(gated, SEQUENCES, FitConfig(steps=20, batch_size=4),
-                        AmortisedConfig(lr=0.1, zero_probability=0.0, rate=0.5), progress=False)
-    return gated, CostCurve.from_fit(fit)
+    result = fit(gated, SEQUENCES, FitConfig(steps=20, batch_size=4, guide_lr=0.1),
+                 cost=CostConfig(zero_probability=0.0, rate=0.5), progress=False)
+    return gated, result.posterior()
 
 
 def test_at_cost_zero_every_sample_is_the_dense_model_and_the_band_is_the_data_noise(fitted):

@@ -1,9 +1,7 @@
 import pytest
 import torch
 
-from bayesprune import FitConfig, GateConfig, gate
-from bayesprune.amortised_fit import fit_amortised
-from bayesprune.config import AmortisedConfig
+from bayesprune import CostConfig, FitConfig, GateConfig, fit, gate
 from bayesprune.fit import make_optimizer, schedule
 from bayesprune.scratch import gpt2_tokenizer, scratch_model
 
@@ -28,12 +26,12 @@ def test_the_schedule_warms_up_then_decays_to_a_tenth_and_never_decays_the_guide
     assert all(a >= b for a, b in zip(rates[4:], rates[5:])) and rates[-1] == pytest.approx(0.05 * 0.1, rel=0.05)
 
 
-def test_a_small_model_trains_from_scratch_with_amortised_gates():
+def test_a_small_model_trains_from_scratch_with_its_gates():
     model = scratch_model(vocab_size=320, hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64)
     sequences = torch.randint(0, 32, (16, 16), generator=torch.Generator().manual_seed(0))  # a small alphabet
     gated = gate(model, GateConfig(units=("head", "neuron")))
-    fit = fit_amortised(gated, sequences, FitConfig(steps=30, batch_size=8, weights="joint", weight_lr=3e-3,
-                                                    warmup_steps=3, schedule="cosine", weight_decay=0.01),
-                        AmortisedConfig(zero_probability=0.5), progress=False)
-    dense_losses = [r["nll"] for r in fit.history if r["cost"] == 0]
+    result = fit(gated, sequences, FitConfig(steps=30, batch_size=8, weights="joint", weight_lr=3e-3,
+                                             warmup_steps=3, schedule="cosine", weight_decay=0.01),
+                 cost=CostConfig(zero_probability=0.5), progress=False)
+    dense_losses = [r["nll"] for r in result.history if r["cost"] == 0]
     assert dense_losses[-1] < dense_losses[0] - 1.0, "the weights learn"

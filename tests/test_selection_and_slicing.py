@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bayesprune import (ExtractionPlan, GateConfig, LayerPlan, ModelTotals, Target, TargetError, choose,
+from bayesprune import (ExtractionPlan, GateConfig, LayerPlan, ModelTotals, Target, TargetError,
                         extract_model, extract_streaming, gate, load_pruned, save_extracted)
 from bayesprune.architectures import count_parameters, decoder_layers
 from tests.conftest import VOCAB, posterior_for, tiny_model
@@ -62,6 +62,10 @@ def test_targets_parse(text, kind, value):
 def test_unreadable_or_empty_targets_are_refused(text):
     with pytest.raises(TargetError):
         Target.parse(text)
+
+
+def choose(posterior, totals, target, form="per-layer", multiple=1):
+    return posterior.plan(target, totals, form, multiple)
 
 
 def block_posterior(model, order: list[int]):
@@ -243,7 +247,7 @@ def test_chosen_plans_fit_the_target_and_report_their_real_size(form, target):
     assert plan.decoder_parameters == decoder and plan.parameters == count_parameters(small)
     assert plan.fraction <= float(target) + 1e-9
     if form == "per-layer":
-        head = posterior.sizes["head"][0].item()
+        head = posterior.sizes.head[0].item()
         assert float(target) - plan.fraction <= head / (plan.decoder_parameters / plan.fraction), \
             "the budget is filled to within one head group"
     else:
@@ -255,7 +259,7 @@ def test_per_layer_choice_prefers_probable_units():
     model = tiny_model("llama")
     posterior = width_posterior(model, seed=5)
     plan = choose(posterior, ModelTotals.of(model), "0.6")
-    p = posterior.inclusion_mean("neuron")
+    p = posterior.inclusion_mean()["neuron"]
     for layer in plan.layers:
         if layer.neurons:
             dropped = [n for n in range(48) if n not in layer.neurons]

@@ -12,7 +12,7 @@
 
 Each scorer returns one score per block, higher = keep; :func:`baseline_plan`
 turns scores into an :class:`~bayesprune.selection.ExtractionPlan` for a target,
-so baselines produce real checkpoints through :func:`~bayesprune.slicing.extract_model`.
+so baselines produce real checkpoints through :func:`~bayesprune.extraction.extract_model`.
 Calibration windows should come from the fit split, never validation or test.
 """
 
@@ -30,7 +30,9 @@ from ..config import GateConfig
 from ..data import batches
 from ..evaluate import sequence_nll
 from ..gates import gate
-from ..selection import ExtractionPlan, ModelTotals, Target, choose_blocks, choose_units
+from ..plan import ExtractionPlan
+from ..selection import choose_blocks, choose_units
+from ..targets import ModelTotals, Target
 
 BLOCK_BASELINES = ("shortgpt", "sleb", "random", "drop-last")
 

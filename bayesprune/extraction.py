@@ -22,8 +22,9 @@ from safetensors import safe_open
 
 from .architectures import Architecture, Widths, architecture_for_config, widths_of
 from .io import atomic_directory
-from .loading import build_model, global_access
-from .selection import ExtractionPlan, ModelTotals, TargetError
+from .pruned import build_model, global_access
+from .plan import ExtractionPlan
+from .targets import ModelTotals, TargetError
 
 EXTRACTION_FILE = "bayesprune_extraction.json"
 WEIGHTS_FILE = "model.safetensors"
