@@ -1,6 +1,6 @@
 """bayesprune: Bayesian structured pruning of Hugging Face causal language models."""
 
-from .config import CostConfig, DataConfig, FitConfig, GateConfig, PriorConfig, RunConfig
+from .config import CostConfig, DataConfig, ExtractionConfig, FitConfig, GateConfig, PriorConfig, RunConfig
 from .data import load_documents, load_splits, split_documents, tokenize, windows
 from .evaluate import model_size, perplexity
 from .fit import Fit, fit
@@ -15,7 +15,7 @@ from .sizes import UnitSizes
 from .extraction import extract, extract_model, extract_streaming, save_extracted
 
 __all__ = [
-    "CostConfig", "DataConfig", "FitConfig", "GateConfig", "PriorConfig", "RunConfig",
+    "CostConfig", "DataConfig", "ExtractionConfig", "FitConfig", "GateConfig", "PriorConfig", "RunConfig",
     "load_documents", "load_splits", "split_documents", "tokenize", "windows",
     "model_size", "perplexity",
     "ExtractionPlan", "LayerPlan", "ModelTotals", "Target", "TargetError", "UnitSizes",

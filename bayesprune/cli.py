@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .config import CostConfig, DataConfig, FitConfig, GateConfig, PriorConfig, RunConfig
+from .config import FORMS, CostConfig, DataConfig, ExtractionConfig, FitConfig, GateConfig, PriorConfig, RunConfig
 
 
 def _fit_parser(sub) -> None:
@@ -38,10 +38,10 @@ def _fit_parser(sub) -> None:
 
 
 def _extraction_options(p) -> None:
-    p.add_argument("--form", choices=["per-layer", "uniform"], default="per-layer",
+    p.add_argument("--form", choices=FORMS, default=ExtractionConfig.form,
                    help="per-layer widths (load with bayesprune.load_pruned) or the same widths in every "
                         "block (loads in plain transformers)")
-    p.add_argument("--multiple", type=int, default=1, help="round kept neurons per block to a multiple of this")
+    p.add_argument("--multiple", type=int, default=ExtractionConfig.multiple, help="round kept neurons per block to a multiple of this")
 
 
 def _run_config(args) -> RunConfig:
@@ -84,14 +84,14 @@ def main(argv: list[str] | None = None) -> int:
             from .pipeline import run_fit
 
             target = None if args.target.lower() == "none" else args.target
-            run_fit(config, args.out, target=target, log=lambda s: print(s, flush=True),
-                    form=args.form, multiple=args.multiple)
+            extraction = ExtractionConfig(target, args.form, args.multiple)
+            run_fit(config, args.out, extraction, log=lambda s: print(s, flush=True))
         elif args.command == "extract":
             from .pipeline import run_extract
 
             streaming = False if args.in_memory else None
-            print(json.dumps(run_extract(args.run, args.target, args.out, form=args.form,
-                                         multiple=args.multiple, streaming=streaming), indent=2))
+            extraction = ExtractionConfig(args.target, args.form, args.multiple)
+            print(json.dumps(run_extract(args.run, extraction, args.out, streaming=streaming), indent=2))
         else:
             from .data import load_splits
             from .evaluate import model_size, perplexity

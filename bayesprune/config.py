@@ -10,6 +10,7 @@ from pathlib import Path
 
 UNIT_KINDS = ("block", "attn", "mlp", "head", "neuron")
 WIDTH_KINDS = ("head", "neuron")
+FORMS = ("per-layer", "uniform")
 
 
 class _JsonConfig:
@@ -172,6 +173,38 @@ class DataConfig(_JsonConfig):
             raise ValueError("validation_fraction + test_fraction must leave documents to fit on")
         if self.eval_tokens < 2 or self.eval_window < 2:
             raise ValueError("eval_tokens and eval_window must be >= 2")
+
+
+@dataclass
+class ExtractionConfig(_JsonConfig):
+    """What to cut from a fitted run: the target size, the checkpoint form, the neuron rounding.
+
+    ``target`` is read by :meth:`bayesprune.targets.Target.parse` (``None``: fit only);
+    ``form`` is ``per-layer`` (each block its own widths) or ``uniform`` (plain
+    ``transformers`` loads it); ``multiple`` rounds kept neurons per block.
+    """
+
+    target: str | None = "0.75"
+    form: str = "per-layer"
+    multiple: int = 1
+
+    def __post_init__(self):
+        from .targets import Target, TargetError
+
+        if self.target is not None:
+            self.target = str(self.target)
+            Target.parse(self.target)
+        if self.form not in FORMS:
+            raise TargetError(f"unknown form {self.form!r}; choose one of {list(FORMS)}")
+        if not isinstance(self.multiple, int) or self.multiple < 1:
+            raise TargetError(f"multiple must be an integer >= 1, got {self.multiple!r}")
+
+    @property
+    def parsed(self):
+        """The target as a :class:`~bayesprune.targets.Target` (``None``: no extraction)."""
+        from .targets import Target
+
+        return None if self.target is None else Target.parse(self.target)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .architectures import architecture_for_config
-from .config import WIDTH_KINDS, RunConfig
+from .config import WIDTH_KINDS, ExtractionConfig, RunConfig
 from .data import load_splits, windows
 from .evaluate import model_size, perplexity
 from .fit import CHECKPOINT_FILE, fit, load_network
@@ -28,7 +28,6 @@ from .io import atomic_write_json, atomic_write_text, load_tensors
 from .pretrained import load_config, load_model, resolve_model
 from .plots import plot_block_forest, plot_inclusion_over_cost, plot_size_curve, plot_thresholds, plot_width
 from .posterior import POSTERIOR_FILE, GatePosterior, cost_grid
-from .selection import FORMS
 from .targets import ModelTotals, Target, TargetError
 from .extraction import CheckpointFiles, extract, extract_model, extract_streaming, save_extracted
 
@@ -37,13 +36,9 @@ UNIT_LEVEL_DRAWS = 20
 SUMMARY_TARGET = "0.75"  # where a run without a target shows its ranking and widths
 
 
-def validate(config: RunConfig, target: str | None, form: str = "per-layer", multiple: int = 1) -> Target | None:
+def validate(config: RunConfig, extraction: ExtractionConfig) -> Target | None:
     """Check the model family, gate kinds and target before any weights are loaded or scored."""
-    parsed = Target.parse(target) if target is not None else None
-    if form not in FORMS:
-        raise TargetError(f"unknown form {form!r}; choose one of {list(FORMS)}")
-    if multiple < 1:
-        raise TargetError(f"multiple must be >= 1, got {multiple}")
+    parsed = extraction.parsed
     arch = architecture_for_config(load_config(config.model))
     for kind in config.gate.units:
         if kind in WIDTH_KINDS and arch.gate_site(kind) is None:
@@ -120,12 +115,13 @@ def format_widths(rows: list[dict]) -> str:
                    ("P>1/2", ">10", lambda r: f"{r['units_above_half']}/{r['units']}")], rows)
 
 
-def run_fit(config: RunConfig, run_dir: str | Path, target: str | None = "0.75",
-            progress: bool = True, log=print, form: str = "per-layer", multiple: int = 1) -> dict:
-    """Fit the cost-conditioned gate posterior, summarise it, and (with ``target``) extract and evaluate."""
+def run_fit(config: RunConfig, run_dir: str | Path, extraction: ExtractionConfig | None = None,
+            progress: bool = True, log=print) -> dict:
+    """Fit the cost-conditioned gate posterior, summarise it, and (with a target) extract and evaluate."""
     started = time.time()
     run_dir = Path(run_dir)
-    parsed_target = validate(config, target, form, multiple)
+    extraction = extraction or ExtractionConfig()
+    parsed_target = validate(config, extraction)
     model, tokenizer = load_model(config.model)
     splits = load_splits(tokenizer, config.data)
     _prepare_run_dir(run_dir, config)
@@ -145,7 +141,9 @@ def run_fit(config: RunConfig, run_dir: str | Path, target: str | None = "0.75",
     posterior.save(run_dir / POSTERIOR_FILE)
     model = gated.remove()
     totals = ModelTotals.of(model)
-    plan = posterior.plan(parsed_target, totals, form, multiple) if parsed_target is not None else None
+    plan = None
+    if parsed_target is not None:
+        plan = posterior.plan(parsed_target, totals, extraction.form, extraction.multiple)
     cost = plan.cost if plan is not None else posterior.plan(SUMMARY_TARGET, totals).cost
     costs = [posterior.fixed_cost] if posterior.fixed_cost is not None else cost_grid()
     size_rows = posterior.size_curve(costs, totals)
@@ -156,12 +154,12 @@ def run_fit(config: RunConfig, run_dir: str | Path, target: str | None = "0.75",
     if plan is not None:
         out = run_dir / "extracted"
         small = extract_model(model, plan)
-        record = _record(run_dir, parsed_target, plan, posterior)
+        record = _record(run_dir, extraction, plan, posterior)
         save_extracted(small, tokenizer, out, record, overwrite=True)
         extracted = {**evaluate(small), **record, **model_size(small, out), "path": str(out)}
         report["extracted"] = extracted
         files["extracted_model"] = str(out)
-        log(f"extracted ({parsed_target}, {form}) at cost {plan.cost:.3f}: kept {len(plan.layers)}/"
+        log(f"extracted ({parsed_target}, {extraction.form}) at cost {plan.cost:.3f}: kept {len(plan.layers)}/"
             f"{plan.num_layers} blocks, {plan.fraction:.3f} of decoder parameters, test perplexity "
             f"{extracted['perplexity']:.3f} (dense {dense['perplexity']:.3f}), {extracted['parameters']:,} parameters")
     report["files"] = files
@@ -191,10 +189,11 @@ def format_size_curve(rows: list[dict]) -> str:
                    ("MB", ">8", lambda r: f"{r['megabytes']:.1f}")], rows)
 
 
-def _record(run_dir: Path, target: Target, plan, posterior: GatePosterior) -> dict:
+def _record(run_dir: Path, extraction: ExtractionConfig, plan, posterior: GatePosterior) -> dict:
     keep_p = posterior.block_keep_probability(plan.cost).mean(0)
     removed = [i for i in range(plan.num_layers) if i not in plan.kept_layers]
-    return {"source_run": str(run_dir.resolve()), "target": str(target), **plan.record(),
+    return {"source_run": str(run_dir.resolve()), "target": str(extraction.parsed),
+            "extraction": extraction.to_dict(), **plan.record(),
             "removed_layer_names": [posterior.layer_names[i] for i in removed],
             "removed_inclusion": [keep_p[i].item() for i in removed]}
 
@@ -224,16 +223,18 @@ def load_fitted_model(run_dir: str | Path):
     return model, tokenizer
 
 
-def run_extract(run_dir: str | Path, target: str, out: str | Path, overwrite: bool = False,
-                form: str = "per-layer", multiple: int = 1, streaming: bool | None = None) -> dict:
-    """Extract a sub-network for ``target`` from a fitted run; nothing is written on error.
+def run_extract(run_dir: str | Path, extraction: ExtractionConfig, out: str | Path, overwrite: bool = False,
+                streaming: bool | None = None) -> dict:
+    """Extract the sub-network ``extraction`` asks for from a fitted run; nothing is written on error.
 
     A frozen-weight fit is cut straight from the original safetensors files
     (``streaming``, the default there), reading only the kept slices; a joint fit,
     whose weights live in the run's checkpoint, is cut in memory.
     """
     run_dir = Path(run_dir)
-    parsed = Target.parse(target)
+    parsed, form, multiple = extraction.parsed, extraction.form, extraction.multiple
+    if parsed is None:
+        raise TargetError("extraction needs a target")
     fitted = load_fitted(run_dir)
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another --out or remove it")
@@ -249,12 +250,12 @@ def run_extract(run_dir: str | Path, target: str, out: str | Path, overwrite: bo
         files = CheckpointFiles(source)
         plan = fitted.plan(parsed, files.totals(architecture_for_config(AutoConfig.from_pretrained(source))),
                            form, multiple)
-        record = _record(run_dir, parsed, plan, fitted)
+        record = _record(run_dir, extraction, plan, fitted)
         extract_streaming(source, plan, out, record, overwrite)
     else:
         model, tokenizer = load_fitted_model(run_dir)
         small, plan = extract(model, fitted, parsed, form, multiple)
-        record = _record(run_dir, parsed, plan, fitted)
+        record = _record(run_dir, extraction, plan, fitted)
         save_extracted(small, tokenizer, out, record, overwrite)
     files_bytes = sum(p.stat().st_size for p in Path(out).glob("*.safetensors"))
     return {**record, "file_bytes": files_bytes, "path": str(out)}

@@ -13,11 +13,12 @@ Two different uncertainties are reported and kept apart:
 * the spread of ``ρ_u(λ)`` over draws of ``θ`` (its credible interval) is the
   uncertainty *about* that probability.
 
-A target size is met in two steps: solve for the cost whose expected kept size is
-the target (a fixed-cost fit keeps its cost), then rank the units by their posterior
-inclusion probability *at that cost* and keep the most probable until the target is
-filled exactly (:func:`bayesprune.selection.choose_by_probability`); the posterior
-mean amplitudes at that cost are folded into the kept weights.
+A target size is met in two steps, both at the posterior median of ``θ``: solve for
+the cost whose expected kept size is the target (a fixed-cost fit keeps its cost),
+then rank the units by their inclusion probability *at that cost* and keep the most
+probable until the target is filled exactly
+(:func:`bayesprune.selection.choose_by_probability`); the amplitudes at that cost are
+folded into the kept weights.
 """
 
 from __future__ import annotations
@@ -93,6 +94,11 @@ class GatePosterior:
                 self._theta[site.name] = value.exp() if site.positive else value
         return self._theta
 
+    def median(self) -> inclusion.Theta:
+        """The posterior median of every site, with a leading draw dimension of 1."""
+        return {site.name: (self.locs[site.name].exp() if site.positive else self.locs[site.name])[None]
+                for site in self.sites}
+
     def _cost(self, cost: float | None) -> float:
         if cost is None:
             if self.fixed_cost is None:
@@ -102,18 +108,20 @@ class GatePosterior:
         return float(cost)
 
     @torch.no_grad()
-    def inclusion(self, cost: float | None = None) -> dict[str, torch.Tensor]:
-        """``ρ(λ)`` per draw of ``θ``: ``(draw, layer)`` or ``(draw, layer, unit)`` per kind."""
-        return inclusion.probabilities(self.theta(), self.importance, self._cost(cost), self.prior)
+    def inclusion(self, cost: float | None = None, point: bool = False) -> dict[str, torch.Tensor]:
+        """``ρ(λ)`` per draw of ``θ``: ``(draw, layer)`` or ``(draw, layer, unit)`` per kind
+        (``point``: at the posterior median of ``θ``, one draw)."""
+        theta = self.median() if point else self.theta()
+        return inclusion.probabilities(theta, self.importance, self._cost(cost), self.prior)
 
-    def inclusion_mean(self, cost: float | None = None) -> dict[str, torch.Tensor]:
-        """Posterior inclusion probability of every unit at ``cost``."""
-        return {k: v.double().mean(0) for k, v in self.inclusion(cost).items()}
+    def inclusion_mean(self, cost: float | None = None, point: bool = False) -> dict[str, torch.Tensor]:
+        """Posterior inclusion probability of every unit at ``cost`` (``point``: at the median of ``θ``)."""
+        return {k: v.double().mean(0) for k, v in self.inclusion(cost, point).items()}
 
     @torch.no_grad()
-    def amplitudes(self, cost: float | None = None) -> dict[str, torch.Tensor]:
-        """Posterior mean output amplitude of every unit at ``cost`` (folded into the weights on extraction)."""
-        values = inclusion.amplitudes(self.theta(), self.importance, self._cost(cost))
+    def amplitudes(self, cost: float | None = None, point: bool = False) -> dict[str, torch.Tensor]:
+        """Output amplitude of every unit at ``cost``: the posterior mean, or at the median of ``θ``."""
+        values = inclusion.amplitudes(self.median() if point else self.theta(), self.importance, self._cost(cost))
         return {k: v.mean(0) for k, v in values.items()}
 
     @torch.no_grad()
@@ -123,13 +131,11 @@ class GatePosterior:
 
     # -- sizes -----------------------------------------------------------------------------------------
 
-    def fraction_under_draws(self, cost: float | None = None, measure: UnitSizes | None = None) -> torch.Tensor:
-        """Expected kept fraction of decoder parameters (or of ``measure``) for each draw of ``θ``."""
-        return (measure or self.sizes).kept_fraction(self.inclusion(cost))
-
-    def expected_fraction(self, cost: float | None = None, measure: UnitSizes | None = None) -> float:
-        """Posterior expected fraction of decoder parameters (or of ``measure``) kept by hard gates at ``cost``."""
-        return float(self.fraction_under_draws(cost, measure).mean())
+    def expected_fraction(self, cost: float | None = None, measure: UnitSizes | None = None,
+                          point: bool = False) -> float:
+        """Posterior expected fraction of decoder parameters (or of ``measure``) kept by hard gates at ``cost``
+        (``point``: given the median of ``θ``)."""
+        return float((measure or self.sizes).kept_fraction(self.inclusion(cost, point)).mean())
 
     def fraction_draws(self, cost: float | None = None, seed: int = 0) -> torch.Tensor:
         """Kept fractions of hard gate draws, one per draw of ``θ``: both uncertainties at once."""
@@ -137,9 +143,9 @@ class GatePosterior:
         gates = {k: torch.bernoulli(v.double(), generator=generator) for k, v in self.inclusion(cost).items()}
         return self.sizes.kept_fraction(gates)
 
-    def expected_blocks(self, cost: float | None = None) -> float:
+    def expected_blocks(self, cost: float | None = None, point: bool = False) -> float:
         """Posterior expected number of blocks that contribute at ``cost``."""
-        return float(self.block_keep_probability(cost).sum(-1).mean())
+        return float(self.block_keep_probability(cost, point).sum(-1).mean())
 
     def size_curve(self, costs, totals: ModelTotals) -> list[dict]:
         """Per cost: expected kept fraction, its spread over draws, parameters and MB (10⁶ bytes)."""
@@ -155,18 +161,22 @@ class GatePosterior:
         return rows
 
     def solve(self, target: Target | str | float, totals: ModelTotals, tolerance: float = 1e-4) -> float:
-        """The cost whose posterior expected kept size equals ``target`` (bisection over ``λ / (1 + λ)``)."""
+        """The cost whose expected kept size at the posterior median of ``θ`` equals ``target`` (bisection over
+        ``λ / (1 + λ)``)."""
         target = target if isinstance(target, Target) else Target.parse(target)
         if target.kind == "layers":
             if not set(self.kinds) - set(WIDTH_KINDS):
                 raise TargetError(f"a block count needs block, attn or mlp gates; this run gates {list(self.kinds)}")
-            size, wanted = self.expected_blocks, target.value
+            wanted = target.value
+
+            def size(cost):
+                return self.expected_blocks(cost, point=True)
         else:
             measure = self.sizes.flops() if target.kind == "flops" else self.sizes
             wanted = totals.decoder_fraction(target, self.sizes)
 
             def size(cost):
-                return self.expected_fraction(cost, measure)
+                return self.expected_fraction(cost, measure, point=True)
         low, high = 0.0, _MAX_POSITION
         if size(high / (1 - high)) > wanted:
             return high / (1 - high)  # the largest cost still keeps more: the chooser fills to the target
@@ -180,32 +190,34 @@ class GatePosterior:
 
     def plan(self, target: Target | str | float, totals: ModelTotals, form: str = "per-layer",
              multiple: int = 1) -> ExtractionPlan:
-        """The sub-network for ``target``: units ranked by posterior inclusion at the solved (or fixed) cost.
+        """The sub-network for ``target``: units ranked by inclusion at the solved (or fixed) cost.
 
-        The plan carries the posterior mean amplitudes at that cost, so the extracted
-        model is the hard-gated network the posterior describes at that cost.
+        Solving, ranking and the amplitudes folded into the kept weights all read the
+        posterior median of ``θ`` (measured: better sub-networks than ranking by the
+        posterior mean inclusion, which units with wide posteriors blur at small sizes),
+        so the extracted model is the hard-gated network at that point and cost.
         """
         target = target if isinstance(target, Target) else Target.parse(target)
         cost = self.fixed_cost if self.fixed_cost is not None else self.solve(target, totals)
-        p = self.inclusion_mean(cost)
+        p = self.inclusion_mean(cost, point=True)
         layer = {k: v for k, v in p.items() if k not in WIDTH_KINDS}
         units = {k: v for k, v in p.items() if k in WIDTH_KINDS}
-        keep = self.block_keep_probability(cost).double().mean(0)
+        keep = self.block_keep_probability(cost, point=True).double().mean(0)
         plan = choose_by_probability(self.sizes, totals, layer, units, keep, target, form, multiple)
         plan.cost = cost
-        return plan.fold(self.amplitudes(cost))
+        return plan.fold(self.amplitudes(cost, point=True))
 
     # -- blocks ----------------------------------------------------------------------------------------
 
-    def block_keep_probability(self, cost: float | None = None) -> torch.Tensor:
+    def block_keep_probability(self, cost: float | None = None, point: bool = False) -> torch.Tensor:
         """Per draw, the probability that a block contributes at all, ``(draw, layer)``.
 
         A block is gone when its block gate is off, or when every branch gated inside
         it is off; kinds without gates count as on (width gates are not counted: a
         block keeps its most likely head and neuron).
         """
-        on = {k: v for k, v in self.inclusion(cost).items() if k not in WIDTH_KINDS}
-        return inclusion.block_on_probability(on, torch.ones(self.num_draws, len(self.layer_names)))
+        on = {k: v for k, v in self.inclusion(cost, point).items() if k not in WIDTH_KINDS}
+        return inclusion.block_on_probability(on, torch.ones(1 if point else self.num_draws, len(self.layer_names)))
 
     def removal_probability(self, cost: float | None = None) -> torch.Tensor:
         """``P[l, k]``: posterior probability that block ``l`` is among the ``k`` removed first at ``cost``.

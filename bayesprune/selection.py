@@ -29,13 +29,10 @@ import math
 
 import torch
 
-from .config import WIDTH_KINDS
+from .config import FORMS, WIDTH_KINDS
 from .plan import ExtractionPlan, LayerPlan
 from .sizes import UnitSizes
 from .targets import ModelTotals, Target, TargetError
-
-FORMS = ("per-layer", "uniform")
-
 
 def _log(p: torch.Tensor) -> torch.Tensor:
     return torch.log(p.double().clamp(1e-9, 1 - 1e-9))

@@ -74,7 +74,7 @@ def fit_run(path: Path, steps: int, eval_tokens: int, cost: float | None = None,
     config.prior.offset_scale = offset_scale
     if not (path / POSTERIOR_FILE).is_file():
         print(f"fitting {path}", flush=True)
-        run_fit(config, path, target=None, log=lambda message: None)
+        run_fit(config, path, bp.ExtractionConfig(target=None), log=lambda message: None)
     return path
 
 
@@ -106,7 +106,7 @@ def main() -> None:
     rows = []
     for target in args.targets:
         plan = curve.plan(target, totals)
-        predicted = plan_quality(gated, plan, curve.amplitudes(plan.cost), validation)
+        predicted = plan_quality(gated, plan, curve.amplitudes(plan.cost, point=True), validation)
         sampled = predicted_quality(gated, curve, validation, [plan.cost], args.masks, progress=False)[0]
         with gated.unwrapped() as plain:
             small = bp.extract_model(plain, plan)
@@ -139,7 +139,7 @@ def main() -> None:
     ensembles = []
     for target in args.fixed_targets:
         plan = curve.plan(target, totals)
-        single = plan_quality(gated, plan, curve.amplitudes(plan.cost), test_windows)
+        single = plan_quality(gated, plan, curve.amplitudes(plan.cost, point=True), test_windows)
         mixture = ensemble_nll(gated, curve, test_windows, plan.cost, args.ensemble)
         ensembles.append({"target": target, "cost": plan.cost, "plan_perplexity": single["perplexity"],
                           "ensemble_perplexity": math.exp(mixture["ensemble_nll"]),

@@ -37,7 +37,7 @@ def rss_mb():
 run, target, out, mode = sys.argv[1:5]
 baseline = rss_mb()
 started = time.time()
-record = run_extract(run, target, out, streaming=(mode == "streaming"))
+record = run_extract(run, bp.ExtractionConfig(target), out, streaming=(mode == "streaming"))
 print(json.dumps({"mode": mode, "target": target, "baseline_rss_mb": baseline,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "seconds": time.time() - started, "file_bytes": record["file_bytes"],

@@ -94,7 +94,7 @@ def ensure_run(path: str, quick: bool) -> Path:
     path = Path(path)
     if not (path / POSTERIOR_FILE).is_file():
         print(f"fitting the default gates into {path}", flush=True)
-        run_fit(fit_config(quick), path, target=None, progress=True, log=lambda message: None)
+        run_fit(fit_config(quick), path, bp.ExtractionConfig(target=None), progress=True, log=lambda message: None)
     return path
 
 

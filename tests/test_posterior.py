@@ -71,9 +71,9 @@ def test_hard_draws_average_to_the_expected_fraction(fitted):
 
 def test_the_solver_finds_the_cost_of_a_target_and_the_plan_fills_it(fitted):
     posterior, totals = fitted
-    target = (1 + posterior.expected_fraction(1e6)) / 2
+    target = (1 + posterior.expected_fraction(1e6, point=True)) / 2
     cost = posterior.solve(target, totals)
-    assert posterior.expected_fraction(cost) == pytest.approx(target, abs=0.01)
+    assert posterior.expected_fraction(cost, point=True) == pytest.approx(target, abs=0.01)
     plan = posterior.plan(target, totals)
     assert plan.cost == cost and plan.record()["cost"] == cost
     assert target - 0.06 <= plan.fraction <= target
@@ -98,7 +98,7 @@ def test_a_flop_target_counts_attention_and_is_met(fitted):
     posterior, totals = fitted
     plan = posterior.plan("50%flops", totals)
     assert 0.4 < plan.flop_fraction <= 0.5
-    assert posterior.expected_fraction(plan.cost, posterior.sizes.flops()) == pytest.approx(0.5, abs=0.02)
+    assert posterior.expected_fraction(plan.cost, posterior.sizes.flops(), point=True) == pytest.approx(0.5, abs=0.02)
 
 
 def test_targets_larger_than_the_model_are_refused(fitted):
@@ -165,7 +165,7 @@ def test_the_extracted_model_at_a_target_is_the_hard_gated_model_at_the_solved_c
     gated = gate(fitted_model, GateConfig(units=posterior.kinds))
     hard = plan.gates(gated.kinds, gated.widths.heads, gated.widths.neurons)
     ids = SEQUENCES[:2]
-    with torch.no_grad(), gated.gates_set(hard, posterior.amplitudes(plan.cost)):
+    with torch.no_grad(), gated.gates_set(hard, posterior.amplitudes(plan.cost, point=True)):
         expected = gated(input_ids=ids).logits
     gated.remove()
     with torch.no_grad():

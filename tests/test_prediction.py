@@ -53,7 +53,7 @@ def test_a_plans_predicted_quality_is_what_its_extracted_model_scores(fitted):
         totals = ModelTotals.of(model)
         plan = curve.plan("0.6", totals)
         small = extract_model(model, plan)
-    row = plan_quality(gated, plan, curve.amplitudes(plan.cost), VALIDATION)
+    row = plan_quality(gated, plan, curve.amplitudes(plan.cost, point=True), VALIDATION)
     with torch.no_grad():
         measured = (sequence_nll(small, VALIDATION).sum() / VALIDATION[:, 1:].numel()).item()
     assert row["nll"] == pytest.approx(measured, rel=1e-4)

@@ -259,7 +259,7 @@ def test_per_layer_choice_prefers_probable_units():
     model = tiny_model("llama")
     posterior = width_posterior(model, seed=5)
     plan = choose(posterior, ModelTotals.of(model), "0.6")
-    p = posterior.inclusion_mean()["neuron"]
+    p = posterior.inclusion_mean(point=True)["neuron"]
     for layer in plan.layers:
         if layer.neurons:
             dropped = [n for n in range(48) if n not in layer.neurons]
