@@ -158,6 +158,10 @@ class PruningModel(nn.Module):
         if self.track_importance:  # trained weights: a unit's weights can grow to keep it in
             self.importance = inclusion.unit_importance(self.gated, track=True)
         p = inclusion.probabilities(theta, self.importance, cost, self.prior.config)
+        broken = [k for k, v in p.items() if not torch.isfinite(v).all()]
+        if broken:
+            raise NonFiniteLossError(f"the inclusion probabilities of {broken} are not finite "
+                                     f"(non-finite weights make non-finite unit importance)")
         gates = {k: pyro.deterministic(f"{k}_gate", v + (torch.bernoulli(v.detach()) - v).detach())
                  for k, v in p.items()}
         expected = self.sizes.kept_fraction(p).float()

@@ -124,14 +124,15 @@ def test_resume_after_an_interrupt_gives_the_same_result(tmp_path, weights):
 def test_non_finite_elbo_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
     run(2, run_dir=tmp_path)
     saved = (tmp_path / CHECKPOINT_FILE).read_bytes()
-    gated = gate(tiny_model("llama"), GateConfig(units=("block", "head", "neuron")))
-    with torch.no_grad():
-        gated.model.model.layers[2].mlp.down_proj.weight.fill_(float("nan"))
     config = FitConfig(steps=4, batch_size=4, seq_len=12, checkpoint_every=2)
-    expected = r"not finite at step 2.*sequences \[.*checkpoint in .* is intact"
-    with pytest.raises(NonFiniteLossError, match=expected):
-        fit(gated, SEQUENCES, config, run_dir=tmp_path, progress=False)
-    assert (tmp_path / CHECKPOINT_FILE).read_bytes() == saved
+    for module, expected in (("norm", r"sequences \["), ("down_proj", r"inclusion probabilities of \['neuron'\]")):
+        gated = gate(tiny_model("llama"), GateConfig(units=("block", "head", "neuron")))
+        with torch.no_grad():
+            broken = gated.model.model.norm if module == "norm" else gated.model.model.layers[2].mlp.down_proj
+            broken.weight.fill_(float("nan"))
+        with pytest.raises(NonFiniteLossError, match=f"not finite at step 2.*{expected}.*checkpoint in .* is intact"):
+            fit(gated, SEQUENCES, config, run_dir=tmp_path, progress=False)
+        assert (tmp_path / CHECKPOINT_FILE).read_bytes() == saved
 
 
 def test_bad_sequences_are_refused():

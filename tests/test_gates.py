@@ -53,7 +53,7 @@ def test_gating_twice_is_refused():
 
 
 def test_gate_values_are_checked():
-    gated = gate(tiny_model("llama"))
+    gated = gate(tiny_model("llama"), GateConfig(units=("block",)))
     with pytest.raises(ValueError, match="need 4 values"):
         gated.set_gates({"block": torch.ones(3)})
     with pytest.raises(KeyError, match="no gates of kind"):
