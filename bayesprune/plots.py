@@ -112,16 +112,21 @@ def plot_inclusion_over_cost(idata, path: str | Path, hdi_prob: float = 0.94) ->
         colours = plt.cm.viridis(np.linspace(0, 1, len(layers)))
         for layer, colour in zip(layers, colours):
             values = posterior[name].sel(layer=layer).values                   # (chain, draw, cost)
-            az.plot_hdi(costs, values, hdi_prob=hdi_prob, ax=ax, color=colour, fill_kwargs={"alpha": 0.15})
+            az.plot_hdi(costs, values, hdi_prob=hdi_prob, ax=ax, color=colour, smooth=False,
+                        fill_kwargs={"alpha": 0.15})
             ax.plot(costs, values.mean((0, 1)), color=colour, lw=0.8)
-        ax.set(xscale="symlog", ylim=(0, 1.02), xlabel="cost λ", title=f"{kind}: {name.split('_', 1)[1]} per layer",
+        ax.set(ylim=(0, 1.02), xlabel="cost λ", title=f"{kind}: {name.split('_', 1)[1]} per layer",
                ylabel="posterior mean and 94 % HDI (colour: layer)")
+        ax.set_xscale("symlog", linthresh=0.1)
+        ax.set_xlim(0, costs.max())
     ax = axes[0][-1]
     kept = posterior["kept_fraction"].values
-    az.plot_hdi(costs, kept, hdi_prob=hdi_prob, ax=ax, color="navy", fill_kwargs={"alpha": 0.3})
+    az.plot_hdi(costs, kept, hdi_prob=hdi_prob, ax=ax, color="navy", smooth=False, fill_kwargs={"alpha": 0.3})
     ax.plot(costs, kept.mean((0, 1)), "o-", color="navy", ms=3)
-    ax.set(xscale="symlog", ylim=(0, 1.02), xlabel="cost λ", ylabel="expected fraction of decoder parameters",
+    ax.set(ylim=(0, 1.02), xlabel="cost λ", ylabel="expected fraction of decoder parameters",
            title="kept size (one fit)")
+    ax.set_xscale("symlog", linthresh=0.1)
+    ax.set_xlim(0, costs.max())
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -56,8 +56,10 @@ BLOCK_METHODS = [("shortgpt", 0), ("sleb", 0), ("random", 0), ("random", 1), ("r
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", default="runs/frontier/default",
-                        help="bayesprune run with the default gates (fitted here if missing)")
+    parser.add_argument("--run", help="bayesprune run with the default gates, fitted here if missing "
+                                      "(default: runs/frontier/default, -seedN for another --seed)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the bayesprune fit; rows of a seed other than 0 are 'bayesprune-seedN'")
     parser.add_argument("--fractions", nargs="+", default=FRACTIONS)
     parser.add_argument("--eval-tokens", type=int, default=8192, help="tokens scored per corpus")
     parser.add_argument("--calibration-windows", type=int, default=8)
@@ -72,6 +74,8 @@ def parse_args():
     parser.add_argument("--table", action="store_true",
                         help="only print the tables of --out as Markdown and redraw its figure")
     args = parser.parse_args()
+    args.label = "bayesprune" + (f"-seed{args.seed}" if args.seed else "")
+    args.run = args.run or "runs/frontier/default" + (f"-seed{args.seed}" if args.seed else "")
     if args.quick:
         args.fractions, args.recovery_fractions = ["1.0", "0.75", "0.5"], ["0.5"]
         args.eval_tokens, args.calibration_windows = 512, 2
@@ -80,21 +84,21 @@ def parse_args():
     return args
 
 
-def fit_config(quick: bool) -> bp.RunConfig:
+def fit_config(quick: bool, seed: int = 0) -> bp.RunConfig:
     """The settings a missing run is fitted with: the defaults with ``FIT_STEPS`` steps."""
     config = bp.RunConfig()
-    config.fit.steps = FIT_STEPS
+    config.fit.steps, config.fit.seed = FIT_STEPS, seed
     if quick:
         config.fit.steps, config.fit.batch_size, config.data.eval_tokens = 5, 2, 512
     return config
 
 
-def ensure_run(path: str, quick: bool) -> Path:
+def ensure_run(path: str, quick: bool, seed: int) -> Path:
     """A fitted run at ``path``, fitted now (``fit_config``, no extraction) if it is not there."""
     path = Path(path)
     if not (path / POSTERIOR_FILE).is_file():
         print(f"fitting the default gates into {path}", flush=True)
-        run_fit(fit_config(quick), path, bp.ExtractionConfig(target=None), progress=True, log=lambda message: None)
+        run_fit(fit_config(quick, seed), path, bp.ExtractionConfig(target=None), progress=True, log=lambda message: None)
     return path
 
 
@@ -216,13 +220,13 @@ def main() -> None:
                 frontier.add(method, target, small, plan_size(plan), **record)
             recovered(method, target, small, plan_size(plan), record)
 
-    if any(missing("bayesprune", t) for t in fractions):  # the run is fitted only when its rows are missing
-        run = ensure_run(args.run, args.quick)
+    if any(missing(args.label, t) for t in fractions):  # the run is fitted only when its rows are missing
+        run = ensure_run(args.run, args.quick, args.seed)
         posterior = bp.GatePosterior.load(run / POSTERIOR_FILE)
         report = json.loads((run / "report.json").read_text())
         run_tokens = report["config"]["fit"]["steps"] * report["config"]["fit"]["batch_size"] * \
             report["config"]["fit"]["seq_len"]
-        structured("bayesprune", lambda t: posterior.plan(t, totals), 0, run_tokens, report["wall_seconds"])
+        structured(args.label, lambda t: posterior.plan(t, totals), 0, run_tokens, report["wall_seconds"])
 
     smallest = baseline_plan(model, block_scores("drop-last", model), min(fractions, key=float))
     depth = len(decoder_layers(model)) - len(smallest.layers)
@@ -269,7 +273,7 @@ COLOURS = {"bayesprune": "navy", "previous-amortised": "tab:blue", "previous-wid
 def family(method: str) -> str:
     """The method a row belongs to, without its seed, 2:4 pattern or recovery."""
     base = method.removesuffix("+recovery").removesuffix("-2:4")
-    return "random" if base.startswith("random") else base
+    return "random" if base.startswith("random") else "bayesprune" if base.startswith("bayesprune") else base
 
 
 def plot(rows: list[dict], path: Path, corpora: list[str]) -> None:
