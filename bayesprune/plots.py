@@ -10,9 +10,8 @@ from .posterior import GatePosterior
 
 
 def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """pyplot with the backend as the session has it: the figures here are saved and closed, never shown, and
+    forcing a backend would stop a notebook from showing its own figures afterwards."""
     import matplotlib.pyplot as plt
 
     return plt
