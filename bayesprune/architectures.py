@@ -77,6 +77,13 @@ class Architecture:
         """The module whose input the ``kind`` gates multiply (``None``: not gateable)."""
         return next((s for s in self.width if s.kind == kind and s.axis == "in"), None)
 
+    def check_gateable(self, kinds) -> None:
+        """Refuse width kinds this family's modules cannot hold fewer of."""
+        for kind in kinds:
+            if kind in ("head", "neuron") and self.gate_site(kind) is None:
+                raise ValueError(f"{self.family} models cannot gate {kind}s: transformers' {self.family} modules "
+                                 f"cannot hold fewer of them")
+
 
 _LLAMA_LIKE = dict(layers="model.layers", attention="self_attn", mlp="mlp")
 

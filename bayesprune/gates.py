@@ -193,10 +193,7 @@ class GatedModel(nn.Module):
     def _install(self, layers: nn.ModuleList) -> None:
         if any(isinstance(m, _Wrapper) for m in self.model.modules()):
             raise ValueError("this model already carries bayesprune gates; remove them first")
-        for kind in self.kinds:
-            if kind in WIDTH_KINDS and self.arch.gate_site(kind) is None:
-                raise ValueError(f"{self.arch.family} models cannot gate {kind}s: transformers' "
-                                 f"{self.arch.family} modules cannot hold fewer of them")
+        self.arch.check_gateable(self.kinds)
         for i, block in enumerate(layers):
             for kind in self.kinds:
                 if kind in WIDTH_KINDS:

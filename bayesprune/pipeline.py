@@ -39,11 +39,7 @@ SUMMARY_TARGET = "0.75"  # where a run without a target shows its ranking and wi
 def validate(config: RunConfig, extraction: ExtractionConfig) -> Target | None:
     """Check the model family, gate kinds and target before any weights are loaded or scored."""
     parsed = extraction.parsed
-    arch = architecture_for_config(load_config(config.model))
-    for kind in config.gate.units:
-        if kind in WIDTH_KINDS and arch.gate_site(kind) is None:
-            raise ValueError(f"{arch.family} models cannot gate {kind}s: transformers' {arch.family} modules "
-                             f"cannot hold fewer of them")
+    architecture_for_config(load_config(config.model)).check_gateable(config.gate.units)
     if parsed is not None and parsed.kind == "layers" and not set(config.gate.units) - set(WIDTH_KINDS):
         raise TargetError(f"a block count ({parsed}) needs block, attn or mlp gates; this run gates "
                           f"{list(config.gate.units)}")

@@ -68,16 +68,17 @@ class _Scorer:
 
     def finish(self, plan: ExtractionPlan) -> ExtractionPlan:
         decoder = flops = 0.0
+        flop_sizes = self.sizes.flops()
         for layer in plan.layers:
             heads = self.H if layer.heads is None else len(layer.heads)
             neurons = self.N if layer.neurons is None else len(layer.neurons)
             decoder += self.sizes.layer_parameters(layer.index, heads, neurons, layer.attn, layer.mlp)
-            flops += self.sizes.flops().layer_parameters(layer.index, heads, neurons, layer.attn, layer.mlp)
+            flops += flop_sizes.layer_parameters(layer.index, heads, neurons, layer.attn, layer.mlp)
         plan.decoder_parameters = decoder
         plan.parameters = decoder + self.totals.outside_parameters
         plan.bytes = plan.parameters * self.totals.bytes_per_parameter
         plan.fraction = decoder / self.sizes.decoder_parameters
-        plan.flop_fraction = flops / self.sizes.flops().decoder_parameters
+        plan.flop_fraction = flops / flop_sizes.decoder_parameters
         return plan
 
 
