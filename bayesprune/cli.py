@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .config import FORMS, CostConfig, DataConfig, ExtractionConfig, FitConfig, GateConfig, PriorConfig, RunConfig
 
@@ -103,9 +104,17 @@ def main(argv: list[str] | None = None) -> int:
             result = {**perplexity(model, test, data.eval_window, data.eval_tokens),
                       **model_size(model, resolve_model(args.model) if args.model else None)}
             print(json.dumps({"model": args.model, **result}, indent=2))
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
+    except (ValueError, OSError, FloatingPointError) as err:
         print(f"bayesprune {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        from .fit import CHECKPOINT_FILE
+
+        resumable = args.command == "fit" and (Path(args.out) / CHECKPOINT_FILE).is_file()
+        kept = (f"; the fit's checkpoint is in {args.out}: rerun the same command to resume" if resumable
+                else "; nothing was fitted" if args.command == "fit" else "; nothing was written")
+        print(f"bayesprune {args.command}: interrupted{kept}", file=sys.stderr)
+        return 130
     return 0
 
 

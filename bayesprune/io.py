@@ -1,4 +1,9 @@
-"""Atomic file writes and safe tensor files: nothing is half-written, nothing is unpickled."""
+"""Atomic file writes and safe tensor files: nothing is half-written, nothing is unpickled.
+
+Every temporary name is ``.NAME.partial-PID-XXXX`` beside its target: a write
+killed outright (``kill -9``) leaves one behind, and the next write of the same
+name removes those whose process is gone.
+"""
 
 from __future__ import annotations
 
@@ -14,17 +19,60 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+def _partial_prefix(path: Path) -> str:
+    return f".{path.name}.partial-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_partials(path: str | Path) -> list[Path]:
+    """Remove what interrupted writes of ``path`` left beside it (their process is gone); returns them."""
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    prefix = _partial_prefix(path)
+    for leftover in path.parent.iterdir():
+        if not leftover.name.startswith(prefix):
+            continue
+        pid = leftover.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(leftover) if leftover.is_dir() and not leftover.is_symlink() else leftover.unlink()
+            removed.append(leftover)
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary file name beside ``path``; it replaces ``path`` only if the block succeeds.
+
+    For writers that want a file name (``savefig``, ``to_netcdf``, ``save_file``).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    remove_stale_partials(path)
+    suffix = "".join(path.suffixes[-1:])  # writers that pick a format by extension still see it
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_partial_prefix(path)}{os.getpid()}-", suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def atomic_write_json(path: str | Path, value) -> None:
@@ -33,18 +81,9 @@ def atomic_write_json(path: str | Path, value) -> None:
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     """Write a safetensors file atomically; ``metadata`` is stored as JSON in its header."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        header = {"bayesprune": json.dumps(metadata or {})}
-        save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={"bayesprune": json.dumps(metadata or {})})
 
 
 def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -70,7 +109,8 @@ def atomic_directory(path: str | Path, overwrite: bool = False):
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; choose another --out or remove it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    remove_stale_partials(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{_partial_prefix(path)}{os.getpid()}-"))
     try:
         yield tmp
         if path.exists():

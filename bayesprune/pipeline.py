@@ -20,41 +20,47 @@ import torch
 
 from .architectures import architecture_for_config
 from .config import WIDTH_KINDS, ExtractionConfig, RunConfig
-from .data import load_splits, windows
+from .data import split_corpus, tokenize, windows
 from .evaluate import model_size, perplexity
 from .fit import CHECKPOINT_FILE, fit, load_network
 from .gates import gate
-from .io import atomic_write_json, atomic_write_text, load_tensors
+from .io import atomic_path, atomic_write_json, atomic_write_text, load_tensors
 from .pretrained import load_config, load_model, resolve_model
 from .plots import plot_block_forest, plot_inclusion_over_cost, plot_size_curve, plot_thresholds, plot_width
 from .posterior import POSTERIOR_FILE, GatePosterior, cost_grid
-from .targets import ModelTotals, Target, TargetError
+from .rundir import check_output, claim, data_fingerprint, fitted_model_path, model_fingerprint, read_config
+from .targets import ModelTotals, Target, TargetError, check_feasible
 from .extraction import CheckpointFiles, extract, extract_model, extract_streaming, save_extracted
 
-CONFIG_FILE = "config.json"
 UNIT_LEVEL_DRAWS = 20
 SUMMARY_TARGET = "0.75"  # where a run without a target shows its ranking and widths
 
 
-def validate(config: RunConfig, extraction: ExtractionConfig) -> Target | None:
-    """Check the model family, gate kinds and target before any weights are loaded or scored."""
+def max_positions(model_config) -> int | None:
+    """The longest sequence the model's positions allow (``None``: no limit stated)."""
+    for name in ("max_position_embeddings", "n_positions"):
+        if isinstance(getattr(model_config, name, None), int):
+            return getattr(model_config, name)
+    return None
+
+
+def validate(config: RunConfig, extraction: ExtractionConfig, run_dir: str | Path | None = None) -> Target | None:
+    """Check the output folder, model family, gate kinds, sequence lengths and target before any weights are loaded."""
+    if run_dir is not None:
+        check_output(run_dir, config)
     parsed = extraction.parsed
-    architecture_for_config(load_config(config.model)).check_gateable(config.gate.units)
+    model_config = load_config(config.model)
+    architecture_for_config(model_config).check_gateable(config.gate.units)
+    limit = max_positions(model_config)
+    for option, length in (("--seq-len", config.fit.seq_len), ("--eval-window", config.data.eval_window)):
+        if limit is not None and length > limit:
+            raise ValueError(f"{option} {length} is longer than the model's {limit} positions")
     if parsed is not None and parsed.kind == "layers" and not set(config.gate.units) - set(WIDTH_KINDS):
         raise TargetError(f"a block count ({parsed}) needs block, attn or mlp gates; this run gates "
                           f"{list(config.gate.units)}")
+    if parsed is not None:
+        check_feasible(parsed, model_config)
     return parsed
-
-
-def _prepare_run_dir(run_dir: Path, config: RunConfig) -> None:
-    existing = run_dir / CONFIG_FILE
-    if existing.exists():
-        if RunConfig.load(existing).to_dict() != config.to_dict():
-            raise FileExistsError(f"{run_dir} holds a run with a different configuration; "
-                                  f"choose another --out (same settings resume it)")
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(f"{run_dir} exists and is not a bayesprune run directory")
-    config.save(existing)
 
 
 def _write_plots_and_tables(run_dir: Path, posterior: GatePosterior, cost: float, size_rows: list[dict]) -> dict:
@@ -64,9 +70,8 @@ def _write_plots_and_tables(run_dir: Path, posterior: GatePosterior, cost: float
     layer_kinds = [k for k in posterior.kinds if k not in WIDTH_KINDS]
     idata = posterior.to_inference_data(sorted(set(posterior.default_costs()) | {cost}),
                                         UNIT_LEVEL_DRAWS if width else None)
-    tmp = run_dir / ".posterior.nc.tmp"
-    idata.to_netcdf(str(tmp))
-    tmp.replace(run_dir / "posterior.nc")
+    with atomic_path(run_dir / "posterior.nc") as tmp:
+        idata.to_netcdf(str(tmp))
     names = [f"{k}_inclusion" for k in layer_kinds] + [f"{k}_kept_fraction" for k in width] + ["kept_fraction"]
     atomic_write_text(run_dir / "summary.csv", az.summary(idata, var_names=names, kind="stats").to_csv())
     files = {"posterior": str(run_dir / POSTERIOR_FILE), "inference_data": str(run_dir / "posterior.nc"),
@@ -81,9 +86,8 @@ def _write_plots_and_tables(run_dir: Path, posterior: GatePosterior, cost: float
     if width:
         plots["width_plot"] = ("width.png", lambda path: plot_width(posterior, cost, path))
     for key, (name, draw) in plots.items():
-        tmp = run_dir / f".{name}.tmp.png"
-        draw(tmp)
-        tmp.replace(run_dir / name)
+        with atomic_path(run_dir / name) as tmp:
+            draw(tmp)
         files[key] = str(run_dir / name)
     return files
 
@@ -116,11 +120,13 @@ def run_fit(config: RunConfig, run_dir: str | Path, extraction: ExtractionConfig
     """Fit the cost-conditioned gate posterior, summarise it, and (with a target) extract and evaluate."""
     started = time.time()
     run_dir = Path(run_dir)
+    config = config.resolved()
     extraction = extraction or ExtractionConfig()
-    parsed_target = validate(config, extraction)
+    parsed_target = validate(config, extraction, run_dir)
+    corpus = split_corpus(config.data)  # the text is read and checked before any weights
     model, tokenizer = load_model(config.model)
-    splits = load_splits(tokenizer, config.data)
-    _prepare_run_dir(run_dir, config)
+    splits = {name: tokenize(tokenizer, documents) for name, documents in corpus.items()}
+    claim(run_dir, config, model_fingerprint(resolve_model(config.model)), data_fingerprint(splits))
 
     def evaluate(model) -> dict:
         return perplexity(model, splits["test"], config.data.eval_window, config.data.eval_tokens,
@@ -197,8 +203,7 @@ def _record(run_dir: Path, extraction: ExtractionConfig, plan, posterior: GatePo
 def load_fitted(run_dir: str | Path) -> GatePosterior:
     """The posterior a run fitted."""
     run_dir = Path(run_dir)
-    if not (run_dir / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{run_dir} is not a bayesprune run directory (no {CONFIG_FILE})")
+    read_config(run_dir)
     if not (run_dir / POSTERIOR_FILE).is_file():
         raise FileNotFoundError(f"{run_dir} has no {POSTERIOR_FILE}: its fit has not finished "
                                 f"(rerun 'bayesprune fit' with the same settings to resume it)")
@@ -207,13 +212,10 @@ def load_fitted(run_dir: str | Path) -> GatePosterior:
 
 def load_fitted_model(run_dir: str | Path):
     """The run's network (with jointly trained weights if it had them) and tokenizer."""
-    run_dir = Path(run_dir)
-    if not (run_dir / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{run_dir} is not a bayesprune run directory (no {CONFIG_FILE})")
-    config = RunConfig.load(run_dir / CONFIG_FILE)
-    model, tokenizer = load_model(config.model)
+    config = read_config(run_dir)
+    model, tokenizer = load_model(str(fitted_model_path(run_dir)))
     if config.fit.weights == "joint":
-        tensors, _ = load_tensors(run_dir / CHECKPOINT_FILE)
+        tensors, _ = load_tensors(Path(run_dir) / CHECKPOINT_FILE)
         with torch.no_grad():
             load_network(model, tensors)
     return model, tokenizer
@@ -234,17 +236,15 @@ def run_extract(run_dir: str | Path, extraction: ExtractionConfig, out: str | Pa
     fitted = load_fitted(run_dir)
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another --out or remove it")
-    config = RunConfig.load(run_dir / CONFIG_FILE)
+    config = read_config(run_dir)
+    source = fitted_model_path(run_dir)
     if streaming is None:
         streaming = config.fit.weights == "frozen"
     if streaming:
         if config.fit.weights != "frozen":
             raise ValueError("a joint fit changed the weights: extract it in memory (streaming=False)")
-        from transformers import AutoConfig
-
-        source = resolve_model(config.model)
         files = CheckpointFiles(source)
-        plan = fitted.plan(parsed, files.totals(architecture_for_config(AutoConfig.from_pretrained(source))),
+        plan = fitted.plan(parsed, files.totals(architecture_for_config(load_config(str(source)))),
                            form, multiple)
         record = _record(run_dir, extraction, plan, fitted)
         extract_streaming(source, plan, out, record, overwrite)

@@ -173,7 +173,7 @@ class GatePosterior:
                 return self.expected_blocks(cost, point=True)
         else:
             measure = self.sizes.flops() if target.kind == "flops" else self.sizes
-            wanted = totals.decoder_fraction(target, self.sizes)
+            wanted = totals.decoder_fraction(target, self.sizes.decoder_parameters)
 
             def size(cost):
                 return self.expected_fraction(cost, measure, point=True)
@@ -343,6 +343,9 @@ class GatePosterior:
                     raise ValueError(f"site {site.name} has shape {tuple(loc.shape)}, the prior expects {site.shape}")
                 if not (torch.isfinite(loc).all() and torch.isfinite(scale).all() and (scale > 0).all()):
                     raise ValueError(f"site {site.name} holds non-finite values or non-positive scales")
+            for name, tensor in tensors.items():
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    raise ValueError(f"{name} holds non-finite values")
             if posterior.sizes.num_layers != len(posterior.layer_names):
                 raise ValueError("the unit sizes do not match the layer names")
         except (KeyError, ValueError, TypeError, RuntimeError) as err:

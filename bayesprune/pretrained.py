@@ -74,14 +74,33 @@ def load_config(source: str | None = None):
     path = resolve_model(source)
     if path.suffix == ".gguf":
         return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    if _has_per_layer_widths(path):
+        from .pruned import load_config as load_per_layer_config
+
+        return load_per_layer_config(path)
     return AutoConfig.from_pretrained(path)
 
 
+def _has_per_layer_widths(path: Path) -> bool:
+    import json
+
+    try:
+        return "per_layer_config" in json.loads((path / "config.json").read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path / 'config.json'} is not valid JSON ({err})") from err
+
+
 def load_model(source: str | None = None):
-    """``(model, tokenizer)`` in float32 and eval mode."""
+    """``(model, tokenizer)`` in float32 and eval mode; per-layer checkpoints bayesprune wrote load too."""
     path = resolve_model(source)
     if path.suffix == ".gguf":
         model, tokenizer = _load_gguf(path)
+    elif _has_per_layer_widths(path):
+        from .pruned import global_access, load_pruned
+
+        model = load_pruned(path).float()
+        with global_access(model.config) as config:
+            tokenizer = AutoTokenizer.from_pretrained(path, config=config)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -64,7 +64,7 @@ class _Scorer:
         """The most the measure may count for ``target``."""
         if target.kind in ("fraction", "flops"):
             return target.value * self.measure.decoder_parameters * (1 + 1e-9)
-        return self.totals.decoder_fraction(target, self.sizes) * self.sizes.decoder_parameters * (1 + 1e-9)
+        return self.totals.decoder_fraction(target, self.sizes.decoder_parameters) * self.sizes.decoder_parameters * (1 + 1e-9)
 
     def finish(self, plan: ExtractionPlan) -> ExtractionPlan:
         decoder = flops = 0.0

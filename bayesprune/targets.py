@@ -13,7 +13,6 @@ import re
 from dataclasses import dataclass
 
 from .architectures import count_bytes, count_parameters, decoder_layers
-from .sizes import UnitSizes
 
 
 class TargetError(ValueError):
@@ -41,6 +40,9 @@ class Target:
             target = cls("bytes", float(m[1]) * scale[m[2]])
         elif m := re.fullmatch(r"0*\.\d+|0|1(?:\.0*)?", s):
             target = cls("fraction", float(m[0]))
+        elif re.fullmatch(r"\d*\.\d+", s):
+            raise TargetError(f"target {text!r} is a fraction above 1: a fraction of decoder parameters lies in "
+                              f"(0, 1] (0.5 or 50%); a parameter count is a whole number or has a unit (80M, 1.2B)")
         elif m := re.fullmatch(r"(\d+(?:\.\d+)?)([KMB]?)", s):
             target = cls("parameters", float(m[1]) * scale[m[2]])
         else:
@@ -71,9 +73,8 @@ class ModelTotals:
         blocks = sum(count_parameters(b) for b in decoder_layers(model))
         return cls(count_parameters(model) - blocks, count_bytes(model) / count_parameters(model))
 
-    def decoder_fraction(self, target: Target, sizes: UnitSizes) -> float:
-        """The fraction of decoder parameters (of decoder FLOPs for a FLOP target) ``target`` asks for."""
-        decoder = sizes.decoder_parameters
+    def decoder_fraction(self, target: Target, decoder: float) -> float:
+        """The fraction of ``decoder`` parameters (of decoder FLOPs for a FLOP target) ``target`` asks for."""
         wanted = {"fraction": lambda v: v, "flops": lambda v: v,
                   "parameters": lambda v: (v - self.outside_parameters) / decoder,
                   "bytes": lambda v: (v / self.bytes_per_parameter - self.outside_parameters) / decoder,
@@ -85,3 +86,25 @@ class ModelTotals:
             raise TargetError(f"target {target} is more than the whole model "
                               f"({decoder + self.outside_parameters:,.0f} parameters)")
         return wanted
+
+
+def check_feasible(target: Target, config) -> None:
+    """Refuse, from the model's config alone (no weights), a target the model cannot meet at all.
+
+    Block counts beyond the model's blocks, and parameter or byte targets above the
+    whole model or below what sits outside the blocks. Models whose blocks differ in
+    width are checked when the plan is made.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if getattr(config, "is_heterogeneous", False) or target.kind in ("fraction", "flops"):
+        return
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    blocks = decoder_layers(model)
+    if target.kind == "layers":
+        if target.value > len(blocks):
+            raise TargetError(f"target {target} is more than the model's {len(blocks)} blocks")
+        return
+    ModelTotals.of(model).decoder_fraction(target, sum(count_parameters(b) for b in blocks))

@@ -19,7 +19,7 @@ import torch
 from common import plot_frontier, write_results
 
 import bayesprune as bp
-from bayesprune.pipeline import CONFIG_FILE
+from bayesprune.rundir import CONFIG_FILE
 from bayesprune.posterior import POSTERIOR_FILE
 
 

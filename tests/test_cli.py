@@ -43,7 +43,7 @@ def test_fit_extract_evaluate_round_trip(tiny_model_dir, corpus_dir, tmp_path, c
     capsys.readouterr()
     assert main(["fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir), "--out", str(run),
                  "--units", "block", "--cost", "2", *FIT_ARGS]) == 2
-    assert "different configuration" in capsys.readouterr().err
+    assert "fitted with other settings (cost.fixed: None → 2.0)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("target", ["0layers", "9layers", "12heads", "1KB", "1GB"])

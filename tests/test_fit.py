@@ -8,10 +8,11 @@ from tests.conftest import TINY_CONFIGS, VOCAB, tiny_model
 SEQUENCES = torch.randint(0, VOCAB, (24, 12), generator=torch.Generator().manual_seed(0))
 
 
-def run(steps, run_dir=None, weights="frozen", units=("block", "head", "neuron"), cost=None, **kw):
+def run(steps, run_dir=None, weights="frozen", units=("block", "head", "neuron"), cost=None, sequences=SEQUENCES,
+        **kw):
     gated = gate(tiny_model("llama"), GateConfig(units=units))
     config = FitConfig(steps=steps, batch_size=4, seq_len=12, weights=weights, checkpoint_every=2, **kw)
-    return fit(gated, SEQUENCES, config, cost=cost, run_dir=run_dir, progress=False)
+    return fit(gated, sequences, config, cost=cost, run_dir=run_dir, progress=False)
 
 
 def guide_state(result):
@@ -140,10 +141,15 @@ def test_bad_sequences_are_refused():
         fit(gate(tiny_model("llama")), SEQUENCES[0], FitConfig(steps=1), progress=False)
 
 
-def test_a_checkpoint_of_other_gates_is_refused(tmp_path):
+@pytest.mark.parametrize("other", [dict(units=("neuron",)), dict(seed=1), dict(cost=CostConfig(fixed=1.0)),
+                                   dict(sequences=SEQUENCES.flip(0))], ids=["gates", "seed", "cost", "data"])
+def test_a_checkpoint_of_another_fit_is_refused_and_kept(tmp_path, other):
     run(2, run_dir=tmp_path)
-    with pytest.raises(ValueError, match="does not fit this fit"):
-        run(4, run_dir=tmp_path, units=("neuron",))
+    saved = (tmp_path / CHECKPOINT_FILE).read_bytes()
+    with pytest.raises(ValueError, match="belongs to another fit"):
+        run(4, run_dir=tmp_path, **other)
+    assert (tmp_path / CHECKPOINT_FILE).read_bytes() == saved
+    assert run(4, run_dir=tmp_path).history  # the same fit still resumes
 
 
 def test_corrupt_checkpoint_is_reported(tmp_path):

@@ -1,0 +1,158 @@
+"""The run directory: what makes a folder a bayesprune run, and the checks that keep it one run.
+
+A run directory holds ``run.json`` (its marker: the format, the absolute path and a
+fingerprint of the model, a fingerprint of the data) beside ``config.json`` (every
+setting). bayesprune writes only into a folder that is missing, empty or one of its
+own runs; a run that has fitted anything resumes only with the same settings, model
+and data, and extraction refuses a model that no longer matches its fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from .config import RunConfig
+from .fit import CHECKPOINT_FILE
+from .io import atomic_write_json
+from .posterior import POSTERIOR_FILE
+
+RUN_FILE = "run.json"
+CONFIG_FILE = "config.json"
+RUN_FORMAT = "bayesprune-run"
+RUN_VERSION = 1
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _sample(path: Path, chunk: int = 1 << 20) -> str:
+    """Size and a hash of the first and last MiB of a weight file: cheap at any size, and headers differ."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(chunk)
+        handle.seek(max(0, size - chunk))
+        return f"{size}:{_sha256(head + handle.read(chunk))}"
+
+
+def model_fingerprint(path: str | Path) -> dict:
+    """A model's identity without reading all its weights: config, weight index and a sample of each weight file."""
+    path = Path(path).resolve()
+    if path.is_file():
+        return {"path": str(path), "files": {path.name: _sample(path)}}
+    files = {f.name: _sample(f) for f in sorted(path.iterdir()) if f.suffix in _WEIGHT_SUFFIXES}
+    described = {f.name: _sha256(f.read_bytes()) for f in sorted(path.glob("*.json"))
+                 if f.name == "config.json" or f.name.endswith(".index.json")}
+    return {"path": str(path), "files": files, "sha256": described}
+
+
+def data_fingerprint(splits: dict[str, torch.Tensor]) -> dict:
+    """The token streams a run fits and scores: their lengths and a hash of their ids."""
+    digest = hashlib.sha256()
+    for name in sorted(splits):
+        digest.update(name.encode())
+        digest.update(splits[name].to(torch.int64).numpy().tobytes())
+    return {"tokens": {name: int(t.numel()) for name, t in sorted(splits.items())}, "sha256": digest.hexdigest()}
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """``"name: old → new"`` for every setting that differs."""
+    a, b = _flatten(old), _flatten(new)
+    return [f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def read_identity(run_dir: str | Path) -> dict:
+    """``run.json`` of a run directory; anything else is refused as not a bayesprune run."""
+    run_dir = Path(run_dir)
+    marker = run_dir / RUN_FILE
+    if not marker.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a bayesprune run directory (no {RUN_FILE})")
+    try:
+        identity = json.loads(marker.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{marker} is not a bayesprune run marker ({err})") from err
+    if not isinstance(identity, dict) or identity.get("format") != RUN_FORMAT:
+        raise ValueError(f"{marker} is not a bayesprune run marker")
+    if identity.get("version") != RUN_VERSION:
+        raise ValueError(f"{marker} is run format version {identity.get('version')!r}; this bayesprune reads "
+                         f"version {RUN_VERSION}")
+    return identity
+
+
+def read_config(run_dir: str | Path) -> RunConfig:
+    """The settings a run was made with."""
+    path = Path(run_dir) / CONFIG_FILE
+    read_identity(run_dir)
+    try:
+        return RunConfig.from_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{run_dir} is a bayesprune run without its {CONFIG_FILE}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as err:
+        raise ValueError(f"{path} is not a bayesprune run config ({err})") from err
+
+
+def has_fitted(run_dir: str | Path) -> bool:
+    """Whether the run has fitted anything (a checkpoint or a posterior) that other settings would contradict."""
+    return any((Path(run_dir) / name).exists() for name in (CHECKPOINT_FILE, POSTERIOR_FILE))
+
+
+def check_output(run_dir: str | Path, config: RunConfig) -> None:
+    """Before anything is loaded: refuse a file, a folder bayesprune did not make, or a fitted run with other settings."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileExistsError(f"{run_dir} is a file, not a run directory; choose another --out")
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return
+    try:
+        read_identity(run_dir)
+    except FileNotFoundError:
+        raise FileExistsError(f"{run_dir} exists and is not a bayesprune run directory (no {RUN_FILE}); "
+                              f"nothing was written; choose another --out") from None
+    if has_fitted(run_dir):
+        changed = differences(read_config(run_dir).to_dict(), config.to_dict())
+        if changed:
+            raise FileExistsError(f"{run_dir} holds a run fitted with other settings ({'; '.join(changed)}); "
+                                  f"the same settings resume it, or choose another --out")
+
+
+def claim(run_dir: str | Path, config: RunConfig, model: dict, data: dict) -> None:
+    """Mark ``run_dir`` as this run (after :func:`check_output`); a run that has fitted must match model and data."""
+    run_dir = Path(run_dir)
+    check_output(run_dir, config)
+    if has_fitted(run_dir):
+        identity = read_identity(run_dir)
+        for key, new in (("model", model), ("data", data)):
+            changed = differences(identity.get(key, {}), new)
+            if changed:
+                raise FileExistsError(f"{run_dir} was fitted on another {key} ({'; '.join(changed)}); "
+                                      f"choose another --out")
+    atomic_write_json(run_dir / RUN_FILE, {"format": RUN_FORMAT, "version": RUN_VERSION, "model": model,
+                                           "data": data})
+    config.save(run_dir / CONFIG_FILE)
+
+
+def fitted_model_path(run_dir: str | Path) -> Path:
+    """The model a run was fitted on, checked against its fingerprint."""
+    recorded = read_identity(run_dir)["model"]
+    path = Path(recorded["path"])
+    if not path.exists():
+        raise FileNotFoundError(f"the model {run_dir} was fitted on is gone from {path}")
+    changed = differences(recorded, model_fingerprint(path))
+    if changed:
+        raise ValueError(f"the model at {path} has changed since {run_dir} was fitted ({'; '.join(changed)})")
+    return path
