@@ -201,8 +201,10 @@ def _choose_per_layer(scorer: _Scorer, target: Target, multiple: int) -> Extract
             kept.setdefault((l, part), []).extend(units or [])
     if not layers:
         smallest = min(item[4] + opening(item[1], item[2], set(), set()) for item in items)
-        raise TargetError(f"target {target} is below the smallest sub-network this posterior allows "
-                          f"({smallest:,.0f} decoder parameters, the target allows {budget:,.0f})")
+        unit = "one whole block" if not set(gated) & set(WIDTH_KINDS) else "the smallest sub-network"
+        raise TargetError(f"target {target} is below what this posterior can keep: {unit} needs "
+                          f"{smallest:,.0f} decoder parameters ({smallest / s.decoder_parameters:.3g} of them), "
+                          f"the target allows {budget:,.0f}")
     plans = []
     for l in sorted(layers):
         plan = LayerPlan(l)

@@ -157,18 +157,22 @@ def test_uniform_model_loads_and_generates_without_bayesprune(family, tmp_path, 
     assert json.loads((out / "bayesprune_extraction.json").read_text())["kept_layers"] == [1, 3]
 
 
-def test_per_layer_model_round_trips_through_load_pruned(family, tmp_path, ids):
+def test_per_layer_model_round_trips_through_load_pruned(family, tmp_path, ids, tokenizer):
     from transformers import AutoModelForCausalLM
     from transformers.integrations.heterogeneity import AmbiguousGlobalPerLayerAttributeError
+
+    from bayesprune.pretrained import load_model
 
     model = tiny_model(family)
     gated = gate(model, GateConfig(units=width_units(family)))
     mask = random_mask(gated, seed=1)
     gated.remove()
     small = extract_model(model, plan_of(mask))
-    out = save_extracted(small, None, tmp_path / "small", {})
+    out = save_extracted(small, tokenizer, tmp_path / "small", {})
     config = json.loads((out / "config.json").read_text())
     assert config.get("num_hidden_layers", config.get("n_layer")) == 3 and config["per_layer_config"]
+    reloaded, _ = load_model(str(out))  # what `bayesprune evaluate` and lm-eval read
+    assert torch.equal(reloaded(input_ids=ids).logits, small(input_ids=ids).logits)
     assert {"skip": ["self_attn" if family != "gpt2" else "attn"]}.items() <= config["per_layer_config"]["1"].items()
     loaded = load_pruned(out)
     assert torch.equal(loaded(input_ids=ids).logits, small(input_ids=ids).logits)

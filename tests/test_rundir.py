@@ -1,0 +1,191 @@
+"""Bad input and hostile use of the command line: a clear error, nothing lost, nothing silently wrong."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from bayesprune.cli import main
+from bayesprune.fit import CHECKPOINT_FILE
+from bayesprune.io import atomic_path, load_tensors, save_tensors
+from bayesprune.posterior import POSTERIOR_FILE
+from tests.test_cli import FIT_ARGS
+
+
+def fit_args(model, corpus, out, *extra):
+    return ["fit", "--model", str(model), "--data", str(corpus), "--out", str(out), "--target", "none",
+            *FIT_ARGS, *extra]
+
+
+@pytest.fixture
+def fitted(tiny_model_dir, corpus_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(fit_args(tiny_model_dir, corpus_dir, run)) == 0
+    capsys.readouterr()
+    return run
+
+
+def error_of(capsys) -> str:
+    return capsys.readouterr().err
+
+
+def test_a_model_folder_is_not_taken_for_a_run(tiny_model_dir, corpus_dir, capsys):
+    before = {p.name: p.read_bytes() for p in tiny_model_dir.iterdir()}
+    assert main(fit_args(tiny_model_dir, corpus_dir, tiny_model_dir)) == 2
+    assert "is not a bayesprune run directory" in error_of(capsys)
+    assert {p.name: p.read_bytes() for p in tiny_model_dir.iterdir()} == before
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "garbage{", '{"fit": {"steps": "many"}}', '{"model": 3}'])
+def test_a_broken_run_config_is_reported(fitted, tmp_path, capsys, content):
+    (fitted / "config.json").write_text(content)
+    assert main(["extract", str(fitted), "--target", "0.5", "--out", str(tmp_path / "s")]) == 2
+    assert "is not a bayesprune run config" in error_of(capsys) and not (tmp_path / "s").exists()
+
+
+def test_an_output_that_is_a_file_is_refused(tiny_model_dir, corpus_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("mine")
+    assert main(fit_args(tiny_model_dir, corpus_dir, tmp_path / "file")) == 2
+    assert "is a file" in error_of(capsys) and (tmp_path / "file").read_text() == "mine"
+
+
+def test_paths_are_stored_absolute_and_the_model_is_checked(tiny_model_dir, corpus_dir, tmp_path, capsys,
+                                                             monkeypatch):
+    monkeypatch.chdir(tiny_model_dir.parent)
+    run = tmp_path / "run"
+    assert main(fit_args(tiny_model_dir.name, corpus_dir, run)) == 0
+    assert json.loads((run / "config.json").read_text())["model"] == str(tiny_model_dir)
+    # ./m and m are the same model: the run resumes instead of refusing.
+    assert main(fit_args(f"./{tiny_model_dir.name}", corpus_dir, run)) == 0
+    capsys.readouterr()
+    elsewhere = tmp_path / "elsewhere"  # where a folder of the same relative name holds another model
+    (elsewhere / tiny_model_dir.name).mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    assert main(["extract", str(run), "--target", "0.5", "--out", "small"]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == "small"
+    weights = tiny_model_dir / "model.safetensors"
+    save_file({k: v * 1.01 for k, v in load_file(weights).items()}, weights)
+    assert main(["extract", str(run), "--target", "0.5", "--out", "small-2"]) == 2
+    assert "has changed since" in error_of(capsys) and not (elsewhere / "small-2").exists()
+
+
+def test_resume_refuses_changed_data_and_names_the_setting(tiny_model_dir, corpus_dir, tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(corpus_dir, corpus)
+    run = tmp_path / "run"
+    assert main(fit_args(tiny_model_dir, corpus, run)) == 0
+    assert main(fit_args(tiny_model_dir, corpus, run, "--seed", "3")) == 2
+    assert "other settings (fit.seed: 0 → 3)" in error_of(capsys)
+    for path in corpus.iterdir():  # the same settings, other text at the same path
+        path.write_text(path.read_text()[::-1])
+    assert main(fit_args(tiny_model_dir, corpus, run)) == 2
+    assert "was fitted on another data" in error_of(capsys)
+
+
+def test_a_failed_fit_does_not_block_its_output(tiny_model_dir, tmp_path, capsys, corpus_dir):
+    short = tmp_path / "short"
+    short.mkdir()
+    for path in sorted(corpus_dir.iterdir()):
+        (short / path.name).write_text(path.read_text()[:40])
+    run = tmp_path / "run"
+    # The test split is shorter than one window of 64 tokens: the run fails before fitting anything…
+    assert main(fit_args(tiny_model_dir, short, run)) == 2
+    assert "evaluation tokens" in error_of(capsys) and not (run / CHECKPOINT_FILE).exists()
+    # … and the same folder takes other settings.
+    assert main(fit_args(tiny_model_dir, short, run, "--seq-len", "8", "--eval-window", "8")) == 0
+
+
+@pytest.mark.parametrize("option", ["--cost", "--cost-rate", "--offset-scale", "--zero-cost"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_non_finite_settings_are_refused(tmp_path, capsys, option, value):
+    assert main(["fit", option, value, "--out", str(tmp_path / "r")]) == 2
+    assert "finite" in error_of(capsys) and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("kind", ["random bytes", "utf-16", "binary jsonl"])
+def test_non_text_data_is_refused_naming_the_file(tiny_model_dir, tmp_path, capsys, kind):
+    data = tmp_path / ("data.jsonl" if "jsonl" in kind else "data.txt")
+    if kind == "utf-16":
+        data.write_text("To be, or not to be, that is the question.\n" * 50, encoding="utf-16")
+    else:
+        data.write_bytes(os.urandom(4096))
+    assert main(fit_args(tiny_model_dir, data, tmp_path / "r")) == 2
+    err = error_of(capsys)
+    assert str(data) in err and "text" in err and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("target, message", [("1.5", "fraction above 1"), ("1B", "more than the whole model"),
+                                             ("1GB", "more than the whole model"),
+                                             ("150%", "more than the whole model"),
+                                             ("9layers", "more than the model's 4 blocks")])
+def test_targets_the_model_cannot_meet_are_refused_before_loading(tiny_model_dir, corpus_dir, tmp_path, capsys,
+                                                                  monkeypatch, target, message):
+    import bayesprune.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "load_model", lambda *a: pytest.fail("weights were loaded"))
+    args = fit_args(tiny_model_dir, corpus_dir, tmp_path / "r", "--units", "block")
+    args[args.index("--target") + 1] = target
+    assert main(args) == 2
+    assert message in error_of(capsys) and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("option", ["--seq-len", "--eval-window"])
+def test_lengths_beyond_the_models_positions_are_refused(tiny_model_dir, corpus_dir, tmp_path, capsys, option):
+    args = fit_args(tiny_model_dir, corpus_dir, tmp_path / "r", option, "300", "--eval-tokens", "600")
+    assert main(args) == 2
+    assert f"{option} 300 is longer than the model's 256 positions" in error_of(capsys)
+
+
+def test_a_block_run_says_when_whole_blocks_cannot_meet_a_size(tiny_model_dir, corpus_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(fit_args(tiny_model_dir, corpus_dir, run, "--units", "block")) == 0
+    capsys.readouterr()
+    assert main(["extract", str(run), "--target", "0.1", "--out", str(tmp_path / "s")]) == 2
+    assert "one whole block needs" in error_of(capsys)
+
+
+def test_a_posterior_holding_nan_writes_no_model(fitted, tmp_path, capsys):
+    tensors, meta = load_tensors(fitted / POSTERIOR_FILE)
+    name = next(k for k in tensors if k.startswith("importance."))
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_tensors(fitted / POSTERIOR_FILE, tensors, meta)
+    assert main(["extract", str(fitted), "--target", "0.5", "--out", str(tmp_path / "s")]) == 2
+    assert "non-finite" in error_of(capsys) and not (tmp_path / "s").exists()
+
+
+def test_what_a_killed_write_left_is_removed_by_the_next(fitted, tmp_path, capsys):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    leftovers = [tmp_path / f".small.partial-{pid}-abcd", fitted / f".posterior.nc.partial-{pid}-x.nc"]
+    leftovers[0].mkdir()
+    (leftovers[0] / "model.safetensors").write_bytes(b"half")
+    leftovers[1].write_bytes(b"half")
+    alive = tmp_path / f".small.partial-{os.getpid()}-live"  # a write still in progress is left alone
+    alive.mkdir()
+    assert main(["extract", str(fitted), "--target", "0.5", "--out", str(tmp_path / "small")]) == 0
+    with atomic_path(fitted / "posterior.nc") as tmp:
+        tmp.write_bytes(b"new")
+    assert not any(p.exists() for p in leftovers) and alive.exists()
+    assert not [p for p in fitted.iterdir() if ".partial-" in p.name]
+
+
+def test_ctrl_c_during_fit_keeps_a_resumable_checkpoint(tiny_model_dir, corpus_dir, tmp_path):
+    run = tmp_path / "run"
+    args = fit_args(tiny_model_dir, corpus_dir, run)
+    args[args.index("--steps") + 1] = "100000"
+    child = subprocess.Popen([sys.executable, "-m", "bayesprune.cli", *args], stderr=subprocess.PIPE, text=True)
+    seen = ""
+    while "SVI" not in seen or "nll=" not in seen:  # a step has been taken
+        seen += child.stderr.read(1) or pytest.fail(f"the fit ended early: {seen}")
+    child.send_signal(signal.SIGINT)
+    err = child.stderr.read()
+    assert child.wait() == 130
+    assert "interrupted; the fit's checkpoint is in" in err and "Traceback" not in err
+    step = load_tensors(run / CHECKPOINT_FILE)[1]["step"]
+    assert step >= 0 and not (run / POSTERIOR_FILE).exists()
