@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="corpus whose test split is scored (default: Shakespeare)")
     p.add_argument("--eval-tokens", type=int, default=DataConfig.eval_tokens)
     p.add_argument("--eval-window", type=int, default=DataConfig.eval_window)
+    p.add_argument("--tasks", help="zero-shot tasks scored through lm-eval, comma-separated: continuation and cloze "
+                                   "(built from the corpus's test split, no network) or lm-eval registry names")
+    p.add_argument("--task-limit", type=int, default=200, help="items per task")
     return parser
 
 
@@ -94,17 +97,26 @@ def main(argv: list[str] | None = None) -> int:
             extraction = ExtractionConfig(args.target, args.form, args.multiple)
             print(json.dumps(run_extract(args.run, extraction, args.out, streaming=streaming), indent=2))
         else:
-            from .data import load_splits
+            from .data import split_corpus, tokenize
             from .evaluate import model_size, perplexity
             from .pretrained import load_model, resolve_model
+            from .tasks import check_tasks, run_tasks
 
             data = DataConfig(path=args.data, eval_tokens=args.eval_tokens, eval_window=args.eval_window)
+            tasks = None if args.tasks is None else [t.strip() for t in args.tasks.split(",")]
+            if tasks is not None:
+                check_tasks(tasks)
+                if args.task_limit < 1:
+                    raise ValueError(f"--task-limit must be >= 1, got {args.task_limit}")
+            resolve_model(args.model)
+            test = split_corpus(data)["test"]
             model, tokenizer = load_model(args.model)
-            test = load_splits(tokenizer, data)["test"]
-            result = {**perplexity(model, test, data.eval_window, data.eval_tokens),
+            result = {**perplexity(model, tokenize(tokenizer, test), data.eval_window, data.eval_tokens),
                       **model_size(model, resolve_model(args.model) if args.model else None)}
+            if tasks is not None:
+                result["tasks"] = run_tasks(model, tokenizer, tasks, test, args.task_limit)
             print(json.dumps({"model": args.model, **result}, indent=2))
-    except (ValueError, OSError, FloatingPointError) as err:
+    except (ValueError, OSError, FloatingPointError, ImportError) as err:
         print(f"bayesprune {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

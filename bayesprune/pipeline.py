@@ -1,6 +1,8 @@
 """The main job and its run directory: validate → fit → posterior → extract → evaluate → report.
 
-A run directory holds ``config.json`` (how it was made), ``checkpoint.safetensors``
+A run directory (see :mod:`bayesprune.rundir`) holds ``run.json`` (its marker: the
+model's absolute path and fingerprint, the data's fingerprint), ``config.json`` (how
+it was made), ``checkpoint.safetensors``
 (resumable fit state), ``posterior.safetensors`` (the fitted posterior that extraction
 reads: any target from one run), ``posterior.nc`` (ArviZ InferenceData over a cost
 grid; with head or neuron gates only its first ``UNIT_LEVEL_DRAWS`` draws, to keep
