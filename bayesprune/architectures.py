@@ -57,6 +57,9 @@ class Architecture:
     gates (no ``head`` entries: heads cannot be gated), ``head_norms`` the norms
     among them that mix heads, ``neuron_field`` the config field holding the FFN
     width, and ``transposed`` marks ``Conv1D`` weights stored ``(in, out)``.
+    ``post_norms`` are the norms a family applies to each branch's output before the
+    residual add (OLMo-2): a gate before such a norm would be normalised away, so
+    branch gates and their amplitudes act on the norm's output instead.
     """
 
     family: str
@@ -69,6 +72,17 @@ class Architecture:
     neuron_field: str = "intermediate_size"
     transposed: bool = False
     outputs: tuple[str, str] = ("self_attn.o_proj", "mlp.down_proj")
+    post_norms: tuple[str, str] | None = None
+
+    def branch_output(self, kind: str) -> str:
+        """The module whose output an ``attn`` / ``mlp`` gate multiplies: the branch, or its post-norm."""
+        index = ("attn", "mlp").index(kind)
+        return self.post_norms[index] if self.post_norms else (self.attention, self.mlp)[index]
+
+    def amplitude_fold(self, kind: str) -> str:
+        """The module whose weight (and bias) an ``attn`` / ``mlp`` amplitude is folded into."""
+        index = ("attn", "mlp").index(kind)
+        return (self.post_norms or self.outputs)[index]
 
     def width_slices(self, kind: str) -> tuple[WidthSlice, ...]:
         return tuple(s for s in self.width + self.head_norms if s.kind == kind)
@@ -92,7 +106,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "mistral": Architecture("mistral", **_LLAMA_LIKE),
     "qwen2": Architecture("qwen2", **_LLAMA_LIKE),
     "qwen3": Architecture("qwen3", **_LLAMA_LIKE),
-    "olmo2": Architecture("olmo2", **_LLAMA_LIKE, head_norms=_OLMO2_HEAD_NORMS),
+    "olmo2": Architecture("olmo2", **_LLAMA_LIKE, head_norms=_OLMO2_HEAD_NORMS,
+                          post_norms=("post_attention_layernorm", "post_feedforward_layernorm")),
     # GPT-2 attention derives head_dim from n_embd / n_head, so it cannot hold fewer heads.
     "gpt2": Architecture("gpt2", layers="transformer.h", attention="attn", mlp="mlp",
                          width=(WidthSlice("mlp.c_fc", "neuron", "out", "one"),

@@ -111,17 +111,19 @@ def recipes(plan: ExtractionPlan, arch: Architecture, widths: Widths,
 
 
 def _folding(module: str, leaf: str, layer, arch: Architecture, widths: Widths) -> dict:
-    """How an output projection's tensor is scaled to fold the layer's amplitudes in (else nothing)."""
-    if module not in arch.outputs:
-        return {}
-    attention = module == arch.outputs[0]
-    factor = layer.attn_amplitude if attention else layer.mlp_amplitude
-    units = layer.head_amplitudes if attention else layer.neuron_amplitudes
-    if leaf != "weight" or units is None:
-        return {"factor": factor} if factor != 1.0 else {}
-    per_unit = widths.features(arch.gate_site("head" if attention else "neuron").per_unit)
-    scale = tuple(a for a in units for _ in range(per_unit))
-    return {"scale": scale, "scale_dim": 0 if arch.transposed else 1, "factor": factor}
+    """How a tensor is scaled to fold the layer's amplitudes in: per-unit columns of the output
+    projections, and the branch amplitude where it acts (the output projection or the post-norm)."""
+    folding = {}
+    for kind, unit, output in (("attn", "head", arch.outputs[0]), ("mlp", "neuron", arch.outputs[1])):
+        factor = layer.attn_amplitude if kind == "attn" else layer.mlp_amplitude
+        if module == arch.amplitude_fold(kind) and factor != 1.0:
+            folding["factor"] = factor
+        units = layer.head_amplitudes if kind == "attn" else layer.neuron_amplitudes
+        if module == output and leaf == "weight" and units is not None:
+            per_unit = widths.features(arch.gate_site(unit).per_unit)
+            folding |= {"scale": tuple(a for a in units for _ in range(per_unit)),
+                        "scale_dim": 0 if arch.transposed else 1}
+    return folding
 
 
 def extracted_config(config, plan: ExtractionPlan, arch: Architecture, widths: Widths):

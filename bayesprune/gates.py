@@ -2,7 +2,8 @@
 
 A block gate ``z`` turns a block ``h -> f(h)`` into ``h -> z·f(h) + (1-z)·h``, i.e. it
 multiplies the block's residual update; a branch gate multiplies the attention or
-MLP output before it joins the residual stream. For ``z`` in {0, 1} both are exact:
+MLP output as it joins the residual stream (after the family's post-norm, if it has
+one, so that the norm cannot cancel it). For ``z`` in {0, 1} both are exact:
 all gates at 1 give the original logits bit for bit, a gate at 0 skips the unit.
 
 Width gates sit inside the branches: a ``head`` gate multiplies the features of one
@@ -198,9 +199,10 @@ class GatedModel(nn.Module):
             for kind in self.kinds:
                 if kind in WIDTH_KINDS:
                     self._install_width(block, kind, i)
-            for kind, attr in (("attn", self.arch.attention), ("mlp", self.arch.mlp)):
+            for kind in ("attn", "mlp"):
                 if kind in self.kinds:
-                    setattr(block, attr, GatedBranch(getattr(block, attr), self.values, kind, i))
+                    parent, attr = _parent(block, self.arch.branch_output(kind))
+                    setattr(parent, attr, GatedBranch(getattr(parent, attr), self.values, kind, i))
             if "block" in self.kinds:
                 layers[i] = GatedBlock(block, self.values, "block", i)
 
