@@ -58,8 +58,9 @@ class Architecture:
     among them that mix heads, ``neuron_field`` the config field holding the FFN
     width, and ``transposed`` marks ``Conv1D`` weights stored ``(in, out)``.
     ``post_norms`` are the norms a family applies to each branch's output before the
-    residual add (OLMo-2): a gate before such a norm would be normalised away, so
-    branch gates and their amplitudes act on the norm's output instead.
+    residual add (OLMo-2, Gemma 2 and 3): a gate before such a norm would be normalised
+    away, so branch gates and their amplitudes act on the norm's output instead;
+    ``norm_offset`` is what a family's norms add to their weight (Gemma: 1).
     """
 
     family: str
@@ -73,6 +74,7 @@ class Architecture:
     transposed: bool = False
     outputs: tuple[str, str] = ("self_attn.o_proj", "mlp.down_proj")
     post_norms: tuple[str, str] | None = None
+    norm_offset: float = 0.0  # Gemma's norms scale by (offset + weight)
 
     def branch_output(self, kind: str) -> str:
         """The module whose output an ``attn`` / ``mlp`` gate multiplies: the branch, or its post-norm."""
@@ -100,6 +102,7 @@ class Architecture:
 
 
 _LLAMA_LIKE = dict(layers="model.layers", attention="self_attn", mlp="mlp")
+_POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
 
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture("llama", **_LLAMA_LIKE),
@@ -107,7 +110,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen2": Architecture("qwen2", **_LLAMA_LIKE),
     "qwen3": Architecture("qwen3", **_LLAMA_LIKE),
     "olmo2": Architecture("olmo2", **_LLAMA_LIKE, head_norms=_OLMO2_HEAD_NORMS,
-                          post_norms=("post_attention_layernorm", "post_feedforward_layernorm")),
+                          post_norms=_POST_NORMS),
+    "gemma2": Architecture("gemma2", **_LLAMA_LIKE, post_norms=_POST_NORMS, norm_offset=1.0),
+    "gemma3_text": Architecture("gemma3_text", **_LLAMA_LIKE, post_norms=_POST_NORMS, norm_offset=1.0),
     # GPT-2 attention derives head_dim from n_embd / n_head, so it cannot hold fewer heads.
     "gpt2": Architecture("gpt2", layers="transformer.h", attention="attn", mlp="mlp",
                          width=(WidthSlice("mlp.c_fc", "neuron", "out", "one"),

@@ -38,7 +38,8 @@ class Recipe:
     """Take ``source``, keep positions ``index`` along ``dim`` (``None``: all of it), then scale.
 
     Scaling folds amplitudes in: the kept tensor is multiplied by ``factor`` and, along
-    ``scale_dim``, by ``scale`` (one value per kept position).
+    ``scale_dim``, by ``scale`` (one value per kept position). A norm weight that acts
+    as ``offset + weight`` (Gemma) becomes ``(offset + weight)·factor − offset``.
     """
 
     source: str
@@ -48,12 +49,13 @@ class Recipe:
     scale: tuple[float, ...] | None = None
     scale_dim: int = 0
     factor: float = 1.0
+    offset: float = 0.0
 
     def finish(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` (already cut) with the scaling applied, at its own dtype."""
         if self.scale is None and self.factor == 1.0:
             return tensor
-        scaled = tensor.double() * self.factor
+        scaled = (tensor.double() + self.offset) * self.factor - self.offset
         if self.scale is not None:
             view = [1] * tensor.dim()
             view[self.scale_dim] = -1
@@ -118,6 +120,8 @@ def _folding(module: str, leaf: str, layer, arch: Architecture, widths: Widths) 
         factor = layer.attn_amplitude if kind == "attn" else layer.mlp_amplitude
         if module == arch.amplitude_fold(kind) and factor != 1.0:
             folding["factor"] = factor
+            if arch.post_norms:
+                folding["offset"] = arch.norm_offset
         units = layer.head_amplitudes if kind == "attn" else layer.neuron_amplitudes
         if module == output and leaf == "weight" and units is not None:
             per_unit = widths.features(arch.gate_site(unit).per_unit)

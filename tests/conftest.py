@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Olmo2Config,
-                          PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GPT2Config, LlamaConfig, MistralConfig,
+                          Olmo2Config, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
 
 VOCAB = 320
 
@@ -19,6 +19,10 @@ TINY_CONFIGS = {
     "qwen2": lambda: Qwen2Config(**_COMMON, use_sliding_window=True, sliding_window=8, max_window_layers=2),
     "qwen3": lambda: Qwen3Config(**_COMMON, head_dim=8),
     "olmo2": lambda: Olmo2Config(**_COMMON),
+    "gemma2": lambda: Gemma2Config(**_COMMON, head_dim=8, sliding_window=8, query_pre_attn_scalar=8,
+                                   layer_types=["sliding_attention", "full_attention"] * 2),
+    "gemma3_text": lambda: Gemma3TextConfig(**_COMMON, head_dim=8, sliding_window=8, query_pre_attn_scalar=8,
+                                            layer_types=["sliding_attention", "full_attention"] * 2),
     "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=256),
 }
 

@@ -124,7 +124,8 @@ def test_amplitudes_scale_what_units_write_as_folding_them_into_the_output_proje
                 weight.mul_(scale[:, None] if arch.transposed else scale)
             for kind in ("attn", "mlp"):
                 module = block.get_submodule(arch.amplitude_fold(kind))
-                module.weight.mul_(amplitudes[kind][index])
+                offset = arch.norm_offset if arch.post_norms else 0.0
+                module.weight.add_(offset).mul_(amplitudes[kind][index]).sub_(offset)
                 if getattr(module, "bias", None) is not None:
                     module.bias.mul_(amplitudes[kind][index])
         expected = folded(input_ids=ids).logits
