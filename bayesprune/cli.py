@@ -35,7 +35,15 @@ def _fit_parser(sub) -> None:
                    help="prior scale of the per-unit importance offsets (0: none, the paper's norm-only ranking)")
     p.add_argument("--eval-tokens", type=int, default=DataConfig.eval_tokens)
     p.add_argument("--eval-window", type=int, default=DataConfig.eval_window)
+    _device_options(p)
     _extraction_options(p)
+
+
+def _device_options(p) -> None:
+    p.add_argument("--device", help="cpu (default), cuda or cuda:N: where the network runs")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default=FitConfig.dtype,
+                   help="the network's compute dtype (gates and guide stay float32; written checkpoints keep "
+                        "the source model's dtype)")
 
 
 def _extraction_options(p) -> None:
@@ -52,7 +60,7 @@ def _run_config(args) -> RunConfig:
         prior=PriorConfig(offset_scale=args.offset_scale),
         cost=CostConfig(fixed=args.cost, rate=args.cost_rate, zero_probability=args.zero_cost),
         fit=FitConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                      weights=args.weights, seed=args.seed),
+                      weights=args.weights, seed=args.seed, dtype=args.dtype),
         data=DataConfig(path=args.data, eval_tokens=args.eval_tokens, eval_window=args.eval_window),
     )
 
@@ -69,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-memory", action="store_true",
                    help="load the whole model and cut it in memory (default for joint fits; frozen fits "
                         "are cut from the original files, slice by slice)")
+    _device_options(p)
     p = sub.add_parser("evaluate", help="held-out perplexity and size of a model, as JSON")
     p.add_argument("model", nargs="?", help="Hugging Face folder or .gguf (default: the default model)")
     p.add_argument("--data", help="corpus whose test split is scored (default: Shakespeare)")
@@ -77,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", help="zero-shot tasks scored through lm-eval, comma-separated: continuation and cloze "
                                    "(built from the corpus's test split, no network) or lm-eval registry names")
     p.add_argument("--task-limit", type=int, default=200, help="items per task")
+    _device_options(p)
     return parser
 
 
@@ -89,13 +99,14 @@ def main(argv: list[str] | None = None) -> int:
 
             target = None if args.target.lower() == "none" else args.target
             extraction = ExtractionConfig(target, args.form, args.multiple)
-            run_fit(config, args.out, extraction, log=lambda s: print(s, flush=True))
+            run_fit(config, args.out, extraction, log=lambda s: print(s, flush=True), device=args.device)
         elif args.command == "extract":
             from .pipeline import run_extract
 
             streaming = False if args.in_memory else None
             extraction = ExtractionConfig(args.target, args.form, args.multiple)
-            print(json.dumps(run_extract(args.run, extraction, args.out, streaming=streaming), indent=2))
+            print(json.dumps(run_extract(args.run, extraction, args.out, streaming=streaming, device=args.device,
+                                         dtype=args.dtype), indent=2))
         else:
             from .data import split_corpus, tokenize
             from .evaluate import model_size, perplexity
@@ -110,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise ValueError(f"--task-limit must be >= 1, got {args.task_limit}")
             resolve_model(args.model)
             test = split_corpus(data)["test"]
-            model, tokenizer = load_model(args.model)
+            model, tokenizer = load_model(args.model, args.device, args.dtype)
             result = {**perplexity(model, tokenize(tokenizer, test), data.eval_window, data.eval_tokens),
                       **model_size(model, resolve_model(args.model) if args.model else None)}
             if tasks is not None:

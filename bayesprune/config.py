@@ -143,10 +143,13 @@ class FitConfig(_JsonConfig):
     weight_decay: float = 0.0  # network weights only (decoupled); never the guide's parameters
     warmup_steps: int = 0
     schedule: str = "constant"  # or "cosine": from the full rate after warm-up down to 0.1×
+    dtype: str = "float32"  # the network's compute dtype; gates and the guide are float32 whatever it is
 
     def __post_init__(self):
         if self.weights not in ("frozen", "joint"):
             raise ValueError(f"FitConfig.weights must be 'frozen' or 'joint', got {self.weights!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16", "float64"):
+            raise ValueError(f"FitConfig.dtype must be float32, bfloat16, float16 or float64, got {self.dtype!r}")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"FitConfig.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
         _finite(self, "guide_lr", "guide_init_scale", "weight_lr", "clip_norm", "weight_decay")

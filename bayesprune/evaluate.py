@@ -14,6 +14,8 @@ from .architectures import count_bytes, count_parameters
 
 def sequence_nll(model, input_ids: torch.Tensor) -> torch.Tensor:
     """Summed next-token negative log-likelihood of each sequence, shape ``(batch,)``."""
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
     logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1]
     targets = input_ids[:, 1:]
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")

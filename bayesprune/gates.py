@@ -102,7 +102,7 @@ class _Wrapper(nn.Module):
         if z is None:
             return None
         # (batch-of-draws,) gates broadcast over (batch, seq, hidden).
-        return z.to(like.dtype).reshape(z.shape + (1,) * (like.dim() - z.dim()))
+        return z.to(like).reshape(z.shape + (1,) * (like.dim() - z.dim()))
 
 
 class GatedBlock(_Wrapper):
@@ -137,7 +137,7 @@ class _FeatureGate(_Wrapper):
         z = self.values.of(self.kind, self.index, scaled)
         if z is None:
             return None
-        z = z.to(like.dtype).repeat_interleave(self.features, dim=-1)
+        z = z.to(like).repeat_interleave(self.features, dim=-1)
         return z.reshape(z.shape[:-1] + (1,) * (like.dim() - z.dim()) + z.shape[-1:])
 
 

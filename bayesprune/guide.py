@@ -36,7 +36,7 @@ class CostConditionedGuide(PyroModule):
             for site in self.sites:
                 start = site.start.log() if site.positive else site.start
                 setattr(self, f"{site.name}_loc", PyroParam(start.float().clone()))
-                setattr(self, f"{site.name}_scale", PyroParam(torch.full(site.shape, init_scale),
+                setattr(self, f"{site.name}_scale", PyroParam(torch.full(site.shape, init_scale, device=start.device),
                                                               constraint=dist.constraints.positive))
 
     def loc_and_scale(self, site: Site) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,7 +42,8 @@ def unit_importance(gated: GatedModel, track: bool = False) -> dict[str, torch.T
     With ``track``, the norms are differentiable in the current weights (a fit that
     trains the weights reads them afresh every step); otherwise they are constants.
     """
-    importance = {k: torch.ones(gated.num_layers) for k in gated.kinds if k not in WIDTH_KINDS}
+    device = next(gated.model.parameters()).device
+    importance = {k: torch.ones(gated.num_layers, device=device) for k in gated.kinds if k not in WIDTH_KINDS}
     if set(gated.kinds) & set(WIDTH_KINDS):
         with gated.unwrapped() as model, torch.set_grad_enabled(track):
             norms = unit_norms(model, torch.float32)
@@ -90,7 +91,7 @@ def probabilities(theta: Theta, importance: dict[str, torch.Tensor], cost: float
     """Inclusion probability of every unit of every kind at ``cost``; exactly 1 at cost 0."""
     if cost == 0:
         lead = theta[f"{next(iter(importance))}_threshold_curve"].shape[:-1]
-        return {k: torch.ones(lead + v.shape) for k, v in importance.items()}
+        return {k: torch.ones(lead + v.shape, device=v.device) for k, v in importance.items()}
     return {k: torch.sigmoid(logits(theta, k, v, cost, prior)) for k, v in importance.items()}
 
 

@@ -79,11 +79,16 @@ class ShrinkagePrior:
     other knowledge of the prior.
     """
 
-    def __init__(self, config: PriorConfig, kinds: tuple[str, ...], num_layers: int, units: dict[str, int]):
+    def __init__(self, config: PriorConfig, kinds: tuple[str, ...], num_layers: int, units: dict[str, int],
+                 device: torch.device | str = "cpu"):
         self.config = config
         self.kinds = kinds
         self.num_layers = num_layers
         self.units = units
+        self.device = torch.device(device)
+
+    def _zeros(self, shape) -> torch.Tensor:
+        return torch.zeros(shape, device=self.device)
 
     def unit_shape(self, kind: str) -> tuple[int, ...]:
         return (self.num_layers, self.units[kind]) if kind in self.units else (self.num_layers,)
@@ -93,17 +98,18 @@ class ShrinkagePrior:
         free = c.control_points - 1
         sites = []
         for kind in self.kinds:
-            sites += [Site(f"{kind}_threshold_curve", (free,), False, rising_increments(c.control_points,
-                                                                                          c.threshold_rise)),
-                      Site(f"{kind}_global_scale", (), True, torch.tensor(c.curve_scale)),
-                      Site(f"{kind}_local_scale", (L,), True, torch.ones(L)),
-                      Site(f"{kind}_deviation", (L, free), False, torch.zeros(L, free))]
+            rise = rising_increments(c.control_points, c.threshold_rise).to(self.device)
+            sites += [Site(f"{kind}_threshold_curve", (free,), False, rise),
+                      Site(f"{kind}_global_scale", (), True, torch.tensor(c.curve_scale, device=self.device)),
+                      Site(f"{kind}_local_scale", (L,), True, torch.ones(L, device=self.device)),
+                      Site(f"{kind}_deviation", (L, free), False, self._zeros((L, free)))]
             if c.offset_scale > 0:
-                sites.append(Site(f"{kind}_offset", self.unit_shape(kind), False, torch.zeros(self.unit_shape(kind))))
+                sites.append(Site(f"{kind}_offset", self.unit_shape(kind), False, self._zeros(self.unit_shape(kind))))
             if kind != "block":  # a whole block's update cannot be folded into weights
                 sites += [Site(f"{kind}_log_amplitude", self.unit_shape(kind), False,
-                               torch.zeros(self.unit_shape(kind))),
-                          Site(f"{kind}_amplitude_curve", (free,), False, torch.linspace(0, 1, c.control_points)[1:])]
+                               self._zeros(self.unit_shape(kind))),
+                          Site(f"{kind}_amplitude_curve", (free,), False,
+                               torch.linspace(0, 1, c.control_points, device=self.device)[1:])]
         return sites
 
     def distribution(self, site: Site, theta: inclusion.Theta) -> dist.Distribution:
@@ -113,16 +119,16 @@ class ShrinkagePrior:
         if part == "threshold_curve":
             base = dist.Normal(site.start, c.shared_curve_scale)
         elif part == "global_scale":
-            base = dist.HalfCauchy(torch.tensor(c.curve_scale))
+            base = dist.HalfCauchy(torch.tensor(c.curve_scale, device=self.device))
         elif part == "local_scale":
-            base = dist.HalfCauchy(torch.ones(site.shape))
+            base = dist.HalfCauchy(torch.ones(site.shape, device=self.device))
         elif part == "deviation":
             scale = theta[f"{kind}_global_scale"][..., None] * theta[f"{kind}_local_scale"]
-            base = dist.Normal(torch.zeros(site.shape), scale[..., None].expand(scale.shape + site.shape[-1:]))
+            base = dist.Normal(self._zeros(site.shape), scale[..., None].expand(scale.shape + site.shape[-1:]))
         elif part == "offset":
-            base = dist.Normal(torch.zeros(site.shape), c.offset_scale)
+            base = dist.Normal(self._zeros(site.shape), c.offset_scale)
         elif part == "log_amplitude":
-            base = dist.Normal(torch.zeros(site.shape), c.amplitude_scale)
+            base = dist.Normal(self._zeros(site.shape), c.amplitude_scale)
         elif part == "amplitude_curve":
             base = dist.Normal(site.start, 1.0)
         else:
@@ -143,11 +149,12 @@ class PruningModel(nn.Module):
                  track_importance: bool = False):
         super().__init__()
         self.gated = gated
-        self.sequences = sequences
+        self.sequences = sequences  # token windows stay where they are; each mini-batch moves to the model
+        self.device = next(gated.model.parameters()).device
         if isinstance(prior, PriorConfig):
-            prior = ShrinkagePrior(prior, gated.kinds, gated.num_layers, gated.values.units)
+            prior = ShrinkagePrior(prior, gated.kinds, gated.num_layers, gated.values.units, self.device)
         self.prior = prior
-        self.sizes = gated.unit_parameters()
+        self.sizes = gated.unit_parameters().to(self.device)
         self.num_tokens = sequences.shape[0] * (sequences.shape[1] - 1)
         self.track_importance = track_importance
         self.importance = inclusion.unit_importance(gated)
@@ -171,7 +178,7 @@ class PruningModel(nn.Module):
             nll = sequence_nll(self.gated, self.sequences[batch])                        # (batch,)
             if not torch.isfinite(nll).all():
                 raise NonFiniteLossError(f"the network's log-likelihood is not finite on sequences "
-                                         f"{batch[~torch.isfinite(nll)].tolist()}")
+                                         f"{batch[~torch.isfinite(nll).cpu()].tolist()}")
             pyro.factor("likelihood", -nll)
         self.last_step = {"nll": nll.sum().item() / (len(batch) * (self.sequences.shape[1] - 1)),
                           "expected_kept": expected.item()}

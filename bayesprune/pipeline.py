@@ -27,12 +27,12 @@ from .evaluate import model_size, perplexity
 from .fit import CHECKPOINT_FILE, fit, load_network
 from .gates import gate
 from .io import atomic_path, atomic_write_json, atomic_write_text, load_tensors
-from .pretrained import load_config, load_model, resolve_model
+from .pretrained import check_device, load_config, load_model, resolve_model, source_dtype
 from .plots import plot_block_forest, plot_inclusion_over_cost, plot_size_curve, plot_thresholds, plot_width
 from .posterior import POSTERIOR_FILE, GatePosterior, cost_grid
 from .rundir import check_output, claim, data_fingerprint, fitted_model_path, model_fingerprint, read_config
 from .targets import ModelTotals, Target, TargetError, check_feasible
-from .extraction import CheckpointFiles, extract, extract_model, extract_streaming, save_extracted
+from .extraction import CheckpointFiles, extract_model, extract_streaming, save_extracted
 
 UNIT_LEVEL_DRAWS = 20
 SUMMARY_TARGET = "0.75"  # where a run without a target shows its ranking and widths
@@ -118,15 +118,20 @@ def format_widths(rows: list[dict]) -> str:
 
 
 def run_fit(config: RunConfig, run_dir: str | Path, extraction: ExtractionConfig | None = None,
-            progress: bool = True, log=print) -> dict:
-    """Fit the cost-conditioned gate posterior, summarise it, and (with a target) extract and evaluate."""
+            progress: bool = True, log=print, device: str | None = None) -> dict:
+    """Fit the cost-conditioned gate posterior, summarise it, and (with a target) extract and evaluate.
+
+    The network runs on ``device`` in ``config.fit.dtype``; the extracted model is written in
+    the dtype the source model is stored in, and byte targets count that dtype's bytes.
+    """
     started = time.time()
     run_dir = Path(run_dir)
     config = config.resolved()
     extraction = extraction or ExtractionConfig()
     parsed_target = validate(config, extraction, run_dir)
     corpus = split_corpus(config.data)  # the text is read and checked before any weights
-    model, tokenizer = load_model(config.model)
+    check_device(device)
+    model, tokenizer = load_model(config.model, device, config.fit.dtype)
     splits = {name: tokenize(tokenizer, documents) for name, documents in corpus.items()}
     claim(run_dir, config, model_fingerprint(resolve_model(config.model)), data_fingerprint(splits))
 
@@ -144,7 +149,8 @@ def run_fit(config: RunConfig, run_dir: str | Path, extraction: ExtractionConfig
     posterior = result.posterior()
     posterior.save(run_dir / POSTERIOR_FILE)
     model = gated.remove()
-    totals = ModelTotals.of(model)
+    stored = source_dtype(config.model)
+    totals = ModelTotals(ModelTotals.of(model).outside_parameters, stored.itemsize)
     plan = None
     if parsed_target is not None:
         plan = posterior.plan(parsed_target, totals, extraction.form, extraction.multiple)
@@ -157,7 +163,7 @@ def run_fit(config: RunConfig, run_dir: str | Path, extraction: ExtractionConfig
                        "last": result.history[-10:]}}
     if plan is not None:
         out = run_dir / "extracted"
-        small = extract_model(model, plan)
+        small = extract_model(model, plan).to(stored)
         record = _record(run_dir, extraction, plan, posterior)
         save_extracted(small, tokenizer, out, record, overwrite=True)
         extracted = {**evaluate(small), **record, **model_size(small, out), "path": str(out)}
@@ -212,10 +218,10 @@ def load_fitted(run_dir: str | Path) -> GatePosterior:
     return GatePosterior.load(run_dir / POSTERIOR_FILE)
 
 
-def load_fitted_model(run_dir: str | Path):
+def load_fitted_model(run_dir: str | Path, device: str | None = None, dtype: str | None = None):
     """The run's network (with jointly trained weights if it had them) and tokenizer."""
     config = read_config(run_dir)
-    model, tokenizer = load_model(str(fitted_model_path(run_dir)))
+    model, tokenizer = load_model(str(fitted_model_path(run_dir)), device, dtype)
     if config.fit.weights == "joint":
         tensors, _ = load_tensors(Path(run_dir) / CHECKPOINT_FILE)
         with torch.no_grad():
@@ -224,7 +230,7 @@ def load_fitted_model(run_dir: str | Path):
 
 
 def run_extract(run_dir: str | Path, extraction: ExtractionConfig, out: str | Path, overwrite: bool = False,
-                streaming: bool | None = None) -> dict:
+                streaming: bool | None = None, device: str | None = None, dtype: str | None = None) -> dict:
     """Extract the sub-network ``extraction`` asks for from a fitted run; nothing is written on error.
 
     A frozen-weight fit is cut straight from the original safetensors files
@@ -251,8 +257,11 @@ def run_extract(run_dir: str | Path, extraction: ExtractionConfig, out: str | Pa
         record = _record(run_dir, extraction, plan, fitted)
         extract_streaming(source, plan, out, record, overwrite)
     else:
-        model, tokenizer = load_fitted_model(run_dir)
-        small, plan = extract(model, fitted, parsed, form, multiple)
+        model, tokenizer = load_fitted_model(run_dir, device, dtype)
+        stored = source_dtype(str(source))
+        totals = ModelTotals(ModelTotals.of(model).outside_parameters, stored.itemsize)
+        plan = fitted.plan(parsed, totals, form, multiple)
+        small = extract_model(model, plan).to(stored)
         record = _record(run_dir, extraction, plan, fitted)
         save_extracted(small, tokenizer, out, record, overwrite)
     files_bytes = sum(p.stat().st_size for p in Path(out).glob("*.safetensors"))

@@ -72,11 +72,11 @@ class GatePosterior:
         locs, scales = {}, {}
         for site in guide.sites:
             loc, scale = guide.loc_and_scale(site)
-            locs[site.name], scales[site.name] = loc.detach().clone(), scale.detach().clone()
+            locs[site.name], scales[site.name] = loc.detach().cpu().clone(), scale.detach().cpu().clone()
         gated = model.gated
         return cls(model.prior.config, tuple(gated.kinds), list(gated.layer_names), dict(gated.values.units),
-                   {k: v.detach().clone() for k, v in model.importance.items()}, model.sizes, locs, scales,
-                   fixed_cost, num_draws, seed)
+                   {k: v.detach().float().cpu().clone() for k, v in model.importance.items()}, model.sizes.to("cpu"),
+                   locs, scales, fixed_cost, num_draws, seed)
 
     # -- draws -----------------------------------------------------------------------------------------
 

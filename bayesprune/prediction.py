@@ -26,8 +26,9 @@ def _token_log_probs(gated: GatedModel, windows: torch.Tensor, batch_size: int) 
     """Log-probability of every predicted token, ``(windows, seq_len − 1)``."""
     parts = []
     for batch in batches(windows, batch_size):
+        batch = batch.to(next(gated.parameters()).device)
         logits = gated(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        parts.append(-F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none"))
+        parts.append(-F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none").cpu())
     return torch.cat(parts)
 
 

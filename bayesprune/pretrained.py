@@ -31,8 +31,53 @@ def _default_gguf() -> Path:
     return Path(spec.submodule_search_locations[0]) / _DEFAULT_GGUF
 
 
-def _load_gguf(path: Path):
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def compute_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """A dtype from its name (``None``: float32, the fast one on CPUs)."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def check_device(device: str | torch.device | None) -> torch.device:
+    """A device that exists here (``None``: the CPU)."""
+    try:
+        device = torch.device("cpu" if device is None else device)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {device!r} ({err}); use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} asked for, but torch sees no CUDA device here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device} asked for, but torch sees {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+def source_dtype(source: str | None = None) -> torch.dtype:
+    """The dtype a model's weights are stored in (a GGUF file is dequantised: float32)."""
+    from safetensors import safe_open
+
+    path = resolve_model(source)
+    if path.suffix == ".gguf":
+        return torch.float32
+    counts: dict[str, int] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as handle:
+            for name in handle.keys():
+                piece = handle.get_slice(name)
+                counts[piece.get_dtype()] = counts.get(piece.get_dtype(), 0) + 1
+    names = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    floats = {k: v for k, v in counts.items() if k in names}
+    return names[max(floats, key=floats.get)] if floats else torch.float32
+
+
+def _load_gguf(path: Path, dtype: torch.dtype = torch.float32):
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     # The weights are dequantised to float on load; drop the GGUF marker so the
     # model saves (and later loads) as an ordinary safetensors checkpoint.
@@ -90,18 +135,21 @@ def _has_per_layer_widths(path: Path) -> bool:
         raise ValueError(f"{path / 'config.json'} is not valid JSON ({err})") from err
 
 
-def load_model(source: str | None = None):
-    """``(model, tokenizer)`` in float32 and eval mode; per-layer checkpoints bayesprune wrote load too."""
+def load_model(source: str | None = None, device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None):
+    """``(model, tokenizer)`` in eval mode, on ``device`` (default: CPU) in ``dtype`` (default: float32);
+    per-layer checkpoints bayesprune wrote load too."""
     path = resolve_model(source)
+    device, dtype = check_device(device), compute_dtype(dtype)
     if path.suffix == ".gguf":
-        model, tokenizer = _load_gguf(path)
+        model, tokenizer = _load_gguf(path, dtype)
     elif _has_per_layer_widths(path):
         from .pruned import global_access, load_pruned
 
-        model = load_pruned(path).float()
+        model = load_pruned(path).to(dtype)
         with global_access(model.config) as config:
             tokenizer = AutoTokenizer.from_pretrained(path, config=config)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    return model.eval(), tokenizer
+    return model.to(device).eval(), tokenizer

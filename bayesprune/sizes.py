@@ -73,6 +73,10 @@ class UnitSizes:
         return replace(self, other=2 * self.other, attn=2 * self.attn, mlp=2 * self.mlp,
                        head=2 * self.head + 4 * context * self.head_features, neuron=2 * self.neuron)
 
+    def to(self, device) -> "UnitSizes":
+        """The same sizes on ``device`` (float64 kept: the sums of many units stay exact)."""
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
     def to_tensors(self, prefix: str = "sizes.") -> dict[str, torch.Tensor]:
         return {prefix + f.name: getattr(self, f.name) for f in fields(self)}
 

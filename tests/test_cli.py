@@ -4,6 +4,7 @@ import sys
 
 import arviz as az
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from bayesprune.cli import main
@@ -149,3 +150,35 @@ def bp_target(text: str) -> float:
     from bayesprune import Target
 
     return Target.parse(text).value
+
+
+def test_a_bf16_source_is_cut_to_the_same_bytes_by_fit_and_extract_and_stays_bf16(tokenizer, corpus_dir, tmp_path,
+                                                                                   capsys):
+    """The fit computes in float32 (--dtype), but byte targets and written checkpoints use the stored dtype."""
+    from safetensors import safe_open
+
+    from tests.conftest import tiny_model
+
+    source = tmp_path / "bf16"
+    tiny_model("llama").to(torch.bfloat16).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    run = tmp_path / "run"
+    assert main(["fit", "--model", str(source), "--data", str(corpus_dir), "--out", str(run), "--target", "60KB",
+                 *FIT_ARGS]) == 0
+    capsys.readouterr()
+    streamed = tmp_path / "streamed"
+    assert main(["extract", str(run), "--target", "60KB", "--out", str(streamed)]) == 0
+    record = json.loads(capsys.readouterr().out)
+    fitted = json.loads((run / "report.json").read_text())["extracted"]
+    assert fitted["parameters"] == record["parameters"] and record["parameters"] * 2 <= 60_000
+    for folder in (run / "extracted", streamed):
+        with safe_open(folder / "model.safetensors", "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+
+
+def test_unknown_devices_are_refused_before_loading(tiny_model_dir, tmp_path, capsys):
+    assert main(["evaluate", str(tiny_model_dir), "--device", "tpu:9"]) == 2
+    assert "unknown device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["fit", "--model", str(tiny_model_dir), "--device", "cuda", "--out", str(tmp_path / "r")]) == 2
+        assert "no CUDA device" in capsys.readouterr().err and not (tmp_path / "r").exists()

@@ -156,3 +156,29 @@ def test_corrupt_checkpoint_is_reported(tmp_path):
     (tmp_path / CHECKPOINT_FILE).write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         run(2, run_dir=tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_a_fit_runs_with_weights_in_another_dtype_and_the_cut_keeps_it(dtype):
+    """Frozen weights stay in their dtype; gates and the guide are float32; the extracted model keeps the dtype."""
+    from bayesprune import extract
+
+    model = tiny_model("llama").to(dtype)
+    gated = gate(model, GateConfig(units=("block", "head", "neuron")))
+    result = fit(gated, SEQUENCES, FitConfig(steps=3, batch_size=4, seq_len=12), progress=False)
+    assert all(p.dtype == torch.float32 for p in result.guide.parameters())
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
+    posterior = result.posterior()
+    model = gated.remove()
+    assert all(p.dtype == dtype for p in model.parameters())
+    small, plan = extract(model, posterior, "0.6")
+    assert {p.dtype for p in small.parameters()} == {dtype} and plan.fraction <= 0.6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_fit_on_cuda_keeps_everything_on_the_device():
+    model = tiny_model("llama").to("cuda", torch.bfloat16)
+    gated = gate(model, GateConfig(units=("block", "head", "neuron")))
+    result = fit(gated, SEQUENCES, FitConfig(steps=3, batch_size=4, seq_len=12), progress=False)
+    assert all(p.device.type == "cuda" for p in result.guide.parameters())
+    assert result.posterior().inclusion_mean(1.0)["neuron"].device.type == "cpu"
