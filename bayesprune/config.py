@@ -248,8 +248,11 @@ class RunConfig(_JsonConfig):
         )
 
     def resolved(self) -> "RunConfig":
-        """The same settings with the model and data paths absolute, so that a run reads the same from anywhere."""
-        absolute = (lambda p: None if p is None else str(Path(p).expanduser().resolve()))
+        """The same settings with local model and data paths absolute, so that a run reads the same from anywhere
+        (a model that is not a local path, a hub id, stays as it is)."""
+        def absolute(path: str | None) -> str | None:
+            local = None if path is None else Path(path).expanduser()
+            return str(local.resolve()) if local is not None and local.exists() else path
         return dataclasses.replace(self, model=absolute(self.model),
                                    data=dataclasses.replace(self.data, path=absolute(self.data.path)))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -98,13 +99,37 @@ def default_model_dir() -> Path:
     return target
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """A hub model's files: from the local Hugging Face cache if there, else downloaded (safetensors only)."""
+    from huggingface_hub import snapshot_download
+
+    cache = os.environ.get("HF_HUB_CACHE")  # read now: huggingface_hub reads it once, at import
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES, cache_dir=cache, local_files_only=True))
+    except Exception:  # not cached (huggingface_hub raises several kinds): fetch it
+        pass
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES, cache_dir=cache))
+    except Exception as err:
+        raise FileNotFoundError(
+            f"no model at {repo_id!r}: it is not a local folder, not in the Hugging Face cache "
+            f"({os.environ.get('HF_HUB_CACHE', '~/.cache/huggingface/hub')}), and the hub could not be reached "
+            f"({type(err).__name__}); download it where the hub is reachable, or give a local folder") from None
+
+
 def resolve_model(source: str | None) -> Path:
-    """The path a model ``source`` names; ``None`` is the default model."""
+    """The path a model ``source`` names: a folder, a ``.gguf`` file or a hub id; ``None`` is the default model."""
     if source is None:
         return default_model_dir()
     path = Path(source)
+    if not path.exists() and HUB_ID.fullmatch(str(source)) and not str(source).startswith("."):
+        path = hub_snapshot(str(source))
     if not path.exists():
-        raise FileNotFoundError(f"no model at {path} (give a Hugging Face folder or a .gguf file)")
+        raise FileNotFoundError(f"no model at {path} (give a Hugging Face folder, a .gguf file or a hub id)")
     if path.is_file() and path.suffix != ".gguf":
         raise ValueError(f"{path} is a file but not a .gguf; give a Hugging Face folder or a .gguf file")
     if path.is_dir() and not (path / "config.json").is_file():
