@@ -99,7 +99,13 @@ def main(argv: list[str] | None = None) -> int:
 
             target = None if args.target.lower() == "none" else args.target
             extraction = ExtractionConfig(target, args.form, args.multiple)
-            run_fit(config, args.out, extraction, log=lambda s: print(s, flush=True), device=args.device)
+            from .distributed import finish, is_main
+
+            try:
+                run_fit(config, args.out, extraction, log=lambda s: print(s, flush=True) if is_main() else None,
+                        device=args.device)
+            finally:
+                finish()
         elif args.command == "extract":
             from .pipeline import run_extract
 

@@ -22,6 +22,7 @@ import torch
 from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import CostConfig, FitConfig, PriorConfig
 from .gates import GatedModel
 from .guide import CostConditionedGuide
@@ -112,7 +113,10 @@ def fit_identity(model: PruningModel, sequences: torch.Tensor, config: FitConfig
 
 
 def save_checkpoint(path: Path, step: int, guide, optimizer, gated, history, identity: str) -> None:
-    """Guide (any module with a state dict), optimizer state, trained weights and history, atomically."""
+    """Guide (any module with a state dict), optimizer state, trained weights and history, atomically
+    (by the first process only, when several fit together)."""
+    if not distributed.is_main():
+        return
     tensors = {f"guide.{k}": v for k, v in guide.state_dict().items()}
     state = optimizer.state_dict()
     for index, values in state["state"].items():
@@ -207,7 +211,7 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
     trainable = set_trainable(gated, config)
     model = PruningModel(gated, sequences, prior or PriorConfig(), track_importance=bool(trainable))
     guide = CostConditionedGuide(model.prior, config.guide_init_scale)
-    elbo = Trace_ELBO()(model, guide)
+    elbo = distributed.wrap(Trace_ELBO()(model, guide))  # data-parallel when launched on several processes
     batch_size = min(config.batch_size, sequences.shape[0])
     checkpoint = Path(run_dir) / CHECKPOINT_FILE if run_dir is not None else None
     optimizer = make_optimizer(list(guide.parameters()), config.guide_lr, trainable, config)
@@ -215,7 +219,7 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
     def step_loss(step: int):
         pyro.set_rng_seed(step_seed(config.seed, step))
         step_cost = draw_cost(cost)
-        batch = torch.randperm(sequences.shape[0])[:batch_size]
+        batch = distributed.share(torch.randperm(sequences.shape[0])[:batch_size])  # the same on every rank
         try:
             # Per predicted token: Adam does not care about the scale; clipping does.
             loss = elbo(batch, step_cost) / model.num_tokens
@@ -225,12 +229,14 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
             kept = f"the checkpoint in {run_dir} is intact; " if checkpoint is not None else ""
             raise NonFiniteLossError(f"the ELBO is not finite at step {step}, cost {step_cost:.3f} ({err}); "
                                      f"{kept}check the weights and data, or lower guide_lr / weight_lr") from err
-        record = {"cost": step_cost, "loss": loss.item(), **model.last_step}
+        shared = distributed.mean(torch.tensor([loss.item(), model.last_step["nll"]]))
+        record = {"cost": step_cost, **model.last_step, "loss": shared[0].item(), "nll": shared[1].item(),
+                  "windows": len(batch)}  # this process's share of the mini-batch
         return loss, record, {"cost": f"{step_cost:.2f}", "nll": f"{record['nll']:.3f}",
                               "kept": f"{record['expected_kept']:.2f}"}
 
     history = optimise(step_loss, guide, optimizer, gated, config, checkpoint,
-                       fit_identity(model, sequences, config, cost), "SVI", progress)
+                       fit_identity(model, sequences, config, cost), "SVI", progress and distributed.is_main())
     if trainable:
         model.importance = unit_importance(gated)  # constants of the trained weights
     return Fit(gated, model, guide, config, cost, history)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .architectures import architecture_for_config
+from . import distributed
 from .config import WIDTH_KINDS, ExtractionConfig, RunConfig
 from .data import split_corpus, tokenize, windows
 from .evaluate import model_size, perplexity
@@ -123,8 +124,11 @@ def run_fit(config: RunConfig, run_dir: str | Path, extraction: ExtractionConfig
 
     The network runs on ``device`` in ``config.fit.dtype``; the extracted model is written in
     the dtype the source model is stored in, and byte targets count that dtype's bytes.
+    Launched on several processes (``torchrun``, ``accelerate launch``), they fit together
+    and only the first writes and reports; the others return ``{}``.
     """
     started = time.time()
+    device = distributed.initialise(device)
     run_dir = Path(run_dir)
     config = config.resolved()
     extraction = extraction or ExtractionConfig()
@@ -133,19 +137,23 @@ def run_fit(config: RunConfig, run_dir: str | Path, extraction: ExtractionConfig
     check_device(device)
     model, tokenizer = load_model(config.model, device, config.fit.dtype)
     splits = {name: tokenize(tokenizer, documents) for name, documents in corpus.items()}
-    claim(run_dir, config, model_fingerprint(resolve_model(config.model)), data_fingerprint(splits))
+    claim(run_dir, config, model_fingerprint(resolve_model(config.model)), data_fingerprint(splits),
+          write=distributed.is_main())
 
     def evaluate(model) -> dict:
         return perplexity(model, splits["test"], config.data.eval_window, config.data.eval_tokens,
                           progress=progress)
 
     log("tokens: " + ", ".join(f"{name} {splits[name].numel():,}" for name in ("fit", "validation", "test")))
-    dense = {**evaluate(model), **model_size(model)}
-    log(f"dense model: test perplexity {dense['perplexity']:.3f}, {dense['parameters']:,} parameters")
+    if distributed.is_main():
+        dense = {**evaluate(model), **model_size(model)}
+        log(f"dense model: test perplexity {dense['perplexity']:.3f}, {dense['parameters']:,} parameters")
 
     gated = gate(model, config.gate)
     result = fit(gated, windows(splits["fit"], config.fit.seq_len), config.fit, config.prior, config.cost,
                  run_dir=run_dir, progress=progress)
+    if not distributed.is_main():
+        return {}
     posterior = result.posterior()
     posterior.save(run_dir / POSTERIOR_FILE)
     model = gated.remove()

@@ -130,8 +130,10 @@ def check_output(run_dir: str | Path, config: RunConfig) -> None:
                                   f"the same settings resume it, or choose another --out")
 
 
-def claim(run_dir: str | Path, config: RunConfig, model: dict, data: dict) -> None:
-    """Mark ``run_dir`` as this run (after :func:`check_output`); a run that has fitted must match model and data."""
+def claim(run_dir: str | Path, config: RunConfig, model: dict, data: dict, write: bool = True) -> None:
+    """Mark ``run_dir`` as this run (after :func:`check_output`); a run that has fitted must match model and data.
+
+    ``write=False`` checks only (the other processes of a data-parallel fit)."""
     run_dir = Path(run_dir)
     check_output(run_dir, config)
     if has_fitted(run_dir):
@@ -141,6 +143,8 @@ def claim(run_dir: str | Path, config: RunConfig, model: dict, data: dict) -> No
             if changed:
                 raise FileExistsError(f"{run_dir} was fitted on another {key} ({'; '.join(changed)}); "
                                       f"choose another --out")
+    if not write:
+        return
     atomic_write_json(run_dir / RUN_FILE, {"format": RUN_FORMAT, "version": RUN_VERSION, "model": model,
                                            "data": data})
     config.save(run_dir / CONFIG_FILE)

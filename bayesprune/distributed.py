@@ -1,0 +1,84 @@
+"""Data-parallel fits on an existing launcher: ``torchrun`` or ``accelerate launch``.
+
+Both launchers set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous address;
+:func:`initialise` joins the process group they describe (gloo on CPU, NCCL on CUDA).
+A fit then wraps its ELBO module in ``DistributedDataParallel``: every rank draws the
+same cost, mini-batch and gates (the seeds are per step), scores its share of the
+mini-batch, and the averaged gradients are those of the whole mini-batch. Only rank
+0 writes files.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def launched() -> bool:
+    """Whether this process was started by a launcher with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def initialise(device: str | None) -> str | None:
+    """Join the launcher's process group (if launched and not joined yet); returns this rank's device."""
+    if not launched():
+        return device
+    cuda = device is not None and device.startswith("cuda")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda and ":" not in device:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    return device
+
+
+def finish() -> None:
+    """Leave the process group, if this process joined one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def share(batch: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a mini-batch of indices (every rank holds the same mini-batch)."""
+    if batch.numel() % world_size():
+        raise ValueError(f"a mini-batch of {batch.numel()} windows does not split evenly over "
+                         f"{world_size()} processes; choose a batch size that is a multiple of it")
+    return batch[rank()::world_size()]
+
+
+def mean(values: torch.Tensor) -> torch.Tensor:
+    """The average of ``values`` over the ranks (itself when alone)."""
+    if not active():
+        return values
+    values = values.clone()
+    dist.all_reduce(values)
+    return values / world_size()
+
+
+def wrap(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` under ``DistributedDataParallel`` when several processes fit together."""
+    if not active():
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next((p.device for p in module.parameters() if p.requires_grad), torch.device("cpu"))
+    return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
+                                   broadcast_buffers=False)

@@ -1,0 +1,90 @@
+"""A fit on two real processes (torchrun, gloo) gives the posterior of one process with the same global batch."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bayesprune.cli import main
+from bayesprune.fit import CHECKPOINT_FILE
+from bayesprune.io import load_tensors
+from bayesprune.posterior import POSTERIOR_FILE
+
+ARGS = ["--target", "none", "--steps", "4", "--batch-size", "4", "--seq-len", "32", "--eval-tokens", "256",
+        "--eval-window", "64"]
+
+
+def torchrun(processes: int, *args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={processes}", "-m", "bayesprune.cli", *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def locs(run):
+    tensors, _ = load_tensors(run / POSTERIOR_FILE)
+    return {k: v for k, v in tensors.items() if k.startswith(("loc.", "scale."))}
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed support")
+def test_two_processes_fit_what_one_does(tiny_model_dir, corpus_dir, tmp_path, capsys):
+    fit = ["fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir)]
+    alone = tmp_path / "alone"
+    assert main([*fit, "--out", str(alone), *ARGS]) == 0
+    together = tmp_path / "together"
+    done = torchrun(2, *fit, "--out", str(together), *ARGS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("dense model:") == 1  # one process reports
+    history = {run: load_tensors(run / CHECKPOINT_FILE)[1]["history"] for run in (alone, together)}
+    assert [r["windows"] for r in history[alone]] == [4] * 4 and [r["windows"] for r in history[together]] == [2] * 4
+    assert [r["loss"] for r in history[alone]] == pytest.approx([r["loss"] for r in history[together]], rel=1e-5)
+    one, two = locs(alone), locs(together)
+    assert one.keys() == two.keys()
+    for name in one:
+        assert torch.allclose(one[name], two[name], rtol=1e-4, atol=1e-5), name
+    assert not [p for p in together.iterdir() if ".partial-" in p.name]
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_refused(tiny_model_dir, corpus_dir, tmp_path):
+    args = [*ARGS]
+    args[args.index("--batch-size") + 1] = "3"
+    done = torchrun(2, "fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir),
+                    "--out", str(tmp_path / "r"), *args)
+    assert done.returncode != 0 and "does not split evenly over 2 processes" in done.stderr
+
+
+SCRIPT = """
+import sys, torch
+from bayesprune import FitConfig, GateConfig, fit, gate
+from bayesprune.distributed import finish, initialise
+from tests.conftest import tiny_model
+initialise(None)
+sequences = torch.load(sys.argv[1])
+fit(gate(tiny_model("llama"), GateConfig(units=("block", "head", "neuron"))), sequences,
+    FitConfig(steps=int(sys.argv[3]), batch_size=4, seq_len=12, checkpoint_every=1), run_dir=sys.argv[2], progress=False)
+finish()
+"""
+
+
+def test_a_checkpoint_of_two_processes_resumes_on_one(tmp_path):
+    from bayesprune import FitConfig, GateConfig, fit, gate
+    from tests.conftest import VOCAB, tiny_model
+
+    sequences = torch.randint(0, VOCAB, (24, 12), generator=torch.Generator().manual_seed(0))
+    torch.save(sequences, tmp_path / "sequences.pt")
+    (tmp_path / "script.py").write_text(SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(tmp_path / "script.py"), str(tmp_path / "sequences.pt"), str(tmp_path / "run"), "2"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = FitConfig(steps=4, batch_size=4, seq_len=12)
+    resumed = fit(gate(tiny_model("llama"), GateConfig(units=("block", "head", "neuron"))), sequences, config,
+                  run_dir=tmp_path / "run", progress=False)
+    alone = fit(gate(tiny_model("llama"), GateConfig(units=("block", "head", "neuron"))), sequences, config,
+                progress=False)
+    assert [r["windows"] for r in resumed.history] == [2, 2, 4, 4]
+    for (name, a), b in zip(resumed.guide.state_dict().items(), alone.guide.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
