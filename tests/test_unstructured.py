@@ -116,3 +116,15 @@ def test_bad_requests_are_refused():
         prune_unstructured(model, WINDOWS, "wanda", 1.0)
     with pytest.raises(ValueError, match="cannot be reached"):
         sparsity_for(model, 0.005)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_blocks_moved_to_a_device_one_at_a_time_prune_as_in_place(device):
+    windows = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    here, moved = tiny_model("llama").double(), tiny_model("llama").double()
+    prune_unstructured(here, windows, "sparsegpt", 0.5, progress=False)
+    prune_unstructured(moved, windows, "sparsegpt", 0.5, progress=False, device=device)
+    assert all(p.device.type == "cpu" for p in moved.parameters())
+    for a, b in zip(here.parameters(), moved.parameters()):
+        assert torch.allclose(a, b, atol=1e-8)

@@ -47,13 +47,14 @@ def block_influence(model, windows: torch.Tensor, batch_size: int = 4) -> torch.
         def hook(module, args, kwargs, output):
             inputs = args[0] if args else kwargs["hidden_states"]
             outputs = output[0] if isinstance(output, tuple) else output
-            sums[index] += F.cosine_similarity(inputs.float(), outputs.float(), dim=-1).double().sum()
+            sums[index] += F.cosine_similarity(inputs.float(), outputs.float(), dim=-1).double().sum().cpu()
         return hook
 
     handles = [block.register_forward_hook(recorder(i), with_kwargs=True) for i, block in enumerate(layers)]
+    device = next(model.parameters()).device
     try:
         for batch in batches(windows, batch_size):
-            model(input_ids=batch, use_cache=False)
+            model(input_ids=batch.to(device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()

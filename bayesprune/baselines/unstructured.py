@@ -68,7 +68,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    H += damp * torch.diagonal(H).mean() * torch.eye(columns, dtype=H.dtype)
+    H += damp * torch.diagonal(H).mean() * torch.eye(columns, dtype=H.dtype, device=H.device)
     # Upper Cholesky factor of H⁻¹: row i holds the update direction once columns < i are fixed.
     inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     for start in range(0, columns, block_size):
@@ -114,6 +114,17 @@ class _StopForward(Exception):
     pass
 
 
+def _to(value, device):
+    """Tensors (inside tuples, lists and dicts too) moved to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
 def _first_block_inputs(model, windows: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, tuple, dict]]:
     """Per calibration batch: the hidden states, other arguments and keyword arguments block 0 receives."""
     captured = []
@@ -126,9 +137,10 @@ def _first_block_inputs(model, windows: torch.Tensor, batch_size: int) -> list[t
 
     handle = decoder_layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
+        device = next(model.parameters()).device
         for batch in batches(windows, batch_size):
             try:
-                model(input_ids=batch, use_cache=False)
+                model(input_ids=batch.to(device), use_cache=False)
             except _StopForward:
                 pass
     finally:
@@ -209,11 +221,13 @@ def nonzero_fraction(model) -> float:
 @torch.no_grad()
 def prune_unstructured(model, windows: torch.Tensor, method: str, sparsity: float = 0.5,
                        pattern: tuple[int, int] | None = None, batch_size: int = 4,
-                       progress: bool = True) -> UnstructuredResult:
+                       progress: bool = True, device: str | torch.device | None = None) -> UnstructuredResult:
     """Prune every linear weight of every decoder block of ``model`` in place with ``method``.
 
     ``windows`` are calibration token windows from the fit split; ``pattern=(2, 4)``
-    asks for 2:4 sparsity instead of ``sparsity``.
+    asks for 2:4 sparsity instead of ``sparsity``. With ``device``, each block is moved
+    there for its calibration and pruning and then back, one at a time, so a model
+    larger than the device's memory can be pruned.
     """
     if method not in UNSTRUCTURED:
         raise ValueError(f"unknown method {method!r}; choose one of {list(UNSTRUCTURED)}")
@@ -225,7 +239,11 @@ def prune_unstructured(model, windows: torch.Tensor, method: str, sparsity: floa
     was_training = model.training
     model.eval()
     inputs = _first_block_inputs(model, windows, batch_size)
+    home = next(model.parameters()).device
+    device = home if device is None else torch.device(device)
+    inputs = _to(inputs, device)
     for block in tqdm(decoder_layers(model), desc=method, disable=not progress):
+        block.to(device)
         modules = _linears(block)
         stats = _InputStatistics(modules, full=method == "sparsegpt")
         try:
@@ -241,6 +259,7 @@ def prune_unstructured(model, windows: torch.Tensor, method: str, sparsity: floa
             weight.copy_(pruned)
         outputs = _run_block(block, inputs)
         inputs = [(out, args, kwargs) for out, (_, args, kwargs) in zip(outputs, inputs)]
+        block.to(home)
     model.train(was_training)
     return UnstructuredResult(method, sparsity if pattern is None else pattern[0] / pattern[1], pattern,
                               nonzero_fraction(model), windows.numel(), time.time() - started)
