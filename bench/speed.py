@@ -16,6 +16,7 @@ on the same dense kernels (SparseGPT's output has the same shapes as Wanda's).
 
     .venv/bin/python bench/speed.py --runs runs/depth runs/width runs/joint --target 0.5 --baselines
     .venv/bin/python bench/speed.py --tiny          # smoke run on a tiny random Llama
+    .venv/bin/python bench/speed.py --runs runs/default --target 0.5 --bf16 --out bench/results/speed-bf16.json
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--baselines", action="store_true", help="also time ShortGPT, magnitude and Wanda outputs")
+    parser.add_argument("--bf16", action="store_true", help="also time every model with bf16 weights")
     parser.add_argument("--out", default="bench/results/speed.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -95,6 +97,8 @@ def main() -> None:
             models[f"{name} {form}" + (f" ×{multiple}" if multiple > 1 else "")] = small
     if args.baselines:
         models.update(baseline_models(dense, args.target, calibration_windows(dense, None if args.tiny else tokenizer)))
+    if args.bf16:  # the same models with bf16 weights; speed-ups stay relative to the float32 dense model
+        models.update({f"{name} bf16": copy.deepcopy(m).to(torch.bfloat16) for name, m in list(models.items())})
     vocab = dense.config.vocab_size
     g = torch.Generator().manual_seed(0)
     inputs = {b: torch.randint(0, vocab, (b, prefill), generator=g) for b in (1, 8)}
