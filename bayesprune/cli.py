@@ -24,6 +24,8 @@ def _fit_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=FitConfig.batch_size)
     p.add_argument("--seq-len", type=int, default=FitConfig.seq_len)
     p.add_argument("--seed", type=int, default=FitConfig.seed)
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute block activations in the backward pass: less memory, more time")
     p.add_argument("--cost", type=float, default=None,
                    help="fit at this one cost (nats of loss per token traded for the whole network) instead of "
                         "drawing a cost every step so that one fit answers for every size")
@@ -60,7 +62,8 @@ def _run_config(args) -> RunConfig:
         prior=PriorConfig(offset_scale=args.offset_scale),
         cost=CostConfig(fixed=args.cost, rate=args.cost_rate, zero_probability=args.zero_cost),
         fit=FitConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                      weights=args.weights, seed=args.seed, dtype=args.dtype),
+                      weights=args.weights, seed=args.seed, dtype=args.dtype,
+                      gradient_checkpointing=args.gradient_checkpointing),
         data=DataConfig(path=args.data, eval_tokens=args.eval_tokens, eval_window=args.eval_window),
     )
 

@@ -144,6 +144,7 @@ class FitConfig(_JsonConfig):
     warmup_steps: int = 0
     schedule: str = "constant"  # or "cosine": from the full rate after warm-up down to 0.1×
     dtype: str = "float32"  # the network's compute dtype; gates and the guide are float32 whatever it is
+    gradient_checkpointing: bool = False  # recompute block activations in the backward pass (memory for time)
 
     def __post_init__(self):
         if self.weights not in ("frozen", "joint"):

@@ -11,6 +11,7 @@ each step reads the units' importance from the current weights, with its gradien
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -99,11 +100,13 @@ def schedule(optimizer, step: int, config: FitConfig) -> None:
 
 
 def fit_identity(model: PruningModel, sequences: torch.Tensor, config: FitConfig, cost: CostConfig) -> str:
-    """A hash of what a fit fits: gates, prior, cost, settings (but the step count) and the token windows.
+    """A hash of what a fit fits: gates, prior, cost, settings (not the step count or how memory is saved) and the
+    token windows.
 
     A checkpoint carries it, so that one from another fit is refused instead of resumed.
     """
-    settings = {k: v for k, v in config.to_dict().items() if k not in ("steps", "checkpoint_every", "posterior_draws")}
+    free = ("steps", "checkpoint_every", "posterior_draws", "gradient_checkpointing")
+    settings = {k: v for k, v in config.to_dict().items() if k not in free}
     described = json.dumps({"kinds": list(model.prior.kinds), "units": model.prior.units,
                             "layers": model.prior.num_layers, "prior": model.prior.config.to_dict(),
                             "cost": cost.to_dict(), "fit": settings}, sort_keys=True)
@@ -235,8 +238,9 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
         return loss, record, {"cost": f"{step_cost:.2f}", "nll": f"{record['nll']:.3f}",
                               "kept": f"{record['expected_kept']:.2f}"}
 
-    history = optimise(step_loss, guide, optimizer, gated, config, checkpoint,
-                       fit_identity(model, sequences, config, cost), "SVI", progress and distributed.is_main())
+    with gated.checkpointed() if config.gradient_checkpointing else contextlib.nullcontext():
+        history = optimise(step_loss, guide, optimizer, gated, config, checkpoint,
+                           fit_identity(model, sequences, config, cost), "SVI", progress and distributed.is_main())
     if trainable:
         model.importance = unit_importance(gated)  # constants of the trained weights
     return Fit(gated, model, guide, config, cost, history)

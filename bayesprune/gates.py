@@ -20,6 +20,7 @@ import contextlib
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .architectures import (Architecture, Widths, architecture_of, decoder_layers, layer_names, unit_count,
                             widths_of)
@@ -114,6 +115,26 @@ class GatedBlock(_Wrapper):
             return out
         mixed = z * first + (1 - z) * hidden_states
         return (mixed, *out[1:]) if isinstance(out, tuple) else mixed
+
+
+class CheckpointedBlock(_Wrapper):
+    """A block whose activations are recomputed in the backward pass (non-reentrant checkpoint),
+    with the gates and amplitudes of its forward pass even if they have been cleared since."""
+
+    def forward(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return self.wrapped(*args, **kwargs)
+        seen = dict(self.values.current), dict(self.values.amplitudes)
+
+        def run(*args, **kwargs):
+            now = self.values.current, self.values.amplitudes
+            self.values.current, self.values.amplitudes = dict(seen[0]), dict(seen[1])
+            try:
+                return self.wrapped(*args, **kwargs)
+            finally:
+                self.values.current, self.values.amplitudes = now
+
+        return checkpoint(run, *args, use_reentrant=False, **kwargs)
 
 
 class GatedBranch(_Wrapper):
@@ -245,6 +266,19 @@ class GatedModel(nn.Module):
         finally:
             for parent, name, wrapper in reversed(removed):
                 setattr(parent, name, wrapper)
+
+    @contextlib.contextmanager
+    def checkpointed(self):
+        """Blocks recompute their activations in the backward pass while the context lasts (less memory)."""
+        layers = decoder_layers(self.model)
+        for i, layer in enumerate(layers):
+            layers[i] = CheckpointedBlock(layer, self.values, "checkpoint", i)
+        try:
+            yield self
+        finally:
+            for i, layer in enumerate(layers):
+                if isinstance(layer, CheckpointedBlock):
+                    layers[i] = layer.wrapped
 
     def set_gates(self, values: dict[str, torch.Tensor | None],
                   amplitudes: dict[str, torch.Tensor | None] | None = None) -> None:
