@@ -1,0 +1,52 @@
+"""Depth cuts from one-shot leave-one-out scores, to set against SLEB's greedy re-scoring (frontier.json).
+
+Each block's score is the rise in calibration NLL when it alone is removed, on the same
+8 × 128 seeded fit-split windows SLEB uses in ``frontier.py``. The lowest go first, with
+no re-scoring. The cuts are scored on the frontier's test corpora (8,192 tokens each).
+
+    .venv/bin/python bench/depth_loo.py     # ≈ 4 min on 2 CPU cores
+"""
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import bayesprune as bp
+from bayesprune.baselines import baseline_plan
+from bayesprune.baselines.structured import calibration_nll
+from bayesprune.data import bible_path
+
+TARGETS = ("0.9", "0.75", "0.6", "0.5")
+
+torch.set_num_threads(2)
+model, tokenizer = bp.load_model()
+splits = bp.load_splits(tokenizer, bp.DataConfig())
+bible = bp.split_documents(bp.load_documents(bible_path()))["test"]
+corpora = {"shakespeare": splits["test"], "kjv": bp.tokenize(tokenizer, bible)}
+fit_windows = bp.windows(splits["fit"], 128)
+calibration = fit_windows[torch.randperm(fit_windows.shape[0], generator=torch.Generator().manual_seed(0))[:8]]
+
+started = time.time()
+gated = bp.gate(model, bp.GateConfig(units=("block",)))
+with torch.no_grad():
+    dense_nll = calibration_nll(gated, calibration)
+    rise = []
+    for layer in range(gated.num_layers):
+        alone_off = torch.ones(gated.num_layers)
+        alone_off[layer] = 0
+        with gated.gates_set({"block": alone_off}):
+            rise.append(calibration_nll(gated, calibration) - dense_nll)
+gated.remove()
+result = {"loo": rise, "loo_seconds": time.time() - started, "rows": [],
+          "how": "one process, 2 threads; 8 x 128 calibration windows (seed 0); perplexity over 256-token windows"}
+for target in TARGETS:
+    plan = baseline_plan(model, torch.tensor(rise), target)
+    small = bp.extract_model(model, plan)
+    row = {"target": target, "kept": len(plan.layers),
+           **{name: bp.perplexity(small, tokens, 256, 8192, progress=False)["perplexity"]
+              for name, tokens in corpora.items()}}
+    print(row, flush=True)
+    result["rows"].append(row)
+Path("bench/results/depth_loo.json").write_text(json.dumps(result, indent=1))
