@@ -24,6 +24,9 @@ def _fit_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=FitConfig.batch_size)
     p.add_argument("--seq-len", type=int, default=FitConfig.seq_len)
     p.add_argument("--seed", type=int, default=FitConfig.seed)
+    p.add_argument("--two-point-blocks", type=int, default=FitConfig.two_point_blocks,
+                   help="blocks per step whose gate gradient is the exact on/off difference of the loss "
+                        "(one extra forward each; 0: straight-through gradients)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute block activations in the backward pass: less memory, more time")
     p.add_argument("--cost", type=float, default=None,
@@ -63,7 +66,7 @@ def _run_config(args) -> RunConfig:
         cost=CostConfig(fixed=args.cost, rate=args.cost_rate, zero_probability=args.zero_cost),
         fit=FitConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                       weights=args.weights, seed=args.seed, dtype=args.dtype,
-                      gradient_checkpointing=args.gradient_checkpointing),
+                      gradient_checkpointing=args.gradient_checkpointing, two_point_blocks=args.two_point_blocks),
         data=DataConfig(path=args.data, eval_tokens=args.eval_tokens, eval_window=args.eval_window),
     )
 

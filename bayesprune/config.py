@@ -145,6 +145,7 @@ class FitConfig(_JsonConfig):
     schedule: str = "constant"  # or "cosine": from the full rate after warm-up down to 0.1×
     dtype: str = "float32"  # the network's compute dtype; gates and the guide are float32 whatever it is
     gradient_checkpointing: bool = False  # recompute block activations in the backward pass (memory for time)
+    two_point_blocks: int = 0  # blocks per step whose gate gradient is the exact on/off difference (0: straight through)
 
     def __post_init__(self):
         if self.weights not in ("frozen", "joint"):
@@ -156,6 +157,8 @@ class FitConfig(_JsonConfig):
         _finite(self, "guide_lr", "guide_init_scale", "weight_lr", "clip_norm", "weight_decay")
         if self.weight_decay < 0 or self.warmup_steps < 0:
             raise ValueError("FitConfig.weight_decay and warmup_steps must be >= 0")
+        if self.two_point_blocks < 0:
+            raise ValueError(f"FitConfig.two_point_blocks must be >= 0, got {self.two_point_blocks}")
         for name in ("steps", "batch_size", "seq_len", "checkpoint_every", "posterior_draws"):
             if getattr(self, name) < 1:
                 raise ValueError(f"FitConfig.{name} must be >= 1, got {getattr(self, name)}")

@@ -212,7 +212,8 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
     pyro.clear_param_store()
     gated.model.eval()
     trainable = set_trainable(gated, config)
-    model = PruningModel(gated, sequences, prior or PriorConfig(), track_importance=bool(trainable))
+    model = PruningModel(gated, sequences, prior or PriorConfig(), track_importance=bool(trainable),
+                         two_point_blocks=config.two_point_blocks)
     guide = CostConditionedGuide(model.prior, config.guide_init_scale)
     elbo = distributed.wrap(Trace_ELBO()(model, guide))  # data-parallel when launched on several processes
     batch_size = min(config.batch_size, sequences.shape[0])
