@@ -146,6 +146,7 @@ class FitConfig(_JsonConfig):
     dtype: str = "float32"  # the network's compute dtype; gates and the guide are float32 whatever it is
     gradient_checkpointing: bool = False  # recompute block activations in the backward pass (memory for time)
     two_point_blocks: int = 0  # blocks per step whose gate gradient is the exact on/off difference (0: straight through)
+    block_importance: str = "ones"  # or "removal": each block's NLL rise when removed alone, on 8 fit windows
 
     def __post_init__(self):
         if self.weights not in ("frozen", "joint"):
@@ -157,6 +158,8 @@ class FitConfig(_JsonConfig):
         _finite(self, "guide_lr", "guide_init_scale", "weight_lr", "clip_norm", "weight_decay")
         if self.weight_decay < 0 or self.warmup_steps < 0:
             raise ValueError("FitConfig.weight_decay and warmup_steps must be >= 0")
+        if self.block_importance not in ("ones", "removal"):
+            raise ValueError(f"FitConfig.block_importance must be 'ones' or 'removal', got {self.block_importance!r}")
         if self.two_point_blocks < 0:
             raise ValueError(f"FitConfig.two_point_blocks must be >= 0, got {self.two_point_blocks}")
         for name in ("steps", "batch_size", "seq_len", "checkpoint_every", "posterior_draws"):

@@ -27,7 +27,7 @@ from . import distributed
 from .config import CostConfig, FitConfig, PriorConfig
 from .gates import GatedModel
 from .guide import CostConditionedGuide
-from .inclusion import unit_importance
+from .inclusion import removal_importance
 from .io import load_tensors, save_tensors
 from .model import NonFiniteLossError, PruningModel, ShrinkagePrior
 from .posterior import GatePosterior
@@ -214,6 +214,10 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
     trainable = set_trainable(gated, config)
     model = PruningModel(gated, sequences, prior or PriorConfig(), track_importance=bool(trainable),
                          two_point_blocks=config.two_point_blocks)
+    if config.block_importance == "removal" and "block" in gated.kinds:
+        pick = torch.randperm(sequences.shape[0], generator=torch.Generator().manual_seed(config.seed))[:8]
+        model.block_importance = removal_importance(gated, sequences[pick])
+        model.refresh_importance()
     guide = CostConditionedGuide(model.prior, config.guide_init_scale)
     elbo = distributed.wrap(Trace_ELBO()(model, guide))  # data-parallel when launched on several processes
     batch_size = min(config.batch_size, sequences.shape[0])
@@ -243,5 +247,5 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
         history = optimise(step_loss, guide, optimizer, gated, config, checkpoint,
                            fit_identity(model, sequences, config, cost), "SVI", progress and distributed.is_main())
     if trainable:
-        model.importance = unit_importance(gated)  # constants of the trained weights
+        model.refresh_importance()  # constants of the trained weights
     return Fit(gated, model, guide, config, cost, history)

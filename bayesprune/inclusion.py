@@ -53,6 +53,29 @@ def unit_importance(gated: GatedModel, track: bool = False) -> dict[str, torch.T
     return importance
 
 
+@torch.no_grad()
+def removal_importance(gated: GatedModel, windows: torch.Tensor) -> torch.Tensor:
+    """Per block: the rise in NLL on ``windows`` when that block alone is removed, over the mean rise.
+
+    Data-driven importance for block gates (where weight norms say nothing), measured once
+    with every other gate open.
+    """
+    from .evaluate import sequence_nll
+
+    def nll(block: torch.Tensor | None) -> float:
+        with gated.gates_set({"block": block}):
+            return sum(sequence_nll(gated, windows[i:i + 4]).sum().item() for i in range(0, len(windows), 4))
+
+    dense = nll(None)
+    rise = []
+    for layer in range(gated.num_layers):
+        alone_off = torch.ones(gated.num_layers)
+        alone_off[layer] = 0
+        rise.append(nll(alone_off) - dense)
+    rise = torch.tensor(rise)
+    return (rise / rise.abs().mean().clamp_min(1e-12)).to(next(gated.model.parameters()).device)
+
+
 def thresholds(theta: Theta, kind: str, cost: float, prior: PriorConfig) -> torch.Tensor:
     """Each layer's threshold for ``kind`` at ``cost``: ``(..., layer)``."""
     raw = theta[f"{kind}_threshold_curve"][..., None, :] + theta[f"{kind}_deviation"]

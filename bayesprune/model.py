@@ -158,13 +158,14 @@ class PruningModel(nn.Module):
         self.num_tokens = sequences.shape[0] * (sequences.shape[1] - 1)
         self.track_importance = track_importance
         self.two_point_blocks = min(two_point_blocks, gated.num_layers) if "block" in gated.kinds else 0
+        self.block_importance: torch.Tensor | None = None  # data-driven block importance, if measured
         self.importance = inclusion.unit_importance(gated)
         self.last_step: dict[str, float] = {}  # NLL per token and expected kept fraction of the latest call
 
     def forward(self, batch: torch.Tensor, cost: float) -> None:
         theta = self.prior.sample()
         if self.track_importance:  # trained weights: a unit's weights can grow to keep it in
-            self.importance = inclusion.unit_importance(self.gated, track=True)
+            self.refresh_importance(track=True)
         p = inclusion.probabilities(theta, self.importance, cost, self.prior.config)
         broken = [k for k, v in p.items() if not torch.isfinite(v).all()]
         if broken:
@@ -187,6 +188,12 @@ class PruningModel(nn.Module):
                 pyro.factor("block_two_point", self._two_point(p["block"], drawn["block"], batch, nll.detach()))
         self.last_step = {"nll": nll.sum().item() / (len(batch) * (self.sequences.shape[1] - 1)),
                           "expected_kept": expected.item()}
+
+    def refresh_importance(self, track: bool = False) -> None:
+        """Read the units' importance from the current weights (blocks keep a measured importance)."""
+        self.importance = inclusion.unit_importance(self.gated, track=track)
+        if self.block_importance is not None:
+            self.importance["block"] = self.block_importance
 
     def _two_point(self, p: torch.Tensor, drawn: torch.Tensor, batch: torch.Tensor, nll: torch.Tensor) -> torch.Tensor:
         """The block gates' gradient by local expectation: zero in value, with gradient ``−Δ_b`` per sequence

@@ -1,4 +1,5 @@
-"""Depth cuts from block-gate fits: straight-through against two-point (local expectation) block gradients.
+"""Depth cuts from block-gate fits: straight-through or two-point (local expectation) block gradients,
+with blocks' importance 1 or their measured removal cost.
 
 Fits the default model with block gates only (cost-conditioned, frozen weights, batch 4 × 128)
 once per estimator, then cuts each posterior to 90 / 75 / 60 / 50 % of decoder parameters
@@ -38,11 +39,14 @@ corpora = {"shakespeare": splits["test"], "kjv": bp.tokenize(tokenizer, bible)}
 totals = bp.ModelTotals.of(model)
 
 rows = []
-for label, two_point in (("straight-through", 0), (f"two-point ({args.two_point_blocks} blocks/step)",
-                                                    args.two_point_blocks)):
+VARIANTS = [("straight-through", "straight-through", 0, "ones"),
+            (f"two-point ({args.two_point_blocks} blocks/step)", "two-point", args.two_point_blocks, "ones"),
+            ("straight-through, removal importance", "removal-importance", 0, "removal")]
+for label, folder, two_point, importance in VARIANTS:
     config = bp.RunConfig(gate=bp.GateConfig(units=("block",)))
     config.fit.steps, config.fit.two_point_blocks, config.data.eval_tokens = args.steps, two_point, 2048
-    run = Path(args.runs) / ("two-point" if two_point else "straight-through")
+    config.fit.block_importance = importance
+    run = Path(args.runs) / folder
     started = time.time()
     if not (run / POSTERIOR_FILE).is_file():
         run_fit(config, run, bp.ExtractionConfig(target=None), progress=True, log=lambda message: None)

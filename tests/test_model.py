@@ -225,3 +225,26 @@ def test_a_two_point_fit_runs_and_moves_the_block_posterior():
     result = fit(gated, SEQUENCES, FitConfig(steps=4, batch_size=4, seq_len=12, two_point_blocks=2), progress=False)
     state = result.guide.state_dict()  # block deviations start at 0
     assert any(k.startswith("block_deviation_loc") and v.abs().max() > 0 for k, v in state.items())
+
+
+def test_removal_importance_is_each_blocks_own_nll_rise_and_reaches_the_posterior():
+    from bayesprune import FitConfig, fit
+    from bayesprune.evaluate import sequence_nll
+
+    gated = gate(tiny_model("llama"), GateConfig(units=("block", "neuron")))
+    importance = inclusion.removal_importance(gated, SEQUENCES[:8])
+    with torch.no_grad():
+        dense = sequence_nll(gated, SEQUENCES[:8]).sum()
+        rise = []
+        for layer in range(4):
+            off = torch.ones(4)
+            off[layer] = 0
+            with gated.gates_set({"block": off}):
+                rise.append((sequence_nll(gated, SEQUENCES[:8]).sum() - dense).item())
+    rise = torch.tensor(rise)
+    assert torch.allclose(importance, rise / rise.abs().mean(), rtol=1e-4)
+    result = fit(gated, SEQUENCES, FitConfig(steps=2, batch_size=4, seq_len=8, block_importance="removal"),
+                 progress=False)
+    pick = torch.randperm(10, generator=torch.Generator().manual_seed(0))[:8]
+    assert torch.allclose(result.posterior().importance["block"],
+                          inclusion.removal_importance(gated, SEQUENCES[pick]), rtol=1e-5)
