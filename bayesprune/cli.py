@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import FORMS, CostConfig, DataConfig, ExtractionConfig, FitConfig, GateConfig, PriorConfig, RunConfig
+from .config import DTYPES, FORMS, CostConfig, DataConfig, ExtractionConfig, FitConfig, GateConfig, PriorConfig, RunConfig
 
 
 def _fit_parser(sub) -> None:
@@ -46,7 +46,7 @@ def _fit_parser(sub) -> None:
 
 def _device_options(p) -> None:
     p.add_argument("--device", help="cpu (default), cuda or cuda:N: where the network runs")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default=FitConfig.dtype,
+    p.add_argument("--dtype", choices=DTYPES, default=FitConfig.dtype,
                    help="the network's compute dtype (gates and guide stay float32; written checkpoints keep "
                         "the source model's dtype)")
 

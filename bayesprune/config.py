@@ -11,6 +11,7 @@ from pathlib import Path
 UNIT_KINDS = ("block", "attn", "mlp", "head", "neuron")
 WIDTH_KINDS = ("head", "neuron")
 FORMS = ("per-layer", "uniform")
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # compute dtypes of the network, by torch name
 
 
 class _JsonConfig:
@@ -151,8 +152,8 @@ class FitConfig(_JsonConfig):
     def __post_init__(self):
         if self.weights not in ("frozen", "joint"):
             raise ValueError(f"FitConfig.weights must be 'frozen' or 'joint', got {self.weights!r}")
-        if self.dtype not in ("float32", "bfloat16", "float16", "float64"):
-            raise ValueError(f"FitConfig.dtype must be float32, bfloat16, float16 or float64, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"FitConfig.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"FitConfig.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
         _finite(self, "guide_lr", "guide_init_scale", "weight_lr", "clip_norm", "weight_decay")

@@ -23,6 +23,14 @@ def sequence_nll(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def calibration_nll(model, windows: torch.Tensor, batch_size: int = 4) -> float:
+    """Mean next-token negative log-likelihood over a few token windows, in mini-batches."""
+    total = sum(sequence_nll(model, windows[i:i + batch_size]).sum().item()
+                for i in range(0, windows.shape[0], batch_size))
+    return total / (windows.shape[0] * (windows.shape[1] - 1))
+
+
+@torch.no_grad()
 def perplexity(model, tokens: torch.Tensor, window: int = 256, budget: int = 16384,
                batch_size: int = 8, progress: bool = True) -> dict:
     """Perplexity on the first ``budget`` tokens of ``tokens``.

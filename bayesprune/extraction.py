@@ -21,16 +21,13 @@ import torch
 from safetensors import safe_open
 
 from .architectures import Architecture, Widths, architecture_for_config, widths_of
-from .io import atomic_directory
+from .io import SAFETENSORS_DTYPES, atomic_directory
 from .pruned import build_model, global_access
 from .plan import ExtractionPlan
 from .targets import ModelTotals, TargetError
 
 EXTRACTION_FILE = "bayesprune_extraction.json"
 WEIGHTS_FILE = "model.safetensors"
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
 
 
 @dataclass(frozen=True)
@@ -233,7 +230,7 @@ class CheckpointFiles:
     def totals(self, arch: Architecture) -> ModelTotals:
         numel = {n: torch.Size(s).numel() for n, s in self.shapes.items()}
         outside = sum(v for n, v in numel.items() if not n.startswith(arch.layers + "."))
-        size = sum(v * _DTYPES[self.dtypes[n]].itemsize for n, v in numel.items())
+        size = sum(v * SAFETENSORS_DTYPES[self.dtypes[n]].itemsize for n, v in numel.items())
         return ModelTotals(outside, size / sum(numel.values()))
 
     def read(self, recipe: Recipe) -> torch.Tensor:
@@ -253,7 +250,7 @@ def _write_streaming(files: CheckpointFiles, plan_recipes: dict[str, Recipe], pa
     for name in names:
         recipe = plan_recipes[name]
         dtype = files.dtypes[recipe.source]
-        nbytes = torch.Size(recipe.shape).numel() * _DTYPES[dtype].itemsize
+        nbytes = torch.Size(recipe.shape).numel() * SAFETENSORS_DTYPES[dtype].itemsize
         header[name] = {"dtype": dtype, "shape": list(recipe.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     header["__metadata__"] = {"format": "pt"}

@@ -60,18 +60,15 @@ def removal_importance(gated: GatedModel, windows: torch.Tensor) -> torch.Tensor
     Data-driven importance for block gates (where weight norms say nothing), measured once
     with every other gate open.
     """
-    from .evaluate import sequence_nll
+    from .evaluate import calibration_nll
 
-    def nll(block: torch.Tensor | None) -> float:
-        with gated.gates_set({"block": block}):
-            return sum(sequence_nll(gated, windows[i:i + 4]).sum().item() for i in range(0, len(windows), 4))
-
-    dense = nll(None)
+    dense = calibration_nll(gated, windows)
     rise = []
     for layer in range(gated.num_layers):
         alone_off = torch.ones(gated.num_layers)
         alone_off[layer] = 0
-        rise.append(nll(alone_off) - dense)
+        with gated.gates_set({"block": alone_off}):
+            rise.append(calibration_nll(gated, windows) - dense)
     rise = torch.tensor(rise)
     return (rise / rise.abs().mean().clamp_min(1e-12)).to(next(gated.model.parameters()).device)
 

@@ -28,7 +28,7 @@ from .evaluate import model_size, perplexity
 from .fit import CHECKPOINT_FILE, fit, load_network
 from .gates import gate
 from .io import atomic_path, atomic_write_json, atomic_write_text, load_tensors
-from .pretrained import check_device, load_config, load_model, resolve_model, source_dtype
+from .pretrained import load_config, load_model, resolve_model, source_dtype
 from .plots import plot_block_forest, plot_inclusion_over_cost, plot_size_curve, plot_thresholds, plot_width
 from .posterior import POSTERIOR_FILE, GatePosterior, cost_grid
 from .rundir import check_output, claim, data_fingerprint, fitted_model_path, model_fingerprint, read_config
@@ -134,7 +134,6 @@ def run_fit(config: RunConfig, run_dir: str | Path, extraction: ExtractionConfig
     extraction = extraction or ExtractionConfig()
     parsed_target = validate(config, extraction, run_dir)
     corpus = split_corpus(config.data)  # the text is read and checked before any weights
-    check_device(device)
     model, tokenizer = load_model(config.model, device, config.fit.dtype)
     splits = {name: tokenize(tokenizer, documents) for name, documents in corpus.items()}
     claim(run_dir, config, model_fingerprint(resolve_model(config.model)), data_fingerprint(splits),
@@ -158,7 +157,7 @@ def run_fit(config: RunConfig, run_dir: str | Path, extraction: ExtractionConfig
     posterior.save(run_dir / POSTERIOR_FILE)
     model = gated.remove()
     stored = source_dtype(config.model)
-    totals = ModelTotals(ModelTotals.of(model).outside_parameters, stored.itemsize)
+    totals = ModelTotals.of(model, stored)
     plan = None
     if parsed_target is not None:
         plan = posterior.plan(parsed_target, totals, extraction.form, extraction.multiple)
@@ -267,8 +266,7 @@ def run_extract(run_dir: str | Path, extraction: ExtractionConfig, out: str | Pa
     else:
         model, tokenizer = load_fitted_model(run_dir, device, dtype)
         stored = source_dtype(str(source))
-        totals = ModelTotals(ModelTotals.of(model).outside_parameters, stored.itemsize)
-        plan = fitted.plan(parsed, totals, form, multiple)
+        plan = fitted.plan(parsed, ModelTotals.of(model, stored), form, multiple)
         small = extract_model(model, plan).to(stored)
         record = _record(run_dir, extraction, plan, fitted)
         save_extracted(small, tokenizer, out, record, overwrite)

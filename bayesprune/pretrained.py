@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .io import atomic_directory
+from .config import DTYPES
+from .io import SAFETENSORS_DTYPES, atomic_directory
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -32,9 +33,6 @@ def _default_gguf() -> Path:
     return Path(spec.submodule_search_locations[0]) / _DEFAULT_GGUF
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-
-
 def compute_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     """A dtype from its name (``None``: float32, the fast one on CPUs)."""
     if dtype is None:
@@ -42,8 +40,8 @@ def compute_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {list(DTYPES)}")
+    return getattr(torch, dtype)
 
 
 def check_device(device: str | torch.device | None) -> torch.device:
@@ -72,9 +70,8 @@ def source_dtype(source: str | None = None) -> torch.dtype:
             for name in handle.keys():
                 piece = handle.get_slice(name)
                 counts[piece.get_dtype()] = counts.get(piece.get_dtype(), 0) + 1
-    names = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-    floats = {k: v for k, v in counts.items() if k in names}
-    return names[max(floats, key=floats.get)] if floats else torch.float32
+    floats = {k: v for k, v in counts.items() if SAFETENSORS_DTYPES[k].is_floating_point}
+    return SAFETENSORS_DTYPES[max(floats, key=floats.get)] if floats else torch.float32
 
 
 def _load_gguf(path: Path, dtype: torch.dtype = torch.float32):

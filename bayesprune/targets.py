@@ -69,9 +69,11 @@ class ModelTotals:
     bytes_per_parameter: float
 
     @classmethod
-    def of(cls, model) -> "ModelTotals":
+    def of(cls, model, dtype=None) -> "ModelTotals":
+        """``model``'s totals, its bytes counted at ``dtype`` (default: the dtype it holds its weights in)."""
         blocks = sum(count_parameters(b) for b in decoder_layers(model))
-        return cls(count_parameters(model) - blocks, count_bytes(model) / count_parameters(model))
+        per_parameter = dtype.itemsize if dtype is not None else count_bytes(model) / count_parameters(model)
+        return cls(count_parameters(model) - blocks, per_parameter)
 
     def decoder_fraction(self, target: Target, decoder: float) -> float:
         """The fraction of ``decoder`` parameters (of decoder FLOPs for a FLOP target) ``target`` asks for."""

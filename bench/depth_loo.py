@@ -1,6 +1,7 @@
 """Depth cuts from one-shot leave-one-out scores, to set against SLEB's greedy re-scoring (frontier.json).
 
-Each block's score is the rise in calibration NLL when it alone is removed, on the same
+Each block's score is the rise in calibration NLL when it alone is removed
+(``bayesprune.inclusion.removal_importance``), on the same
 8 × 128 seeded fit-split windows SLEB uses in ``frontier.py``. The lowest go first, with
 no re-scoring. The cuts are scored on the frontier's test corpora (8,192 tokens each).
 
@@ -15,8 +16,8 @@ import torch
 
 import bayesprune as bp
 from bayesprune.baselines import baseline_plan
-from bayesprune.baselines.structured import calibration_nll
 from bayesprune.data import bible_path
+from bayesprune.inclusion import removal_importance
 
 TARGETS = ("0.9", "0.75", "0.6", "0.5")
 
@@ -30,19 +31,12 @@ calibration = fit_windows[torch.randperm(fit_windows.shape[0], generator=torch.G
 
 started = time.time()
 gated = bp.gate(model, bp.GateConfig(units=("block",)))
-with torch.no_grad():
-    dense_nll = calibration_nll(gated, calibration)
-    rise = []
-    for layer in range(gated.num_layers):
-        alone_off = torch.ones(gated.num_layers)
-        alone_off[layer] = 0
-        with gated.gates_set({"block": alone_off}):
-            rise.append(calibration_nll(gated, calibration) - dense_nll)
+importance = removal_importance(gated, calibration)  # each block's NLL rise when removed alone, over the mean
 gated.remove()
-result = {"loo": rise, "loo_seconds": time.time() - started, "rows": [],
+result = {"removal_importance": importance.tolist(), "loo_seconds": time.time() - started, "rows": [],
           "how": "one process, 2 threads; 8 x 128 calibration windows (seed 0); perplexity over 256-token windows"}
 for target in TARGETS:
-    plan = baseline_plan(model, torch.tensor(rise), target)
+    plan = baseline_plan(model, importance, target)
     small = bp.extract_model(model, plan)
     row = {"target": target, "kept": len(plan.layers),
            **{name: bp.perplexity(small, tokens, 256, 8192, progress=False)["perplexity"]

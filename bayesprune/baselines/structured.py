@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..architectures import decoder_layers, unit_norms
 from ..config import GateConfig
 from ..data import batches
-from ..evaluate import sequence_nll
+from ..evaluate import calibration_nll
 from ..gates import gate
 from ..plan import ExtractionPlan
 from ..selection import choose_blocks, choose_units
@@ -59,13 +59,6 @@ def block_influence(model, windows: torch.Tensor, batch_size: int = 4) -> torch.
         for handle in handles:
             handle.remove()
     return 1 - sums / windows.numel()
-
-
-@torch.no_grad()
-def calibration_nll(model, windows: torch.Tensor, batch_size: int = 4) -> float:
-    """Mean next-token negative log-likelihood over the calibration windows."""
-    total = sum(sequence_nll(model, batch).sum().item() for batch in batches(windows, batch_size))
-    return total / (windows.shape[0] * (windows.shape[1] - 1))
 
 
 @torch.no_grad()
