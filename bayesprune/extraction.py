@@ -127,17 +127,22 @@ def _folding(module: str, leaf: str, layer, arch: Architecture, widths: Widths) 
     return folding
 
 
-def extracted_config(config, plan: ExtractionPlan, arch: Architecture, widths: Widths):
-    """The config of the extracted model: uniform widths, or ``per_layer_config`` overrides."""
-    if getattr(config, "scale_attn_by_inverse_layer_idx", False) and plan.kept_layers != list(range(plan.num_layers)):
+def depth_config(config, keep: list[int], num_layers: int, arch: Architecture):
+    """A copy of ``config`` for the blocks ``keep`` only: per-block lists sliced, the block count set."""
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False) and keep != list(range(num_layers)):
         raise TargetError("this GPT-2 config scales attention by layer index; removing blocks would change it")
     config = copy.deepcopy(config)
-    keep = plan.kept_layers
     for name in arch.per_layer_fields:
         values = getattr(config, name, None)
-        if isinstance(values, (list, tuple)) and len(values) == plan.num_layers:
+        if isinstance(values, (list, tuple)) and len(values) == num_layers:
             setattr(config, name, [values[i] for i in keep])
     config.num_hidden_layers = len(keep)
+    return config
+
+
+def extracted_config(config, plan: ExtractionPlan, arch: Architecture, widths: Widths):
+    """The config of the extracted model: uniform widths, or ``per_layer_config`` overrides."""
+    config = depth_config(config, plan.kept_layers, plan.num_layers, arch)
     if arch.width_slices("head"):
         config.head_dim = widths.head_dim
     setattr(config, arch.neuron_field, widths.neurons)

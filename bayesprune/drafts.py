@@ -1,0 +1,148 @@
+"""A speculative-decoding draft from one fitted posterior: sized by predicted speed-up, written, loaded.
+
+For each candidate size the posterior gives a sub-network. Its acceptance ``α`` is
+predicted from the hard-gated network's logits against the dense network's on
+validation windows (no extraction, no generation); its cost ``c`` per token relative
+to the target comes from a short decoding timing of the cut model on this machine;
+the target's verification cost ``v(γ)`` from timing a ``γ + 1``-token pass. The
+candidate and draft length with the highest ``S(α, γ, c)`` win
+(:mod:`bayesprune.speculative`); ``write_draft`` extracts it, sets ``γ`` on its
+``generation_config`` and records the prediction in ``draft.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import ExtractionConfig, GateConfig
+from .data import batches, load_splits, windows
+from .extraction import extract_model
+from .gates import gate
+from .io import atomic_directory, atomic_write_json
+from .pipeline import load_fitted, load_fitted_model, run_extract
+from .pretrained import compute_dtype, load_config, load_model, source_dtype
+from .rundir import fitted_model_path, read_config
+from .speculative import (acceptance, best_gamma, configure_draft, decode_ms, set_draft_length, trim_vocabulary,
+                          vocabulary_for_share)
+from .targets import ModelTotals, Target
+
+DRAFT_FILE = "draft.json"
+DEFAULT_SIZES = ("0.2", "0.35", "0.5", "0.65", "0.8")
+DECODINGS = ("greedy", "sampling")
+
+
+def _vocabulary(tokens: torch.Tensor, share: float | None, tokenizer, vocab_size: int) -> torch.Tensor | None:
+    if share is None or share >= 1:
+        return None
+    specials = tuple(getattr(tokenizer, "all_special_ids", ()) or ())
+    return vocabulary_for_share(tokens, share, vocab_size, always=specials)
+
+
+@torch.inference_mode()
+def rank_drafts(run_dir: str | Path, sizes=DEFAULT_SIZES, form: str = "uniform", vocab_share: float | None = None,
+                decoding: str = "greedy", num_windows: int = 8, seq_len: int = 128, max_gamma: int = 8,
+                device: str | None = None, dtype: str | None = None, draft_dtype: str | None = None,
+                progress: bool = True) -> dict:
+    """Every candidate size with its predicted ``α``, cost ratio ``c``, best ``γ`` and speed-up, best first.
+
+    ``sizes`` are targets (``0.5``, ``12layers``, ``80M`` …); ``vocab_share`` trims the
+    draft's LM head to the tokens covering that share of the fitting corpus;
+    ``decoding`` says which acceptance the prediction uses (``greedy``: argmax agreement;
+    ``sampling``: ``E[Σ min(p, q)]``); ``draft_dtype`` is the dtype the draft will decode in.
+    """
+    if decoding not in DECODINGS:
+        raise ValueError(f"decoding must be one of {DECODINGS}, not {decoding!r}")
+    targets = [Target.parse(s) for s in sizes]
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    posterior = load_fitted(run_dir)
+    model, tokenizer = load_fitted_model(run_dir, device, dtype)
+    splits = load_splits(tokenizer, config.data)
+    vocab_size = model.config.get_text_config().vocab_size
+    vocabulary = _vocabulary(splits["fit"], vocab_share, tokenizer, vocab_size)
+    totals = ModelTotals.of(model, source_dtype(str(fitted_model_path(run_dir))))
+    plans = [posterior.plan(t, totals, form) for t in targets]
+
+    target_ms = decode_ms(model, steps=range(1, max_gamma + 2))
+    verify = {g: target_ms[g + 1] / target_ms[1] for g in range(1, max_gamma + 1)}
+    draft_dtype = compute_dtype(draft_dtype) if draft_dtype is not None else model.dtype
+    draft_ms = []
+    for plan in tqdm(plans, desc="timing drafts", disable=not progress):
+        small = extract_model(model, plan).to(draft_dtype).eval()
+        if vocabulary is not None:
+            trim_vocabulary(small, vocabulary)
+        draft_ms.append(decode_ms(small)[1])
+        del small
+
+    gated = gate(model, GateConfig(units=posterior.kinds))
+    hard = [(plan.gates(gated.kinds, gated.widths.heads, gated.widths.neurons),
+             posterior.amplitudes(plan.cost, point=True)) for plan in plans]
+    text = windows(splits["validation"], seq_len)[:num_windows].to(model.device)
+    sums = [{"sampling": 0.0, "greedy": 0.0, "tokens": 0} for _ in plans]
+    for batch in tqdm(list(batches(text, 4)), desc="acceptance", disable=not progress):
+        dense = gated(input_ids=batch, use_cache=False).logits
+        for total, (gates, amplitudes) in zip(sums, hard):
+            with gated.gates_set(gates, amplitudes):
+                scores = acceptance(dense, gated(input_ids=batch, use_cache=False).logits, vocabulary)
+            for key in ("sampling", "greedy"):
+                total[key] += scores[key] * scores["tokens"]
+            total["tokens"] += scores["tokens"]
+    gated.remove()
+
+    rows = []
+    for target, plan, ms, total in zip(targets, plans, draft_ms, sums):
+        alpha = {k: total[k] / total["tokens"] for k in ("sampling", "greedy")}
+        cost_ratio = ms / target_ms[1]
+        gamma, speedup = best_gamma(alpha[decoding], cost_ratio, verify, max_gamma)
+        rows.append({"target": str(target), "fraction": plan.fraction, "blocks": len(plan.kept_layers),
+                     "alpha_greedy": alpha["greedy"], "alpha_sampling": alpha["sampling"],
+                     "draft_ms": ms, "cost_ratio": cost_ratio, "gamma": gamma, "predicted_speedup": speedup})
+    rows.sort(key=lambda r: -r["predicted_speedup"])
+    return {"run": str(run_dir.resolve()), "form": form, "decoding": decoding, "vocab_share": vocab_share,
+            "vocabulary": None if vocabulary is None else vocabulary.tolist(),
+            "draft_dtype": str(draft_dtype).removeprefix("torch."), "target_ms": target_ms[1],
+            "verify_ratio": verify, "validation_tokens": sums[0]["tokens"], "candidates": rows}
+
+
+def write_draft(run_dir: str | Path, out: str | Path, size: str | None = None, progress: bool = True,
+                **ranking) -> dict:
+    """Extract the draft with the best predicted speed-up (or the one of ``size``) to ``out``, with ``γ`` on its
+    ``generation_config`` and the prediction in ``draft.json``; nothing is written on error."""
+    from transformers import GenerationConfig
+
+    if Path(out).exists():
+        raise FileExistsError(f"{out} already exists; choose another --out or remove it")
+    if size is not None:
+        ranking["sizes"] = (size,)
+    ranked = rank_drafts(run_dir, progress=progress, **ranking)
+    chosen = ranked["candidates"][0]
+    with atomic_directory(out) as tmp:
+        extracted = run_extract(run_dir, ExtractionConfig(target=chosen["target"], form=ranked["form"]), tmp,
+                                overwrite=True)
+        generation = (GenerationConfig.from_pretrained(tmp) if (tmp / "generation_config.json").is_file()
+                      else GenerationConfig.from_model_config(load_config(str(tmp))))
+        set_draft_length(generation, chosen["gamma"]).save_pretrained(tmp)
+        record = {**ranked, "chosen": chosen, "extraction": {k: extracted[k] for k in ("target", "fraction")}}
+        atomic_write_json(tmp / DRAFT_FILE, record)
+    return record
+
+
+def read_draft_record(path: str | Path) -> dict:
+    record_path = Path(path) / DRAFT_FILE
+    if not record_path.is_file():
+        raise FileNotFoundError(f"{path} has no {DRAFT_FILE}: it is not a draft 'bayesprune draft' wrote")
+    return json.loads(record_path.read_text())
+
+
+def load_draft(path: str | Path, device: str | None = None, dtype: str | None = None):
+    """A draft ``write_draft`` wrote, ready for ``generate(assistant_model=…)``: in the dtype it was sized for
+    (unless ``dtype`` says otherwise), with its trimmed head if it was sized with one, and its ``γ``."""
+    record = read_draft_record(path)
+    model, _ = load_model(str(path), device, dtype or record["draft_dtype"])
+    if record.get("vocabulary") is not None:
+        trim_vocabulary(model, torch.tensor(record["vocabulary"], dtype=torch.long))
+    return configure_draft(model, record["chosen"]["gamma"])
