@@ -13,6 +13,8 @@ from .plan import ExtractionPlan, LayerPlan
 from .targets import ModelTotals, Target, TargetError
 from .sizes import UnitSizes
 from .extraction import extract, extract_model, extract_streaming, save_extracted
+from .speculative import count_acceptance, direct_drafting, expected_speedup, skip_blocks, trim_vocabulary
+from .drafts import load_draft, rank_drafts, self_draft, write_draft
 
 __all__ = [
     "CostConfig", "DataConfig", "ExtractionConfig", "FitConfig", "GateConfig", "PriorConfig", "RunConfig",
@@ -22,4 +24,6 @@ __all__ = [
     "extract", "extract_model", "extract_streaming", "save_extracted", "load_pruned",
     "Fit", "NonFiniteLossError", "ShrinkagePrior", "fit",
     "GatedModel", "gate", "load_model", "GatePosterior", "cost_grid",
+    "count_acceptance", "direct_drafting", "expected_speedup", "skip_blocks", "trim_vocabulary",
+    "load_draft", "rank_drafts", "self_draft", "write_draft",
 ]

@@ -1,4 +1,4 @@
-"""The ``bayesprune`` command line: fit, extract, evaluate."""
+"""The ``bayesprune`` command line: fit, extract, draft, evaluate."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import DTYPES, FORMS, CostConfig, DataConfig, ExtractionConfig, FitConfig, GateConfig, PriorConfig, RunConfig
+from .config import DECODINGS, DRAFT_SIZES, DTYPES, FORMS, CostConfig, DataConfig, ExtractionConfig, FitConfig, GateConfig, PriorConfig, RunConfig
 
 
 def _fit_parser(sub) -> None:
@@ -84,6 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load the whole model and cut it in memory (default for joint fits; frozen fits "
                         "are cut from the original files, slice by slice)")
     _device_options(p)
+    p = sub.add_parser("draft", help="write the speculative-decoding draft with the best predicted speed-up")
+    p.add_argument("run", help="run directory written by 'bayesprune fit'")
+    p.add_argument("--out", required=True, help="output folder (must not exist)")
+    p.add_argument("--sizes", default=",".join(DRAFT_SIZES),
+                   help="candidate sizes, comma-separated (any extraction target: 0.5, 12layers, 80M …)")
+    p.add_argument("--form", choices=FORMS, default="uniform",
+                   help="uniform (default: loads with plain transformers) or per-layer widths")
+    p.add_argument("--vocab-share", type=float, default=None,
+                   help="draft head over the tokens covering this share of the fitting corpus (default: all)")
+    p.add_argument("--decoding", choices=DECODINGS, default="greedy",
+                   help="which acceptance the prediction uses: greedy (argmax agreement) or sampling")
+    p.add_argument("--draft-dtype", choices=DTYPES, default=None, help="dtype the draft decodes in (default: --dtype)")
+    _device_options(p)
     p = sub.add_parser("evaluate", help="held-out perplexity and size of a model, as JSON")
     p.add_argument("model", nargs="?", help="Hugging Face folder or .gguf (default: the default model)")
     p.add_argument("--data", help="corpus whose test split is scored (default: Shakespeare)")
@@ -119,6 +132,20 @@ def main(argv: list[str] | None = None) -> int:
             extraction = ExtractionConfig(args.target, args.form, args.multiple)
             print(json.dumps(run_extract(args.run, extraction, args.out, streaming=streaming, device=args.device,
                                          dtype=args.dtype), indent=2))
+        elif args.command == "draft":
+            from .drafts import format_candidates, write_draft
+
+            record = write_draft(args.run, args.out, sizes=[t.strip() for t in args.sizes.split(",") if t.strip()],
+                                 form=args.form, vocab_share=args.vocab_share, decoding=args.decoding,
+                                 device=args.device, dtype=args.dtype, draft_dtype=args.draft_dtype)
+            print(format_candidates(record))
+            chosen = record["chosen"]
+            print(f"wrote {args.out}: {chosen['described']}, γ = {chosen['gamma']}, predicted speed-up "
+                  f"{chosen['predicted_speedup']:.2f}× (α {chosen['alpha_' + args.decoding]:.3f}, "
+                  f"c {chosen['cost_ratio']:.3f}); load it with bayesprune.load_draft")
+            if chosen["predicted_speedup"] < 1:
+                print("no candidate is predicted to beat plain decoding of the target on this machine "
+                      "(see the table: acceptance too low for its cost)")
         else:
             from .data import split_corpus, tokenize
             from .evaluate import model_size, perplexity

@@ -11,6 +11,8 @@ from pathlib import Path
 UNIT_KINDS = ("block", "attn", "mlp", "head", "neuron")
 WIDTH_KINDS = ("head", "neuron")
 FORMS = ("per-layer", "uniform")
+DRAFT_SIZES = ("0.2", "0.35", "0.5", "0.65", "0.8")  # candidate draft sizes, fractions of decoder parameters
+DECODINGS = ("greedy", "sampling")
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # compute dtypes of the network, by torch name
 
 

@@ -18,21 +18,31 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import ExtractionConfig, GateConfig
-from .data import batches, load_splits, windows
+from .config import DECODINGS, DRAFT_SIZES, FORMS, ExtractionConfig, GateConfig
+from .data import load_splits
 from .extraction import extract_model
 from .gates import gate
 from .io import atomic_directory, atomic_write_json
 from .pipeline import load_fitted, load_fitted_model, run_extract
 from .pretrained import compute_dtype, load_config, load_model, source_dtype
 from .rundir import fitted_model_path, read_config
-from .speculative import (acceptance, best_gamma, configure_draft, decode_ms, set_draft_length, trim_vocabulary,
-                          vocabulary_for_share)
-from .targets import ModelTotals, Target
+from .speculative import (acceptance, best_gamma, configure_draft, decode_ms, set_draft_length, skip_blocks,
+                          trim_vocabulary, vocabulary_for_share)
+from .targets import ModelTotals, Target, check_feasible
 
 DRAFT_FILE = "draft.json"
-DEFAULT_SIZES = ("0.2", "0.35", "0.5", "0.65", "0.8")
-DECODINGS = ("greedy", "sampling")
+
+
+def _check_request(sizes, form: str, vocab_share: float | None, decoding: str) -> list[Target]:
+    if decoding not in DECODINGS:
+        raise ValueError(f"decoding must be one of {DECODINGS}, not {decoding!r}")
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, not {form!r}")
+    if vocab_share is not None and not 0 < vocab_share <= 1:
+        raise ValueError(f"the vocabulary share must be in (0, 1], not {vocab_share}")
+    if not sizes:
+        raise ValueError("give at least one candidate draft size")
+    return [Target.parse(s) for s in sizes]
 
 
 def _vocabulary(tokens: torch.Tensor, share: float | None, tokenizer, vocab_size: int) -> torch.Tensor | None:
@@ -42,24 +52,42 @@ def _vocabulary(tokens: torch.Tensor, share: float | None, tokenizer, vocab_size
     return vocabulary_for_share(tokens, share, vocab_size, always=specials)
 
 
+def _continuations(model, tokenizer, tokens: torch.Tensor, count: int, prompt_tokens: int, new_tokens: int,
+                   sample: bool) -> torch.Tensor:
+    """``count`` validation prompts, evenly spaced, each followed by the target's own ``new_tokens``."""
+    stride = max((tokens.numel() - prompt_tokens) // count, 1)
+    prompts = [tokens[i * stride: i * stride + prompt_tokens] for i in range(count)]
+    if any(p.numel() < prompt_tokens for p in prompts):
+        raise ValueError(f"the validation split has too few tokens for {count} prompts of {prompt_tokens}")
+    torch.manual_seed(0)
+    pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return torch.cat([model.generate(p[None].to(model.device), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                     do_sample=sample, pad_token_id=pad) for p in prompts])
+
+
 @torch.inference_mode()
-def rank_drafts(run_dir: str | Path, sizes=DEFAULT_SIZES, form: str = "uniform", vocab_share: float | None = None,
-                decoding: str = "greedy", num_windows: int = 8, seq_len: int = 128, max_gamma: int = 8,
+def rank_drafts(run_dir: str | Path, sizes=DRAFT_SIZES, form: str = "uniform", vocab_share: float | None = None,
+                decoding: str = "greedy", num_prompts: int = 4, prompt_tokens: int = 32, new_tokens: int = 48,
+                max_gamma: int = 8,
                 device: str | None = None, dtype: str | None = None, draft_dtype: str | None = None,
                 progress: bool = True) -> dict:
     """Every candidate size with its predicted ``α``, cost ratio ``c``, best ``γ`` and speed-up, best first.
+
+    ``α`` is read where assisted generation meets it: on the target's own continuations
+    (greedy, or sampled for ``decoding="sampling"``) of ``num_prompts`` validation
+    prompts, each sub-network's next-token distribution against the target's.
 
     ``sizes`` are targets (``0.5``, ``12layers``, ``80M`` …); ``vocab_share`` trims the
     draft's LM head to the tokens covering that share of the fitting corpus;
     ``decoding`` says which acceptance the prediction uses (``greedy``: argmax agreement;
     ``sampling``: ``E[Σ min(p, q)]``); ``draft_dtype`` is the dtype the draft will decode in.
     """
-    if decoding not in DECODINGS:
-        raise ValueError(f"decoding must be one of {DECODINGS}, not {decoding!r}")
-    targets = [Target.parse(s) for s in sizes]
+    targets = _check_request(sizes, form, vocab_share, decoding)
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     posterior = load_fitted(run_dir)
+    for target in targets:
+        check_feasible(target, load_config(str(fitted_model_path(run_dir))))
     model, tokenizer = load_fitted_model(run_dir, device, dtype)
     splits = load_splits(tokenizer, config.data)
     vocab_size = model.config.get_text_config().vocab_size
@@ -78,34 +106,31 @@ def rank_drafts(run_dir: str | Path, sizes=DEFAULT_SIZES, form: str = "uniform",
         draft_ms.append(decode_ms(small)[1])
         del small
 
+    text = _continuations(model, tokenizer, splits["validation"], num_prompts, prompt_tokens, new_tokens,
+                          decoding == "sampling")
     gated = gate(model, GateConfig(units=posterior.kinds))
-    hard = [(plan.gates(gated.kinds, gated.widths.heads, gated.widths.neurons),
-             posterior.amplitudes(plan.cost, point=True)) for plan in plans]
-    text = windows(splits["validation"], seq_len)[:num_windows].to(model.device)
-    sums = [{"sampling": 0.0, "greedy": 0.0, "tokens": 0} for _ in plans]
-    for batch in tqdm(list(batches(text, 4)), desc="acceptance", disable=not progress):
-        dense = gated(input_ids=batch, use_cache=False).logits
-        for total, (gates, amplitudes) in zip(sums, hard):
-            with gated.gates_set(gates, amplitudes):
-                scores = acceptance(dense, gated(input_ids=batch, use_cache=False).logits, vocabulary)
-            for key in ("sampling", "greedy"):
-                total[key] += scores[key] * scores["tokens"]
-            total["tokens"] += scores["tokens"]
+    dense = gated(input_ids=text, use_cache=False).logits[:, prompt_tokens - 1:-1]
+    sums = []
+    for plan in plans:
+        gates = plan.gates(gated.kinds, gated.widths.heads, gated.widths.neurons)
+        with gated.gates_set(gates, posterior.amplitudes(plan.cost, point=True)):
+            logits = gated(input_ids=text, use_cache=False).logits[:, prompt_tokens - 1:-1]
+        sums.append(acceptance(dense, logits, vocabulary))
     gated.remove()
 
     rows = []
-    for target, plan, ms, total in zip(targets, plans, draft_ms, sums):
-        alpha = {k: total[k] / total["tokens"] for k in ("sampling", "greedy")}
+    for size, target, plan, ms, total in zip(sizes, targets, plans, draft_ms, sums):
+        alpha = {k: total[k] for k in ("sampling", "greedy")}
         cost_ratio = ms / target_ms[1]
         gamma, speedup = best_gamma(alpha[decoding], cost_ratio, verify, max_gamma)
-        rows.append({"target": str(target), "fraction": plan.fraction, "blocks": len(plan.kept_layers),
+        rows.append({"target": str(size), "described": str(target), "fraction": plan.fraction, "blocks": len(plan.kept_layers),
                      "alpha_greedy": alpha["greedy"], "alpha_sampling": alpha["sampling"],
                      "draft_ms": ms, "cost_ratio": cost_ratio, "gamma": gamma, "predicted_speedup": speedup})
     rows.sort(key=lambda r: -r["predicted_speedup"])
     return {"run": str(run_dir.resolve()), "form": form, "decoding": decoding, "vocab_share": vocab_share,
             "vocabulary": None if vocabulary is None else vocabulary.tolist(),
             "draft_dtype": str(draft_dtype).removeprefix("torch."), "target_ms": target_ms[1],
-            "verify_ratio": verify, "validation_tokens": sums[0]["tokens"], "candidates": rows}
+            "verify_ratio": verify, "acceptance_tokens": sums[0]["tokens"], "candidates": rows}
 
 
 def write_draft(run_dir: str | Path, out: str | Path, size: str | None = None, progress: bool = True,
@@ -126,9 +151,16 @@ def write_draft(run_dir: str | Path, out: str | Path, size: str | None = None, p
         generation = (GenerationConfig.from_pretrained(tmp) if (tmp / "generation_config.json").is_file()
                       else GenerationConfig.from_model_config(load_config(str(tmp))))
         set_draft_length(generation, chosen["gamma"]).save_pretrained(tmp)
-        record = {**ranked, "chosen": chosen, "extraction": {k: extracted[k] for k in ("target", "fraction")}}
+        record = {**ranked, "chosen": chosen, "extraction": {k: extracted[k] for k in ("target", "file_bytes")}}
         atomic_write_json(tmp / DRAFT_FILE, record)
     return record
+
+
+def self_draft(model, posterior, blocks: int, gamma: int = 2):
+    """The target itself with all but ``blocks`` blocks skipped, the ones the posterior's depth ranking
+    needs least (shared weights; see :func:`bayesprune.speculative.skip_blocks`)."""
+    plan = posterior.plan(Target.parse(f"{int(blocks)}layers"), ModelTotals.of(model))
+    return configure_draft(skip_blocks(model, [i for i in range(plan.num_layers) if i not in plan.kept_layers]), gamma)
 
 
 def read_draft_record(path: str | Path) -> dict:
@@ -146,3 +178,13 @@ def load_draft(path: str | Path, device: str | None = None, dtype: str | None = 
     if record.get("vocabulary") is not None:
         trim_vocabulary(model, torch.tensor(record["vocabulary"], dtype=torch.long))
     return configure_draft(model, record["chosen"]["gamma"])
+
+
+def format_candidates(ranking: dict) -> str:
+    """The candidates as a table, best first."""
+    decoding = ranking["decoding"]
+    lines = [f"{'target':<34} {'blocks':>6} {'alpha':>6} {'c':>6} {'gamma':>5} {'speed-up':>9}"]
+    for row in ranking["candidates"]:
+        lines.append(f"{row['described']:<34} {row['blocks']:>6} {row['alpha_' + decoding]:>6.3f} "
+                     f"{row['cost_ratio']:>6.3f} {row['gamma']:>5} {row['predicted_speedup']:>8.2f}×")
+    return "\n".join(lines)
