@@ -83,7 +83,7 @@ def decode_ms(model, steps=(1,), context: int = 64, repeats: int = 7) -> dict[in
     prompt = torch.randint(0, model.config.get_text_config().vocab_size, (1, context), device=device,
                            generator=torch.Generator(device).manual_seed(0))
     cache = DynamicCache(config=model.config)
-    model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    model(prompt, **_with_cache(model, cache), use_cache=True, logits_to_keep=1)
     timings = {}
     for k in steps:
         new = prompt[:, :k]
@@ -91,13 +91,20 @@ def decode_ms(model, steps=(1,), context: int = 64, repeats: int = 7) -> dict[in
         for i in range(repeats + 2):
             _synchronise(device)
             started = time.perf_counter()
-            model(new, past_key_values=cache, use_cache=True, logits_to_keep=k)
+            model(new, **_with_cache(model, cache), use_cache=True, logits_to_keep=k)
             _synchronise(device)
             cache.crop(-k)
             if i >= 2:  # the first passes warm up kernels and allocators
                 samples.append((time.perf_counter() - started) * 1000)
         timings[k] = statistics.median(samples)
     return timings
+
+
+def _with_cache(model, cache) -> dict:
+    """The keyword ``model.forward`` takes its KV cache by: ``cache``, or ``past_key_values`` in older releases."""
+    import inspect
+
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
 
 
 def _synchronise(device: torch.device) -> None:
@@ -322,7 +329,8 @@ class GreedyDraftCandidates(CandidateGenerator):
         self.gamma = int(draft.generation_config.num_assistant_tokens or 1)
         self.max_length = max_length
         self.cache = DynamicCache(config=draft.config)
-        self.cache.activate_past_recording()  # sliding-window layers must be able to roll back
+        if hasattr(self.cache, "activate_past_recording"):
+            self.cache.activate_past_recording()  # sliding-window layers must be able to roll back
         self.cached = None  # the token ids whose keys and values the cache holds
 
     def _common_prefix(self, input_ids: torch.Tensor) -> int:
@@ -342,8 +350,9 @@ class GreedyDraftCandidates(CandidateGenerator):
         if self.cached is not None and self.cached.shape[1] > keep:
             self.cache.crop(keep - self.cached.shape[1])
         sequence, new, scores = input_ids, input_ids[:, keep:], []
+        cache = _with_cache(self.draft, self.cache)
         for _ in range(steps):
-            logits = self.draft(new, past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            logits = self.draft(new, **cache, use_cache=True, logits_to_keep=1).logits[:, -1]
             new = logits.argmax(-1, keepdim=True)
             scores.append(logits)
             sequence = torch.cat([sequence, new], dim=1)
