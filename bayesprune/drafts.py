@@ -52,8 +52,18 @@ def _vocabulary(tokens: torch.Tensor, share: float | None, tokenizer, vocab_size
     return vocabulary_for_share(tokens, share, vocab_size, always=specials)
 
 
-def _continuations(model, tokenizer, tokens: torch.Tensor, count: int, prompt_tokens: int, new_tokens: int,
-                   sample: bool) -> torch.Tensor:
+def prediction(alpha: dict, draft_ms: float, target_ms: float, verify: dict[int, float], decoding: str = "greedy",
+               max_gamma: int = 8) -> dict:
+    """A draft's predicted acceptance, cost ratio, best ``γ`` and speed-up, from its acceptance
+    (:func:`bayesprune.speculative.acceptance`) and decoding times."""
+    cost_ratio = draft_ms / target_ms
+    gamma, speedup = best_gamma(alpha[decoding], cost_ratio, verify, max_gamma)
+    return {"alpha_greedy": alpha["greedy"], "alpha_sampling": alpha["sampling"], "draft_ms": draft_ms,
+            "cost_ratio": cost_ratio, "gamma": gamma, "predicted_speedup": speedup}
+
+
+def target_continuations(model, tokenizer, tokens: torch.Tensor, count: int, prompt_tokens: int, new_tokens: int,
+                         sample: bool = False) -> torch.Tensor:
     """``count`` validation prompts, evenly spaced, each followed by the target's own ``new_tokens``."""
     stride = max((tokens.numel() - prompt_tokens) // count, 1)
     prompts = [tokens[i * stride: i * stride + prompt_tokens] for i in range(count)]
@@ -67,7 +77,7 @@ def _continuations(model, tokenizer, tokens: torch.Tensor, count: int, prompt_to
 
 @torch.inference_mode()
 def rank_drafts(run_dir: str | Path, sizes=DRAFT_SIZES, form: str = "uniform", vocab_share: float | None = None,
-                decoding: str = "greedy", num_prompts: int = 4, prompt_tokens: int = 32, new_tokens: int = 48,
+                decoding: str = "greedy", num_prompts: int = 8, prompt_tokens: int = 32, new_tokens: int = 48,
                 max_gamma: int = 8,
                 device: str | None = None, dtype: str | None = None, draft_dtype: str | None = None,
                 progress: bool = True) -> dict:
@@ -106,7 +116,7 @@ def rank_drafts(run_dir: str | Path, sizes=DRAFT_SIZES, form: str = "uniform", v
         draft_ms.append(decode_ms(small)[1])
         del small
 
-    text = _continuations(model, tokenizer, splits["validation"], num_prompts, prompt_tokens, new_tokens,
+    text = target_continuations(model, tokenizer, splits["validation"], num_prompts, prompt_tokens, new_tokens,
                           decoding == "sampling")
     gated = gate(model, GateConfig(units=posterior.kinds))
     dense = gated(input_ids=text, use_cache=False).logits[:, prompt_tokens - 1:-1]
@@ -118,14 +128,9 @@ def rank_drafts(run_dir: str | Path, sizes=DRAFT_SIZES, form: str = "uniform", v
         sums.append(acceptance(dense, logits, vocabulary))
     gated.remove()
 
-    rows = []
-    for size, target, plan, ms, total in zip(sizes, targets, plans, draft_ms, sums):
-        alpha = {k: total[k] for k in ("sampling", "greedy")}
-        cost_ratio = ms / target_ms[1]
-        gamma, speedup = best_gamma(alpha[decoding], cost_ratio, verify, max_gamma)
-        rows.append({"target": str(size), "described": str(target), "fraction": plan.fraction, "blocks": len(plan.kept_layers),
-                     "alpha_greedy": alpha["greedy"], "alpha_sampling": alpha["sampling"],
-                     "draft_ms": ms, "cost_ratio": cost_ratio, "gamma": gamma, "predicted_speedup": speedup})
+    rows = [{"target": str(size), "described": str(target), "fraction": plan.fraction,
+             "blocks": len(plan.kept_layers), **prediction(alpha, ms, target_ms[1], verify, decoding, max_gamma)}
+            for size, target, plan, ms, alpha in zip(sizes, targets, plans, draft_ms, sums)]
     rows.sort(key=lambda r: -r["predicted_speedup"])
     return {"run": str(run_dir.resolve()), "form": form, "decoding": decoding, "vocab_share": vocab_share,
             "vocabulary": None if vocabulary is None else vocabulary.tolist(),
