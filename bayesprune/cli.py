@@ -27,6 +27,10 @@ def _fit_parser(sub) -> None:
     p.add_argument("--two-point-blocks", type=int, default=FitConfig.two_point_blocks,
                    help="blocks per step whose gate gradient is the exact on/off difference of the loss "
                         "(one extra forward each; 0: straight-through gradients)")
+    p.add_argument("--likelihood", choices=["nll", "distillation"], default=FitConfig.likelihood,
+                   help="score the gated network by next-token NLL of the corpus, or by KL from the dense network")
+    p.add_argument("--nll-weight", type=float, default=FitConfig.nll_weight,
+                   help="the NLL's share in a distillation likelihood (0: pure KL)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute block activations in the backward pass: less memory, more time")
     p.add_argument("--cost", type=float, default=None,
@@ -66,7 +70,8 @@ def _run_config(args) -> RunConfig:
         cost=CostConfig(fixed=args.cost, rate=args.cost_rate, zero_probability=args.zero_cost),
         fit=FitConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                       weights=args.weights, seed=args.seed, dtype=args.dtype,
-                      gradient_checkpointing=args.gradient_checkpointing, two_point_blocks=args.two_point_blocks),
+                      gradient_checkpointing=args.gradient_checkpointing, two_point_blocks=args.two_point_blocks,
+                      likelihood=args.likelihood, nll_weight=args.nll_weight),
         data=DataConfig(path=args.data, eval_tokens=args.eval_tokens, eval_window=args.eval_window),
     )
 

@@ -150,6 +150,8 @@ class FitConfig(_JsonConfig):
     gradient_checkpointing: bool = False  # recompute block activations in the backward pass (memory for time)
     two_point_blocks: int = 0  # blocks per step whose gate gradient is the exact on/off difference (0: straight through)
     block_importance: str = "ones"  # or "removal": each block's NLL rise when removed alone, on 8 fit windows
+    likelihood: str = "nll"  # or "distillation": KL(p_dense ‖ p_gated) per token, mixed with nll_weight × NLL
+    nll_weight: float = 0.0  # the NLL's share in a distillation likelihood
 
     def __post_init__(self):
         if self.weights not in ("frozen", "joint"):
@@ -163,6 +165,11 @@ class FitConfig(_JsonConfig):
             raise ValueError("FitConfig.weight_decay and warmup_steps must be >= 0")
         if self.block_importance not in ("ones", "removal"):
             raise ValueError(f"FitConfig.block_importance must be 'ones' or 'removal', got {self.block_importance!r}")
+        if self.likelihood not in ("nll", "distillation"):
+            raise ValueError(f"FitConfig.likelihood must be 'nll' or 'distillation', got {self.likelihood!r}")
+        _finite(self, "nll_weight")
+        if not 0 <= self.nll_weight <= 1:
+            raise ValueError(f"FitConfig.nll_weight must be in [0, 1], got {self.nll_weight}")
         if self.two_point_blocks < 0:
             raise ValueError(f"FitConfig.two_point_blocks must be >= 0, got {self.two_point_blocks}")
         for name in ("steps", "batch_size", "seq_len", "checkpoint_every", "posterior_draws"):

@@ -12,14 +12,17 @@ from tqdm.auto import tqdm
 from .architectures import count_bytes, count_parameters
 
 
-def sequence_nll(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """Summed next-token negative log-likelihood of each sequence, shape ``(batch,)``."""
-    device = next(model.parameters()).device
-    input_ids = input_ids.to(device)
-    logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1]
-    targets = input_ids[:, 1:]
+def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token negative log-likelihood of each sequence from its logits, shape ``(batch,)``."""
+    logits, targets = logits[:, :-1], input_ids[:, 1:]
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
     return nll.view(targets.shape).sum(-1)
+
+
+def sequence_nll(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token negative log-likelihood of each sequence, shape ``(batch,)``."""
+    input_ids = input_ids.to(next(model.parameters()).device)
+    return next_token_nll(model(input_ids=input_ids, use_cache=False).logits, input_ids)
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ from .config import CostConfig, FitConfig, PriorConfig
 from .gates import GatedModel
 from .guide import CostConditionedGuide
 from .inclusion import removal_importance
+from .likelihood import likelihood_for
 from .io import load_tensors, save_tensors
 from .model import NonFiniteLossError, PruningModel, ShrinkagePrior
 from .posterior import GatePosterior
@@ -212,8 +213,9 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
     pyro.clear_param_store()
     gated.model.eval()
     trainable = set_trainable(gated, config)
+    likelihood = likelihood_for(gated, config.likelihood, config.nll_weight, trained_weights=bool(trainable))
     model = PruningModel(gated, sequences, prior or PriorConfig(), track_importance=bool(trainable),
-                         two_point_blocks=config.two_point_blocks)
+                         two_point_blocks=config.two_point_blocks, likelihood=likelihood)
     if config.block_importance == "removal" and "block" in gated.kinds:
         pick = torch.randperm(sequences.shape[0], generator=torch.Generator().manual_seed(config.seed))[:8]
         model.block_importance = removal_importance(gated, sequences[pick])

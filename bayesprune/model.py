@@ -38,7 +38,9 @@ number of predicted tokens in the corpus.
 
 *likelihood*: ``factor(−NLL(sequence | z, amplitudes))`` per sequence in a plate
 subsampled from the corpus, so the prior and the cost keep their meaning at any
-mini-batch size. A fixed-cost fit is this model with ``λ`` held fixed.
+mini-batch size; or, for distillation, ``KL(p_dense ‖ p_gated)`` summed over the
+sequence in place of the NLL (:mod:`bayesprune.likelihood`). A fixed-cost fit is this
+model with ``λ`` held fixed.
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ from torch import nn
 
 from . import inclusion
 from .config import PriorConfig
-from .evaluate import sequence_nll
 from .gates import GatedModel
+from .likelihood import NextTokenLikelihood
 from .splines import rising_increments
 
 
@@ -146,9 +148,10 @@ class PruningModel(nn.Module):
     """The Pyro model over a gated network and a fixed set of token windows: ``model(batch, cost)``."""
 
     def __init__(self, gated: GatedModel, sequences: torch.Tensor, prior: ShrinkagePrior | PriorConfig,
-                 track_importance: bool = False, two_point_blocks: int = 0):
+                 track_importance: bool = False, two_point_blocks: int = 0, likelihood=None):
         super().__init__()
         self.gated = gated
+        self.likelihood = likelihood or NextTokenLikelihood()  # (gated, sequences) → (factor value, NLL)
         self.sequences = sequences  # token windows stay where they are; each mini-batch moves to the model
         self.device = next(gated.model.parameters()).device
         if isinstance(prior, PriorConfig):
@@ -179,14 +182,15 @@ class PruningModel(nn.Module):
         pyro.factor("cost", -cost * self.num_tokens * expected)
         with pyro.plate("sequences", self.sequences.shape[0], subsample=batch), \
                 self.gated.gates_set(gates, inclusion.amplitudes(theta, self.importance, cost)):
-            nll = sequence_nll(self.gated, self.sequences[batch])                        # (batch,)
-            if not torch.isfinite(nll).all():
+            value, nll = self.likelihood(self.gated, self.sequences[batch].to(self.device))   # (batch,) each
+            if not torch.isfinite(value).all():
                 raise NonFiniteLossError(f"the network's log-likelihood is not finite on sequences "
-                                         f"{batch[~torch.isfinite(nll).cpu()].tolist()}")
-            pyro.factor("likelihood", -nll)
+                                         f"{batch[~torch.isfinite(value).cpu()].tolist()}")
+            pyro.factor("likelihood", -value)
             if self.two_point_blocks:
-                pyro.factor("block_two_point", self._two_point(p["block"], drawn["block"], batch, nll.detach()))
-        self.last_step = {"nll": nll.sum().item() / (len(batch) * (self.sequences.shape[1] - 1)),
+                pyro.factor("block_two_point", self._two_point(p["block"], drawn["block"], batch, value.detach()))
+        per_token = len(batch) * (self.sequences.shape[1] - 1)
+        self.last_step = {"nll": nll.sum().item() / per_token, "likelihood": value.sum().item() / per_token,
                           "expected_kept": expected.item()}
 
     def refresh_importance(self, track: bool = False) -> None:
@@ -212,7 +216,7 @@ class PruningModel(nn.Module):
                 flipped = drawn.clone()
                 flipped[b] = 1 - drawn[b]
                 with self.gated.gates_set({"block": flipped}):
-                    other = sequence_nll(self.gated, self.sequences[batch])
+                    other = self.likelihood(self.gated, self.sequences[batch].to(self.device))[0]
                 deltas.append(nll - other if drawn[b] == 1 else other - nll)       # (batch,)
         for b, delta in zip(chosen, deltas):
             surrogate = surrogate - (p[b] - p[b].detach()) * delta

@@ -1,0 +1,83 @@
+"""What scores the gated network on a sequence: next-token NLL of the corpus, or distillation from the dense network.
+
+Both give one number per sequence (summed over its predicted tokens), entered as
+``factor(−value)`` in the model's subsampled plate, so the prior and the cost (nats
+per token) keep their meaning. Distillation scores ``KL(p_dense ‖ p_gated)`` per
+predicted token (optionally mixed with the NLL): the gated network is fitted to
+behave like the dense one, not to the corpus. Its teacher is the network with every
+gate open (frozen weights: the same weights, one extra forward pass without
+gradients), or a frozen copy of the weights as they were before the fit (trained
+weights).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .evaluate import next_token_nll, sequence_nll
+from .gates import GatedModel
+
+LIKELIHOODS = ("nll", "distillation")
+
+
+class NextTokenLikelihood:
+    """``NLL(sequence | gates)``: the corpus as the data."""
+
+    def __call__(self, gated: GatedModel, sequences: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the value the plate's factor subtracts, the NLL), each summed per sequence."""
+        nll = sequence_nll(gated, sequences)
+        return nll, nll
+
+
+class DistillationLikelihood:
+    """``(1 − w) · KL(p_teacher ‖ p_gated) + w · NLL``, summed over a sequence's predicted tokens."""
+
+    def __init__(self, teacher, nll_weight: float = 0.0):
+        if not 0 <= nll_weight <= 1:
+            raise ValueError(f"the NLL weight of a distillation likelihood must be in [0, 1], not {nll_weight}")
+        self.teacher = teacher
+        self.nll_weight = nll_weight
+
+    def __call__(self, gated: GatedModel, sequences: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            teacher = self.teacher(sequences)[:, :-1].float().log_softmax(-1)
+        logits = gated(input_ids=sequences, use_cache=False).logits
+        student = logits[:, :-1].float().log_softmax(-1)
+        kl = (teacher.exp() * (teacher - student)).sum(-1).sum(-1)
+        nll = next_token_nll(logits, sequences)
+        return (1 - self.nll_weight) * kl + self.nll_weight * nll, nll
+
+
+class OpenGatesTeacher:
+    """The gated network itself with every gate open: the dense network while its weights are frozen."""
+
+    def __init__(self, gated: GatedModel):
+        self.gated = gated
+        self.open = {k: None for k in gated.kinds}
+
+    def __call__(self, sequences: torch.Tensor) -> torch.Tensor:
+        with self.gated.gates_set(self.open, self.open):
+            return self.gated(input_ids=sequences, use_cache=False).logits
+
+
+class FrozenCopyTeacher:
+    """A frozen copy of the network's weights as they are now (for fits that train them)."""
+
+    def __init__(self, gated: GatedModel):
+        with gated.unwrapped() as model:
+            self.model = copy.deepcopy(model).requires_grad_(False).eval()
+
+    def __call__(self, sequences: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=sequences, use_cache=False).logits
+
+
+def likelihood_for(gated: GatedModel, kind: str = "nll", nll_weight: float = 0.0, trained_weights: bool = False):
+    """The likelihood a fit scores sequences with; call it before any weight is trained."""
+    if kind == "nll":
+        return NextTokenLikelihood()
+    if kind == "distillation":
+        teacher = FrozenCopyTeacher(gated) if trained_weights else OpenGatesTeacher(gated)
+        return DistillationLikelihood(teacher, nll_weight)
+    raise ValueError(f"the likelihood must be one of {LIKELIHOODS}, not {kind!r}")

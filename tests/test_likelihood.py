@@ -1,0 +1,78 @@
+import copy
+
+import pytest
+import torch
+
+from bayesprune import FitConfig, GateConfig, fit, gate
+from bayesprune.evaluate import sequence_nll
+from bayesprune.likelihood import (DistillationLikelihood, FrozenCopyTeacher, NextTokenLikelihood, OpenGatesTeacher,
+                                   likelihood_for)
+from tests.conftest import VOCAB, tiny_model
+
+SEQUENCES = torch.randint(0, VOCAB, (8, 12), generator=torch.Generator().manual_seed(0))
+KINDS = ("block", "attn", "mlp", "head", "neuron")
+
+
+def soft_gates(gated, value: float = 0.7) -> dict:
+    return {k: torch.full(gated.values.shape(k), value, requires_grad=True) for k in gated.kinds}
+
+
+def test_distillation_is_zero_at_the_dense_network_and_grows_as_gates_close():
+    gated = gate(tiny_model("llama"), GateConfig(units=KINDS))
+    distill = likelihood_for(gated, "distillation")
+    value, nll = distill(gated, SEQUENCES)
+    torch.testing.assert_close(value, torch.zeros(len(SEQUENCES)), atol=1e-4, rtol=0)
+    torch.testing.assert_close(nll, sequence_nll(gated, SEQUENCES))
+    with gated.gates_set({"block": torch.tensor([1.0, 0.0, 1.0, 1.0])}):
+        closed, _ = distill(gated, SEQUENCES)
+        assert (closed > 0.1).all()
+        # With all the weight on the NLL it is the NLL, whatever the teacher.
+        mixed, _ = DistillationLikelihood(OpenGatesTeacher(gated), nll_weight=1.0)(gated, SEQUENCES)
+        torch.testing.assert_close(mixed, sequence_nll(gated, SEQUENCES))
+        plain, _ = NextTokenLikelihood()(gated, SEQUENCES)
+        torch.testing.assert_close(plain, mixed)
+
+
+def test_every_gate_kind_moves_the_distillation_loss():
+    gated = gate(tiny_model("llama"), GateConfig(units=KINDS))
+    distill = likelihood_for(gated, "distillation")
+    gates = soft_gates(gated)
+    with gated.gates_set(gates):
+        distill(gated, SEQUENCES)[0].sum().backward()
+    for kind, g in gates.items():
+        assert g.grad is not None and g.grad.abs().sum() > 0, kind
+
+
+def test_a_trained_weights_teacher_is_the_network_before_training():
+    gated = gate(tiny_model("llama"), GateConfig(units=("neuron",)))
+    with torch.no_grad():
+        before = gated(input_ids=SEQUENCES).logits
+    teacher = FrozenCopyTeacher(gated)
+    with torch.no_grad():
+        for p in gated.parameters():
+            p.mul_(0.5)
+        torch.testing.assert_close(teacher(SEQUENCES), before)
+        assert not torch.allclose(gated(input_ids=SEQUENCES).logits, before)
+    assert not any(p.requires_grad for p in teacher.model.parameters())
+
+
+@pytest.mark.parametrize("weights", ["frozen", "joint"])
+def test_a_distillation_fit_runs_records_both_scores_and_keeps_frozen_weights(weights):
+    model = tiny_model("llama")
+    original = copy.deepcopy(model.state_dict())
+    gated = gate(model, GateConfig(units=("head", "neuron")))
+    config = FitConfig(steps=4, batch_size=4, seq_len=12, weights=weights, likelihood="distillation",
+                       nll_weight=0.25)
+    result = fit(gated, SEQUENCES, config, progress=False)
+    assert all({"nll", "likelihood"} <= set(r) for r in result.history)
+    assert all(0 <= r["likelihood"] < r["nll"] for r in result.history)
+    changed = any(not torch.equal(v, original[k]) for k, v in gated.remove().state_dict().items())
+    assert changed == (weights == "joint")
+    assert result.posterior().inclusion_mean(1.0)["neuron"].shape == (4, 48)
+
+
+def test_bad_likelihood_settings_are_refused():
+    with pytest.raises(ValueError, match="likelihood must be"):
+        FitConfig(likelihood="kl")
+    with pytest.raises(ValueError, match="nll_weight"):
+        FitConfig(likelihood="distillation", nll_weight=1.5)
