@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import DECODINGS, DRAFT_SIZES, DTYPES, FORMS, CostConfig, DataConfig, ExtractionConfig, FitConfig, GateConfig, PriorConfig, RunConfig
+from .config import DECODINGS, DRAFT_SIZES, DTYPES, FORMS, WEIGHTS, CostConfig, DataConfig, ExtractionConfig, FitConfig, GateConfig, PriorConfig, RunConfig
 
 
 def _fit_parser(sub) -> None:
@@ -19,7 +19,10 @@ def _fit_parser(sub) -> None:
                    help="comma-separated gate kinds: block, attn, mlp, head, neuron")
     p.add_argument("--target", default="0.75",
                    help="size to extract after fitting: 0.75, 75%%, 12layers, 80M, 300MB, 40%%flops, or 'none'")
-    p.add_argument("--weights", choices=["frozen", "joint"], default=FitConfig.weights)
+    p.add_argument("--weights", choices=WEIGHTS, default=FitConfig.weights,
+                   help="frozen, trained jointly with the gates, or lora: low-rank adapters fitted with the gates "
+                        "and merged into the extracted model")
+    p.add_argument("--lora-rank", type=int, default=FitConfig.lora_rank)
     p.add_argument("--steps", type=int, default=FitConfig.steps)
     p.add_argument("--batch-size", type=int, default=FitConfig.batch_size)
     p.add_argument("--seq-len", type=int, default=FitConfig.seq_len)
@@ -71,7 +74,7 @@ def _run_config(args) -> RunConfig:
         fit=FitConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                       weights=args.weights, seed=args.seed, dtype=args.dtype,
                       gradient_checkpointing=args.gradient_checkpointing, two_point_blocks=args.two_point_blocks,
-                      likelihood=args.likelihood, nll_weight=args.nll_weight),
+                      likelihood=args.likelihood, nll_weight=args.nll_weight, lora_rank=args.lora_rank),
         data=DataConfig(path=args.data, eval_tokens=args.eval_tokens, eval_window=args.eval_window),
     )
 

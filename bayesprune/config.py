@@ -13,6 +13,7 @@ WIDTH_KINDS = ("head", "neuron")
 FORMS = ("per-layer", "uniform")
 DRAFT_SIZES = ("0.2", "0.35", "0.5", "0.65", "0.8")  # candidate draft sizes, fractions of decoder parameters
 DECODINGS = ("greedy", "sampling")
+WEIGHTS = ("frozen", "joint", "lora")  # what a fit does with the network's weights
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # compute dtypes of the network, by torch name
 
 
@@ -135,7 +136,7 @@ class FitConfig(_JsonConfig):
     steps: int = 200
     batch_size: int = 4
     seq_len: int = 128
-    weights: str = "frozen"  # "frozen" or "joint"
+    weights: str = "frozen"  # "frozen", "joint" or "lora" (low-rank adapters, merged when the fit ends)
     guide_lr: float = 0.05
     guide_init_scale: float = 0.01
     weight_lr: float = 1e-5
@@ -150,12 +151,15 @@ class FitConfig(_JsonConfig):
     gradient_checkpointing: bool = False  # recompute block activations in the backward pass (memory for time)
     two_point_blocks: int = 0  # blocks per step whose gate gradient is the exact on/off difference (0: straight through)
     block_importance: str = "ones"  # or "removal": each block's NLL rise when removed alone, on 8 fit windows
+    lora_rank: int = 8
+    lora_alpha: float = 16.0  # adapters add (lora_alpha / lora_rank) · B A
+    lora_lr: float = 5e-4
     likelihood: str = "nll"  # or "distillation": KL(p_dense ‖ p_gated) per token, mixed with nll_weight × NLL
     nll_weight: float = 0.0  # the NLL's share in a distillation likelihood
 
     def __post_init__(self):
-        if self.weights not in ("frozen", "joint"):
-            raise ValueError(f"FitConfig.weights must be 'frozen' or 'joint', got {self.weights!r}")
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"FitConfig.weights must be one of {WEIGHTS}, got {self.weights!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"FitConfig.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
         if self.schedule not in ("constant", "cosine"):
@@ -172,7 +176,10 @@ class FitConfig(_JsonConfig):
             raise ValueError(f"FitConfig.nll_weight must be in [0, 1], got {self.nll_weight}")
         if self.two_point_blocks < 0:
             raise ValueError(f"FitConfig.two_point_blocks must be >= 0, got {self.two_point_blocks}")
-        for name in ("steps", "batch_size", "seq_len", "checkpoint_every", "posterior_draws"):
+        _finite(self, "lora_alpha", "lora_lr")
+        if self.lora_alpha <= 0 or self.lora_lr <= 0:
+            raise ValueError("FitConfig.lora_alpha and lora_lr must be positive")
+        for name in ("steps", "batch_size", "seq_len", "checkpoint_every", "posterior_draws", "lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"FitConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.seq_len < 2:

@@ -216,10 +216,12 @@ def save_extracted(model: torch.nn.Module, tokenizer, out: str | Path, record: d
 
 
 class CheckpointFiles:
-    """The tensors of a Hugging Face safetensors folder: names, shapes, dtypes, slices."""
+    """The tensors of a Hugging Face safetensors folder: names, shapes, dtypes, slices; with ``deltas``
+    (weight name → tensor of its shape, e.g. merged adapters), each read slice has its delta's slice added."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, deltas: dict[str, torch.Tensor] | None = None):
         self.directory = Path(directory)
+        self.deltas = deltas or {}
         self.files = sorted(self.directory.glob("*.safetensors"))
         if not self.files:
             raise FileNotFoundError(f"{directory} has no .safetensors weights to extract from")
@@ -243,9 +245,16 @@ class CheckpointFiles:
         with safe_open(self.where[recipe.source], framework="pt") as f:
             piece = f.get_slice(recipe.source)
             if recipe.dim is None:
-                return recipe.finish(piece[:])
-            lead = (slice(None),) * recipe.dim
-            return recipe.finish(torch.cat([piece[lead + (slice(a, b),)] for a, b in recipe.runs()], dim=recipe.dim))
+                kept = piece[:]
+            else:
+                lead = (slice(None),) * recipe.dim
+                kept = torch.cat([piece[lead + (slice(a, b),)] for a, b in recipe.runs()], dim=recipe.dim)
+        delta = self.deltas.get(recipe.source)
+        if delta is not None:
+            if recipe.dim is not None:
+                delta = delta.index_select(recipe.dim, torch.tensor(recipe.index))
+            kept = (kept.double() + delta).to(kept.dtype)
+        return recipe.finish(kept)
 
 
 def _write_streaming(files: CheckpointFiles, plan_recipes: dict[str, Recipe], path: Path) -> None:
@@ -273,16 +282,17 @@ def _write_streaming(files: CheckpointFiles, plan_recipes: dict[str, Recipe], pa
             del tensor
 
 
-def extract_streaming(source: str | Path, plan: ExtractionPlan, out: str | Path, record: dict,
+def extract_streaming(source: str | Path | CheckpointFiles, plan: ExtractionPlan, out: str | Path, record: dict,
                       overwrite: bool = False) -> Path:
-    """Write the extracted checkpoint from the original's files, never loading the whole model.
+    """Write the extracted checkpoint from the original's files (a folder, or its :class:`CheckpointFiles`),
+    never loading the whole model.
 
-    Config, generation config and tokenizer files are copied from ``source``.
+    Config, generation config and tokenizer files are copied from the source folder.
     """
     from transformers import AutoConfig
 
-    source = Path(source)
-    files = CheckpointFiles(source)
+    files = source if isinstance(source, CheckpointFiles) else CheckpointFiles(source)
+    source = files.directory
     config = AutoConfig.from_pretrained(source)
     arch = architecture_for_config(config)
     widths = widths_of(config, arch)

@@ -24,6 +24,7 @@ from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
 from . import distributed
+from .adapters import add_adapters, merge_adapters
 from .config import CostConfig, FitConfig, PriorConfig
 from .gates import GatedModel
 from .guide import CostConditionedGuide
@@ -70,7 +71,8 @@ class Fit:
 
 
 def set_trainable(gated: GatedModel, config: FitConfig) -> list[torch.nn.Parameter]:
-    """Freeze or unfreeze the network's weights as ``config.weights`` says; the trainable ones."""
+    """Freeze or unfreeze the network's weights as ``config.weights`` says; the trainable ones (adapters are
+    added later, by :func:`bayesprune.adapters.add_adapters`)."""
     joint = config.weights == "joint"
     for p in gated.parameters():
         p.requires_grad_(joint)
@@ -78,10 +80,11 @@ def set_trainable(gated: GatedModel, config: FitConfig) -> list[torch.nn.Paramet
 
 
 def make_optimizer(guide_parameters: list, guide_lr: float, trainable: list, config: FitConfig):
-    """AdamW with the guide's parameters (never decayed) and, if trained, the network's weights."""
+    """AdamW with the guide's parameters (never decayed) and, if trained, the network's weights or adapters."""
     groups = [{"params": guide_parameters, "lr": guide_lr, "weight_decay": 0.0}]
     if trainable:
-        groups.append({"params": trainable, "lr": config.weight_lr, "weight_decay": config.weight_decay})
+        lr = config.lora_lr if config.weights == "lora" else config.weight_lr
+        groups.append({"params": trainable, "lr": lr, "weight_decay": config.weight_decay})
     optimizer = torch.optim.AdamW(groups)
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]
@@ -213,9 +216,11 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
     pyro.clear_param_store()
     gated.model.eval()
     trainable = set_trainable(gated, config)
-    likelihood = likelihood_for(gated, config.likelihood, config.nll_weight, trained_weights=bool(trainable))
+    likelihood = likelihood_for(gated, config.likelihood, config.nll_weight, config.weights)
     model = PruningModel(gated, sequences, prior or PriorConfig(), track_importance=bool(trainable),
                          two_point_blocks=config.two_point_blocks, likelihood=likelihood)
+    if config.weights == "lora":  # sizes and importance are the base weights'
+        trainable = add_adapters(gated, config.lora_rank, config.lora_alpha, config.seed)
     if config.block_importance == "removal" and "block" in gated.kinds:
         pick = torch.randperm(sequences.shape[0], generator=torch.Generator().manual_seed(config.seed))[:8]
         model.block_importance = removal_importance(gated, sequences[pick])
@@ -248,6 +253,8 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
     with gated.checkpointed() if config.gradient_checkpointing else contextlib.nullcontext():
         history = optimise(step_loss, guide, optimizer, gated, config, checkpoint,
                            fit_identity(model, sequences, config, cost), "SVI", progress and distributed.is_main())
-    if trainable:
+    if config.weights == "joint":
         model.refresh_importance()  # constants of the trained weights
+    elif config.weights == "lora":
+        merge_adapters(gated.model)
     return Fit(gated, model, guide, config, cost, history)

@@ -5,9 +5,9 @@ Both give one number per sequence (summed over its predicted tokens), entered as
 per token) keep their meaning. Distillation scores ``KL(p_dense ‖ p_gated)`` per
 predicted token (optionally mixed with the NLL): the gated network is fitted to
 behave like the dense one, not to the corpus. Its teacher is the network with every
-gate open (frozen weights: the same weights, one extra forward pass without
-gradients), or a frozen copy of the weights as they were before the fit (trained
-weights).
+gate open (frozen weights, and adapter fits with the adapters off: the same weights,
+one extra forward pass without gradients), or a frozen copy of the weights as they
+were before the fit (jointly trained weights).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import copy
 
 import torch
 
+from .adapters import adapters_disabled
 from .evaluate import next_token_nll, sequence_nll
 from .gates import GatedModel
 
@@ -51,14 +52,15 @@ class DistillationLikelihood:
 
 
 class OpenGatesTeacher:
-    """The gated network itself with every gate open: the dense network while its weights are frozen."""
+    """The gated network itself with every gate open and its adapters (if any) off: the dense network
+    while its weights are frozen."""
 
     def __init__(self, gated: GatedModel):
         self.gated = gated
         self.open = {k: None for k in gated.kinds}
 
     def __call__(self, sequences: torch.Tensor) -> torch.Tensor:
-        with self.gated.gates_set(self.open, self.open):
+        with self.gated.gates_set(self.open, self.open), adapters_disabled(self.gated.model):
             return self.gated(input_ids=sequences, use_cache=False).logits
 
 
@@ -73,11 +75,11 @@ class FrozenCopyTeacher:
         return self.model(input_ids=sequences, use_cache=False).logits
 
 
-def likelihood_for(gated: GatedModel, kind: str = "nll", nll_weight: float = 0.0, trained_weights: bool = False):
+def likelihood_for(gated: GatedModel, kind: str = "nll", nll_weight: float = 0.0, weights: str = "frozen"):
     """The likelihood a fit scores sequences with; call it before any weight is trained."""
     if kind == "nll":
         return NextTokenLikelihood()
     if kind == "distillation":
-        teacher = FrozenCopyTeacher(gated) if trained_weights else OpenGatesTeacher(gated)
+        teacher = FrozenCopyTeacher(gated) if weights == "joint" else OpenGatesTeacher(gated)
         return DistillationLikelihood(teacher, nll_weight)
     raise ValueError(f"the likelihood must be one of {LIKELIHOODS}, not {kind!r}")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .adapters import adapter_deltas, merge_checkpoint_adapters
 from .architectures import architecture_for_config
 from . import distributed
 from .config import WIDTH_KINDS, ExtractionConfig, RunConfig
@@ -233,16 +234,28 @@ def load_fitted_model(run_dir: str | Path, device: str | None = None, dtype: str
         tensors, _ = load_tensors(Path(run_dir) / CHECKPOINT_FILE)
         with torch.no_grad():
             load_network(model, tensors)
+    elif config.fit.weights == "lora":
+        tensors, _ = load_tensors(Path(run_dir) / CHECKPOINT_FILE)
+        merge_checkpoint_adapters(model, tensors, config.fit.lora_alpha / config.fit.lora_rank)
     return model, tokenizer
+
+
+def _adapter_deltas(run_dir: Path, config, model_config) -> dict | None:
+    """A LoRA run's adapters as weight deltas (``None`` for other runs)."""
+    if config.fit.weights != "lora":
+        return None
+    tensors, _ = load_tensors(run_dir / CHECKPOINT_FILE)
+    return adapter_deltas(tensors, model_config, config.fit.lora_alpha / config.fit.lora_rank)
 
 
 def run_extract(run_dir: str | Path, extraction: ExtractionConfig, out: str | Path, overwrite: bool = False,
                 streaming: bool | None = None, device: str | None = None, dtype: str | None = None) -> dict:
     """Extract the sub-network ``extraction`` asks for from a fitted run; nothing is written on error.
 
-    A frozen-weight fit is cut straight from the original safetensors files
-    (``streaming``, the default there), reading only the kept slices; a joint fit,
-    whose weights live in the run's checkpoint, is cut in memory.
+    A frozen-weight or adapter fit is cut straight from the original safetensors files
+    (``streaming``, the default there), reading only the kept slices (and adding the
+    adapters' share of each); a joint fit, whose weights live in the run's checkpoint,
+    is cut in memory.
     """
     run_dir = Path(run_dir)
     parsed, form, multiple = extraction.parsed, extraction.form, extraction.multiple
@@ -254,15 +267,15 @@ def run_extract(run_dir: str | Path, extraction: ExtractionConfig, out: str | Pa
     config = read_config(run_dir)
     source = fitted_model_path(run_dir)
     if streaming is None:
-        streaming = config.fit.weights == "frozen"
+        streaming = config.fit.weights != "joint"
     if streaming:
-        if config.fit.weights != "frozen":
+        if config.fit.weights == "joint":
             raise ValueError("a joint fit changed the weights: extract it in memory (streaming=False)")
-        files = CheckpointFiles(source)
-        plan = fitted.plan(parsed, files.totals(architecture_for_config(load_config(str(source)))),
-                           form, multiple)
+        model_config = load_config(str(source))
+        files = CheckpointFiles(source, _adapter_deltas(run_dir, config, model_config))
+        plan = fitted.plan(parsed, files.totals(architecture_for_config(model_config)), form, multiple)
         record = _record(run_dir, extraction, plan, fitted)
-        extract_streaming(source, plan, out, record, overwrite)
+        extract_streaming(files, plan, out, record, overwrite)
     else:
         model, tokenizer = load_fitted_model(run_dir, device, dtype)
         stored = source_dtype(str(source))

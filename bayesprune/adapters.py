@@ -1,0 +1,104 @@
+"""Low-rank adapters (LoRA, through ``peft``) on every block projection, fitted with the gates, then merged.
+
+``weights="lora"`` fits ``W + (α / r) · B A`` on the attention and MLP projections of
+every block, with ``W`` frozen, jointly with the gates. Sizes and unit importance
+are read from ``W`` before the adapters go in (an adapter adds no unit). When the fit
+ends the adapters are merged into ``W`` and taken out, so everything downstream sees
+a plain model; a run keeps only the adapter tensors, which are merged again into
+the kept slices when its model is loaded or streamed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from .architectures import Architecture, architecture_for_config
+
+ADAPTER = "default"
+_A, _B = f".lora_A.{ADAPTER}.weight", f".lora_B.{ADAPTER}.weight"
+
+
+def adapted_modules(arch: Architecture) -> list[str]:
+    """The projections of a block that get adapters: every weight cut by width, and the branch outputs."""
+    return list(dict.fromkeys([piece.module for piece in arch.width] + list(arch.outputs)))
+
+
+def _lora_layers(model: nn.Module):
+    from peft.tuners.lora import LoraLayer
+
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+
+
+def add_adapters(gated, rank: int, alpha: float, seed: int = 0) -> list[nn.Parameter]:
+    """Put rank-``rank`` adapters on ``gated``'s block projections (inside its gate wrappers); the base weights
+    are frozen, and the adapters' parameters returned. ``B`` starts at zero, so the network is unchanged;
+    ``A``'s random start is drawn from ``seed``."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from .gates import _Wrapper
+
+    arch = gated.arch
+    wanted = {f"{arch.layers}.{i}.{m}" for i in range(gated.num_layers) for m in adapted_modules(arch)}
+    # A projection's path may pass through gate wrappers (".wrapped"); the adapter goes on the layer inside.
+    keys = [name for name, module in gated.model.named_modules()
+            if name.replace(".wrapped", "") in wanted and not isinstance(module, _Wrapper)]
+    if not keys:
+        raise ValueError(f"no projections of {arch.family} blocks can take an adapter")
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=keys,
+                        fan_in_fan_out=arch.transposed, bias="none")
+    for p in gated.model.parameters():
+        p.requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        inject_adapter_in_model(config, gated.model, adapter_name=ADAPTER)
+    trainable = [p for name, p in gated.model.named_parameters() if ".lora_" in name]
+    for p in trainable:
+        p.requires_grad_(True)
+    return trainable
+
+
+def merge_adapters(model: nn.Module) -> None:
+    """Fold every adapter into its base weight and put the base layer back in its place."""
+    for name, layer in _lora_layers(model):
+        layer.merge(adapter_names=[ADAPTER])
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        setattr(parent, name.rsplit(".", 1)[-1], layer.get_base_layer())
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """The network without its adapters for the duration of the block."""
+    layers = [layer for _, layer in _lora_layers(model)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+def adapter_deltas(tensors: dict[str, torch.Tensor], config, scale: float) -> dict[str, torch.Tensor]:
+    """``weight name → (α / r) · B A`` from a checkpoint's adapter tensors (``network.…lora_A/B…``), in the
+    layout the weight is stored in."""
+    transposed = architecture_for_config(config).transposed
+    deltas = {}
+    for key, a in tensors.items():
+        if key.startswith("network.") and key.endswith(_A):
+            base = key.removeprefix("network.").removesuffix(_A)
+            delta = scale * (tensors[f"network.{base}{_B}"].double() @ a.double())
+            deltas[f"{base}.weight"] = delta.T if transposed else delta
+    return deltas
+
+
+@torch.no_grad()
+def merge_checkpoint_adapters(model: nn.Module, tensors: dict[str, torch.Tensor], scale: float) -> None:
+    """Add a checkpoint's adapters into the matching weights of ``model`` (a plain model)."""
+    parameters = dict(model.named_parameters())
+    for name, delta in adapter_deltas(tensors, model.config, scale).items():
+        if name not in parameters or parameters[name].shape != delta.shape:
+            raise ValueError(f"the checkpoint's adapter for {name} does not fit this model")
+        parameters[name].add_(delta.to(parameters[name]))

@@ -1,0 +1,98 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from bayesprune import FitConfig, GateConfig, ModelTotals, extract, fit, gate
+from bayesprune import adapters as ad
+from bayesprune.cli import main
+from bayesprune.pipeline import load_fitted, load_fitted_model
+from bayesprune.pruned import load_pruned
+from tests.conftest import VOCAB, tiny_model
+from tests.test_cli import FIT_ARGS
+
+SEQUENCES = torch.randint(0, VOCAB, (12, 12), generator=torch.Generator().manual_seed(0))
+
+
+def units_for(family: str) -> tuple[str, ...]:
+    return ("block", "attn", "mlp", "neuron") if family == "gpt2" else ("block", "attn", "mlp", "head", "neuron")
+
+
+def test_adapters_start_as_the_identity_train_through_the_gates_and_merge_exactly(family):
+    gated = gate(tiny_model(family), GateConfig(units=units_for(family)))
+    with torch.no_grad():
+        before = gated(input_ids=SEQUENCES).logits
+    trainable = ad.add_adapters(gated, rank=4, alpha=8)
+    assert all(not p.requires_grad for n, p in gated.model.named_parameters() if ".lora_" not in n)
+    with torch.no_grad():
+        torch.testing.assert_close(gated(input_ids=SEQUENCES).logits, before)
+    gates = {k: torch.full(gated.values.shape(k), 0.7) for k in gated.kinds}
+    with gated.gates_set(gates):
+        gated(input_ids=SEQUENCES).logits.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in gated.model.named_parameters()
+               if ".lora_B." in n)
+    with torch.no_grad():
+        for p in trainable:
+            p.add_(0.1 * torch.randn_like(p))
+        adapted = gated(input_ids=SEQUENCES).logits
+        with ad.adapters_disabled(gated.model):
+            torch.testing.assert_close(gated(input_ids=SEQUENCES).logits, before)
+    ad.merge_adapters(gated.model)
+    assert not ad._lora_layers(gated.model)
+    with torch.no_grad():
+        torch.testing.assert_close(gated(input_ids=SEQUENCES).logits, adapted, atol=1e-4, rtol=1e-4)
+    plain = gated.remove()
+    assert not any(".lora_" in n or "base_layer" in n for n in plain.state_dict())
+
+
+@pytest.mark.parametrize("likelihood", ["nll", "distillation"])
+def test_a_lora_fit_trains_adapters_only_and_extracts_the_hard_gated_adapted_model(likelihood):
+    model = tiny_model("llama")
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    gated = gate(model, GateConfig(units=("head", "neuron")))
+    config = FitConfig(steps=6, batch_size=4, seq_len=12, weights="lora", lora_rank=4, lora_lr=1e-2,
+                       likelihood=likelihood)
+    result = fit(gated, SEQUENCES, config, progress=False)
+    if likelihood == "distillation":  # the teacher is the network without adapters: a dense start scores 0
+        assert result.history[0]["likelihood"] < result.history[0]["nll"]
+    posterior = result.posterior()
+    merged = gated.remove()
+    assert not ad._lora_layers(merged) and set(merged.state_dict()) == set(original)
+    assert any(not torch.equal(merged.state_dict()[k], v) for k, v in original.items())
+    small, plan = extract(merged, posterior, "0.6")
+    hard = gate(merged, GateConfig(units=("head", "neuron")))
+    with torch.no_grad(), hard.gates_set(plan.gates(hard.kinds, hard.widths.heads, hard.widths.neurons),
+                                         posterior.amplitudes(plan.cost, point=True)):
+        expected = hard(input_ids=SEQUENCES).logits
+        torch.testing.assert_close(small(input_ids=SEQUENCES).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_lora_run_streams_its_adapters_into_the_kept_slices(tiny_model_dir, corpus_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir), "--out", str(run),
+                 "--units", "head,neuron", "--weights", "lora", "--lora-rank", "4", "--target", "none",
+                 *FIT_ARGS]) == 0
+    capsys.readouterr()
+    adapted, _ = load_fitted_model(run)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert any(not torch.equal(adapted.state_dict()[k], v) for k, v in base.state_dict().items())
+    posterior = load_fitted(run)
+    ids = SEQUENCES[:4]
+    for form, loader in (("per-layer", load_pruned), ("uniform", AutoModelForCausalLM.from_pretrained)):
+        streamed, in_memory = tmp_path / f"streamed-{form}", tmp_path / f"memory-{form}"
+        assert main(["extract", str(run), "--target", "0.6", "--form", form, "--out", str(streamed)]) == 0
+        record = json.loads(capsys.readouterr().out)
+        assert main(["extract", str(run), "--target", "0.6", "--form", form, "--out", str(in_memory),
+                     "--in-memory"]) == 0
+        capsys.readouterr()
+        plan = posterior.plan("0.6", ModelTotals.of(adapted), form)
+        assert record["fraction_of_decoder"] == pytest.approx(plan.fraction)
+        hard = gate(adapted, GateConfig(units=("head", "neuron")))
+        with torch.no_grad(), hard.gates_set(plan.gates(hard.kinds, hard.widths.heads, hard.widths.neurons),
+                                             posterior.amplitudes(plan.cost, point=True)):
+            expected = hard(input_ids=ids).logits
+        hard.remove()
+        with torch.no_grad():
+            for path in (streamed, in_memory):
+                torch.testing.assert_close(loader(path)(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)
