@@ -60,6 +60,10 @@ def parse_args():
                                       "(default: runs/frontier/default, -seedN for another --seed)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the bayesprune fit; rows of a seed other than 0 are 'bayesprune-seedN'")
+    parser.add_argument("--likelihood", choices=["nll", "distillation"], default="nll",
+                        help="likelihood of the bayesprune fit; distillation rows are 'bayesprune-distillation'")
+    parser.add_argument("--weights", choices=["frozen", "lora"], default="frozen",
+                        help="weights of the bayesprune fit; adapter rows are 'bayesprune-lora'")
     parser.add_argument("--fractions", nargs="+", default=FRACTIONS)
     parser.add_argument("--eval-tokens", type=int, default=8192, help="tokens scored per corpus")
     parser.add_argument("--calibration-windows", type=int, default=8)
@@ -74,8 +78,10 @@ def parse_args():
     parser.add_argument("--table", action="store_true",
                         help="only print the tables of --out as Markdown and redraw its figure")
     args = parser.parse_args()
-    args.label = "bayesprune" + (f"-seed{args.seed}" if args.seed else "")
-    args.run = args.run or "runs/frontier/default" + (f"-seed{args.seed}" if args.seed else "")
+    suffix = ("-lora" if args.weights == "lora" else "") + \
+        ("-distillation" if args.likelihood == "distillation" else "") + (f"-seed{args.seed}" if args.seed else "")
+    args.label = "bayesprune" + suffix
+    args.run = args.run or "runs/frontier/default" + suffix
     if args.quick:
         args.fractions, args.recovery_fractions = ["1.0", "0.75", "0.5"], ["0.5"]
         args.eval_tokens, args.calibration_windows = 512, 2
@@ -84,21 +90,21 @@ def parse_args():
     return args
 
 
-def fit_config(quick: bool, seed: int = 0) -> bp.RunConfig:
+def fit_config(quick: bool, seed: int = 0, likelihood: str = "nll", weights: str = "frozen") -> bp.RunConfig:
     """The settings a missing run is fitted with: the defaults with ``FIT_STEPS`` steps."""
     config = bp.RunConfig()
-    config.fit.steps, config.fit.seed = FIT_STEPS, seed
+    config.fit.steps, config.fit.seed, config.fit.likelihood, config.fit.weights = FIT_STEPS, seed, likelihood, weights
     if quick:
         config.fit.steps, config.fit.batch_size, config.data.eval_tokens = 5, 2, 512
     return config
 
 
-def ensure_run(path: str, quick: bool, seed: int) -> Path:
+def ensure_run(path: str, quick: bool, seed: int, likelihood: str, weights: str) -> Path:
     """A fitted run at ``path``, fitted now (``fit_config``, no extraction) if it is not there."""
     path = Path(path)
     if not (path / POSTERIOR_FILE).is_file():
         print(f"fitting the default gates into {path}", flush=True)
-        run_fit(fit_config(quick, seed), path, bp.ExtractionConfig(target=None), progress=True, log=lambda message: None)
+        run_fit(fit_config(quick, seed, likelihood, weights), path, bp.ExtractionConfig(target=None), progress=True, log=lambda message: None)
     return path
 
 
@@ -221,7 +227,7 @@ def main() -> None:
             recovered(method, target, small, plan_size(plan), record)
 
     if any(missing(args.label, t) for t in fractions):  # the run is fitted only when its rows are missing
-        run = ensure_run(args.run, args.quick, args.seed)
+        run = ensure_run(args.run, args.quick, args.seed, args.likelihood, args.weights)
         posterior = bp.GatePosterior.load(run / POSTERIOR_FILE)
         report = json.loads((run / "report.json").read_text())
         run_tokens = report["config"]["fit"]["steps"] * report["config"]["fit"]["batch_size"] * \
@@ -263,7 +269,8 @@ def main() -> None:
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')} in {time.time() - frontier.started:.0f} s")
 
 
-COLOURS = {"bayesprune": "navy", "previous-amortised": "tab:blue", "previous-width": "tab:cyan",
+COLOURS = {"bayesprune": "navy", "bayesprune-distillation": "darkorange", "bayesprune-lora": "teal",
+           "bayesprune-lora-distillation": "crimson", "previous-amortised": "tab:blue", "previous-width": "tab:cyan",
            "previous-block": "goldenrod",
            "shortgpt": "tab:green",
            "sleb": "tab:red", "random": "tab:gray", "drop-last": "tab:brown", "magnitude": "tab:olive",
@@ -273,7 +280,9 @@ COLOURS = {"bayesprune": "navy", "previous-amortised": "tab:blue", "previous-wid
 def family(method: str) -> str:
     """The method a row belongs to, without its seed, 2:4 pattern or recovery."""
     base = method.removesuffix("+recovery").removesuffix("-2:4")
-    return "random" if base.startswith("random") else "bayesprune" if base.startswith("bayesprune") else base
+    if base.startswith("random"):
+        return "random"
+    return base.removesuffix("-seed" + base.rsplit("-seed", 1)[-1]) if "-seed" in base else base
 
 
 def plot(rows: list[dict], path: Path, corpora: list[str]) -> None:
@@ -291,7 +300,7 @@ def plot(rows: list[dict], path: Path, corpora: list[str]) -> None:
             style = "--" if method.endswith("+recovery") else ":" if method.startswith("random") else "-"
             marker = "s" if method.startswith(("wanda", "sparsegpt")) else "D" if "+" in method else "o"
             ax.plot([r["fraction"] for r in members], [r[corpus] for r in members], style, marker=marker,
-                    color=COLOURS[family(method)], lw=2.4 if method == "bayesprune" else 1.0, ms=4,
+                    color=COLOURS[family(method)], lw=2.4 if method.startswith("bayesprune") else 1.0, ms=4,
                     label=method)
         ax.axhline(dense[corpus], color="k", lw=0.6, label="dense")
         ax.set(xlabel="fraction of decoder parameters kept (non-zero for Wanda/SparseGPT)",

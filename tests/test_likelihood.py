@@ -76,3 +76,21 @@ def test_bad_likelihood_settings_are_refused():
         FitConfig(likelihood="kl")
     with pytest.raises(ValueError, match="nll_weight"):
         FitConfig(likelihood="distillation", nll_weight=1.5)
+
+
+def test_the_command_line_fits_with_distillation(tiny_model_dir, corpus_dir, tmp_path, capsys):
+    from bayesprune.cli import main
+    from bayesprune.rundir import read_config
+    from tests.test_cli import FIT_ARGS
+
+    run = tmp_path / "run"
+    assert main(["fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir), "--out", str(run),
+                 "--units", "neuron", "--likelihood", "distillation", "--nll-weight", "0.5", "--target", "0.5",
+                 *FIT_ARGS]) == 0
+    capsys.readouterr()
+    config = read_config(run)
+    assert (config.fit.likelihood, config.fit.nll_weight) == ("distillation", 0.5)
+    assert (run / "extracted" / "config.json").is_file()
+    assert main(["fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir), "--out", str(tmp_path / "bad"),
+                 "--likelihood", "distillation", "--nll-weight", "2", *FIT_ARGS]) == 2
+    assert "nll_weight" in capsys.readouterr().err and not (tmp_path / "bad").exists()
