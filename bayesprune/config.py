@@ -136,7 +136,7 @@ class FitConfig(_JsonConfig):
     steps: int = 200
     batch_size: int = 4
     seq_len: int = 128
-    weights: str = "frozen"  # "frozen", "joint" or "lora" (low-rank adapters, merged when the fit ends)
+    weights: str = "lora"  # "frozen", "joint" or "lora" (low-rank adapters, merged when the fit ends)
     guide_lr: float = 0.05
     guide_init_scale: float = 0.01
     weight_lr: float = 1e-5

@@ -86,5 +86,6 @@ def test_a_checkpoint_of_two_processes_resumes_on_one(tmp_path):
     alone = fit(gate(tiny_model("llama"), GateConfig(units=("block", "head", "neuron"))), sequences, config,
                 progress=False)
     assert [r["windows"] for r in resumed.history] == [2, 2, 4, 4]
+    # Adapters are trained too (the default): averaging their gradients over processes sums in another order.
     for (name, a), b in zip(resumed.guide.state_dict().items(), alone.guide.state_dict().values()):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
+        assert torch.allclose(a, b, rtol=1e-4, atol=5e-5), name

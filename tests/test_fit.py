@@ -125,7 +125,7 @@ def test_resume_after_an_interrupt_gives_the_same_result(tmp_path, weights):
 def test_non_finite_elbo_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
     run(2, run_dir=tmp_path)
     saved = (tmp_path / CHECKPOINT_FILE).read_bytes()
-    config = FitConfig(steps=4, batch_size=4, seq_len=12, checkpoint_every=2)
+    config = FitConfig(steps=4, batch_size=4, seq_len=12, checkpoint_every=2, weights="frozen")
     for module, expected in (("norm", r"sequences \["), ("down_proj", r"inclusion probabilities of \['neuron'\]")):
         gated = gate(tiny_model("llama"), GateConfig(units=("block", "head", "neuron")))
         with torch.no_grad():

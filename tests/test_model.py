@@ -243,8 +243,8 @@ def test_removal_importance_is_each_blocks_own_nll_rise_and_reaches_the_posterio
                 rise.append((sequence_nll(gated, SEQUENCES[:8]).sum() - dense).item())
     rise = torch.tensor(rise)
     assert torch.allclose(importance, rise / rise.abs().mean(), rtol=1e-4)
-    result = fit(gated, SEQUENCES, FitConfig(steps=2, batch_size=4, seq_len=8, block_importance="removal"),
-                 progress=False)
+    result = fit(gated, SEQUENCES, FitConfig(steps=2, batch_size=4, seq_len=8, weights="frozen",
+                                             block_importance="removal"), progress=False)
     pick = torch.randperm(10, generator=torch.Generator().manual_seed(0))[:8]
     assert torch.allclose(result.posterior().importance["block"],
                           inclusion.removal_importance(gated, SEQUENCES[pick]), rtol=1e-5)
