@@ -85,7 +85,9 @@ def rank_drafts(run_dir: str | Path, sizes=DRAFT_SIZES, form: str = "uniform", v
 
     ``α`` is read where assisted generation meets it: on the target's own continuations
     (greedy, or sampled for ``decoding="sampling"``) of ``num_prompts`` validation
-    prompts, each sub-network's next-token distribution against the target's.
+    prompts, each sub-network's next-token distribution against the target's. The target
+    is the run's original model; the sub-networks carry the fit's adapters or trained
+    weights, if it had them.
 
     ``sizes`` are targets (``0.5``, ``12layers``, ``80M`` …); ``vocab_share`` trims the
     draft's LM head to the tokens covering that share of the fitting corpus;
@@ -98,14 +100,15 @@ def rank_drafts(run_dir: str | Path, sizes=DRAFT_SIZES, form: str = "uniform", v
     posterior = load_fitted(run_dir)
     for target in targets:
         check_feasible(target, load_config(str(fitted_model_path(run_dir))))
-    model, tokenizer = load_fitted_model(run_dir, device, dtype)
+    model, tokenizer = load_fitted_model(run_dir, device, dtype)  # the drafts' weights (adapted, if the fit was)
+    dense = model if config.fit.weights == "frozen" else load_model(str(fitted_model_path(run_dir)), device, dtype)[0]
     splits = load_splits(tokenizer, config.data)
     vocab_size = model.config.get_text_config().vocab_size
     vocabulary = _vocabulary(splits["fit"], vocab_share, tokenizer, vocab_size)
     totals = ModelTotals.of(model, source_dtype(str(fitted_model_path(run_dir))))
     plans = [posterior.plan(t, totals, form) for t in targets]
 
-    target_ms = decode_ms(model, steps=range(1, max_gamma + 2))
+    target_ms = decode_ms(dense, steps=range(1, max_gamma + 2))
     verify = {g: target_ms[g + 1] / target_ms[1] for g in range(1, max_gamma + 1)}
     draft_dtype = compute_dtype(draft_dtype) if draft_dtype is not None else model.dtype
     draft_ms = []
@@ -116,16 +119,16 @@ def rank_drafts(run_dir: str | Path, sizes=DRAFT_SIZES, form: str = "uniform", v
         draft_ms.append(decode_ms(small)[1])
         del small
 
-    text = target_continuations(model, tokenizer, splits["validation"], num_prompts, prompt_tokens, new_tokens,
-                          decoding == "sampling")
+    text = target_continuations(dense, tokenizer, splits["validation"], num_prompts, prompt_tokens, new_tokens,
+                                decoding == "sampling")
+    target_logits = dense(input_ids=text, use_cache=False).logits[:, prompt_tokens - 1:-1]
     gated = gate(model, GateConfig(units=posterior.kinds))
-    dense = gated(input_ids=text, use_cache=False).logits[:, prompt_tokens - 1:-1]
     sums = []
     for plan in plans:
         gates = plan.gates(gated.kinds, gated.widths.heads, gated.widths.neurons)
         with gated.gates_set(gates, posterior.amplitudes(plan.cost, point=True)):
             logits = gated(input_ids=text, use_cache=False).logits[:, prompt_tokens - 1:-1]
-        sums.append(acceptance(dense, logits, vocabulary))
+        sums.append(acceptance(target_logits, logits, vocabulary))
     gated.remove()
 
     rows = [{"target": str(size), "described": str(target), "fraction": plan.fraction,
