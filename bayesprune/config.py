@@ -157,6 +157,11 @@ class FitConfig(_JsonConfig):
     likelihood: str = "nll"  # or "distillation": KL(p_dense ‖ p_gated) per token, mixed with nll_weight × NLL
     nll_weight: float = 0.0  # the NLL's share in a distillation likelihood
 
+    @property
+    def lora_scale(self) -> float:
+        """What adapters multiply ``B A`` by."""
+        return self.lora_alpha / self.lora_rank
+
     def __post_init__(self):
         if self.weights not in WEIGHTS:
             raise ValueError(f"FitConfig.weights must be one of {WEIGHTS}, got {self.weights!r}")

@@ -1,8 +1,8 @@
 """A speculative-decoding draft from one fitted posterior: sized by predicted speed-up, written, loaded.
 
 For each candidate size the posterior gives a sub-network. Its acceptance ``α`` is
-predicted from the hard-gated network's logits against the dense network's on
-validation windows (no extraction, no generation); its cost ``c`` per token relative
+predicted from the hard-gated network's logits against the target's on the target's own
+continuations of validation prompts (no extraction, no drafting); its cost ``c`` per token relative
 to the target comes from a short decoding timing of the cut model on this machine;
 the target's verification cost ``v(γ)`` from timing a ``γ + 1``-token pass. The
 candidate and draft length with the highest ``S(α, γ, c)`` win

@@ -236,7 +236,7 @@ def load_fitted_model(run_dir: str | Path, device: str | None = None, dtype: str
             load_network(model, tensors)
     elif config.fit.weights == "lora":
         tensors, _ = load_tensors(Path(run_dir) / CHECKPOINT_FILE)
-        merge_checkpoint_adapters(model, tensors, config.fit.lora_alpha / config.fit.lora_rank)
+        merge_checkpoint_adapters(model, tensors, config.fit.lora_scale)
     return model, tokenizer
 
 
@@ -245,7 +245,7 @@ def _adapter_deltas(run_dir: Path, config, model_config) -> dict | None:
     if config.fit.weights != "lora":
         return None
     tensors, _ = load_tensors(run_dir / CHECKPOINT_FILE)
-    return adapter_deltas(tensors, model_config, config.fit.lora_alpha / config.fit.lora_rank)
+    return adapter_deltas(tensors, model_config, config.fit.lora_scale)
 
 
 def run_extract(run_dir: str | Path, extraction: ExtractionConfig, out: str | Path, overwrite: bool = False,
