@@ -1,4 +1,4 @@
-"""The ``bayesprune`` command line: fit, extract, draft, evaluate."""
+"""The ``bayesprune`` command line: fit, extract, depth, draft, evaluate."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import DECODINGS, DRAFT_SIZES, DTYPES, FORMS, WEIGHTS, CostConfig, DataConfig, ExtractionConfig, FitConfig, GateConfig, PriorConfig, RunConfig
+from .config import DECODINGS, DEPTH_SCORES, DRAFT_SIZES, DTYPES, FORMS, WEIGHTS, CostConfig, DataConfig, ExtractionConfig, FitConfig, GateConfig, PriorConfig, RunConfig
 
 
 def _fit_parser(sub) -> None:
@@ -105,6 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which acceptance the prediction uses: greedy (argmax agreement) or sampling")
     p.add_argument("--draft-dtype", choices=DTYPES, default=None, help="dtype the draft decodes in (default: --dtype)")
     _device_options(p)
+    p = sub.add_parser("depth", help="re-score a run's depth ranking conditionally (each removal given those "
+                                     "before it); depth targets such as 15layers then cut by it")
+    p.add_argument("run", help="run directory written by 'bayesprune fit'")
+    p.add_argument("--removals", type=int, default=None, help="how many blocks to rank for removal (default: half)")
+    p.add_argument("--windows", type=int, default=32,
+                   help="fit-split windows the search may score (seeded; spent where a choice is uncertain)")
+    p.add_argument("--chunk", type=int, default=8, help="windows every candidate is scored on first")
+    p.add_argument("--score", choices=DEPTH_SCORES, default="nll",
+                   help="nll (next-token NLL of the corpus) or distillation (KL from the dense network)")
+    p.add_argument("--device", help="cpu (default), cuda or cuda:N: where the network runs")
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="the dtype the search runs in")
     p = sub.add_parser("evaluate", help="held-out perplexity and size of a model, as JSON")
     p.add_argument("model", nargs="?", help="Hugging Face folder or .gguf (default: the default model)")
     p.add_argument("--data", help="corpus whose test split is scored (default: Shakespeare)")
@@ -140,6 +151,16 @@ def main(argv: list[str] | None = None) -> int:
             extraction = ExtractionConfig(args.target, args.form, args.multiple)
             print(json.dumps(run_extract(args.run, extraction, args.out, streaming=streaming, device=args.device,
                                          dtype=args.dtype), indent=2))
+        elif args.command == "depth":
+            from .depth import format_depth
+            from .pipeline import DEPTH_FILE, run_depth_search
+
+            search = run_depth_search(args.run, args.removals, args.windows, args.chunk, args.score, args.device,
+                                      args.dtype)
+            print(format_depth(search))
+            print(f"wrote {Path(args.run) / DEPTH_FILE}: {len(search.order)} removals, {search.tokens:,} tokens, "
+                  f"{search.evaluations} evaluations, {search.seconds:.0f} s; 'bayesprune extract "
+                  f"{args.run} --target Nlayers' now cuts by it")
         elif args.command == "draft":
             from .drafts import format_candidates, write_draft
 

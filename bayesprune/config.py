@@ -13,6 +13,7 @@ WIDTH_KINDS = ("head", "neuron")
 FORMS = ("per-layer", "uniform")
 DRAFT_SIZES = ("0.2", "0.35", "0.5", "0.65", "0.8")  # candidate draft sizes, fractions of decoder parameters
 DECODINGS = ("greedy", "sampling")
+DEPTH_SCORES = ("nll", "distillation")  # what a conditional depth search scores removals by
 WEIGHTS = ("frozen", "joint", "lora")  # what a fit does with the network's weights
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # compute dtypes of the network, by torch name
 

@@ -11,10 +11,13 @@ cost of the grid), ``inclusion.png`` (inclusion with intervals across the cost),
 ``size_curve.png``, ``thresholds.png``, ``forest.png`` (block/branch gates) and
 ``width.png`` (head/neuron gates) at the cost of the target, ``report.json`` and,
 with a target, ``extracted/`` (a Hugging Face folder with the tokenizer).
+``bayesprune depth`` adds ``depth.json``: the depth ranking re-scored conditionally
+(:mod:`bayesprune.depth`), which depth targets (``12layers``) then cut by.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -23,8 +26,9 @@ import torch
 from .adapters import adapter_deltas, merge_checkpoint_adapters
 from .architectures import architecture_for_config
 from . import distributed
-from .config import WIDTH_KINDS, ExtractionConfig, RunConfig
-from .data import split_corpus, tokenize, windows
+from .config import DEPTH_SCORES, WIDTH_KINDS, ExtractionConfig, GateConfig, RunConfig
+from .data import load_splits, split_corpus, tokenize, windows
+from .depth import DepthSearch, conditional_depth_search
 from .evaluate import model_size, perplexity
 from .fit import CHECKPOINT_FILE, fit, load_network
 from .gates import gate
@@ -33,10 +37,13 @@ from .pretrained import load_config, load_model, resolve_model, source_dtype
 from .plots import plot_block_forest, plot_inclusion_over_cost, plot_size_curve, plot_thresholds, plot_width
 from .posterior import POSTERIOR_FILE, GatePosterior, cost_grid
 from .rundir import check_output, claim, data_fingerprint, fitted_model_path, model_fingerprint, read_config
+from .selection import choose_blocks
 from .targets import ModelTotals, Target, TargetError, check_feasible
 from .extraction import CheckpointFiles, extract_model, extract_streaming, save_extracted
 
 UNIT_LEVEL_DRAWS = 20
+DEPTH_FILE = "depth.json"
+DEPTH_FORMAT = "bayesprune conditional depth search"
 SUMMARY_TARGET = "0.75"  # where a run without a target shows its ranking and widths
 
 
@@ -207,13 +214,71 @@ def format_size_curve(rows: list[dict]) -> str:
                    ("MB", ">8", lambda r: f"{r['megabytes']:.1f}")], rows)
 
 
-def _record(run_dir: Path, extraction: ExtractionConfig, plan, posterior: GatePosterior) -> dict:
-    keep_p = posterior.block_keep_probability(plan.cost).mean(0)
+def _record(run_dir: Path, extraction: ExtractionConfig, plan, posterior: GatePosterior,
+            depth: DepthSearch | None = None) -> dict:
     removed = [i for i in range(plan.num_layers) if i not in plan.kept_layers]
-    return {"source_run": str(run_dir.resolve()), "target": str(extraction.parsed),
-            "extraction": extraction.to_dict(), **plan.record(),
-            "removed_layer_names": [posterior.layer_names[i] for i in removed],
-            "removed_inclusion": [keep_p[i].item() for i in removed]}
+    record = {"source_run": str(run_dir.resolve()), "target": str(extraction.parsed),
+              "extraction": extraction.to_dict(), **plan.record(),
+              "removed_layer_names": [posterior.layer_names[i] for i in removed]}
+    if depth is None:
+        keep_p = posterior.block_keep_probability(plan.cost).mean(0)
+        return {**record, "removed_inclusion": [keep_p[i].item() for i in removed]}
+    steps = depth.steps[:len(removed)]
+    return {**record, "depth_ranking": {"file": DEPTH_FILE, "score": depth.score, "tokens": depth.tokens,
+                                        "removed_in_order": [s.removed for s in steps],
+                                        "choice_probability": [s.choice_probability for s in steps]}}
+
+
+def run_depth_search(run_dir: str | Path, removals: int | None = None, num_windows: int = 32, chunk: int = 8,
+                     score: str = "nll", device: str | None = None, dtype: str | None = "bfloat16",
+                     progress: bool = True) -> DepthSearch:
+    """Re-score a fitted run's depth ranking conditionally on seeded fit-split windows; writes ``depth.json``.
+
+    ``removals`` defaults to half the blocks. The search runs on the run's network (its
+    adapted or trained weights, if it has them) in ``dtype``: bfloat16 by default, which
+    on the default model chooses the same blocks as float32, several times faster.
+    """
+    run_dir = Path(run_dir)
+    config, fitted = read_config(run_dir), load_fitted(run_dir)
+    num_layers = len(fitted.layer_names)
+    removals = num_layers // 2 if removals is None else removals
+    if not 0 < removals < num_layers:
+        raise ValueError(f"removals must be in [1, {num_layers - 1}] for this {num_layers}-block model, got {removals}")
+    if score not in DEPTH_SCORES:
+        raise ValueError(f"the depth score must be one of {DEPTH_SCORES}, not {score!r}")
+    if not 2 <= chunk <= num_windows:
+        raise ValueError(f"need 2 <= chunk <= windows, got chunk {chunk} and {num_windows} windows")
+    model, tokenizer = load_fitted_model(run_dir, device, dtype)
+    fit_windows = windows(load_splits(tokenizer, config.data)["fit"], config.fit.seq_len)
+    order = torch.randperm(fit_windows.shape[0], generator=torch.Generator().manual_seed(config.fit.seed))
+    gated = gate(model, GateConfig(units=("block",)))
+    search = conditional_depth_search(gated, fit_windows[order[:num_windows]], removals, score, chunk=chunk,
+                                      progress=progress)
+    atomic_write_json(run_dir / DEPTH_FILE, {"format": DEPTH_FORMAT, "dtype": dtype, **search.record()})
+    return search
+
+
+def read_depth(run_dir: str | Path) -> DepthSearch | None:
+    """The run's conditional depth ranking, if ``bayesprune depth`` wrote one."""
+    path = Path(run_dir) / DEPTH_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if record.get("format") != DEPTH_FORMAT:
+            raise ValueError("no depth-search format marker")
+        return DepthSearch.from_record(record)
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not a bayesprune depth ranking ({error}); rerun 'bayesprune depth'") from None
+
+
+def _depth_plan(depth: DepthSearch, posterior: GatePosterior, totals: ModelTotals, target: Target):
+    num_layers = len(posterior.layer_names)
+    needed = num_layers - int(target.value)
+    if needed > len(depth.order):
+        raise TargetError(f"the run's {DEPTH_FILE} ranks only {len(depth.order)} removals and {target} needs "
+                          f"{needed}: rerun 'bayesprune depth' with --removals {needed}")
+    return choose_blocks(depth.block_scores(num_layers), posterior.sizes, totals, target)
 
 
 def load_fitted(run_dir: str | Path) -> GatePosterior:
@@ -265,6 +330,7 @@ def run_extract(run_dir: str | Path, extraction: ExtractionConfig, out: str | Pa
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another --out or remove it")
     config = read_config(run_dir)
+    depth = read_depth(run_dir) if parsed.kind == "layers" else None
     source = fitted_model_path(run_dir)
     if streaming is None:
         streaming = config.fit.weights != "joint"
@@ -273,15 +339,17 @@ def run_extract(run_dir: str | Path, extraction: ExtractionConfig, out: str | Pa
             raise ValueError("a joint fit changed the weights: extract it in memory (streaming=False)")
         model_config = load_config(str(source))
         files = CheckpointFiles(source, _adapter_deltas(run_dir, config, model_config))
-        plan = fitted.plan(parsed, files.totals(architecture_for_config(model_config)), form, multiple)
-        record = _record(run_dir, extraction, plan, fitted)
+        totals = files.totals(architecture_for_config(model_config))
+        plan = _depth_plan(depth, fitted, totals, parsed) if depth else fitted.plan(parsed, totals, form, multiple)
+        record = _record(run_dir, extraction, plan, fitted, depth)
         extract_streaming(files, plan, out, record, overwrite)
     else:
         model, tokenizer = load_fitted_model(run_dir, device, dtype)
         stored = source_dtype(str(source))
-        plan = fitted.plan(parsed, ModelTotals.of(model, stored), form, multiple)
+        totals = ModelTotals.of(model, stored)
+        plan = _depth_plan(depth, fitted, totals, parsed) if depth else fitted.plan(parsed, totals, form, multiple)
         small = extract_model(model, plan).to(stored)
-        record = _record(run_dir, extraction, plan, fitted)
+        record = _record(run_dir, extraction, plan, fitted, depth)
         save_extracted(small, tokenizer, out, record, overwrite)
     files_bytes = sum(p.stat().st_size for p in Path(out).glob("*.safetensors"))
     return {**record, "file_bytes": files_bytes, "path": str(out)}
