@@ -184,3 +184,4 @@ def format_depth(search: DepthSearch) -> str:
         runner = f"{ranked[1][1]:.4f} (#{ranked[1][0]})" if len(ranked) > 1 else "–"
         lines.append(f"{k:>4}  {step.removed:>5}  {ranked[0][1]:>16.4f}  {runner:>16}  {step.choice_probability:>7.2f}")
     return "\n".join(lines)
+

@@ -8,7 +8,10 @@ dtype the search runs in, the scoring windows, and whether a block posterior
 restricts each step to its least-needed candidates. Results merge into
 ``bench/results/depth_search.json`` by variant name.
 
-    .venv/bin/python bench/depth_search.py --variants kl-bf16-8 nll-bf16-8
+    .venv/bin/python bench/depth_search.py --variants kl-bf16-8 nll-bf16-8   # ≈ 5 min per variant
+    .venv/bin/python bench/depth_search.py --variants nll-bf16-adaptive-32-posterior8 \
+        --check runs/depth-estimators/straight-through nll-bf16-adaptive-128
+    .venv/bin/python bench/depth_search.py --variants                         # redraw depth_search.png
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ import time
 from pathlib import Path
 
 import torch
+from common import pyplot, save_figure
 
 import bayesprune as bp
 from bayesprune.baselines import baseline_plan
 from bayesprune.data import bible_path
 from bayesprune.depth import conditional_depth_search
+from bayesprune.pipeline import load_fitted
 
 KEPT = (27, 22, 18, 15)
 OUT = Path("bench/results/depth_search.json")
@@ -35,13 +40,21 @@ VARIANTS = {
     "nll-bf16-adaptive-32": dict(score="nll", dtype=torch.bfloat16, windows=32),
     "nll-bf16-adaptive-64": dict(score="nll", dtype=torch.bfloat16, windows=64),
     "nll-bf16-adaptive-128": dict(score="nll", dtype=torch.bfloat16, windows=128),
+    "nll-bf16-adaptive-32-posterior8": dict(score="nll", dtype=torch.bfloat16, windows=32,
+                                            posterior="runs/depth-estimators/straight-through", candidates=8),
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--check", nargs=2, metavar=("POSTERIOR_RUN", "REFERENCE"),
+                        help="check a block posterior's removal probabilities, and each variant's choice "
+                             "probabilities, against the REFERENCE variant's removals")
     args = parser.parse_args()
+    if not args.variants and not args.check:  # only redraw the figure from the results
+        plot(json.loads(OUT.read_text()), OUT.with_suffix(".png"))
+        return
     torch.set_num_threads(2)
     model, tokenizer = bp.load_model()
     splits = bp.load_splits(tokenizer, bp.DataConfig())
@@ -55,8 +68,14 @@ def main() -> None:
                      "SLEB's calibration set); perplexity in fp32 over 256-token windows, 8,192 tokens per corpus")
     for name in args.variants:
         settings = VARIANTS[name]
+        proposal = None
+        if "posterior" in settings:  # the block-gate fit's marginal keep probability where it cuts to 15 blocks
+            posterior = load_fitted(settings["posterior"])
+            cost = posterior.solve(f"{min(KEPT)}layers", bp.ModelTotals.of(model))
+            proposal = posterior.block_keep_probability(cost, point=True)[0]
         gated = bp.gate(model.to(settings["dtype"]), bp.GateConfig(units=("block",)))
-        search = conditional_depth_search(gated, shuffled[:settings["windows"]], 30 - min(KEPT), settings["score"])
+        search = conditional_depth_search(gated, shuffled[:settings["windows"]], 30 - min(KEPT), settings["score"],
+                                          proposal, settings.get("candidates"))
         gated.remove()
         model.float()
         rows = []
@@ -70,6 +89,65 @@ def main() -> None:
         result["variants"][name] = {**settings, "dtype": str(settings["dtype"]), "search": search.record(), "rows": rows,
                                     "date": time.strftime("%Y-%m-%d")}
         OUT.write_text(json.dumps(result, indent=1))
+    if args.check:
+        result["check"] = check(result, *args.check, bp.ModelTotals.of(model))
+        print(json.dumps(result["check"], indent=1))
+        OUT.write_text(json.dumps(result, indent=1))
+    plot(result, OUT.with_suffix(".png"))
+
+
+def plot(result: dict, path: Path) -> None:
+    """Perplexity over SLEB's (frontier.json) against kept blocks, per variant and ShortGPT, per corpus."""
+    frontier = json.loads(Path("bench/results/frontier.json").read_text())["rows"]
+    reference = {(r["method"], r["kept_layers"]): r for r in frontier if r["method"] in ("sleb", "shortgpt")}
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, corpus in zip(axes, ("shakespeare", "kjv")):
+        def ratio(kept: int, value: float) -> float:
+            return value / reference["sleb", kept][corpus]
+
+        ax.plot(KEPT, [ratio(k, reference["shortgpt", k][corpus]) for k in KEPT], "k:", lw=2, label="shortgpt")
+        ax.axhline(1.0, color="k", lw=2, label="sleb (1,024 tokens)")
+        for name, variant in result["variants"].items():
+            ax.plot([r["kept"] for r in variant["rows"]], [ratio(r["kept"], r[corpus]) for r in variant["rows"]],
+                    "o-", ms=3, label=name)
+        ax.set(xlabel="blocks kept (of 30)", ylabel="perplexity / SLEB's (log scale)", yscale="log",
+               title=f"{corpus} test", ylim=(0.8, 1.6))
+        ax.invert_xaxis()
+    axes[0].legend(fontsize=7)
+    save_figure(fig, path)
+
+
+BINS = (0.0, 0.1, 0.5, 0.9, 1.0001)
+
+
+def check(result: dict, posterior_run: str, reference: str, totals) -> dict:
+    """How often blocks a posterior (or a search step) is sure about are what the reference search removes."""
+    order = result["variants"][reference]["search"]["order"]
+    posterior = load_fitted(posterior_run)
+    bins = [{"p_removed": f"{lo:.1f}-{min(hi, 1):.1f}", "blocks": 0, "removed_by_reference": 0}
+            for lo, hi in zip(BINS, BINS[1:])]
+    for kept in KEPT:
+        k = 30 - kept
+        p = posterior.removal_probability(posterior.solve(f"{kept}layers", totals))[:, k]
+        for block in range(30):
+            row = next(b for b, (lo, hi) in zip(bins, zip(BINS, BINS[1:])) if lo <= p[block] < hi)
+            row["blocks"] += 1
+            row["removed_by_reference"] += block in order[:k]
+    steps = {}
+    for name, variant in result["variants"].items():
+        if name == reference or "search" not in variant:
+            continue
+        agree = {"sure (P >= 0.9)": [0, 0], "unsure (P < 0.9)": [0, 0]}
+        for k, step in enumerate(variant["search"]["steps"]):
+            if variant["search"]["order"][:k] != order[:k]:
+                break  # the paths have parted: later steps see other sets
+            cell = agree["sure (P >= 0.9)" if step["choice_probability"] >= 0.9 else "unsure (P < 0.9)"]
+            cell[0] += 1
+            cell[1] += step["removed"] == order[k]
+        steps[name] = {label: {"steps": n, "same_choice": same} for label, (n, same) in agree.items()}
+    return {"posterior": posterior_run, "reference": reference, "sizes": list(KEPT), "posterior_bins": bins,
+            "search_steps_on_the_reference_path": steps}
 
 
 if __name__ == "__main__":

