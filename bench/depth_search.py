@@ -11,7 +11,8 @@ restricts each step to its least-needed candidates. Results merge into
     .venv/bin/python bench/depth_search.py --variants kl-bf16-8 nll-bf16-8   # ≈ 5 min per variant
     .venv/bin/python bench/depth_search.py --variants nll-bf16-adaptive-32-posterior8 \
         --check runs/depth-estimators/straight-through nll-bf16-adaptive-128
-    .venv/bin/python bench/depth_search.py --variants                         # redraw depth_search.png
+    .venv/bin/python bench/depth_search.py --brute-force 27 8                 # ≈ 12 min; a diagnostic on test data
+    .venv/bin/python bench/depth_search.py                                    # redraw depth_search.png
 """
 
 from __future__ import annotations
@@ -47,12 +48,16 @@ VARIANTS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="*", default=[], choices=list(VARIANTS),
+                        help="variants to measure (none: redraw the figure from the results)")
     parser.add_argument("--check", nargs=2, metavar=("POSTERIOR_RUN", "REFERENCE"),
                         help="check a block posterior's removal probabilities, and each variant's choice "
                              "probabilities, against the REFERENCE variant's removals")
+    parser.add_argument("--brute-force", type=int, nargs=2, metavar=("KEPT", "POOL"),
+                        help="diagnostic: score every cut to KEPT blocks that removes only blocks among the POOL "
+                             "best single removals, on 64 calibration windows and on the test corpora (bfloat16)")
     args = parser.parse_args()
-    if not args.variants and not args.check:  # only redraw the figure from the results
+    if not args.variants and not args.check and not args.brute_force:  # only redraw the figure from the results
         plot(json.loads(OUT.read_text()), OUT.with_suffix(".png"))
         return
     torch.set_num_threads(2)
@@ -89,6 +94,10 @@ def main() -> None:
         result["variants"][name] = {**settings, "dtype": str(settings["dtype"]), "search": search.record(), "rows": rows,
                                     "date": time.strftime("%Y-%m-%d")}
         OUT.write_text(json.dumps(result, indent=1))
+    if args.brute_force:
+        result[f"brute_force_{args.brute_force[0]}"] = brute_force(model, result, shuffled[:64], corpora,
+                                                                   *args.brute_force)
+        OUT.write_text(json.dumps(result, indent=1))
     if args.check:
         result["check"] = check(result, *args.check, bp.ModelTotals.of(model))
         print(json.dumps(result["check"], indent=1))
@@ -116,6 +125,31 @@ def plot(result: dict, path: Path) -> None:
         ax.invert_xaxis()
     axes[0].legend(fontsize=7)
     save_figure(fig, path)
+
+
+def brute_force(model, result: dict, windows: torch.Tensor, corpora: dict, kept: int, pool: int) -> dict:
+    """Every cut to ``kept`` blocks within the ``pool`` best single removals (nll-bf16-8's first step):
+    calibration NLL and test perplexity, to see whether the calibration-best cut is the test-best."""
+    from itertools import combinations
+
+    from bayesprune.evaluate import calibration_nll
+
+    first = result["variants"]["nll-bf16-8"]["search"]["steps"][0]["scores"]
+    blocks = sorted(first, key=first.get)[:pool]
+    gated = bp.gate(model.to(torch.bfloat16), bp.GateConfig(units=("block",)))
+    rows, started = [], time.time()
+    for removed in combinations(sorted(int(b) for b in blocks), 30 - kept):
+        on = torch.ones(30)
+        on[list(removed)] = 0
+        with gated.gates_set({"block": on}):
+            rows.append({"removed": list(removed), "calibration_nll": calibration_nll(gated, windows),
+                         **{c: bp.perplexity(gated, t, 256, 8192, progress=False)["perplexity"]
+                            for c, t in corpora.items()}})
+        print(rows[-1], flush=True)
+    gated.remove()
+    model.float()
+    return {"kept": kept, "pool": [int(b) for b in blocks], "calibration_windows": windows.shape[0],
+            "dtype": "bfloat16", "seconds": time.time() - started, "rows": rows}
 
 
 BINS = (0.0, 0.1, 0.5, 0.9, 1.0001)
