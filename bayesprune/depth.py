@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from .config import DEPTH_SCORES
 from .evaluate import next_token_nll
 from .gates import GatedModel
+from .likelihood import next_token_log_probs, sequence_kl
 
 
 @dataclass
@@ -80,20 +81,18 @@ class _WindowScorer:
         self.teacher = None
         if score == "distillation":
             with gated.gates_set({"block": torch.ones(gated.num_layers)}):
-                self.teacher = [self._log_probs(batch) for batch in self.batches]
+                self.teacher = [next_token_log_probs(self._logits(batch)) for batch in self.batches]
 
-    def _log_probs(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.gated(input_ids=batch, use_cache=False).logits[:, :-1].float().log_softmax(-1)
+    def _logits(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.gated(input_ids=batch, use_cache=False).logits
 
     def __call__(self, on: torch.Tensor) -> torch.Tensor:
         values = []
         with self.gated.gates_set({"block": on}):
             for index, batch in enumerate(self.batches):
-                if self.teacher is None:
-                    values.append(next_token_nll(self.gated(input_ids=batch, use_cache=False).logits, batch))
-                else:
-                    teacher = self.teacher[index]
-                    values.append((teacher.exp() * (teacher - self._log_probs(batch))).sum((-1, -2)))
+                logits = self._logits(batch)
+                values.append(next_token_nll(logits, batch) if self.teacher is None
+                              else sequence_kl(self.teacher[index], logits))
         return torch.cat(values) / self.per_window
 
 

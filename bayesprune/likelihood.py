@@ -23,6 +23,16 @@ from .gates import GatedModel
 LIKELIHOODS = ("nll", "distillation")
 
 
+def next_token_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of every predicted position (all but the last), in float32."""
+    return logits[:, :-1].float().log_softmax(-1)
+
+
+def sequence_kl(teacher_log_probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``Σ_t KL(p_teacher ‖ p_student)`` per sequence, from the teacher's log-probabilities and the student's logits."""
+    return (teacher_log_probs.exp() * (teacher_log_probs - next_token_log_probs(logits))).sum((-1, -2))
+
+
 class NextTokenLikelihood:
     """``NLL(sequence | gates)``: the corpus as the data."""
 
@@ -43,10 +53,9 @@ class DistillationLikelihood:
 
     def __call__(self, gated: GatedModel, sequences: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            teacher = self.teacher(sequences)[:, :-1].float().log_softmax(-1)
+            teacher = next_token_log_probs(self.teacher(sequences))
         logits = gated(input_ids=sequences, use_cache=False).logits
-        student = logits[:, :-1].float().log_softmax(-1)
-        kl = (teacher.exp() * (teacher - student)).sum(-1).sum(-1)
+        kl = sequence_kl(teacher, logits)
         nll = next_token_nll(logits, sequences)
         return (1 - self.nll_weight) * kl + self.nll_weight * nll, nll
 

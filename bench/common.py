@@ -46,3 +46,20 @@ def plot_frontier(groups: dict[str, list[dict]], path: str | Path, title: str, d
            title=title)
     ax.legend(fontsize=7)
     save_figure(fig, path)
+
+
+def default_model_and_corpora(seq_len: int = 128):
+    """The default model, its test corpora (Shakespeare test plays, KJV test books) and its fit windows
+    in the seeded (0) shuffle the depth benchmarks calibrate on (SLEB takes the first 8)."""
+    import torch
+
+    import bayesprune as bp
+    from bayesprune.data import bible_path
+
+    model, tokenizer = bp.load_model()
+    splits = bp.load_splits(tokenizer, bp.DataConfig())
+    bible = bp.split_documents(bp.load_documents(bible_path()))["test"]
+    corpora = {"shakespeare": splits["test"], "kjv": bp.tokenize(tokenizer, bible)}
+    fit_windows = bp.windows(splits["fit"], seq_len)
+    shuffled = fit_windows[torch.randperm(fit_windows.shape[0], generator=torch.Generator().manual_seed(0))]
+    return model, corpora, shuffled

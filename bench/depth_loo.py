@@ -13,21 +13,17 @@ import time
 from pathlib import Path
 
 import torch
+from common import default_model_and_corpora
 
 import bayesprune as bp
 from bayesprune.baselines import baseline_plan
-from bayesprune.data import bible_path
 from bayesprune.inclusion import removal_importance
 
 TARGETS = ("0.9", "0.75", "0.6", "0.5")
 
 torch.set_num_threads(2)
-model, tokenizer = bp.load_model()
-splits = bp.load_splits(tokenizer, bp.DataConfig())
-bible = bp.split_documents(bp.load_documents(bible_path()))["test"]
-corpora = {"shakespeare": splits["test"], "kjv": bp.tokenize(tokenizer, bible)}
-fit_windows = bp.windows(splits["fit"], 128)
-calibration = fit_windows[torch.randperm(fit_windows.shape[0], generator=torch.Generator().manual_seed(0))[:8]]
+model, corpora, shuffled = default_model_and_corpora()
+calibration = shuffled[:8]
 
 started = time.time()
 gated = bp.gate(model, bp.GateConfig(units=("block",)))

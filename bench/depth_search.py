@@ -24,11 +24,10 @@ import time
 from pathlib import Path
 
 import torch
-from common import pyplot, save_figure
+from common import default_model_and_corpora, pyplot, save_figure
 
 import bayesprune as bp
 from bayesprune.baselines import baseline_plan
-from bayesprune.data import bible_path
 from bayesprune.depth import conditional_depth_search
 from bayesprune.pipeline import load_fitted
 
@@ -61,12 +60,7 @@ def main() -> None:
         plot(json.loads(OUT.read_text()), OUT.with_suffix(".png"))
         return
     torch.set_num_threads(2)
-    model, tokenizer = bp.load_model()
-    splits = bp.load_splits(tokenizer, bp.DataConfig())
-    bible = bp.split_documents(bp.load_documents(bible_path()))["test"]
-    corpora = {"shakespeare": splits["test"], "kjv": bp.tokenize(tokenizer, bible)}
-    fit_windows = bp.windows(splits["fit"], 128)
-    shuffled = fit_windows[torch.randperm(fit_windows.shape[0], generator=torch.Generator().manual_seed(0))]
+    model, corpora, shuffled = default_model_and_corpora()
     result = json.loads(OUT.read_text()) if OUT.exists() else {"variants": {}}
     result["how"] = (f"one process, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
                      "scoring windows: the first N of the seeded (0) shuffle of 128-token fit windows (N = 8 is "
