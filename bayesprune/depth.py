@@ -119,7 +119,7 @@ def _seeded(weights: torch.distributions.Dirichlet, draws: int, seed: int) -> to
 def conditional_depth_search(gated: GatedModel, windows: torch.Tensor, removals: int, score: str = "nll",
                              proposal: torch.Tensor | None = None, candidates: int | None = None,
                              chunk: int = 8, confidence: float = 0.95, batch_size: int = 4,
-                             progress: bool = True) -> DepthSearch:
+                             protected: tuple[int, ...] = (), progress: bool = True) -> DepthSearch:
     """Remove ``removals`` blocks one at a time, each the best given those already removed.
 
     Every candidate is scored on the first ``chunk`` windows. While the choice's
@@ -128,14 +128,19 @@ def conditional_depth_search(gated: GatedModel, windows: torch.Tensor, removals:
     and the choice is made again over all the windows they have seen: data is spent
     where the ranking is uncertain. ``proposal`` (per block, higher = keep: a
     posterior's block inclusion, or any ranking) with ``candidates`` limits each step
-    to that many of the remaining blocks it ranks lowest. The gated model needs block
-    gates; its gates are left as they were.
+    to that many of the remaining blocks it ranks lowest. ``protected`` blocks are never
+    removed. The gated model needs block gates; its gates are left as they were.
     """
     if "block" not in gated.kinds:
         raise ValueError("a depth search needs a model gated with block gates (GateConfig(units=('block', ...)))")
     num_layers = gated.num_layers
-    if not 0 <= removals < num_layers:
-        raise ValueError(f"removals must be in [0, {num_layers}), got {removals}")
+    protected = sorted({int(b) for b in protected})
+    if any(not 0 <= b < num_layers for b in protected):
+        raise ValueError(f"protected blocks must be some of 0..{num_layers - 1}, not {protected}")
+    most = num_layers - max(1, len(protected))
+    if not 0 <= removals <= most:
+        raise ValueError(f"removals must be in [0, {most}] ({num_layers} blocks, {len(protected)} protected), "
+                         f"got {removals}")
     if candidates is not None and (candidates < 1 or proposal is None):
         raise ValueError("candidates needs a proposal ranking and must be at least 1")
     if chunk < 2 or not 0 < confidence <= 1:
@@ -147,7 +152,7 @@ def conditional_depth_search(gated: GatedModel, windows: torch.Tensor, removals:
     seen = 0
     on = torch.ones(num_layers)
     for _ in tqdm(range(removals), desc="depth search", disable=not progress):
-        remaining = torch.nonzero(on).flatten().tolist()
+        remaining = [b for b in torch.nonzero(on).flatten().tolist() if b not in protected]
         if candidates is not None:
             remaining = sorted(remaining, key=lambda b: float(proposal[b]))[:candidates]
         per_window: dict[int, torch.Tensor] = {}

@@ -106,24 +106,22 @@ class _Wrapper(nn.Module):
         return z.to(like).reshape(z.shape + (1,) * (like.dim() - z.dim()))
 
 
-def _holds_cache(args, kwargs) -> bool:
-    from transformers.cache_utils import Cache
-
-    return any(isinstance(v, Cache) for v in (*args, *kwargs.values()))
-
-
 class GatedBlock(_Wrapper):
-    """A block gate; a hard 0 (one value, no gradient, no cache to fill) skips the block's computation."""
+    """A block gate; a hard 0 (one value, no gradient) skips the block's computation.
+
+    Under a KV cache the skipped block's layer of the cache stays empty, so the gate
+    must stay 0 for as long as that cache is used (as it does for one routed prompt).
+    """
 
     returns_tensor = False  # learnt from the first call: only then can a skipped block answer in kind
 
-    def _skipped(self, args, kwargs) -> bool:
+    def _skipped(self) -> bool:
         z = self.values.of(self.kind, self.index)
         return (self.returns_tensor and z is not None and z.numel() == 1 and not z.requires_grad
-                and float(z) == 0.0 and not _holds_cache(args, kwargs))
+                and float(z) == 0.0)
 
     def forward(self, hidden_states, *args, **kwargs):
-        if self._skipped(args, kwargs):
+        if self._skipped():
             return hidden_states
         out = self.wrapped(hidden_states, *args, **kwargs)
         self.returns_tensor = torch.is_tensor(out)

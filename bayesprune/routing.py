@@ -1,0 +1,255 @@
+"""Prompt-routed depth: each prompt picks, once, which set of blocks to skip in prefill and decoding.
+
+Candidate sets come from the conditional depth search (:mod:`bayesprune.depth`), one per
+domain of fit text, with the first ``route_after`` blocks (and the last) never skipped.
+The router reads the prompt where the network has already read it: the mean hidden
+state entering block ``route_after``, which every candidate computes anyway. A
+:class:`~bayesprune.router.BayesianRouter` predicts each candidate's loss on the prompt
+with an interval and the probability that it is the best. The route is the set with the
+lowest expected loss when that probability reaches ``confidence``; otherwise only the
+blocks that every set in the smallest group holding ``confidence`` agrees on are
+skipped (none: the dense network). Skipping goes through the core's block gates: a
+hard 0 skips the block, its KV-cache layer stays empty, and no weight is copied.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .architectures import decoder_layers
+from .depth import conditional_depth_search
+from .evaluate import next_token_nll
+from .gates import GatedModel
+from .router import BayesianRouter, Prediction
+
+DENSE = "dense"
+
+
+def protected_blocks(num_layers: int, route_after: int, keep_last: bool = True) -> tuple[int, ...]:
+    """The blocks no route skips: the first ``route_after`` (the router reads their output) and the last."""
+    if not 1 <= route_after < num_layers - int(keep_last):
+        raise ValueError(f"route_after must leave blocks to skip: 1 <= route_after < {num_layers - int(keep_last)}, "
+                         f"got {route_after}")
+    return tuple(range(route_after)) + ((num_layers - 1,) if keep_last else ())
+
+
+def candidate_sets(gated: GatedModel, windows: dict[str, torch.Tensor], skipped: int, route_after: int = 2,
+                   keep_last: bool = True, **search) -> dict[str, list[int]]:
+    """Per domain, the ``skipped`` blocks its conditional depth search removes (``search``: its options;
+    ``chunk`` equal to the window count is SLEB's greedy on those windows, PuDDing's construction)."""
+    protected = protected_blocks(gated.num_layers, route_after, keep_last)
+    return {name: sorted(conditional_depth_search(gated, w, skipped, protected=protected, **search).order)
+            for name, w in windows.items()}
+
+
+class _PromptReader:
+    """While active, records the hidden state entering block ``route_after``, averaged over the first
+    ``prompt_tokens`` positions of each row: ``(batch, hidden)``."""
+
+    def __init__(self, gated: GatedModel, route_after: int, prompt_tokens: int | None = None):
+        self.block, self.prompt_tokens, self.features = decoder_layers(gated.model)[route_after], prompt_tokens, None
+
+    def _hook(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self.features = hidden[:, :self.prompt_tokens].float().mean(1)
+
+    def __enter__(self):
+        self.handle = self.block.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def _off(num_layers: int, skipped) -> torch.Tensor:
+    on = torch.ones(num_layers)
+    on[list(skipped)] = 0
+    return on
+
+
+@torch.no_grad()
+def candidate_losses(gated: GatedModel, windows: torch.Tensor, sets: dict[str, list[int]], route_after: int,
+                     prompt_tokens: int, batch_size: int = 4, progress: bool = True
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Each window's prompt features (its first ``prompt_tokens``) and, for the dense network and every set
+    skipped, the mean next-token NLL of the rest of the window: ``(n, hidden)`` and ``{name: (n,)}``."""
+    if not 1 <= prompt_tokens < windows.shape[1]:
+        raise ValueError(f"prompt_tokens must be in [1, {windows.shape[1]}), got {prompt_tokens}")
+    device = next(gated.model.parameters()).device
+    features, losses = [], {name: [] for name in (DENSE, *sets)}
+    configurations = {DENSE: (), **sets}
+    for start in tqdm(range(0, windows.shape[0], batch_size), desc="candidate losses", disable=not progress):
+        batch = windows[start:start + batch_size].to(device)
+        for name, skipped in configurations.items():
+            with gated.gates_set({"block": _off(gated.num_layers, skipped)}), \
+                    _PromptReader(gated, route_after, prompt_tokens) as reader:
+                logits = gated(input_ids=batch, use_cache=False).logits
+            if name == DENSE:
+                features.append(reader.features.cpu())
+            nll = next_token_nll(logits[:, prompt_tokens - 1:], batch[:, prompt_tokens - 1:])
+            losses[name].append(nll.float().cpu() / (batch.shape[1] - prompt_tokens))
+    return torch.cat(features), {name: torch.cat(values) for name, values in losses.items()}
+
+
+@torch.no_grad()
+def candidate_choice_scores(gated: GatedModel, tokenizer, items: list[dict], sets: dict[str, list[int]],
+                            route_after: int, progress: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Multiple-choice items (``context``, ``choices``) scored as lm-eval scores HellaSwag: the summed
+    log-likelihood of each choice after the context. Returns the contexts' prompt features ``(n, hidden)``
+    and, for the dense network and every set skipped, ``{name: (n, choices)}``."""
+    device = next(gated.model.parameters()).device
+    pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    features, scores = [], {name: [] for name in (DENSE, *sets)}
+    configurations = {DENSE: (), **sets}
+    for item in tqdm(items, desc="multiple choice", disable=not progress):
+        context = tokenizer(item["context"], add_special_tokens=False)["input_ids"]
+        choices = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in item["choices"]]
+        width = len(context) + max(map(len, choices))
+        rows = torch.tensor([context + c + [pad] * (width - len(context) - len(c)) for c in choices], device=device)
+        for name, skipped in configurations.items():
+            with gated.gates_set({"block": _off(gated.num_layers, skipped)}), \
+                    _PromptReader(gated, route_after, len(context)) as reader:
+                log_probs = gated(input_ids=rows, use_cache=False).logits[:, :-1].float().log_softmax(-1)
+            if name == DENSE:
+                features.append(reader.features[:1].cpu())
+            picked = log_probs.gather(-1, rows[:, 1:, None])[..., 0]
+            scores[name].append(torch.stack([picked[i, len(context) - 1:len(context) - 1 + len(c)].sum()
+                                             for i, c in enumerate(choices)]).cpu())
+    return torch.cat(features), {name: torch.stack(values) for name, values in scores.items()}
+
+
+@dataclass
+class Route:
+    """One prompt's route: the blocks skipped, the candidate chosen (``None`` when it fell back to the blocks
+    the likely candidates share), and per candidate the predicted loss, its interval and P(best)."""
+
+    skipped: tuple[int, ...]
+    candidate: str | None
+    probability: dict[str, float]
+    predicted: dict[str, float]
+    interval: dict[str, tuple[float, float]]
+    seconds: float = 0.0
+
+
+def choose(prediction: Prediction, sets: dict[str, list[int]], confidence: float, row: int = 0) -> Route:
+    """The route for prompt ``row`` of ``prediction`` (candidates in the order of ``sets``)."""
+    names = list(sets)
+    best = prediction.best[row]
+    order = best.argsort(descending=True).tolist()
+    mean = prediction.mean[row]
+    if float(best[order[0]]) >= confidence:
+        chosen = min(range(len(names)), key=lambda i: float(mean[i]))
+        skipped, candidate = tuple(sets[names[chosen]]), names[chosen]
+    else:
+        group, held = [], 0.0
+        for i in order:
+            group.append(i)
+            held += float(best[i])
+            if held >= confidence:
+                break
+        skipped = tuple(sorted(set.intersection(*(set(sets[names[i]]) for i in group))))
+        candidate = None
+    return Route(skipped, candidate, dict(zip(names, best.tolist())), dict(zip(names, mean.tolist())),
+                 {n: (lo, hi) for n, lo, hi in zip(names, prediction.lower[row].tolist(),
+                                                    prediction.upper[row].tolist())})
+
+
+class _RouteChosen(Exception):
+    """Ends a forward pass once the route is known (for :meth:`RoutedModel.route`)."""
+
+
+@dataclass
+class RoutedModel:
+    """The gated network routing each prompt: the route is chosen in the prompt's own prefill, from the
+    hidden state entering block ``route_after``, and held for every decoding step of that prompt.
+
+    Call it like the model, or ``generate`` with it; one route serves a whole batch (route prompts one
+    at a time for one route each). ``last_route`` is the latest :class:`Route`.
+    """
+
+    gated: GatedModel
+    router: BayesianRouter
+    sets: dict[str, list[int]]
+    route_after: int
+    confidence: float = 0.9
+    last_route: Route | None = field(default=None, init=False)
+
+    def __post_init__(self):
+        if "block" not in self.gated.kinds:
+            raise ValueError("a routed model needs a model gated with block gates (GateConfig(units=('block', ...)))")
+        if list(self.sets) != self.router.names:
+            raise ValueError(f"the router predicts {self.router.names}, the sets are {list(self.sets)}")
+        if not 0 < self.confidence <= 1:
+            raise ValueError(f"confidence must be in (0, 1], not {self.confidence}")
+        protected = protected_blocks(self.gated.num_layers, self.route_after, keep_last=False)
+        if any(b in protected for s in self.sets.values() for b in s):
+            raise ValueError(f"no set may skip the blocks before route_after={self.route_after}: the router reads them")
+        self._pending, self._only_route = False, False
+        model = self.gated.model
+        device = next(model.parameters()).device
+        with torch.no_grad(), self.gated.gates_set({"block": None}):
+            model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=False)  # blocks learn their output type
+        self._handles = [model.register_forward_pre_hook(self._new_call, with_kwargs=True),
+                         decoder_layers(model)[self.route_after].register_forward_pre_hook(self._route, with_kwargs=True)]
+
+    def _new_call(self, module, args, kwargs):
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        if cache is None or cache.get_seq_length() == 0:
+            self._pending = True
+            self.gated.set_gates({"block": None})
+
+    def _route(self, module, args, kwargs):
+        if not self._pending:
+            return
+        started = time.perf_counter()
+        hidden = args[0] if args else kwargs["hidden_states"]
+        route = choose(self.router.predict(hidden.float().mean((0, 1))[None].cpu()), self.sets, self.confidence)
+        route.seconds = time.perf_counter() - started
+        self.gated.set_gates({"block": _off(self.gated.num_layers, route.skipped)})
+        self.last_route, self._pending = route, False
+        if self._only_route:
+            raise _RouteChosen
+
+    def __call__(self, *args, **kwargs):
+        return self.gated.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.gated.model.generate(*args, **kwargs)
+
+    @torch.no_grad()
+    def route(self, input_ids: torch.Tensor) -> Route:
+        """The route for a prompt, from the blocks before ``route_after`` only."""
+        self._only_route = True
+        try:
+            self.gated.model(input_ids=input_ids.to(next(self.gated.model.parameters()).device), use_cache=False)
+        except _RouteChosen:
+            pass
+        finally:
+            self._only_route = False
+        return self.last_route
+
+    def save_route(self, input_ids: torch.Tensor, tokenizer, out: str | Path) -> Path:
+        """The static sub-network the prompt is routed to, written to ``out`` as a plain checkpoint."""
+        from .baselines.structured import baseline_plan
+        from .extraction import extract_model, save_extracted
+
+        route = self.route(input_ids)
+        num_layers = self.gated.num_layers
+        with self.gated.unwrapped() as model:
+            plan = baseline_plan(model, _off(num_layers, route.skipped), f"{num_layers - len(route.skipped)}layers")
+            small = extract_model(model, plan)
+        record = {"routed": {"skipped": list(route.skipped), "candidate": route.candidate,
+                             "probability": route.probability}, "plan": plan.record()}
+        return save_extracted(small, tokenizer, out, record)
+
+    def remove(self) -> GatedModel:
+        """Take the routing hooks out; the gated model's block gates are left open."""
+        for handle in self._handles:
+            handle.remove()
+        self.gated.set_gates({"block": None})
+        return self.gated
