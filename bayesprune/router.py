@@ -23,13 +23,15 @@ from scipy import stats
 
 @dataclass
 class Prediction:
-    """Per prompt and candidate: the predictive mean, the central ``level`` interval, and the probability
-    that the candidate has the lowest loss; each of shape ``(prompts, candidates)``."""
+    """Per prompt and candidate: the predictive mean, the central ``level`` interval, the probability
+    that the candidate has the lowest loss, and its expected regret ``E[y_c − min y]`` (nats per token);
+    each of shape ``(prompts, candidates)``."""
 
     mean: torch.Tensor
     lower: torch.Tensor
     upper: torch.Tensor
     best: torch.Tensor
+    regret: torch.Tensor
     level: float
 
 
@@ -93,8 +95,9 @@ class BayesianRouter:
         half = stats.t.ppf(0.5 + self.level / 2, self.dof) * self.scale.diagonal().sqrt()
         draws = mean[:, None, :] + spread[:, None, None] * self._standard_draws        # (m, draws, C)
         best = torch.nn.functional.one_hot(draws.argmin(-1), mean.shape[1]).double().mean(1)
+        regret = (draws - draws.min(-1, keepdim=True).values).mean(1)
         return Prediction(mean.float(), (mean - spread[:, None] * half).float(), (mean + spread[:, None] * half).float(),
-                          best.float(), self.level)
+                          best.float(), regret.float(), self.level)
 
     def record(self) -> dict:
         """What the fit chose, for a results file."""

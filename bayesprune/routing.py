@@ -6,7 +6,8 @@ The router reads the prompt where the network has already read it: the mean hidd
 state entering block ``route_after``, which every candidate computes anyway. A
 :class:`~bayesprune.router.BayesianRouter` predicts each candidate's loss on the prompt
 with an interval and the probability that it is the best. The route is the set with the
-lowest expected loss when that probability reaches ``confidence``; otherwise only the
+lowest expected loss when that probability reaches ``confidence`` or its expected regret
+(the loss it may lose to the best set) is within ``tolerance``; otherwise only the
 blocks that every set in the smallest group holding ``confidence`` agrees on are
 skipped (none: the dense network). Skipping goes through the core's block gates: a
 hard 0 skips the block, its KV-cache layer stays empty, and no weight is copied.
@@ -41,10 +42,14 @@ def protected_blocks(num_layers: int, route_after: int, keep_last: bool = True) 
 def candidate_sets(gated: GatedModel, windows: dict[str, torch.Tensor], skipped: int, route_after: int = 2,
                    keep_last: bool = True, **search) -> dict[str, list[int]]:
     """Per domain, the ``skipped`` blocks its conditional depth search removes (``search``: its options;
-    ``chunk`` equal to the window count is SLEB's greedy on those windows, PuDDing's construction)."""
+    ``chunk`` equal to the window count is SLEB's greedy on those windows, PuDDing's construction).
+    Domains that give the same set share one candidate, named ``"a+b"``."""
     protected = protected_blocks(gated.num_layers, route_after, keep_last)
-    return {name: sorted(conditional_depth_search(gated, w, skipped, protected=protected, **search).order)
-            for name, w in windows.items()}
+    found: dict[tuple[int, ...], list[str]] = {}
+    for name, w in windows.items():
+        blocks = tuple(sorted(conditional_depth_search(gated, w, skipped, protected=protected, **search).order))
+        found.setdefault(blocks, []).append(name)
+    return {"+".join(names): list(blocks) for blocks, names in found.items()}
 
 
 class _PromptReader:
@@ -136,14 +141,15 @@ class Route:
     seconds: float = 0.0
 
 
-def choose(prediction: Prediction, sets: dict[str, list[int]], confidence: float, row: int = 0) -> Route:
-    """The route for prompt ``row`` of ``prediction`` (candidates in the order of ``sets``)."""
+def choose(prediction: Prediction, sets: dict[str, list[int]], confidence: float = 0.9, tolerance: float = 0.02,
+           row: int = 0) -> Route:
+    """The route for prompt ``row`` of ``prediction`` (candidates in the order of ``sets``); ``tolerance`` is
+    in nats per token (``math.inf``: always the set with the lowest predicted loss)."""
     names = list(sets)
-    best = prediction.best[row]
+    best, mean = prediction.best[row], prediction.mean[row]
     order = best.argsort(descending=True).tolist()
-    mean = prediction.mean[row]
-    if float(best[order[0]]) >= confidence:
-        chosen = min(range(len(names)), key=lambda i: float(mean[i]))
+    chosen = int(mean.argmin())
+    if float(best[chosen]) >= confidence or float(prediction.regret[row, chosen]) <= tolerance:
         skipped, candidate = tuple(sets[names[chosen]]), names[chosen]
     else:
         group, held = [], 0.0
@@ -157,6 +163,13 @@ def choose(prediction: Prediction, sets: dict[str, list[int]], confidence: float
     return Route(skipped, candidate, dict(zip(names, best.tolist())), dict(zip(names, mean.tolist())),
                  {n: (lo, hi) for n, lo, hi in zip(names, prediction.lower[row].tolist(),
                                                     prediction.upper[row].tolist())})
+
+
+def route_prompts(router: BayesianRouter, features: torch.Tensor, sets: dict[str, list[int]], confidence: float = 0.9,
+                  tolerance: float = 0.02) -> list[Route]:
+    """The route of every prompt with ``features`` ``(n, hidden)``, as :func:`choose` makes it."""
+    prediction = router.predict(features)
+    return [choose(prediction, sets, confidence, tolerance, row) for row in range(features.shape[0])]
 
 
 class _RouteChosen(Exception):
@@ -177,6 +190,7 @@ class RoutedModel:
     sets: dict[str, list[int]]
     route_after: int
     confidence: float = 0.9
+    tolerance: float = 0.02
     last_route: Route | None = field(default=None, init=False)
 
     def __post_init__(self):
@@ -184,8 +198,9 @@ class RoutedModel:
             raise ValueError("a routed model needs a model gated with block gates (GateConfig(units=('block', ...)))")
         if list(self.sets) != self.router.names:
             raise ValueError(f"the router predicts {self.router.names}, the sets are {list(self.sets)}")
-        if not 0 < self.confidence <= 1:
-            raise ValueError(f"confidence must be in (0, 1], not {self.confidence}")
+        if not 0 < self.confidence <= 1 or self.tolerance < 0:
+            raise ValueError(f"confidence must be in (0, 1] and tolerance at least 0, not {self.confidence} and "
+                             f"{self.tolerance}")
         protected = protected_blocks(self.gated.num_layers, self.route_after, keep_last=False)
         if any(b in protected for s in self.sets.values() for b in s):
             raise ValueError(f"no set may skip the blocks before route_after={self.route_after}: the router reads them")
@@ -208,7 +223,8 @@ class RoutedModel:
             return
         started = time.perf_counter()
         hidden = args[0] if args else kwargs["hidden_states"]
-        route = choose(self.router.predict(hidden.float().mean((0, 1))[None].cpu()), self.sets, self.confidence)
+        route = choose(self.router.predict(hidden.float().mean((0, 1))[None].cpu()), self.sets, self.confidence,
+                       self.tolerance)
         route.seconds = time.perf_counter() - started
         self.gated.set_gates({"block": _off(self.gated.num_layers, route.skipped)})
         self.last_route, self._pending = route, False

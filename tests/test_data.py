@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from bayesprune.data import (Document, bible_path, load_documents, shakespeare_documents, split_documents,
-                             tokenize, windows)
+from bayesprune.data import (DOMAINS, Document, bible_path, domain_documents, load_documents, shakespeare_documents,
+                             split_documents, tokenize, windows)
 
 
 def test_shakespeare_has_42_works_in_modern_spelling_only():
@@ -72,3 +72,16 @@ def test_tokenize_and_windows(tokenizer):
     assert w.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
     with pytest.raises(ValueError, match="fewer than one window"):
         windows(torch.arange(3), 4)
+
+
+def test_the_four_routing_domains_load_and_split_by_document():
+    assert sorted(DOMAINS) == ["kjv", "python", "shakespeare", "sotu"]
+    python = domain_documents("python")
+    assert "os" in {d.name for d in python} and all(d.text for d in python)
+    sotu = domain_documents("sotu")
+    assert len(sotu) == 249 and sotu[0].name == "1790-Washington-1"
+    for documents in (python, sotu):
+        splits = split_documents(documents)
+        assert not {d.name for d in splits["fit"]} & {d.name for d in splits["test"]}
+    with pytest.raises(ValueError, match="unknown domain 'poetry'"):
+        domain_documents("poetry")

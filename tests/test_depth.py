@@ -106,3 +106,28 @@ def test_depth_command_ranks_a_run_and_depth_targets_cut_by_it(tiny_model_dir, c
     (run / "depth.json").write_text("{}")
     assert main(["extract", str(run), "--target", "2layers", "--out", str(tmp_path / "bad")]) == 2
     assert "not a bayesprune depth ranking" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_protected_blocks_are_never_removed_and_bad_ones_are_refused():
+    gated = bp.gate(tiny_model("llama"), bp.GateConfig(units=("block",)))
+    search = conditional_depth_search(gated, _windows(), 2, chunk=8, protected=(0, 3), progress=False)
+    assert sorted(search.order) == [1, 2]
+    with pytest.raises(ValueError, match="removals must be in"):
+        conditional_depth_search(gated, _windows(), 3, protected=(0, 3), progress=False)
+    with pytest.raises(ValueError, match="protected blocks must be"):
+        conditional_depth_search(gated, _windows(), 1, protected=(4,), progress=False)
+
+
+def test_a_hard_zero_block_gate_under_a_kv_cache_generates_what_the_model_without_the_block_does(family):
+    model = tiny_model(family)
+    gated = bp.gate(model, bp.GateConfig(units=("block",)))
+    ids = _windows(1, 10)
+    with torch.no_grad():
+        gated(input_ids=ids)
+        off = torch.ones(4)
+        off[2] = 0
+        with gated.gates_set({"block": off}):
+            routed = gated.model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        with gated.unwrapped() as plain:
+            view = bp.skip_blocks(plain, [2]).generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(routed, view)

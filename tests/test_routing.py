@@ -1,0 +1,192 @@
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import bayesprune as bp
+from bayesprune.architectures import decoder_layers
+from bayesprune.evaluate import next_token_nll
+from bayesprune.router import BayesianRouter, Prediction
+from bayesprune.routing import (DENSE, RoutedModel, candidate_choice_scores, candidate_losses, candidate_sets, choose,
+                                protected_blocks, route_prompts)
+
+from .conftest import VOCAB, tiny_model
+
+
+def _windows(count: int, length: int = 16, low: int = 0, high: int = VOCAB, seed: int = 0) -> torch.Tensor:
+    return torch.randint(low, high, (count, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _synthetic(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Losses linear in the features plus an error shared by all candidates and one of their own."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 12, generator=g)
+    weights = torch.randn(12, 3, generator=torch.Generator().manual_seed(99))
+    y = 0.3 * x @ weights + torch.randn(n, 1, generator=g) + 0.2 * torch.randn(n, 3, generator=g)
+    return x, y + torch.tensor([0.0, 0.1, 0.2])
+
+
+def _routing_setup(family: str = "llama"):
+    gated = bp.gate(tiny_model(family), bp.GateConfig(units=("block",)))
+    domains = {"low": _windows(6, low=0, high=VOCAB // 2), "high": _windows(6, low=VOCAB // 2, seed=1)}
+    sets = {"low": [1], "high": [2]}
+    features, losses = [], []
+    for windows in domains.values():
+        f, l = candidate_losses(gated, windows, sets, route_after=1, prompt_tokens=6, progress=False)
+        features.append(f)
+        losses.append(torch.stack([l[name] for name in sets], 1))
+    router = BayesianRouter(list(sets)).fit(torch.cat(features), torch.cat(losses))
+    return gated, router, sets
+
+
+def test_the_router_s_90_percent_intervals_cover_90_percent_of_held_out_losses():
+    x, y = _synthetic(1400)
+    router = BayesianRouter(["a", "b", "c"]).fit(x[:400], y[:400])
+    prediction = router.predict(x[400:])
+    covered = ((y[400:] >= prediction.lower) & (y[400:] <= prediction.upper)).float().mean().item()
+    assert 0.87 < covered < 0.93
+    torch.testing.assert_close(prediction.best.sum(1), torch.ones(1000))
+    assert (prediction.regret >= 0).all()
+    # the shared error cancels: the choice is right far more often than the losses are predicted
+    assert (prediction.mean.argmin(1) == y[400:].argmin(1)).float().mean() > 0.5
+    assert router.alpha in router.evidence and router.evidence[router.alpha] == max(router.evidence.values())
+
+
+def test_the_router_refuses_mismatched_data_and_predicting_unfitted():
+    x, y = _synthetic(20)
+    with pytest.raises(ValueError, match="distinct candidate names"):
+        BayesianRouter(["a", "a", "b"])
+    with pytest.raises(ValueError, match=r"\(n, 2\) losses"):
+        BayesianRouter(["a", "b"]).fit(x, y)
+    with pytest.raises(RuntimeError, match="fit the router"):
+        BayesianRouter(["a", "b", "c"]).predict(x)
+
+
+def _prediction(best, regret, mean) -> Prediction:
+    mean = torch.tensor([mean])
+    return Prediction(mean, mean - 1, mean + 1, torch.tensor([best]), torch.tensor([regret]), 0.9)
+
+
+def test_choose_routes_when_sure_or_cheap_to_be_wrong_and_otherwise_skips_what_the_likely_sets_share():
+    sets = {"a": [2, 3, 4], "b": [3, 4, 5], "c": [6, 7, 8]}
+    sure = choose(_prediction([0.95, 0.05, 0.0], [0.1, 0.3, 0.5], [1.0, 1.2, 1.5]), sets)
+    assert sure.skipped == (2, 3, 4) and sure.candidate == "a"
+    near_tie = choose(_prediction([0.5, 0.5, 0.0], [0.01, 0.01, 0.5], [1.0, 1.01, 1.5]), sets)
+    assert near_tie.candidate == "a"
+    unsure = choose(_prediction([0.6, 0.35, 0.05], [0.1, 0.2, 0.5], [1.0, 1.1, 1.5]), sets)
+    assert unsure.candidate is None and unsure.skipped == (3, 4)
+    dense = choose(_prediction([0.5, 0.0, 0.5], [0.1, 0.5, 0.1], [1.0, 1.5, 1.0]), sets)
+    assert dense.skipped == ()
+    assert choose(_prediction([0.4, 0.3, 0.3], [0.5, 0.5, 0.5], [1.0, 1.1, 1.2]), sets, 1.0, math.inf).skipped == (2, 3, 4)
+
+
+def test_candidate_sets_leave_the_protected_blocks_and_merge_domains_that_agree():
+    gated = bp.gate(tiny_model("llama"), bp.GateConfig(units=("block",)))
+    same = _windows(8)
+    sets = candidate_sets(gated, {"a": same, "b": same, "c": _windows(8, seed=5)}, skipped=1, route_after=1,
+                          chunk=8, progress=False)
+    assert any({"a", "b"} <= set(name.split("+")) for name in sets)
+    assert sorted(d for name in sets for d in name.split("+")) == ["a", "b", "c"]
+    assert all(blocks in ([1], [2]) for blocks in sets.values()) and len(set(map(tuple, sets.values()))) == len(sets)
+    assert protected_blocks(4, 1) == (0, 3)
+    with pytest.raises(ValueError, match="route_after must leave blocks"):
+        protected_blocks(4, 3)
+
+
+def test_candidate_losses_are_the_hard_gated_networks_continuation_nll_and_features_the_hidden_state_read():
+    model = tiny_model("llama")
+    gated = bp.gate(model, bp.GateConfig(units=("block",)))
+    windows = _windows(3)
+    features, losses = candidate_losses(gated, windows, {"one": [1]}, route_after=1, prompt_tokens=5, progress=False)
+    with torch.no_grad():
+        dense = gated(input_ids=windows, output_hidden_states=True)
+        off = torch.tensor([1.0, 0.0, 1.0, 1.0])
+        with gated.gates_set({"block": off}):
+            skipped = gated(input_ids=windows).logits
+    torch.testing.assert_close(features, dense.hidden_states[1][:, :5].mean(1))
+    torch.testing.assert_close(losses[DENSE], next_token_nll(dense.logits[:, 4:], windows[:, 4:]) / 11)
+    torch.testing.assert_close(losses["one"], next_token_nll(skipped[:, 4:], windows[:, 4:]) / 11)
+
+
+def test_choice_scores_are_the_summed_log_likelihood_of_each_choice_after_the_context(tokenizer):
+    model = tiny_model("llama")
+    gated = bp.gate(model, bp.GateConfig(units=("block",)))
+    items = [{"context": "the king is dead", "choices": ["long live", "the queen", "a b c d", "xyz"], "answer": 0}]
+    features, scores = candidate_choice_scores(gated, tokenizer, items, {"one": [2]}, route_after=1, progress=False)
+    context = tokenizer("the king is dead", add_special_tokens=False)["input_ids"]
+    choice = tokenizer(" the queen", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([context + choice])
+    with torch.no_grad():
+        log_probs = gated(input_ids=ids).logits[0, :-1].log_softmax(-1)
+    expected = sum(log_probs[len(context) - 1 + i, t] for i, t in enumerate(choice))
+    assert scores[DENSE].shape == (1, 4) and features.shape == (1, 32)
+    torch.testing.assert_close(scores[DENSE][0, 1], expected)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "qwen2"])
+def test_a_routed_model_generates_what_its_route_s_sub_network_does_and_never_runs_the_skipped_block(family):
+    gated, router, sets = _routing_setup(family)
+    routed = RoutedModel(gated, router, sets, route_after=1, confidence=0.5, tolerance=math.inf)
+    ids = _windows(1, 8, seed=3)
+    route = routed.route(ids)
+    calls = {i: 0 for i in range(4)}
+    handles = [block.wrapped.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+               for i, block in enumerate(decoder_layers(gated.model))]
+    with torch.no_grad():
+        out = routed.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    for handle in handles:
+        handle.remove()
+    assert routed.last_route.skipped == route.skipped and len(route.skipped) == 1
+    assert calls[route.skipped[0]] == 0 and all(calls[i] == 6 for i in range(4) if i not in route.skipped)
+    routed.remove()
+    with torch.no_grad(), gated.unwrapped() as plain:
+        assert torch.equal(out, bp.skip_blocks(plain, route.skipped).generate(ids, max_new_tokens=6, do_sample=False,
+                                                                              pad_token_id=0))
+
+
+def test_a_routed_forward_equals_the_hard_gated_network_and_routes_each_prompt_afresh():
+    gated, router, sets = _routing_setup()
+    routed = RoutedModel(gated, router, sets, route_after=1, confidence=0.5, tolerance=math.inf)
+    low, high = _windows(1, 8, high=VOCAB // 2, seed=7), _windows(1, 8, low=VOCAB // 2, seed=8)
+    for ids in (low, high, low):
+        with torch.no_grad():
+            logits = routed(input_ids=ids).logits
+            route = routed.last_route
+            off = torch.ones(4)
+            off[list(route.skipped)] = 0
+            routed.remove()
+            with gated.gates_set({"block": off}):
+                expected = gated(input_ids=ids).logits
+        torch.testing.assert_close(logits, expected)
+        assert routed.route(ids).skipped == route.skipped
+        routed = RoutedModel(gated, router, sets, route_after=1, confidence=0.5, tolerance=math.inf)
+    longer = [torch.cat([w, w[:, :1]], 1) for w in (low, high)]  # features of the first 8 tokens
+    features = torch.cat([candidate_losses(gated, w, {}, 1, 8, progress=False)[0] for w in longer])
+    assert [r.skipped for r in route_prompts(router, features, sets, 0.5, math.inf)] == \
+        [routed.route(low).skipped, routed.route(high).skipped]
+
+
+def test_a_routed_prompt_s_sub_network_is_written_as_a_plain_checkpoint(tmp_path):
+    gated, router, sets = _routing_setup()
+    routed = RoutedModel(gated, router, sets, route_after=1, confidence=0.5, tolerance=math.inf)
+    ids = _windows(1, 8, seed=3)
+    with torch.no_grad():
+        logits = routed(input_ids=ids).logits
+    routed.save_route(ids, None, tmp_path / "routed")
+    small = AutoModelForCausalLM.from_pretrained(tmp_path / "routed").eval()
+    assert small.config.num_hidden_layers == 3
+    with torch.no_grad():
+        torch.testing.assert_close(small(input_ids=ids).logits, logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(FileExistsError):
+        routed.save_route(ids, None, tmp_path / "routed")
+
+
+def test_a_routed_model_refuses_sets_that_skip_what_the_router_reads_and_unknown_candidates():
+    gated, router, sets = _routing_setup()
+    with pytest.raises(ValueError, match="no set may skip the blocks before route_after"):
+        RoutedModel(gated, router, {"low": [0], "high": [2]}, route_after=1)
+    with pytest.raises(ValueError, match="the router predicts"):
+        RoutedModel(gated, router, {"other": [1], "high": [2]}, route_after=1)
+    with pytest.raises(ValueError, match="confidence must be"):
+        RoutedModel(gated, router, sets, route_after=1, confidence=0)
