@@ -1,7 +1,7 @@
 """bayesprune: Bayesian structured pruning of Hugging Face causal language models."""
 
 from .config import CostConfig, DataConfig, ExtractionConfig, FitConfig, GateConfig, PriorConfig, RunConfig
-from .data import load_documents, load_splits, split_documents, tokenize, windows
+from .data import domain_documents, load_documents, load_splits, split_documents, tokenize, windows
 from .evaluate import model_size, perplexity
 from .fit import Fit, fit
 from .gates import GatedModel, gate
@@ -15,10 +15,12 @@ from .sizes import UnitSizes
 from .extraction import extract, extract_model, extract_streaming, save_extracted
 from .speculative import count_acceptance, direct_drafting, expected_speedup, skip_blocks, trim_vocabulary
 from .drafts import load_draft, rank_drafts, self_draft, write_draft
+from .router import BayesianRouter
+from .routing import RoutedModel, candidate_losses, candidate_sets, route_prompts
 
 __all__ = [
     "CostConfig", "DataConfig", "ExtractionConfig", "FitConfig", "GateConfig", "PriorConfig", "RunConfig",
-    "load_documents", "load_splits", "split_documents", "tokenize", "windows",
+    "domain_documents", "load_documents", "load_splits", "split_documents", "tokenize", "windows",
     "model_size", "perplexity",
     "ExtractionPlan", "LayerPlan", "ModelTotals", "Target", "TargetError", "UnitSizes",
     "extract", "extract_model", "extract_streaming", "save_extracted", "load_pruned",
@@ -26,4 +28,5 @@ __all__ = [
     "GatedModel", "gate", "load_model", "GatePosterior", "cost_grid",
     "count_acceptance", "direct_drafting", "expected_speedup", "skip_blocks", "trim_vocabulary",
     "load_draft", "rank_drafts", "self_draft", "write_draft",
+    "BayesianRouter", "RoutedModel", "candidate_losses", "candidate_sets", "route_prompts",
 ]

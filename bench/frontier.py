@@ -67,6 +67,8 @@ def parse_args():
                         help="seed of the bayesprune fit; rows of a seed other than 0 are 'bayesprune-seedN'")
     parser.add_argument("--likelihood", choices=["nll", "distillation"], default="nll",
                         help="likelihood of the bayesprune fit; distillation rows are 'bayesprune-distillation'")
+    parser.add_argument("--nll-weight", type=float, default=0.0,
+                        help="share of NLL in a distillation likelihood; its rows get '-nllW'")
     parser.add_argument("--weights", choices=["frozen", "lora"], default="frozen",
                         help="weights of the bayesprune fit; adapter rows are 'bayesprune-lora'")
     parser.add_argument("--fractions", nargs="+", default=FRACTIONS)
@@ -85,8 +87,11 @@ def parse_args():
     parser.add_argument("--table", action="store_true",
                         help="only print the tables of --out as Markdown and redraw its figure")
     args = parser.parse_args()
+    if args.nll_weight and args.likelihood != "distillation":
+        parser.error("--nll-weight mixes the NLL into a distillation likelihood: add --likelihood distillation")
     suffix = ("-lora" if args.weights == "lora" else "") + \
-        ("-distillation" if args.likelihood == "distillation" else "") + (f"-seed{args.seed}" if args.seed else "")
+        ("-distillation" if args.likelihood == "distillation" else "") + \
+        (f"-nll{args.nll_weight:g}" if args.nll_weight else "") + (f"-seed{args.seed}" if args.seed else "")
     args.label = "bayesprune" + suffix
     args.run = args.run or "runs/frontier/default" + suffix
     if args.quick:
@@ -97,21 +102,24 @@ def parse_args():
     return args
 
 
-def fit_config(quick: bool, seed: int = 0, likelihood: str = "nll", weights: str = "frozen") -> bp.RunConfig:
+def fit_config(quick: bool, seed: int = 0, likelihood: str = "nll", weights: str = "frozen",
+               nll_weight: float = 0.0) -> bp.RunConfig:
     """The settings a missing run is fitted with: the defaults with ``FIT_STEPS`` steps."""
     config = bp.RunConfig()
     config.fit.steps, config.fit.seed, config.fit.likelihood, config.fit.weights = FIT_STEPS, seed, likelihood, weights
+    config.fit.nll_weight = nll_weight
     if quick:
         config.fit.steps, config.fit.batch_size, config.data.eval_tokens = 5, 2, 512
     return config
 
 
-def ensure_run(path: str, quick: bool, seed: int, likelihood: str, weights: str) -> Path:
-    """A fitted run at ``path``, fitted now (``fit_config``, no extraction) if it is not there."""
-    path = Path(path)
+def ensure_run(args) -> Path:
+    """The fitted run at ``args.run``, fitted now (``fit_config``, no extraction) if it is not there."""
+    path = Path(args.run)
     if not (path / POSTERIOR_FILE).is_file():
         print(f"fitting the default gates into {path}", flush=True)
-        run_fit(fit_config(quick, seed, likelihood, weights), path, bp.ExtractionConfig(target=None), progress=True, log=lambda message: None)
+        run_fit(fit_config(args.quick, args.seed, args.likelihood, args.weights, args.nll_weight), path,
+                bp.ExtractionConfig(target=None), progress=True, log=lambda message: None)
     return path
 
 
@@ -234,7 +242,7 @@ def main() -> None:
             recovered(method, target, small, plan_size(plan), record)
 
     if any(missing(args.label, t) for t in fractions):  # the run is fitted only when its rows are missing
-        run = ensure_run(args.run, args.quick, args.seed, args.likelihood, args.weights)
+        run = ensure_run(args)
         posterior = bp.GatePosterior.load(run / POSTERIOR_FILE)
         report = json.loads((run / "report.json").read_text())
         run_tokens = report["config"]["fit"]["steps"] * report["config"]["fit"]["batch_size"] * \
@@ -247,7 +255,7 @@ def main() -> None:
     for method, windows in depth_rows.items():  # the default fit's depth ranking, re-scored conditionally
         if not any(missing(method, t) for t in fractions):
             continue
-        run = ensure_run(args.run, args.quick, args.seed, args.likelihood, args.weights)
+        run = ensure_run(args)
         if method == "bayesprune-depth":  # as `bayesprune depth RUN` does it (writes RUN/depth.json)
             search = run_depth_search(run, depth, windows)
         else:  # at SLEB's budget: its 1,024 calibration tokens, no more

@@ -123,7 +123,11 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model directory or GGUF (default: the default model)")
     parser.add_argument("--cache", default="runs/routing-cache")
     parser.add_argument("--out", default="bench/results/routing.json")
+    parser.add_argument("--redraw", action="store_true", help="only redraw the figure from --out")
     args = parser.parse_args()
+    if args.redraw:
+        plot(json.loads(Path(args.out).read_text()), Path(args.out).with_suffix(".png"))
+        return
     torch.set_num_threads(2)
     started = time.time()
     stages = Stages(Path(args.cache) / f"k{args.skipped}")
@@ -301,32 +305,37 @@ def check_generation(gated, router, sets, prompt, routing: dict, new_tokens: int
 def plot(result: dict, path: Path) -> None:
     plt = pyplot()
     rows, tasks = result["rows"], result["tasks"]
-    methods = ["sleb", "shortgpt", "bayesprune-static", "pudding-routed", "bayesprune-routed",
-               "bayesprune-routed-fallback", "oracle"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    width = 0.8 / len(methods)
-    for j, method in enumerate(methods):
-        axes[0].bar([i + j * width for i in range(len(rows))], [r[method] / r["dense"] for r in rows], width,
-                    label=method)
-    axes[0].set(xticks=[i + 0.4 for i in range(len(rows))], xticklabels=[r["domain"] for r in rows],
-                ylabel="test perplexity / dense", title=f"skip {result['how']['skipped']} blocks")
-    axes[0].legend(fontsize=7)
-    mc = [m for m in methods if m in tasks[0]]
-    for j, method in enumerate(["dense", *mc]):
-        axes[1].bar([i + j * width for i in range(len(tasks))], [t[method]["acc"] for t in tasks], width,
-                    label=method)
-    axes[1].set(xticks=[i + 0.4 for i in range(len(tasks))], xticklabels=[t["domain"] for t in tasks],
-                ylabel="continuation accuracy (4 choices)", title="multiple choice, held-out text")
-    bins = result["reliability"]
-    axes[2].plot([0, 1], [0, 1], "k:")
-    axes[2].plot([b["mean_probability"] for b in bins], [b["best_share"] for b in bins], "o-")
-    for b in bins:
-        axes[2].annotate(str(b["prompts"]), (b["mean_probability"], b["best_share"]), fontsize=7)
+    static = ["sleb", "shortgpt", "bayesprune-static"]
+    routed = ["pudding-routed", "bayesprune-routed", "bayesprune-routed-fallback", "oracle"]
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
+
+    def bars(ax, methods, value, labels):
+        width = 0.8 / len(methods)
+        for j, method in enumerate(methods):
+            ax.bar([i + j * width for i in range(len(labels))], [value(i, method) for i in range(len(labels))],
+                   width, label=method)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels)
+        ax.legend(fontsize=7)
+
+    bars(axes[0, 0], static + routed, lambda i, m: rows[i][m] / rows[i]["dense"], [r["domain"] for r in rows])
+    axes[0, 0].set(ylabel="test perplexity / dense",
+                   title=f"held-out perplexity, {result['how']['skipped']} blocks skipped")
+    mc = [m for m in ["dense", *static, *routed] if m in tasks[0]]
+    bars(axes[0, 1], mc, lambda i, m: tasks[i][m]["acc"], [t["domain"] for t in tasks])
+    axes[0, 1].set(ylabel="accuracy (4 choices)", title="held-out continuation task")
     coverage = result["coverage_90"]
-    axes[2].set(xlabel="router's P(chosen set is best)", ylabel="share where it was best",
-                title="router calibration (90 % interval coverage: "
-                      + ", ".join(f"{d} {c['bayesprune']:.2f}" for d, c in coverage.items()) + ")")
-    axes[2].title.set_fontsize(8)
+    domains = list(coverage)
+    bars(axes[1, 0], ["pudding", "bayesprune"], lambda i, m: coverage[domains[i]][m], domains)
+    axes[1, 0].axhline(0.9, color="k", ls=":")
+    axes[1, 0].set(ylabel="share of held-out losses inside", ylim=(0, 1),
+                   title="coverage of the routers' 90 % predictive intervals")
+    bins = result["reliability"]
+    axes[1, 1].plot([0, 1], [0, 1], "k:")
+    axes[1, 1].plot([b["mean_probability"] for b in bins], [b["best_share"] for b in bins], "o-")
+    for b in bins:
+        axes[1, 1].annotate(f"{b['prompts']} prompts", (b["mean_probability"], b["best_share"]), fontsize=7)
+    axes[1, 1].set(xlabel="router's P(chosen set is the best)", ylabel="share of prompts where it was",
+                   xlim=(0, 1), ylim=(0, 1), title="bayesprune router: reliability of P(best)")
     save_figure(fig, path)
 
 
