@@ -39,12 +39,13 @@ def protected_blocks(num_layers: int, route_after: int, keep_last: bool = True) 
     return tuple(range(route_after)) + ((num_layers - 1,) if keep_last else ())
 
 
-def candidate_sets(gated: GatedModel, windows: dict[str, torch.Tensor], skipped: int, route_after: int = 2,
-                   keep_last: bool = True, **search) -> dict[str, list[int]]:
-    """Per domain, the ``skipped`` blocks its conditional depth search removes (``search``: its options;
-    ``chunk`` equal to the window count is SLEB's greedy on those windows, PuDDing's construction).
-    Domains that give the same set share one candidate, named ``"a+b"``."""
+def candidate_sets(gated: GatedModel, windows: dict[str, torch.Tensor], skipped: int | None = None,
+                   route_after: int = 2, keep_last: bool = True, **search) -> dict[str, list[int]]:
+    """Per domain, the ``skipped`` blocks (default: 20 % of them, about PuDDing's 7 of 32) its conditional
+    depth search removes (``search``: its options; ``chunk`` equal to the window count is SLEB's greedy on
+    those windows, PuDDing's construction). Domains that give the same set share one candidate, ``"a+b"``."""
     protected = protected_blocks(gated.num_layers, route_after, keep_last)
+    skipped = max(1, round(0.2 * gated.num_layers)) if skipped is None else skipped
     found: dict[tuple[int, ...], list[str]] = {}
     for name, w in windows.items():
         blocks = tuple(sorted(conditional_depth_search(gated, w, skipped, protected=protected, **search).order))

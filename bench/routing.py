@@ -57,22 +57,28 @@ class Stages:
 
     def __init__(self, folder: Path):
         self.folder = folder
+        self.computed: dict[str, float] = {}  # stage: seconds, for the stages this run computed
+        self.loaded: list[str] = []
         folder.mkdir(parents=True, exist_ok=True)
+
+    def _stage(self, path: Path, compute, write) -> None:
+        if path.exists():
+            self.loaded.append(path.stem)
+            return
+        started = time.time()
+        tmp = path.with_suffix(".tmp")
+        write(compute(), tmp)
+        tmp.replace(path)
+        self.computed[path.stem] = round(time.time() - started)
 
     def json(self, name: str, compute):
         path = self.folder / f"{name}.json"
-        if not path.exists():
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(compute()))
-            tmp.replace(path)
+        self._stage(path, compute, lambda value, tmp: tmp.write_text(json.dumps(value)))
         return json.loads(path.read_text())
 
     def tensors(self, name: str, compute) -> dict[str, torch.Tensor]:
         path = self.folder / f"{name}.safetensors"
-        if not path.exists():
-            tmp = path.with_suffix(".tmp")
-            save_file({k: v.contiguous() for k, v in compute().items()}, str(tmp))
-            tmp.replace(path)
+        self._stage(path, compute, lambda value, tmp: save_file({k: v.contiguous() for k, v in value.items()}, str(tmp)))
         return load_file(str(path))
 
 
@@ -139,8 +145,9 @@ def main() -> None:
     k = args.skipped
 
     # -- candidate and static sets, all from fit windows ------------------------------------------------
+    mixed8 = torch.cat([w[:2] for w in fit.values()])
+
     def search_sets():
-        mixed8 = torch.cat([w[:2] for w in fit.values()])
         mixed32 = torch.cat([w[:8] for w in fit.values()])
         return {
             "pudding": candidate_sets(gated, {d: w[:8] for d, w in fit.items()}, k, ROUTE_AFTER, chunk=8),
@@ -153,11 +160,14 @@ def main() -> None:
 
     sets = stages.json("sets", search_sets)
     configurations = unique(sets["static"], sets["pudding"], sets["bayesprune"])
+    # SLEB skipping fewer blocks, for the fall-back's quality against blocks skipped
+    order = stages.json("sleb-order", lambda: conditional_depth_search(gated, mixed8, k, chunk=8).order)
+    fewer = {f"sleb-{j}": sorted(order[:j]) for j in range(max(1, k - 3), k)}
 
     # -- router training: fit windows the searches did not use ------------------------------------------
     train = torch.cat([w[32:32 + args.train] for w in fit.values()])
-    train_features, train_losses = losses_of(stages, "train", gated, train,
-                                             unique(sets["pudding"], sets["bayesprune"]))
+    stage = "train" if args.train == 128 else f"train-{args.train}"
+    train_features, train_losses = losses_of(stages, stage, gated, train, unique(sets["pudding"], sets["bayesprune"]))
     routers = {}
     for family in ("pudding", "bayesprune"):
         names = list(sets[family])
@@ -165,8 +175,7 @@ def main() -> None:
             train_features, torch.stack([train_losses[key(sets[family][n])] for n in names], 1))
 
     # -- held-out perplexity ----------------------------------------------------------------------------
-    rows, calibration = [], {}
-    held_out = {}
+    rows, calibration, held_out, sweep = [], {}, {}, {}
     for domain in DOMAINS:
         features, losses = losses_of(stages, f"test-{domain}", gated, test[domain], configurations)
         routes = {
@@ -179,6 +188,11 @@ def main() -> None:
         if extra:
             _, more = losses_of(stages, f"test-{domain}-fallback", gated, test[domain], extra)
             losses.update({n: v for n, v in more.items() if n != DENSE})
+        _, shallower = losses_of(stages, f"test-{domain}-fewer", gated, test[domain], unique(fewer))
+        losses.update({n: v for n, v in shallower.items() if n != DENSE})
+        sweep[domain] = tolerance_sweep(stages, domain, gated, test[domain], features, losses, routers["bayesprune"],
+                                        sets["bayesprune"], args.confidence)
+        sweep[domain]["sleb"] = {len(b): math.exp(losses[key(b)].mean()) for b in [*fewer.values(), sets["static"]["sleb"]]}
         held_out[domain] = (features, losses, routes)
         calibration[domain] = {family: coverage(routers[family], features, losses, sets[family])
                                for family in routers}
@@ -233,12 +247,30 @@ def main() -> None:
                 "model": args.model or "SmolLM2-135M-Instruct (30 blocks)", "dtype": "bfloat16", "threads": torch.get_num_threads(),
                 "machine": platform.processor() or platform.machine(), "skipped": k, "route_after": ROUTE_AFTER,
                 "window": SEQ, "prompt_tokens": PROMPT, "test_windows_per_domain": args.test,
-                "train_windows_per_domain": args.train, "seconds": round(time.time() - started)},
+                "train_windows_per_domain": args.train, "seconds": round(time.time() - started),
+                "stages_computed_s": stages.computed, "stages_loaded_from_cache": stages.loaded},
         "sets": sets, "routers": {f: r.record() for f, r in routers.items()},
-        "rows": rows, "tasks": tasks, "coverage_90": calibration, "timing": timing, "generation": generation,
+        "rows": rows, "tasks": tasks, "coverage_90": calibration, "fallback_sweep": sweep, "timing": timing, "generation": generation,
         "reliability": reliability(held_out, sets["bayesprune"]),
     }
     write_results(result, args.out, plot=lambda _, path: plot(result, path))
+
+
+TOLERANCES = (0.02, 0.03, 0.05, 0.1, math.inf)
+
+
+def tolerance_sweep(stages: Stages, domain: str, gated, windows, features, losses: dict, router, sets,
+                    confidence: float) -> dict:
+    """The routed model's mean blocks skipped and perplexity at each fall-back tolerance."""
+    routes = {t: route_prompts(router, features, sets, confidence, t) for t in TOLERANCES}
+    missing = {key(r.skipped): list(r.skipped) for chosen in routes.values() for r in chosen
+               if key(r.skipped) not in losses}
+    if missing:
+        _, more = losses_of(stages, f"test-{domain}-sweep", gated, windows, missing)
+        losses.update({n: v for n, v in more.items() if n != DENSE})
+    return {"routed": [{"tolerance": t if math.isfinite(t) else "inf", "mean_skipped": statistics.mean(len(r.skipped) for r in chosen),
+                        "perplexity": math.exp(routed_metric(chosen, losses).mean())}
+                       for t, chosen in routes.items()]}
 
 
 def reliability(held_out: dict, sets: dict[str, list[int]], bins: int = 5) -> list[dict]:
@@ -307,7 +339,7 @@ def plot(result: dict, path: Path) -> None:
     rows, tasks = result["rows"], result["tasks"]
     static = ["sleb", "shortgpt", "bayesprune-static"]
     routed = ["pudding-routed", "bayesprune-routed", "bayesprune-routed-fallback", "oracle"]
-    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
+    fig, axes = plt.subplots(2, 3, figsize=(19, 8.5))
 
     def bars(ax, methods, value, labels):
         width = 0.8 / len(methods)
@@ -336,6 +368,18 @@ def plot(result: dict, path: Path) -> None:
         axes[1, 1].annotate(f"{b['prompts']} prompts", (b["mean_probability"], b["best_share"]), fontsize=7)
     axes[1, 1].set(xlabel="router's P(chosen set is the best)", ylabel="share of prompts where it was",
                    xlim=(0, 1), ylim=(0, 1), title="bayesprune router: reliability of P(best)")
+    ax = axes[0, 2]
+    for (domain, curves), colour in zip(result["fallback_sweep"].items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        dense = next(r["dense"] for r in rows if r["domain"] == domain)
+        sleb = sorted((int(j), v) for j, v in curves["sleb"].items())
+        ax.plot([j for j, _ in sleb], [v / dense for _, v in sleb], "--", color=colour, label=f"{domain}: SLEB")
+        routed = sorted((r["mean_skipped"], r["perplexity"]) for r in curves["routed"])
+        ax.plot([j for j, _ in routed], [v / dense for _, v in routed], "o-", color=colour,
+                label=f"{domain}: routed, tolerance {TOLERANCES[0]}–inf")
+    ax.set(xlabel="blocks skipped (routed: mean over prompts)", ylabel="test perplexity / dense",
+           title="fall-back: quality against blocks skipped")
+    ax.legend(fontsize=6)
+    axes[1, 2].axis("off")
     save_figure(fig, path)
 
 
