@@ -297,7 +297,8 @@ def main() -> None:
 
 
 COLOURS = {"bayesprune": "navy", "bayesprune-distillation": "darkorange", "bayesprune-lora": "teal",
-           "bayesprune-lora-distillation": "crimson", "bayesprune-depth": "darkviolet", "bayesprune-depth-1024": "plum",
+           "bayesprune-lora-distillation": "crimson", "bayesprune-lora-distillation-nll0.5": "salmon",
+           "bayesprune-depth": "darkviolet", "bayesprune-depth-1024": "plum",
            "previous-amortised": "tab:blue", "previous-width": "tab:cyan", "previous-block": "goldenrod",
            "shortgpt": "tab:green",
            "sleb": "tab:red", "random": "tab:gray", "drop-last": "tab:brown", "magnitude": "tab:olive",
@@ -327,7 +328,7 @@ def plot(rows: list[dict], path: Path, corpora: list[str]) -> None:
             style = "--" if method.endswith("+recovery") else ":" if method.startswith("random") else "-"
             marker = "s" if method.startswith(("wanda", "sparsegpt")) else "D" if "+" in method else "o"
             ax.plot([r["fraction"] for r in members], [r[corpus] for r in members], style, marker=marker,
-                    color=COLOURS[family(method)], lw=2.4 if method.startswith("bayesprune") else 1.0, ms=4,
+                    color=COLOURS.get(family(method), "tab:orange"), lw=2.4 if method.startswith("bayesprune") else 1.0, ms=4,
                     label=method)
         ax.axhline(dense[corpus], color="k", lw=0.6, label="dense")
         ax.set(xlabel="fraction of decoder parameters kept (non-zero for Wanda/SparseGPT)",
