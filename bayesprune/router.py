@@ -35,6 +35,10 @@ class Prediction:
     level: float
 
 
+_FITTED = ("feature_mean", "feature_scale", "loss_mean", "precision_inverse", "coefficients", "scale",
+           "_standard_draws")
+
+
 class BayesianRouter:
     """Predicts each candidate's loss from prompt features, with intervals and the probability of being best."""
 
@@ -98,6 +102,27 @@ class BayesianRouter:
         regret = (draws - draws.min(-1, keepdim=True).values).mean(1)
         return Prediction(mean.float(), (mean - spread[:, None] * half).float(), (mean + spread[:, None] * half).float(),
                           best.float(), regret.float(), self.level)
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """The fitted router as tensors and JSON-able settings (for :meth:`from_state`)."""
+        if not hasattr(self, "coefficients"):
+            raise RuntimeError("fit the router before saving it")
+        settings = {"names": self.names, "level": self.level, "draws": self.draws, "seed": self.seed,
+                    "alpha": self.alpha, "n": self.n, "dof": self.dof, "prior_dof": self.prior_dof,
+                    "evidence": {repr(a): e for a, e in self.evidence.items()}}
+        return {name.lstrip("_"): getattr(self, name) for name in _FITTED}, settings
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], settings: dict) -> "BayesianRouter":
+        router = cls(settings["names"], settings["level"], settings["draws"], settings["seed"])
+        missing = [name for name in _FITTED if name.lstrip("_") not in tensors]
+        if missing:
+            raise ValueError(f"the router state lacks {missing}")
+        for name in _FITTED:
+            setattr(router, name, tensors[name.lstrip("_")].double())
+        router.alpha, router.n, router.dof, router.prior_dof = (settings[k] for k in ("alpha", "n", "dof", "prior_dof"))
+        router.evidence = {float(a): e for a, e in settings["evidence"].items()}
+        return router
 
     def record(self) -> dict:
         """What the fit chose, for a results file."""

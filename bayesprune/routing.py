@@ -26,9 +26,11 @@ from .architectures import decoder_layers
 from .depth import conditional_depth_search
 from .evaluate import next_token_nll
 from .gates import GatedModel
+from .io import load_tensors, save_tensors
 from .router import BayesianRouter, Prediction
 
 DENSE = "dense"
+ROUTER_FORMAT = "bayesprune-router/1"
 
 
 def protected_blocks(num_layers: int, route_after: int, keep_last: bool = True) -> tuple[int, ...]:
@@ -263,6 +265,32 @@ class RoutedModel:
         record = {"routed": {"skipped": list(route.skipped), "candidate": route.candidate,
                              "probability": route.probability}, "plan": plan.record()}
         return save_extracted(small, tokenizer, out, record)
+
+    def save(self, path: str | Path) -> Path:
+        """The router, its candidate sets and the routing settings, as one safetensors file (not the network)."""
+        path = Path(path)
+        if path.exists():
+            raise FileExistsError(f"{path} already exists; choose another path or remove it")
+        tensors, settings = self.router.state()
+        save_tensors(path, tensors, {"format": ROUTER_FORMAT, "router": settings, "sets": self.sets,
+                                     "route_after": self.route_after, "confidence": self.confidence,
+                                     "tolerance": self.tolerance})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, gated: GatedModel) -> "RoutedModel":
+        """A routed model from a file :meth:`save` wrote, over ``gated`` (the same network, gated with blocks)."""
+        tensors, meta = load_tensors(path)
+        if meta.get("format") != ROUTER_FORMAT:
+            raise ValueError(f"{path} is not a router file (format {meta.get('format')!r}, not {ROUTER_FORMAT!r})")
+        router = BayesianRouter.from_state(tensors, meta["router"])
+        if router.feature_mean.numel() != gated.model.config.hidden_size:
+            raise ValueError(f"{path} routes on {router.feature_mean.numel()} features; this model's hidden size is "
+                             f"{gated.model.config.hidden_size}")
+        blocks = [b for s in meta["sets"].values() for b in s]
+        if blocks and max(blocks) >= gated.num_layers:
+            raise ValueError(f"{path} skips block {max(blocks)}; this model has {gated.num_layers} blocks")
+        return cls(gated, router, meta["sets"], meta["route_after"], meta["confidence"], meta["tolerance"])
 
     def remove(self) -> GatedModel:
         """Take the routing hooks out; the gated model's block gates are left open."""

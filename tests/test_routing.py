@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 import bayesprune as bp
@@ -190,3 +191,26 @@ def test_a_routed_model_refuses_sets_that_skip_what_the_router_reads_and_unknown
         RoutedModel(gated, router, {"other": [1], "high": [2]}, route_after=1)
     with pytest.raises(ValueError, match="confidence must be"):
         RoutedModel(gated, router, sets, route_after=1, confidence=0)
+
+
+def test_a_saved_router_routes_as_before_and_foreign_or_mismatched_files_are_refused(tmp_path):
+    gated, router, sets = _routing_setup()
+    routed = RoutedModel(gated, router, sets, route_after=1, confidence=0.7, tolerance=0.05)
+    path = routed.save(tmp_path / "router.safetensors")
+    with pytest.raises(FileExistsError):
+        routed.save(path)
+    routed.remove()
+    loaded = RoutedModel.load(path, gated)
+    assert (loaded.sets, loaded.route_after, loaded.confidence, loaded.tolerance) == (sets, 1, 0.7, 0.05)
+    features = torch.randn(5, 32, generator=torch.Generator().manual_seed(4))
+    for a, b in zip(vars(router.predict(features)).values(), vars(loaded.router.predict(features)).values()):
+        assert a == b if isinstance(a, float) else torch.equal(a, b)
+    loaded.remove()
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"x": torch.zeros(1)}, str(foreign))
+    with pytest.raises(ValueError, match="not written by bayesprune"):
+        RoutedModel.load(foreign, gated)
+    config = type(gated.model.config)(**{**gated.model.config.to_dict(), "hidden_size": 64})
+    wider = bp.gate(AutoModelForCausalLM.from_config(config), bp.GateConfig(units=("block",)))
+    with pytest.raises(ValueError, match="routes on 32 features"):
+        RoutedModel.load(path, wider)
