@@ -55,29 +55,38 @@ def candidate_sets(gated: GatedModel, windows: dict[str, torch.Tensor], skipped:
     return {"+".join(names): list(blocks) for blocks, names in found.items()}
 
 
-class _PromptReader:
-    """While active, records the hidden state entering block ``route_after``, averaged over the first
-    ``prompt_tokens`` positions of each row: ``(batch, hidden)``."""
-
-    def __init__(self, gated: GatedModel, route_after: int, prompt_tokens: int | None = None):
-        self.block, self.prompt_tokens, self.features = decoder_layers(gated.model)[route_after], prompt_tokens, None
-
-    def _hook(self, module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        self.features = hidden[:, :self.prompt_tokens].float().mean(1)
-
-    def __enter__(self):
-        self.handle = self.block.register_forward_pre_hook(self._hook, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
+def prompt_features(hidden: torch.Tensor, prompt_tokens: int | None = None) -> torch.Tensor:
+    """The router's features: hidden states ``(batch, positions, hidden)`` averaged over the first
+    ``prompt_tokens`` positions (all when ``None``), in float32: ``(batch, hidden)``."""
+    return hidden[:, :prompt_tokens].float().mean(1)
 
 
-def _off(num_layers: int, skipped) -> torch.Tensor:
+def skip_gates(num_layers: int, skipped) -> torch.Tensor:
+    """Block gate values with the blocks ``skipped`` at a hard 0 and the rest at 1."""
     on = torch.ones(num_layers)
     on[list(skipped)] = 0
     return on
+
+
+def _each_configuration(gated: GatedModel, ids: torch.Tensor, sets: dict[str, list[int]], route_after: int,
+                        prompt_tokens: int):
+    """``(name, logits, prompt features)`` of the dense network (``DENSE``, first) and of each set skipped;
+    the features are read in the dense pass (no set skips the blocks before ``route_after``)."""
+    features = None
+
+    def read(module, args, kwargs):
+        nonlocal features
+        if features is None:
+            features = prompt_features(args[0] if args else kwargs["hidden_states"], prompt_tokens)
+
+    handle = decoder_layers(gated.model)[route_after].register_forward_pre_hook(read, with_kwargs=True)
+    try:
+        for name, skipped in {DENSE: (), **sets}.items():
+            with gated.gates_set({"block": skip_gates(gated.num_layers, skipped)}):
+                logits = gated(input_ids=ids, use_cache=False).logits
+            yield name, logits, features
+    finally:
+        handle.remove()
 
 
 @torch.no_grad()
@@ -90,15 +99,11 @@ def candidate_losses(gated: GatedModel, windows: torch.Tensor, sets: dict[str, l
         raise ValueError(f"prompt_tokens must be in [1, {windows.shape[1]}), got {prompt_tokens}")
     device = next(gated.model.parameters()).device
     features, losses = [], {name: [] for name in (DENSE, *sets)}
-    configurations = {DENSE: (), **sets}
     for start in tqdm(range(0, windows.shape[0], batch_size), desc="candidate losses", disable=not progress):
         batch = windows[start:start + batch_size].to(device)
-        for name, skipped in configurations.items():
-            with gated.gates_set({"block": _off(gated.num_layers, skipped)}), \
-                    _PromptReader(gated, route_after, prompt_tokens) as reader:
-                logits = gated(input_ids=batch, use_cache=False).logits
+        for name, logits, read in _each_configuration(gated, batch, sets, route_after, prompt_tokens):
             if name == DENSE:
-                features.append(reader.features.cpu())
+                features.append(read.cpu())
             nll = next_token_nll(logits[:, prompt_tokens - 1:], batch[:, prompt_tokens - 1:])
             losses[name].append(nll.float().cpu() / (batch.shape[1] - prompt_tokens))
     return torch.cat(features), {name: torch.cat(values) for name, values in losses.items()}
@@ -113,18 +118,15 @@ def candidate_choice_scores(gated: GatedModel, tokenizer, items: list[dict], set
     device = next(gated.model.parameters()).device
     pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     features, scores = [], {name: [] for name in (DENSE, *sets)}
-    configurations = {DENSE: (), **sets}
     for item in tqdm(items, desc="multiple choice", disable=not progress):
         context = tokenizer(item["context"], add_special_tokens=False)["input_ids"]
         choices = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in item["choices"]]
         width = len(context) + max(map(len, choices))
         rows = torch.tensor([context + c + [pad] * (width - len(context) - len(c)) for c in choices], device=device)
-        for name, skipped in configurations.items():
-            with gated.gates_set({"block": _off(gated.num_layers, skipped)}), \
-                    _PromptReader(gated, route_after, len(context)) as reader:
-                log_probs = gated(input_ids=rows, use_cache=False).logits[:, :-1].float().log_softmax(-1)
+        for name, logits, read in _each_configuration(gated, rows, sets, route_after, len(context)):
             if name == DENSE:
-                features.append(reader.features[:1].cpu())
+                features.append(read[:1].cpu())  # every row starts with the same context
+            log_probs = logits[:, :-1].float().log_softmax(-1)
             picked = log_probs.gather(-1, rows[:, 1:, None])[..., 0]
             scores[name].append(torch.stack([picked[i, len(context) - 1:len(context) - 1 + len(c)].sum()
                                              for i, c in enumerate(choices)]).cpu())
@@ -225,11 +227,10 @@ class RoutedModel:
         if not self._pending:
             return
         started = time.perf_counter()
-        hidden = args[0] if args else kwargs["hidden_states"]
-        route = choose(self.router.predict(hidden.float().mean((0, 1))[None].cpu()), self.sets, self.confidence,
-                       self.tolerance)
+        features = prompt_features(args[0] if args else kwargs["hidden_states"]).mean(0, keepdim=True)
+        route = choose(self.router.predict(features.cpu()), self.sets, self.confidence, self.tolerance)
         route.seconds = time.perf_counter() - started
-        self.gated.set_gates({"block": _off(self.gated.num_layers, route.skipped)})
+        self.gated.set_gates({"block": skip_gates(self.gated.num_layers, route.skipped)})
         self.last_route, self._pending = route, False
         if self._only_route:
             raise _RouteChosen
@@ -260,7 +261,7 @@ class RoutedModel:
         route = self.route(input_ids)
         num_layers = self.gated.num_layers
         with self.gated.unwrapped() as model:
-            plan = baseline_plan(model, _off(num_layers, route.skipped), f"{num_layers - len(route.skipped)}layers")
+            plan = baseline_plan(model, skip_gates(num_layers, route.skipped), f"{num_layers - len(route.skipped)}layers")
             small = extract_model(model, plan)
         record = {"routed": {"skipped": list(route.skipped), "candidate": route.candidate,
                              "probability": route.probability}, "plan": plan.record()}

@@ -46,7 +46,7 @@ from bayesprune.data import DOMAINS, domain_documents
 from bayesprune.depth import conditional_depth_search
 from bayesprune.router import BayesianRouter
 from bayesprune.routing import (DENSE, RoutedModel, candidate_choice_scores, candidate_losses, candidate_sets,
-                                route_prompts)
+                                route_prompts, skip_gates)
 from bayesprune.tasks import continuation_items
 
 SEQ, PROMPT, ROUTE_AFTER = 128, 32, 2
@@ -311,9 +311,7 @@ def time_prefill(gated, router, sets, prompts, routing: dict, rounds: int = 3) -
             skipped.append(len(model.last_route.skipped))
         model.remove()
         for prompt, route in zip(prompts, routes):
-            off = torch.ones(gated.num_layers)
-            off[list(route.skipped)] = 0
-            with gated.gates_set({"block": off}):
+            with gated.gates_set({"block": skip_gates(gated.num_layers, route.skipped)}):
                 static.append(ms(lambda: gated(input_ids=prompt, use_cache=False)))
     d, r, s, o = (statistics.median(v) for v in (dense, routed, static, router_ms))
     return {"prompt_tokens": prompts[0].shape[1], "prompts": len(prompts), "rounds": rounds,
