@@ -1,4 +1,4 @@
-"""The ``bayesprune`` command line: fit, extract, depth, draft, evaluate."""
+"""The ``bayesprune`` command line: fit, extract, depth, draft, router, route, evaluate."""
 
 from __future__ import annotations
 
@@ -79,6 +79,43 @@ def _run_config(args) -> RunConfig:
     )
 
 
+def _router_parsers(sub) -> None:
+    from .data import DOMAINS
+
+    p = sub.add_parser("router", help="build a prompt router: one set of blocks to skip per domain of text, and a "
+                                      "Bayesian router that picks one per prompt (or skips fewer when unsure)")
+    p.add_argument("--out", required=True, help="router file to write (.safetensors; must not exist)")
+    p.add_argument("--model", help="Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--domains", default=",".join(DOMAINS),
+                   help=f"comma-separated domains ({', '.join(DOMAINS)}) or corpus paths (text file, folder, .jsonl), "
+                        f"each split by document")
+    p.add_argument("--skipped", type=int, default=None, help="blocks each candidate set skips (default: 20 %%)")
+    p.add_argument("--route-after", type=int, default=2,
+                   help="the router reads the hidden state entering this block; no set skips the blocks before it")
+    p.add_argument("--prompt-tokens", type=int, default=32, help="prompt tokens the router reads in training")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--search-windows", type=int, default=32, help="fit windows per domain its depth search may score")
+    p.add_argument("--train-windows", type=int, default=128, help="further fit windows per domain that train the router")
+    p.add_argument("--check-windows", type=int, default=32,
+                   help="validation windows per domain on which the router is checked (0: none)")
+    p.add_argument("--confidence", type=float, default=0.9, help="P(best) a route needs")
+    p.add_argument("--tolerance", type=float, default=0.02,
+                   help="or the expected regret (nats per token) it may carry; otherwise only the blocks the likely "
+                        "sets share are skipped")
+    p.add_argument("--seed", type=int, default=0, help="seed of the window order")
+    p.add_argument("--device", help="cpu (default), cuda or cuda:N: where the network runs")
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="the dtype the search and training run in")
+    p = sub.add_parser("route", help="route a prompt with a router file: its blocks skipped, greedy generation, "
+                                     "and with --out its sub-network as a checkpoint")
+    p.add_argument("router", help="router file written by 'bayesprune router'")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--model", help="the routed model (default: the one the router was built on)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated with the route (0: none)")
+    p.add_argument("--out", help="also write the prompt's sub-network here, as a plain checkpoint (must not exist)")
+    p.add_argument("--device", help="cpu (default), cuda or cuda:N: where the network runs")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: the router's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bayesprune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nll (next-token NLL of the corpus) or distillation (KL from the dense network)")
     p.add_argument("--device", help="cpu (default), cuda or cuda:N: where the network runs")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="the dtype the search runs in")
+    _router_parsers(sub)
     p = sub.add_parser("evaluate", help="held-out perplexity and size of a model, as JSON")
     p.add_argument("model", nargs="?", help="Hugging Face folder or .gguf (default: the default model)")
     p.add_argument("--data", help="corpus whose test split is scored (default: Shakespeare)")
@@ -175,6 +213,22 @@ def main(argv: list[str] | None = None) -> int:
             if chosen["predicted_speedup"] < 1:
                 print("no candidate is predicted to beat plain decoding of the target on this machine "
                       "(see the table: acceptance too low for its cost)")
+        elif args.command == "router":
+            from .router_job import build_router, format_check
+
+            record = build_router(args.out, [d.strip() for d in args.domains.split(",") if d.strip()], args.model,
+                                  args.skipped, args.route_after, args.prompt_tokens, args.seq_len,
+                                  args.search_windows, args.train_windows, args.check_windows, args.confidence,
+                                  args.tolerance, args.seed, args.device, args.dtype)
+            for name, blocks in record["sets"].items():
+                print(f"{name}: skips blocks {blocks}")
+            print(format_check(record))
+            print(f"wrote {args.out}; 'bayesprune route {args.out} --prompt TEXT' routes with it")
+        elif args.command == "route":
+            from .router_job import route_prompt
+
+            print(json.dumps(route_prompt(args.router, args.prompt, args.model, args.max_new_tokens, args.out,
+                                          args.device, args.dtype), indent=2))
         else:
             from .data import split_corpus, tokenize
             from .evaluate import model_size, perplexity

@@ -81,6 +81,17 @@ def domain_documents(name: str) -> list[Document]:
     return DOMAINS[name]()
 
 
+def corpus_documents(source: str) -> tuple[str, list[Document]]:
+    """``(name, documents)`` of a named domain (one of ``DOMAINS``) or of a corpus path (as
+    :func:`load_documents` reads it, named after the file or folder)."""
+    if source in DOMAINS:
+        return source, DOMAINS[source]()
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{source!r} is neither a domain ({', '.join(sorted(DOMAINS))}) nor a corpus path")
+    return path.stem, load_documents(path)
+
+
 def read_text(path: Path) -> str:
     """A UTF-8 text file's contents; binary files and other encodings are refused, naming the file."""
     data = path.read_bytes()

