@@ -16,7 +16,7 @@ from .extraction import extract, extract_model, extract_streaming, save_extracte
 from .speculative import count_acceptance, direct_drafting, expected_speedup, skip_blocks, trim_vocabulary
 from .drafts import load_draft, rank_drafts, self_draft, write_draft
 from .router import BayesianRouter
-from .routing import RoutedModel, candidate_losses, candidate_sets, fit_routed_model, held_out_check, route_prompts
+from .routing import RoutedModel, candidate_losses, candidate_sets, domain_block_posteriors, fit_routed_model, held_out_check, route_prompts
 
 __all__ = [
     "CostConfig", "DataConfig", "ExtractionConfig", "FitConfig", "GateConfig", "PriorConfig", "RunConfig",
@@ -28,6 +28,6 @@ __all__ = [
     "GatedModel", "gate", "load_model", "GatePosterior", "cost_grid",
     "count_acceptance", "direct_drafting", "expected_speedup", "skip_blocks", "trim_vocabulary",
     "load_draft", "rank_drafts", "self_draft", "write_draft",
-    "BayesianRouter", "RoutedModel", "candidate_losses", "candidate_sets", "fit_routed_model", "held_out_check",
+    "BayesianRouter", "RoutedModel", "candidate_losses", "candidate_sets", "domain_block_posteriors", "fit_routed_model", "held_out_check",
     "route_prompts",
 ]

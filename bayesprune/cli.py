@@ -102,6 +102,10 @@ def _router_parsers(sub) -> None:
     p.add_argument("--tolerance", type=float, default=0.02,
                    help="or the expected regret (nats per token) it may carry; otherwise only the blocks the likely "
                         "sets share are skipped")
+    p.add_argument("--posterior-steps", type=int, default=0,
+                   help="fit each domain's block posterior (frozen weights, SVI steps) and let each search step "
+                        "weigh only its --candidates least-needed blocks (0: the search weighs every block)")
+    p.add_argument("--candidates", type=int, default=8)
     p.add_argument("--seed", type=int, default=0, help="seed of the window order")
     p.add_argument("--device", help="cpu (default), cuda or cuda:N: where the network runs")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="the dtype the search and training run in")
@@ -219,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             record = build_router(args.out, [d.strip() for d in args.domains.split(",") if d.strip()], args.model,
                                   args.skipped, args.route_after, args.prompt_tokens, args.seq_len,
                                   args.search_windows, args.train_windows, args.check_windows, args.confidence,
-                                  args.tolerance, args.seed, args.device, args.dtype)
+                                  args.tolerance, args.posterior_steps, args.candidates, args.seed, args.device,
+                                  args.dtype)
             for name, blocks in record["sets"].items():
                 print(f"{name}: skips blocks {blocks}")
             print(format_check(record))

@@ -160,10 +160,12 @@ class GatePosterior:
                          "parameters": parameters, "megabytes": parameters * totals.bytes_per_parameter / 1e6})
         return rows
 
-    def solve(self, target: Target | str | float, totals: ModelTotals, tolerance: float = 1e-4) -> float:
+    def solve(self, target: Target | str | float, totals: ModelTotals | None, tolerance: float = 1e-4) -> float:
         """The cost whose expected kept size at the posterior median of ``θ`` equals ``target`` (bisection over
-        ``λ / (1 + λ)``)."""
+        ``λ / (1 + λ)``); ``totals`` may be ``None`` for a number of blocks."""
         target = target if isinstance(target, Target) else Target.parse(target)
+        if totals is None and target.kind != "layers":
+            raise ValueError(f"solving for {target} needs the model's totals (ModelTotals.of(model))")
         if target.kind == "layers":
             if not set(self.kinds) - set(WIDTH_KINDS):
                 raise TargetError(f"a block count needs block, attn or mlp gates; this run gates {list(self.kinds)}")

@@ -23,9 +23,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .architectures import decoder_layers
+from .config import FitConfig
 from .depth import conditional_depth_search
 from .evaluate import next_token_nll
+from .fit import fit
 from .gates import GatedModel
+from .posterior import GatePosterior
 from .io import load_tensors, save_tensors
 from .router import BayesianRouter, Prediction
 
@@ -42,17 +45,43 @@ def protected_blocks(num_layers: int, route_after: int, keep_last: bool = True) 
 
 
 def candidate_sets(gated: GatedModel, windows: dict[str, torch.Tensor], skipped: int | None = None,
-                   route_after: int = 2, keep_last: bool = True, **search) -> dict[str, list[int]]:
+                   route_after: int = 2, keep_last: bool = True, posteriors: dict[str, GatePosterior] | None = None,
+                   candidates: int = 8, **search) -> dict[str, list[int]]:
     """Per domain, the ``skipped`` blocks (default: 20 % of them, about PuDDing's 7 of 32) its conditional
     depth search removes (``search``: its options; ``chunk`` equal to the window count is SLEB's greedy on
-    those windows, PuDDing's construction). Domains that give the same set share one candidate, ``"a+b"``."""
+    those windows, PuDDing's construction). With ``posteriors`` (a block posterior per domain,
+    :func:`domain_block_posteriors`), each step of a domain's search weighs only the ``candidates`` blocks
+    its posterior holds least needed where it keeps the rest. Domains that give the same set share one
+    candidate, ``"a+b"``."""
     protected = protected_blocks(gated.num_layers, route_after, keep_last)
     skipped = max(1, round(0.2 * gated.num_layers)) if skipped is None else skipped
+    if posteriors is not None and set(posteriors) != set(windows):
+        raise ValueError(f"give a posterior for every domain: the windows are of {sorted(windows)}, the "
+                         f"posteriors of {sorted(posteriors)}")
     found: dict[tuple[int, ...], list[str]] = {}
     for name, w in windows.items():
-        blocks = tuple(sorted(conditional_depth_search(gated, w, skipped, protected=protected, **search).order))
-        found.setdefault(blocks, []).append(name)
+        proposal = None if posteriors is None else block_proposal(posteriors[name], gated.num_layers - skipped)
+        search_of = conditional_depth_search(gated, w, skipped, protected=protected, proposal=proposal,
+                                             candidates=None if proposal is None else candidates, **search)
+        found.setdefault(tuple(sorted(search_of.order)), []).append(name)
     return {"+".join(names): list(blocks) for blocks, names in found.items()}
+
+
+def domain_block_posteriors(gated: GatedModel, windows: dict[str, torch.Tensor], steps: int = 150, seed: int = 0,
+                            progress: bool = True) -> dict[str, GatePosterior]:
+    """Per domain, the core's block-gate posterior fitted to that domain's windows: frozen weights, a cost
+    drawn every step, so it answers for every number of blocks. The gated model may gate blocks only."""
+    if set(gated.kinds) != {"block"}:
+        raise ValueError(f"domain block posteriors need a model gated with block gates only, not {list(gated.kinds)}")
+    config = FitConfig(steps=steps, weights="frozen", seed=seed)
+    return {name: fit(gated, w, config, progress=progress).posterior() for name, w in windows.items()}
+
+
+def block_proposal(posterior: GatePosterior, kept_blocks: int) -> torch.Tensor:
+    """Each block's keep probability (posterior median) at the cost where ``kept_blocks`` are expected kept."""
+    cost = posterior.fixed_cost if posterior.fixed_cost is not None else posterior.solve(
+        f"{kept_blocks}layers", None)
+    return posterior.block_keep_probability(cost, point=True)[0]
 
 
 def prompt_features(hidden: torch.Tensor, prompt_tokens: int | None = None) -> torch.Tensor:
@@ -180,18 +209,26 @@ def route_prompts(router: BayesianRouter, features: torch.Tensor, sets: dict[str
 def fit_routed_model(gated: GatedModel, windows: dict[str, torch.Tensor], skipped: int | None = None,
                      route_after: int = 2, prompt_tokens: int = 32, search_windows: int = 32,
                      train_windows: int = 128, confidence: float = 0.9, tolerance: float = 0.02,
-                     progress: bool = True, **search) -> "RoutedModel":
+                     posterior_steps: int = 0, candidates: int = 8, progress: bool = True,
+                     **search) -> "RoutedModel":
     """A routed model built from fit windows per domain ``{name: (n, length)}``: each domain's first
     ``search_windows`` give its candidate set (:func:`candidate_sets`, ``search``: the depth search's
-    options), the next ``train_windows`` (fewer if the domain has fewer) train the router."""
+    options), the next ``train_windows`` (fewer if the domain has fewer) train the router. With
+    ``posterior_steps``, a block posterior per domain, fitted on every window that does not train the
+    router, limits each search step to its ``candidates`` least-needed blocks."""
     if not windows:
         raise ValueError("give fit windows of at least one domain")
     short = {name: w.shape[0] for name, w in windows.items() if w.shape[0] <= search_windows}
     if short:
         raise ValueError(f"every domain needs more than search_windows={search_windows} fit windows (the rest "
                          f"train the router); these have too few: {short}")
+    posteriors = None
+    if posterior_steps:
+        rest = {name: torch.cat([w[:search_windows], w[search_windows + train_windows:]])
+                for name, w in windows.items()}
+        posteriors = domain_block_posteriors(gated, rest, posterior_steps, progress=progress)
     sets = candidate_sets(gated, {name: w[:search_windows] for name, w in windows.items()}, skipped, route_after,
-                          progress=progress, **search)
+                          posteriors=posteriors, candidates=candidates, progress=progress, **search)
     train = torch.cat([w[search_windows:search_windows + train_windows] for w in windows.values()])
     features, losses = candidate_losses(gated, train, sets, route_after, prompt_tokens, progress=progress)
     router = BayesianRouter(list(sets)).fit(features, torch.stack([losses[name] for name in sets], 1))

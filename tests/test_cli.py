@@ -208,7 +208,7 @@ def test_router_builds_checks_and_routes_a_prompt_to_a_checkpoint_that_generates
         tiny_model_dir, corpus_dir, code_dir, tmp_path, capsys):
     router = tmp_path / "router.safetensors"
     assert main(["router", "--out", str(router), "--model", str(tiny_model_dir),
-                 "--domains", f"{corpus_dir},{code_dir}", *ROUTER_ARGS]) == 0
+                 "--domains", f"{corpus_dir},{code_dir}", *ROUTER_ARGS, "--posterior-steps", "2"]) == 0
     printed = capsys.readouterr().out
     assert "skips blocks" in printed and "coverage" in printed and f"wrote {router}" in printed
     from bayesprune.routing import router_record
@@ -219,7 +219,7 @@ def test_router_builds_checks_and_routes_a_prompt_to_a_checkpoint_that_generates
     for check in record["made"]["validation"].values():
         assert check["windows"] == 4 and 0 <= check["coverage"] <= 1 and 0 <= check["skipped"] <= 1
         assert all(math.isfinite(v) for v in (check["routed"], check["dense"], *check["sets"].values()))
-    assert record["made"]["model"] == str(tiny_model_dir.resolve())
+    assert record["made"]["model"] == str(tiny_model_dir.resolve()) and record["made"]["posterior_steps"] == 2
 
     sub = tmp_path / "sub"
     assert main(["route", str(router), "--prompt", "To be, or not to be", "--max-new-tokens", "6",

@@ -214,3 +214,27 @@ def test_a_saved_router_routes_as_before_and_foreign_or_mismatched_files_are_ref
     wider = bp.gate(AutoModelForCausalLM.from_config(config), bp.GateConfig(units=("block",)))
     with pytest.raises(ValueError, match="routes on 32 features"):
         RoutedModel.load(path, wider)
+
+
+def test_block_posteriors_per_domain_propose_the_blocks_each_domain_s_search_weighs():
+    model = tiny_model("llama")
+    ids = _windows(2)
+    expected = model(input_ids=ids).logits
+    gated = bp.gate(model, bp.GateConfig(units=("block",)))
+    domains = {"low": _windows(6, low=0, high=VOCAB // 2), "high": _windows(6, low=VOCAB // 2, seed=1)}
+    posteriors = bp.domain_block_posteriors(gated, domains, steps=3, progress=False)
+    assert set(posteriors) == set(domains)
+    torch.testing.assert_close(gated(input_ids=ids).logits, expected)  # the fits leave the gates open
+    from bayesprune.routing import block_proposal
+
+    for name, posterior in posteriors.items():
+        proposal = block_proposal(posterior, 3)
+        assert proposal.shape == (4,) and ((0 <= proposal) & (proposal <= 1)).all()
+        # with one candidate per step the search can only take the posterior's least-needed free block
+        sets = candidate_sets(gated, {name: domains[name]}, 1, route_after=1, posteriors={name: posterior},
+                              candidates=1, chunk=2, progress=False)
+        assert sets == {name: [min((1, 2), key=lambda b: float(proposal[b]))]}
+    with pytest.raises(ValueError, match="a posterior for every domain"):
+        candidate_sets(gated, domains, 1, route_after=1, posteriors={"low": posteriors["low"]}, progress=False)
+    with pytest.raises(ValueError, match="block gates only"):
+        bp.domain_block_posteriors(bp.gate(tiny_model("llama"), bp.GateConfig(units=("block", "head"))), domains)
