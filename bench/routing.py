@@ -45,8 +45,8 @@ from bayesprune.baselines.structured import block_influence
 from bayesprune.data import DOMAINS, domain_documents
 from bayesprune.depth import conditional_depth_search
 from bayesprune.router import BayesianRouter
-from bayesprune.routing import (DENSE, RoutedModel, candidate_choice_scores, candidate_losses, candidate_sets,
-                                route_prompts, skip_gates)
+from bayesprune.routing import (DENSE, RoutedModel, block_proposal, candidate_choice_scores, candidate_losses,
+                                candidate_sets, domain_block_posteriors, route_prompts, skip_gates)
 from bayesprune.tasks import continuation_items
 
 SEQ, PROMPT, ROUTE_AFTER = 128, 32, 2
@@ -96,10 +96,24 @@ def key(blocks) -> str:
     return "-".join(map(str, sorted(blocks))) or DENSE
 
 
+def key_of(configurations: dict[str, list[int]]) -> str:
+    """A stage name for a group of configurations (the ones a stage adds to those cached before)."""
+    return "+".join(sorted(configurations))
+
+
 def losses_of(stages: Stages, name: str, gated, windows, configurations) -> tuple[torch.Tensor, dict]:
     def compute():
         features, losses = candidate_losses(gated, windows, configurations, ROUTE_AFTER, PROMPT)
         return {"features": features, **losses}
+
+    result = stages.tensors(name, compute)
+    return result.pop("features"), result
+
+
+def choices_of(stages: Stages, name: str, gated, tokenizer, items, configurations) -> tuple[torch.Tensor, dict]:
+    def compute():
+        features, scores = candidate_choice_scores(gated, tokenizer, items, configurations, ROUTE_AFTER)
+        return {"features": features, **scores}
 
     result = stages.tensors(name, compute)
     return result.pop("features"), result
@@ -126,6 +140,8 @@ def main() -> None:
     parser.add_argument("--confidence", type=float, default=0.9, help="P(best) the routed model needs to route")
     parser.add_argument("--tolerance", type=float, default=0.02,
                         help="or the expected regret (nats per token) it accepts; else it falls back")
+    parser.add_argument("--posterior-steps", type=int, default=150,
+                        help="SVI steps of each domain's block posterior (bayesprune-posterior candidates)")
     parser.add_argument("--model", default=None, help="model directory or GGUF (default: the default model)")
     parser.add_argument("--cache", default="runs/routing-cache")
     parser.add_argument("--out", default="bench/results/routing.json")
@@ -160,6 +176,21 @@ def main() -> None:
 
     sets = stages.json("sets", search_sets)
     configurations = unique(sets["static"], sets["pudding"], sets["bayesprune"])
+
+    def posterior_sets():  # each domain's block posterior (the core's fit) proposes, its search decides
+        started = time.time()
+        rest = {d: torch.cat([w[:32], w[32 + args.train:]]) for d, w in fit.items()}
+        posteriors = domain_block_posteriors(gated, rest, steps=args.posterior_steps)
+        fitted = time.time() - started
+        found = candidate_sets(gated, {d: w[:32] for d, w in fit.items()}, k, ROUTE_AFTER, posteriors=posteriors,
+                               chunk=8)
+        return {"sets": found, "fit_seconds": fitted, "search_seconds": time.time() - started - fitted,
+                "proposals": {d: block_proposal(p, gated.num_layers - k).tolist() for d, p in posteriors.items()}}
+
+    posterior = stages.json(f"posterior-sets-{args.posterior_steps}" + ("" if args.train == 128 else f"-{args.train}"),
+                            posterior_sets)
+    sets["bayesprune-posterior"] = posterior["sets"]
+    more_test = {n: s for n, s in unique(sets["bayesprune-posterior"]).items() if n not in configurations}
     # SLEB skipping fewer blocks, for the fall-back's quality against blocks skipped
     order = stages.json("sleb-order", lambda: conditional_depth_search(gated, mixed8, k, chunk=8).order)
     fewer = {f"sleb-{j}": sorted(order[:j]) for j in range(max(1, k - 3), k)}
@@ -167,9 +198,13 @@ def main() -> None:
     # -- router training: fit windows the searches did not use ------------------------------------------
     train = torch.cat([w[32:32 + args.train] for w in fit.values()])
     stage = "train" if args.train == 128 else f"train-{args.train}"
-    train_features, train_losses = losses_of(stages, stage, gated, train, unique(sets["pudding"], sets["bayesprune"]))
+    trained = unique(sets["pudding"], sets["bayesprune"])
+    train_features, train_losses = losses_of(stages, stage, gated, train, trained)
+    more_train = {n: s for n, s in unique(sets["bayesprune-posterior"]).items() if n not in trained}
+    if more_train:
+        train_losses.update(losses_of(stages, f"{stage}-{key_of(more_train)}", gated, train, more_train)[1])
     routers = {}
-    for family in ("pudding", "bayesprune"):
+    for family in ("pudding", "bayesprune", "bayesprune-posterior"):
         names = list(sets[family])
         routers[family] = BayesianRouter(names).fit(
             train_features, torch.stack([train_losses[key(sets[family][n])] for n in names], 1))
@@ -178,9 +213,13 @@ def main() -> None:
     rows, calibration, held_out, sweep = [], {}, {}, {}
     for domain in DOMAINS:
         features, losses = losses_of(stages, f"test-{domain}", gated, test[domain], configurations)
+        if more_test:
+            losses.update(losses_of(stages, f"test-{domain}-{key_of(more_test)}", gated, test[domain], more_test)[1])
         routes = {
             "pudding-routed": route_prompts(routers["pudding"], features, sets["pudding"], 1.0, math.inf),
             "bayesprune-routed": route_prompts(routers["bayesprune"], features, sets["bayesprune"], 1.0, math.inf),
+            "bayesprune-posterior-routed": route_prompts(routers["bayesprune-posterior"], features,
+                                                         sets["bayesprune-posterior"], 1.0, math.inf),
             "bayesprune-routed-fallback": route_prompts(routers["bayesprune"], features, sets["bayesprune"],
                                                         args.confidence, args.tolerance)}
         extra = {key(r.skipped): list(r.skipped) for r in routes["bayesprune-routed-fallback"]
@@ -214,13 +253,10 @@ def main() -> None:
     tasks = []
     for domain in DOMAINS:
         items = continuation_items(splits[domain]["test"], args.items, seed=0)
-
-        def compute():
-            features, scores = candidate_choice_scores(gated, tokenizer, items, configurations, ROUTE_AFTER)
-            return {"features": features, **scores}
-
-        scores = stages.tensors(f"choice-{domain}", compute)
-        features = scores.pop("features")
+        features, scores = choices_of(stages, f"choice-{domain}", gated, tokenizer, items, configurations)
+        if more_test:
+            scores.update(choices_of(stages, f"choice-{domain}-{key_of(more_test)}", gated, tokenizer, items,
+                                     more_test)[1])
         answers = torch.tensor([item["answer"] for item in items])
         lengths = torch.tensor([[len(c) for c in item["choices"]] for item in items], dtype=torch.float32)
 
@@ -231,9 +267,16 @@ def main() -> None:
         task = {"domain": domain, "items": len(items), "dense": accuracy(scores[DENSE])}
         for name, blocks in sets["static"].items():
             task[name] = accuracy(scores[key(blocks)])
-        for family, name in (("pudding", "pudding-routed"), ("bayesprune", "bayesprune-routed")):
+        for family, name in (("pudding", "pudding-routed"), ("bayesprune", "bayesprune-routed"),
+                             ("bayesprune-posterior", "bayesprune-posterior-routed")):
             chosen = route_prompts(routers[family], features, sets[family], 1.0, math.inf)
             task[name] = accuracy(routed_metric(chosen, scores))
+        fallback = route_prompts(routers["bayesprune"], features, sets["bayesprune"], args.confidence, args.tolerance)
+        shared = {key(r.skipped): list(r.skipped) for r in fallback if key(r.skipped) not in scores}
+        if shared:  # the blocks the likely sets share, scored as sets of their own
+            scores.update(choices_of(stages, f"choice-{domain}-{key_of(shared)}", gated, tokenizer, items, shared)[1])
+        task["bayesprune-routed-fallback"] = accuracy(routed_metric(fallback, scores))
+        task["bayesprune-routed-fallback-skipped"] = statistics.mean(len(r.skipped) for r in fallback)
         tasks.append(task)
 
     # -- overhead and speed-up on 256-token prompts -----------------------------------------------------
@@ -336,7 +379,8 @@ def plot(result: dict, path: Path) -> None:
     plt = pyplot()
     rows, tasks = result["rows"], result["tasks"]
     static = ["sleb", "shortgpt", "bayesprune-static"]
-    routed = ["pudding-routed", "bayesprune-routed", "bayesprune-routed-fallback", "oracle"]
+    routed = [m for m in ["pudding-routed", "bayesprune-routed", "bayesprune-posterior-routed",
+                          "bayesprune-routed-fallback", "oracle"] if m in rows[0]]
     fig, axes = plt.subplots(2, 3, figsize=(19, 8.5))
 
     def bars(ax, methods, value, labels):
@@ -355,7 +399,7 @@ def plot(result: dict, path: Path) -> None:
     axes[0, 1].set(ylabel="accuracy (4 choices)", title="held-out continuation task")
     coverage = result["coverage_90"]
     domains = list(coverage)
-    bars(axes[1, 0], ["pudding", "bayesprune"], lambda i, m: coverage[domains[i]][m], domains)
+    bars(axes[1, 0], list(coverage[domains[0]]), lambda i, m: coverage[domains[i]][m], domains)
     axes[1, 0].axhline(0.9, color="k", ls=":")
     axes[1, 0].set(ylabel="share of held-out losses inside", ylim=(0, 1),
                    title="coverage of the routers' 90 % predictive intervals")
