@@ -15,6 +15,8 @@ HellaSwag scoring: acc and acc_norm).
   on the same prompt features, always the best predicted set;
 - bayesprune routing: one conditional depth search per domain (up to 32 windows
   each), the Bayesian router, without and with its fall-back (``--confidence``);
+- bayesprune routing over candidates proposed by each domain's block posterior (the
+  core's fit, ``--posterior-steps``) and decided by the same search, 8 blocks per step;
 - the oracle: per prompt, the best of bayesprune's candidate sets.
 
 The router reads the mean hidden state entering block 2 (blocks 0, 1 and the last are
