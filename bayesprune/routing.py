@@ -15,6 +15,7 @@ hard 0 skips the block, its KV-cache layer stays empty, and no weight is copied.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,16 +244,18 @@ def held_out_check(routed: "RoutedModel", windows: dict[str, torch.Tensor], prom
     actual loss inside the router's interval (its coverage)."""
     report = {}
     for name, w in windows.items():
-        features, losses = candidate_losses(routed.gated, w, routed.sets, routed.route_after, prompt_tokens,
-                                            progress=progress)
+        with routed.paused():
+            features, losses = candidate_losses(routed.gated, w, routed.sets, routed.route_after, prompt_tokens,
+                                                progress=progress)
         prediction = routed.router.predict(features)
         actual = torch.stack([losses[s] for s in routed.sets], 1)
         routes = [choose(prediction, routed.sets, routed.confidence, routed.tolerance, row)
                   for row in range(w.shape[0])]
         fallback = {r.skipped for r in routes if r.candidate is None}
         if fallback:  # the blocks the likely sets share, scored as sets of their own
-            _, extra = candidate_losses(routed.gated, w, {str(b): list(b) for b in fallback}, routed.route_after,
-                                        prompt_tokens, progress=False)
+            with routed.paused():
+                _, extra = candidate_losses(routed.gated, w, {str(b): list(b) for b in fallback}, routed.route_after,
+                                            prompt_tokens, progress=False)
         routed_loss = [losses[r.candidate][i] if r.candidate else extra[str(r.skipped)][i]
                        for i, r in enumerate(routes)]
         report[name] = {"windows": w.shape[0], "dense": float(losses[DENSE].mean()),
@@ -296,7 +299,7 @@ class RoutedModel:
         protected = protected_blocks(self.gated.num_layers, self.route_after, keep_last=False)
         if any(b in protected for s in self.sets.values() for b in s):
             raise ValueError(f"no set may skip the blocks before route_after={self.route_after}: the router reads them")
-        self._pending, self._only_route = False, False
+        self._pending, self._only_route, self._paused = False, False, False
         model = self.gated.model
         device = next(model.parameters()).device
         with torch.no_grad(), self.gated.gates_set({"block": None}):
@@ -305,13 +308,15 @@ class RoutedModel:
                          decoder_layers(model)[self.route_after].register_forward_pre_hook(self._route, with_kwargs=True)]
 
     def _new_call(self, module, args, kwargs):
+        if self._paused:
+            return
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
         if cache is None or cache.get_seq_length() == 0:
             self._pending = True
             self.gated.set_gates({"block": None})
 
     def _route(self, module, args, kwargs):
-        if not self._pending:
+        if not self._pending or self._paused:
             return
         started = time.perf_counter()
         features = prompt_features(args[0] if args else kwargs["hidden_states"]).mean(0, keepdim=True)
@@ -321,6 +326,15 @@ class RoutedModel:
         self.last_route, self._pending = route, False
         if self._only_route:
             raise _RouteChosen
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Inside the block the gated model runs unrouted, with the gates it is given."""
+        self._paused = True
+        try:
+            yield self.gated
+        finally:
+            self._paused = False
 
     def __call__(self, *args, **kwargs):
         return self.gated.model(*args, **kwargs)

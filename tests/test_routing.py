@@ -238,3 +238,28 @@ def test_block_posteriors_per_domain_propose_the_blocks_each_domain_s_search_wei
         candidate_sets(gated, domains, 1, route_after=1, posteriors={"low": posteriors["low"]}, progress=False)
     with pytest.raises(ValueError, match="block gates only"):
         bp.domain_block_posteriors(bp.gate(tiny_model("llama"), bp.GateConfig(units=("block", "head"))), domains)
+
+
+def test_fit_routed_model_and_its_held_out_check_score_every_set_unrouted():
+    gated = bp.gate(tiny_model("llama"), bp.GateConfig(units=("block",)))
+    domains = {"low": _windows(10, low=0, high=VOCAB // 2), "high": _windows(10, low=VOCAB // 2, seed=1)}
+    routed = bp.fit_routed_model(gated, domains, 1, route_after=1, prompt_tokens=6, search_windows=4,
+                                 train_windows=6, chunk=2, progress=False)
+    assert all(len(blocks) == 1 and blocks[0] in (1, 2) for blocks in routed.sets.values())
+    held_out = {"low": _windows(4, low=0, high=VOCAB // 2, seed=5)}
+    report = bp.held_out_check(routed, held_out, prompt_tokens=6, progress=False)["low"]
+    with routed.paused():
+        _, losses = candidate_losses(gated, held_out["low"], {**routed.sets, "one": [1], "two": [2]}, 1, 6,
+                                     progress=False)
+    assert report["dense"] == pytest.approx(float(losses[DENSE].mean()))
+    for name, blocks in routed.sets.items():
+        assert report["sets"][name] == pytest.approx(float(losses[name].mean()))
+    assert all(abs(report["dense"] - float(losses[name].mean())) > 1e-4 for name in ("one", "two"))
+    # the routes' loss is, prompt by prompt, that of the set each one skips
+    with routed.paused():
+        features = candidate_losses(gated, held_out["low"], {}, 1, 6, progress=False)[0]
+    routes = route_prompts(routed.router, features, routed.sets, routed.confidence, routed.tolerance)
+    by_set = {(): losses[DENSE], (1,): losses["one"], (2,): losses["two"]}
+    assert report["routed"] == pytest.approx(float(torch.stack([by_set[r.skipped][i] for i, r in enumerate(routes)]).mean()))
+    with pytest.raises(ValueError, match="more than search_windows=10"):
+        bp.fit_routed_model(gated, domains, 1, route_after=1, prompt_tokens=6, search_windows=10, progress=False)
