@@ -74,8 +74,9 @@ def parse_args():
                         help="likelihood of the bayesprune fit; distillation rows are 'bayesprune-distillation'")
     parser.add_argument("--nll-weight", type=float, default=0.0,
                         help="share of NLL in a distillation likelihood; its rows get '-nllW'")
-    parser.add_argument("--weights", choices=["frozen", "lora"], default="frozen",
-                        help="weights of the bayesprune fit; adapter rows are 'bayesprune-lora'")
+    parser.add_argument("--weights", choices=["frozen", "lora", "joint"], default="frozen",
+                        help="weights of the bayesprune fit; adapter rows are 'bayesprune-lora', jointly trained "
+                             "ones 'bayesprune-joint'")
     parser.add_argument("--fractions", nargs="+", default=FRACTIONS)
     parser.add_argument("--corpora", nargs="+", choices=sorted(DOMAINS), default=CORPORA,
                         help="test splits scored, one column each (the first is the fit corpus)")
@@ -96,7 +97,7 @@ def parse_args():
     args = parser.parse_args()
     if args.nll_weight and args.likelihood != "distillation":
         parser.error("--nll-weight mixes the NLL into a distillation likelihood: add --likelihood distillation")
-    suffix = ("-lora" if args.weights == "lora" else "") + \
+    suffix = ("" if args.weights == "frozen" else f"-{args.weights}") + \
         ("-distillation" if args.likelihood == "distillation" else "") + \
         (f"-nll{args.nll_weight:g}" if args.nll_weight else "") + (f"-seed{args.seed}" if args.seed else "")
     args.label = "bayesprune" + suffix
@@ -320,7 +321,7 @@ def main() -> None:
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')} in {time.time() - frontier.started:.0f} s")
 
 
-COLOURS = {"bayesprune": "navy", "bayesprune-distillation": "darkorange", "bayesprune-lora": "teal",
+COLOURS = {"bayesprune": "navy", "bayesprune-distillation": "darkorange", "bayesprune-lora": "teal", "bayesprune-joint": "olive",
            "bayesprune-lora-distillation": "crimson", "bayesprune-lora-distillation-nll0.5": "salmon",
            "bayesprune-depth": "darkviolet", "bayesprune-depth-1024": "plum",
            "previous-amortised": "tab:blue", "previous-width": "tab:cyan", "previous-block": "goldenrod",
