@@ -3,7 +3,19 @@
 from __future__ import annotations
 
 import json
+import statistics
+import time
 from pathlib import Path
+
+
+def median_seconds(call, rounds: int) -> float:
+    """The median wall time of ``rounds`` calls of ``call()``."""
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
 
 
 def pyplot():

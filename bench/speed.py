@@ -25,11 +25,10 @@ import argparse
 import copy
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
-from common import pyplot, save_figure, write_results
+from common import median_seconds, pyplot, save_figure, write_results
 
 import bayesprune as bp
 from bayesprune.architectures import decoder_layers
@@ -50,15 +49,6 @@ def flops_per_token(model, context: float) -> float:
             query_heads = attention.o_proj.weight.shape[1] // head_dim
             total += 2.0 * 2 * query_heads * head_dim * context
     return total
-
-
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -117,9 +107,9 @@ def main() -> None:
             decode_fn(m)()
         for round_ in range(args.rounds):
             for name, m in models.items():
-                samples[name]["prefill_b1"].append(timed(prefill_fn(m, 1), 1))
-                samples[name]["prefill_b8"].append(timed(prefill_fn(m, 8), 1))
-                samples[name]["decode"].append(timed(decode_fn(m), 1))
+                samples[name]["prefill_b1"].append(median_seconds(prefill_fn(m, 1), 1))
+                samples[name]["prefill_b8"].append(median_seconds(prefill_fn(m, 8), 1))
+                samples[name]["decode"].append(median_seconds(decode_fn(m), 1))
             print(f"round {round_ + 1}/{args.rounds} done", flush=True)
     rows = []
     base = {k: statistics.median(v) for k, v in samples["dense"].items()}

@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import pyro
 import torch
-from common import write_results
+from common import median_seconds, write_results
 
 import bayesprune as bp
 from bayesprune.config import CostConfig
@@ -62,15 +60,6 @@ def visited_windows(num_windows: int, steps: int = 300, batch_size: int = 4, see
         draw_cost(CostConfig())
         seen.update(torch.randperm(num_windows)[:batch_size].tolist())
     return len(seen)
-
-
-def median_seconds(call, rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def main() -> None:
