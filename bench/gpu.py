@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 
 import torch
-from speed import flops_per_token, timed
+from common import median_seconds
+from speed import flops_per_token
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import bayesprune as bp
@@ -104,9 +105,9 @@ def inference_speed(shape: str, device, dtype, seq_len: int, compile_models: boo
 
             with torch.no_grad():
                 prefill(1), prefill(8), decode()  # warm-up (and compilation)
-                measured[name] = {"prefill_b1_s": timed(lambda: prefill(1), repeats),
-                                  "prefill_b8_s": timed(lambda: prefill(8), repeats),
-                                  "decode_tokens_per_s": new / timed(decode, repeats)}
+                measured[name] = {"prefill_b1_s": median_seconds(lambda: prefill(1), repeats),
+                                  "prefill_b8_s": median_seconds(lambda: prefill(8), repeats),
+                                  "decode_tokens_per_s": new / median_seconds(decode, repeats)}
         base = measured["dense"]
         for name, values in measured.items():
             model = models[name]
