@@ -17,7 +17,11 @@ HellaSwag scoring: acc and acc_norm).
   each), the Bayesian router, without and with its fall-back (``--confidence``);
 - bayesprune routing over candidates proposed by each domain's block posterior (the
   core's fit, ``--posterior-steps``) and decided by the same search, 8 blocks per step;
-- the oracle: per prompt, the best of bayesprune's candidate sets.
+- the oracle: per prompt, the best of bayesprune's candidate sets;
+- where bayesprune's routing does not beat the best static set, a local check: every set
+  one swap from that domain's own, scored on router-training windows, overall and inside
+  k-means clusters of the router's features (is there a better set, or a part of the
+  domain another set serves better, for a router to find?).
 
 The router reads the mean hidden state entering block 2 (blocks 0, 1 and the last are
 never skipped), is trained on 128 fit windows per domain, and its 90 % intervals are
@@ -48,10 +52,11 @@ from bayesprune.data import DOMAINS, domain_documents
 from bayesprune.depth import conditional_depth_search
 from bayesprune.router import BayesianRouter
 from bayesprune.routing import (DENSE, RoutedModel, block_proposal, candidate_choice_scores, candidate_losses,
-                                candidate_sets, domain_block_posteriors, route_prompts, skip_gates)
+                                candidate_sets, domain_block_posteriors, protected_blocks, route_prompts, skip_gates)
 from bayesprune.tasks import continuation_items
 
 SEQ, PROMPT, ROUTE_AFTER = 128, 32, 2
+LOCAL_WINDOWS = 64  # router-training windows the local check scores each one-swap neighbour on
 
 
 class Stages:
@@ -119,6 +124,58 @@ def choices_of(stages: Stages, name: str, gated, tokenizer, items, configuration
 
     result = stages.tensors(name, compute)
     return result.pop("features"), result
+
+
+def own_set(family: dict[str, list[int]], domain: str) -> list[int]:
+    return next(blocks for name, blocks in family.items() if domain in name.split("+"))
+
+
+def kmeans(x: torch.Tensor, clusters: int, iterations: int = 50, seed: int = 0):
+    """Lloyd's k-means on the standardised rows of ``x`` from a seeded start: a function giving any rows'
+    cluster."""
+    mean, scale = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = (x - mean) / scale
+    centres = z[torch.randperm(z.shape[0], generator=torch.Generator().manual_seed(seed))[:clusters]]
+    for _ in range(iterations):
+        labels = torch.cdist(z, centres).argmin(1)
+        centres = torch.stack([z[labels == j].mean(0) if (labels == j).any() else centres[j] for j in range(clusters)])
+    return lambda rows: torch.cdist((rows - mean) / scale, centres).argmin(1)
+
+
+def local_check(stages: Stages, domain: str, gated, windows: torch.Tensor, own: list[int], test_windows: torch.Tensor,
+                clusters: tuple[int, ...] = (2, 3), shown: int = 5) -> dict:
+    """Every set one swap from the domain's own (a skipped block traded for a kept one no route protects),
+    scored on router-training windows the search did not use: overall, and inside k-means clusters of the
+    router's features. A cluster that another set serves better is what a router could exploit: test
+    prompts sent to their nearest cluster's best set say whether it generalises. The nearest sets are
+    also scored on the test windows."""
+    protected = protected_blocks(gated.num_layers, ROUTE_AFTER)
+    neighbours = unique({f"{out}>{into}": [b for b in own if b != out] + [into] for out in own
+                         for into in range(gated.num_layers) if into not in own and into not in protected})
+    features, losses = losses_of(stages, f"swaps-{domain}-{key(own)}", gated, windows, {key(own): own, **neighbours})
+    mean = {n: float(v.mean()) for n, v in losses.items() if n != DENSE}
+    ranked = sorted(mean, key=mean.get)
+    cluster_of = {count: kmeans(features, count) for count in clusters}
+    inside_clusters, best_of = [], {}
+    for count, of in cluster_of.items():
+        labels = of(features)
+        for j in range(count):
+            inside = {n: float(losses[n][labels == j].mean()) for n in mean}
+            best_of[count, j] = min(inside, key=inside.get)
+            inside_clusters.append({"clusters": count, "windows": int((labels == j).sum()), "best": best_of[count, j],
+                                    "best_nll": inside[best_of[count, j]], "own_nll": inside[key(own)]})
+    scored = {n: [int(b) for b in n.split("-")] for n in {*ranked[:3], key(own), *best_of.values()}}
+    test_features, on_test = losses_of(stages, f"test-{domain}-{key_of(scored)}", gated, test_windows, scored)
+    by_cluster = {}
+    for count, of in cluster_of.items():
+        sent = [best_of[count, int(j)] for j in of(test_features)]
+        by_cluster[count] = math.exp(torch.stack([on_test[n][i] for i, n in enumerate(sent)]).mean())
+    return {"set": key(own), "windows": windows.shape[0], "neighbours": len(neighbours),
+            "rank_of_own": ranked.index(key(own)) + 1, "own_nll": mean[key(own)],
+            "nearest": [[n, mean[n]] for n in ranked[:shown]], "clusters": inside_clusters,
+            "test_perplexity": {n: math.exp(v.mean()) for n, v in on_test.items() if n != DENSE},
+            "cluster_routed_test_perplexity": by_cluster,
+            "nll_minus_own": sorted(v - mean[key(own)] for v in mean.values())}
 
 
 def routed_metric(routes, values: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -245,11 +302,15 @@ def main() -> None:
             row[name + "-skipped"] = statistics.mean(len(r.skipped) for r in chosen)
         candidates = torch.stack([losses[key(s)] for s in sets["bayesprune"].values()], 1)
         row["oracle"] = math.exp(candidates.min(1).values.mean())
-        own = next(blocks for name, blocks in sets["bayesprune"].items() if domain in name.split("+"))
-        row["own-domain-set"] = math.exp(losses[key(own)].mean())
+        row["own-domain-set"] = math.exp(losses[key(own_set(sets["bayesprune"], domain))].mean())
         row["routed-to"] = {n: sum(r.candidate == n for r in routes["bayesprune-routed"]) for n in sets["bayesprune"]}
         row["fallback-share"] = statistics.mean(r.candidate is None for r in routes["bayesprune-routed-fallback"])
         rows.append(row)
+
+    # -- where routing does not beat the best static set: is the domain's own set a local optimum? -------
+    local = {row["domain"]: local_check(stages, row["domain"], gated, fit[row["domain"]][32:32 + LOCAL_WINDOWS],
+                                        own_set(sets["bayesprune"], row["domain"]), test[row["domain"]])
+             for row in rows if row["bayesprune-routed"] >= min(row[n] for n in sets["static"])}
 
     # -- multiple choice --------------------------------------------------------------------------------
     tasks = []
@@ -295,7 +356,7 @@ def main() -> None:
                 "train_windows_per_domain": args.train, "seconds": round(time.time() - started),
                 "stages_computed_s": stages.computed, "stages_loaded_from_cache": stages.loaded},
         "sets": sets, "routers": {f: r.record() for f, r in routers.items()},
-        "rows": rows, "tasks": tasks, "coverage_90": calibration, "fallback_sweep": sweep, "timing": timing, "generation": generation,
+        "rows": rows, "tasks": tasks, "coverage_90": calibration, "fallback_sweep": sweep, "local_check": local, "timing": timing, "generation": generation,
         "reliability": reliability(held_out, sets["bayesprune"]),
     }
     write_results(result, args.out, plot=lambda _, path: plot(result, path))
@@ -423,7 +484,14 @@ def plot(result: dict, path: Path) -> None:
     ax.set(xlabel="blocks skipped (routed: mean over prompts)", ylabel="test perplexity / dense",
            title="fall-back: quality against blocks skipped")
     ax.legend(fontsize=6)
-    axes[1, 2].axis("off")
+    ax = axes[1, 2]
+    for domain, check in result.get("local_check", {}).items():
+        ax.plot(range(1, len(check["nll_minus_own"]) + 1), check["nll_minus_own"], ".-",
+                label=f"{domain}: {check['neighbours']} sets one swap from {{{check['set']}}}")
+    ax.axhline(0, color="k", ls=":")
+    ax.set(xlabel="rank on router-training windows", ylabel="NLL − own set's (nats/token)",
+           title="is the own set a local optimum where routing does not win?")
+    ax.legend(fontsize=7)
     save_figure(fig, path)
 
 
