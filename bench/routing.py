@@ -29,7 +29,7 @@ checked on the test windows. Overhead is timed on 256-token prompts through a
 :class:`bayesprune.routing.RoutedModel`. Stages are cached in ``--cache`` (safetensors
 and JSON), so a stopped run resumes where it was.
 
-    .venv/bin/python bench/routing.py                 # ≈ 50 min on 2 cores
+    .venv/bin/python bench/routing.py                 # ≈ 75 min cold on 2 cores
 """
 
 from __future__ import annotations
