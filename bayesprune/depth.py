@@ -14,6 +14,11 @@ blocks it holds least likely to be needed, which cuts the evaluations. The
 uncertainty of each choice is measured over the scoring windows: the share of
 Bayesian-bootstrap reweightings (flat Dirichlet weights over windows) under which the
 chosen block is still the best next removal.
+
+A greedy order need not give the best set of a given size: a block removed early may
+be worth restoring once later removals are known. :func:`swap_search` refines a set by
+single swaps (one removed block restored, one kept block removed), each judged the
+same way, until the set is the best of its neighbourhood.
 """
 
 from __future__ import annotations
@@ -146,38 +151,141 @@ def conditional_depth_search(gated: GatedModel, windows: torch.Tensor, removals:
     if chunk < 2 or not 0 < confidence <= 1:
         raise ValueError(f"chunk must be >= 2 windows and confidence in (0, 1], got {chunk} and {confidence}")
     started = time.time()
-    scorers = [_WindowScorer(gated, windows[i:i + chunk], score, batch_size)
-               for i in range(0, windows.shape[0], chunk)]
+    scorers = _scorers(gated, windows, score, chunk, batch_size)
     search = DepthSearch([], score=score)
-    seen = 0
+    chunks = 0
     on = torch.ones(num_layers)
     for _ in tqdm(range(removals), desc="depth search", disable=not progress):
         remaining = [b for b in torch.nonzero(on).flatten().tolist() if b not in protected]
         if candidates is not None:
             remaining = sorted(remaining, key=lambda b: float(proposal[b]))[:candidates]
-        per_window: dict[int, torch.Tensor] = {}
-        for used, scorer in enumerate(scorers):
-            for layer in remaining:
-                trial = on.clone()
-                trial[layer] = 0
-                part = scorer(trial)
-                per_window[layer] = part if used == 0 else torch.cat([per_window[layer], part])
-            seen = max(seen, (used + 1) * chunk)
-            search.evaluations += len(remaining)
-            per_window = {b: per_window[b] for b in remaining}
-            shares = win_shares(per_window)
-            if max(shares.values()) >= confidence:
-                break
-            remaining = [b for b, share in shares.items() if share >= 0.01]
-        per_window = {b: per_window[b] for b in remaining}
-        means = {b: float(v.mean()) for b, v in per_window.items()}
-        chosen = min(means, key=means.get)
-        on[chosen] = 0
-        search.order.append(chosen)
-        search.steps.append(DepthStep(chosen, means, win_shares(per_window)[chosen]))
-    search.tokens = min(seen, windows.shape[0]) * windows.shape[1]
+        choice = _adaptive_choice(scorers, {b: _without(on, [b]) for b in remaining}, confidence)
+        on[choice.best] = 0
+        search.order.append(choice.best)
+        search.steps.append(DepthStep(choice.best, choice.means, choice.probability))
+        search.evaluations += choice.evaluations
+        chunks = max(chunks, choice.chunks)
+    search.tokens = min(chunks * chunk, windows.shape[0]) * windows.shape[1]
     search.seconds = time.time() - started
     return search
+
+
+@dataclass
+class SwapStep:
+    """One accepted swap: a removed block brought back, a kept one removed, and what the choice saw."""
+
+    restored: int
+    removed: int
+    score: float
+    before: float
+    choice_probability: float
+
+
+@dataclass
+class SwapSearch:
+    """A removed set refined by single swaps until none is better (or ``max_swaps`` were made)."""
+
+    removed: list[int]
+    start: list[int]
+    steps: list[SwapStep] = field(default_factory=list)
+    local_optimum: bool = False
+    score: str = "nll"
+    tokens: int = 0
+    evaluations: int = 0
+    seconds: float = 0.0
+
+    def record(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def swap_search(gated: GatedModel, windows: torch.Tensor, removed, score: str = "nll", max_swaps: int = 8,
+                chunk: int = 8, confidence: float = 0.95, batch_size: int = 4, protected: tuple[int, ...] = (),
+                progress: bool = True) -> SwapSearch:
+    """Refine a set of removed blocks by swaps: each pass scores the set and every set one swap away (a
+    removed block restored, a kept one that is not ``protected`` removed) as the depth search scores its
+    candidates, on more windows while the choice is unsure (the set itself is scored on every window its
+    rivals are), and moves to the best. It stops when the set itself is the best of its neighbourhood (a
+    local optimum of the score on these windows) or after ``max_swaps``; a last pass then says whether the
+    set it ends on is one."""
+    if "block" not in gated.kinds:
+        raise ValueError("a swap search needs a model gated with block gates (GateConfig(units=('block', ...)))")
+    num_layers = gated.num_layers
+    current = sorted({int(b) for b in removed})
+    protected = sorted({int(b) for b in protected})
+    if not current or any(not 0 <= b < num_layers for b in current) or set(current) & set(protected):
+        raise ValueError(f"removed must be some unprotected blocks of 0..{num_layers - 1}, not {list(removed)} "
+                         f"(protected: {protected})")
+    if chunk < 2 or not 0 < confidence <= 1 or max_swaps < 0:
+        raise ValueError(f"chunk must be >= 2 windows, confidence in (0, 1] and max_swaps >= 0, got {chunk}, "
+                         f"{confidence} and {max_swaps}")
+    started = time.time()
+    scorers = _scorers(gated, windows, score, chunk, batch_size)
+    search = SwapSearch(list(current), list(current), score=score)
+    chunks = 0
+    for _ in tqdm(range(max_swaps + 1), desc="swap search", disable=not progress):
+        kept = [b for b in range(num_layers) if b not in current and b not in protected]
+        all_on = torch.ones(num_layers)
+        trials = {(None, None): _without(all_on, current)}
+        trials.update({(out, into): _without(all_on, [b for b in current if b != out] + [into])
+                       for out in current for into in kept})
+        choice = _adaptive_choice(scorers, trials, confidence, keep=(None, None))
+        search.evaluations += choice.evaluations
+        chunks = max(chunks, choice.chunks)
+        if choice.best == (None, None):
+            search.local_optimum = True
+            break
+        if len(search.steps) == max_swaps:
+            break
+        out, into = choice.best
+        current = sorted([b for b in current if b != out] + [into])
+        search.steps.append(SwapStep(out, into, choice.means[choice.best], choice.means[None, None],
+                                     choice.probability))
+    search.removed = current
+    search.tokens = min(chunks * chunk, windows.shape[0]) * windows.shape[1]
+    search.seconds = time.time() - started
+    return search
+
+
+def _scorers(gated: GatedModel, windows: torch.Tensor, score: str, chunk: int, batch_size: int) -> list[_WindowScorer]:
+    return [_WindowScorer(gated, windows[i:i + chunk], score, batch_size) for i in range(0, windows.shape[0], chunk)]
+
+
+def _without(on: torch.Tensor, blocks) -> torch.Tensor:
+    trial = on.clone()
+    trial[list(blocks)] = 0
+    return trial
+
+
+@dataclass
+class _Choice:
+    best: object
+    means: dict
+    probability: float
+    evaluations: int
+    chunks: int
+
+
+def _adaptive_choice(scorers: list[_WindowScorer], trials: dict, confidence: float, keep=None) -> _Choice:
+    """The trial (block gates) with the lowest mean score. Every trial is scored on the first chunk of
+    windows; while the best one's probability is below ``confidence`` and chunks are left, the contenders
+    (those that win under at least 1 % of the reweightings) are scored on the next chunk and the choice is
+    made again over all the windows they have seen. The trial ``keep`` stays a contender throughout."""
+    remaining, per_window, evaluations, used = list(trials), {}, 0, 0
+    for used, scorer in enumerate(scorers, 1):
+        for name in remaining:
+            part = scorer(trials[name])
+            per_window[name] = part if name not in per_window else torch.cat([per_window[name], part])
+        evaluations += len(remaining)
+        per_window = {name: per_window[name] for name in remaining}
+        shares = win_shares(per_window)
+        if max(shares.values()) >= confidence:
+            break
+        remaining = [name for name, share in shares.items() if share >= 0.01 or name == keep]
+    per_window = {name: per_window[name] for name in remaining}
+    means = {name: float(v.mean()) for name, v in per_window.items()}
+    best = min(means, key=means.get)
+    return _Choice(best, means, win_shares(per_window)[best], evaluations, used)
 
 
 def format_depth(search: DepthSearch) -> str:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .architectures import decoder_layers
 from .config import FitConfig
-from .depth import conditional_depth_search
+from .depth import conditional_depth_search, swap_search
 from .evaluate import next_token_nll
 from .fit import fit
 from .gates import GatedModel
@@ -47,24 +47,39 @@ def protected_blocks(num_layers: int, route_after: int, keep_last: bool = True) 
 
 def candidate_sets(gated: GatedModel, windows: dict[str, torch.Tensor], skipped: int | None = None,
                    route_after: int = 2, keep_last: bool = True, posteriors: dict[str, GatePosterior] | None = None,
-                   candidates: int = 8, **search) -> dict[str, list[int]]:
+                   candidates: int = 8, max_swaps: int = 0, **search) -> dict[str, list[int]]:
     """Per domain, the ``skipped`` blocks (default: 20 % of them, about PuDDing's 7 of 32) its conditional
     depth search removes (``search``: its options; ``chunk`` equal to the window count is SLEB's greedy on
     those windows, PuDDing's construction). With ``posteriors`` (a block posterior per domain,
     :func:`domain_block_posteriors`), each step of a domain's search weighs only the ``candidates`` blocks
-    its posterior holds least needed where it keeps the rest. Domains that give the same set share one
-    candidate, ``"a+b"``."""
+    its posterior holds least needed where it keeps the rest. With ``max_swaps``, each domain's set is then
+    refined by :func:`~bayesprune.depth.swap_search` on the same windows until no single swap is better.
+    Domains that give the same set share one candidate, ``"a+b"``."""
     protected = protected_blocks(gated.num_layers, route_after, keep_last)
     skipped = max(1, round(0.2 * gated.num_layers)) if skipped is None else skipped
+    if max_swaps < 0:
+        raise ValueError(f"max_swaps must be >= 0, got {max_swaps}")
     if posteriors is not None and set(posteriors) != set(windows):
         raise ValueError(f"give a posterior for every domain: the windows are of {sorted(windows)}, the "
                          f"posteriors of {sorted(posteriors)}")
-    found: dict[tuple[int, ...], list[str]] = {}
+    found: dict[str, list[int]] = {}
     for name, w in windows.items():
         proposal = None if posteriors is None else block_proposal(posteriors[name], gated.num_layers - skipped)
-        search_of = conditional_depth_search(gated, w, skipped, protected=protected, proposal=proposal,
-                                             candidates=None if proposal is None else candidates, **search)
-        found.setdefault(tuple(sorted(search_of.order)), []).append(name)
+        removed = conditional_depth_search(gated, w, skipped, protected=protected, proposal=proposal,
+                                           candidates=None if proposal is None else candidates, **search).order
+        if max_swaps:
+            shared = {k: v for k, v in search.items() if k in ("score", "chunk", "confidence", "batch_size",
+                                                                 "progress")}
+            removed = swap_search(gated, w, removed, max_swaps=max_swaps, protected=protected, **shared).removed
+        found[name] = removed
+    return shared_candidates(found)
+
+
+def shared_candidates(per_domain: dict[str, list[int]]) -> dict[str, list[int]]:
+    """One candidate per distinct set of skipped blocks (sorted), named by the domains that chose it, ``"a+b"``."""
+    found: dict[tuple[int, ...], list[str]] = {}
+    for name, blocks in per_domain.items():
+        found.setdefault(tuple(sorted(int(b) for b in blocks)), []).append(name)
     return {"+".join(names): list(blocks) for blocks, names in found.items()}
 
 

@@ -17,6 +17,8 @@ HellaSwag scoring: acc and acc_norm).
   each), the Bayesian router, without and with its fall-back (``--confidence``);
 - bayesprune routing over candidates proposed by each domain's block posterior (the
   core's fit, ``--posterior-steps``) and decided by the same search, 8 blocks per step;
+- the same with each of bayesprune's sets refined by swaps (``bayesprune.depth.swap_search``) on the
+  windows its search used, until no single swap is better; and the static set refined so;
 - the oracle: per prompt, the best of bayesprune's candidate sets;
 - where bayesprune's routing does not beat the best static set, a local check: every set
   one swap from that domain's own, scored on router-training windows, overall and inside
@@ -49,13 +51,15 @@ from safetensors.torch import load_file, save_file
 import bayesprune as bp
 from bayesprune.baselines.structured import block_influence
 from bayesprune.data import DOMAINS, domain_documents
-from bayesprune.depth import conditional_depth_search
+from bayesprune.depth import conditional_depth_search, swap_search
 from bayesprune.router import BayesianRouter
 from bayesprune.routing import (DENSE, RoutedModel, block_proposal, candidate_choice_scores, candidate_losses,
-                                candidate_sets, domain_block_posteriors, protected_blocks, route_prompts, skip_gates)
+                                candidate_sets, domain_block_posteriors, protected_blocks, route_prompts,
+                                shared_candidates, skip_gates)
 from bayesprune.tasks import continuation_items
 
 SEQ, PROMPT, ROUTE_AFTER = 128, 32, 2
+ROUTED = ("pudding", "bayesprune", "bayesprune-posterior", "bayesprune-swapped")  # candidate families routed
 LOCAL_WINDOWS = 64  # router-training windows the local check scores each one-swap neighbour on
 
 
@@ -249,7 +253,24 @@ def main() -> None:
     posterior = stages.json(f"posterior-sets-{args.posterior_steps}" + ("" if args.train == 128 else f"-{args.train}"),
                             posterior_sets)
     sets["bayesprune-posterior"] = posterior["sets"]
-    more_test = {n: s for n, s in unique(sets["bayesprune-posterior"]).items() if n not in configurations}
+
+    def swapped_sets():  # each domain's set refined by swaps on its search windows; the static set on its own
+        mixed32 = torch.cat([w[:8] for w in fit.values()])
+        searches = {d: swap_search(gated, fit[d][:32], own_set(sets["bayesprune"], d), chunk=8,
+                                   protected=protected_blocks(gated.num_layers, ROUTE_AFTER)) for d in DOMAINS}
+        static = swap_search(gated, mixed32, sets["static"]["bayesprune-static"], chunk=8)
+        return {"sets": shared_candidates({d: s.removed for d, s in searches.items()}), "static": static.removed,
+                "searches": {d: s.record() for d, s in {**searches, "static": static}.items()}}
+
+    swapped = stages.json("swapped-sets", swapped_sets)
+    sets["bayesprune-swapped"] = swapped["sets"]
+    sets["static"]["bayesprune-static-swapped"] = swapped["static"]
+    # sets scored after the first stages, each family's new ones in a stage of their own
+    more_test, covered = [], set(configurations)
+    for family in (sets["bayesprune-posterior"], {**sets["bayesprune-swapped"], "static": swapped["static"]}):
+        group = {n: s for n, s in unique(family).items() if n not in covered}
+        covered |= set(group)
+        more_test += [group] if group else []
     # SLEB skipping fewer blocks, for the fall-back's quality against blocks skipped
     order = stages.json("sleb-order", lambda: conditional_depth_search(gated, mixed8, k, chunk=8).order)
     fewer = {f"sleb-{j}": sorted(order[:j]) for j in range(max(1, k - 3), k)}
@@ -259,11 +280,12 @@ def main() -> None:
     stage = "train" if args.train == 128 else f"train-{args.train}"
     trained = unique(sets["pudding"], sets["bayesprune"])
     train_features, train_losses = losses_of(stages, stage, gated, train, trained)
-    more_train = {n: s for n, s in unique(sets["bayesprune-posterior"]).items() if n not in trained}
-    if more_train:
-        train_losses.update(losses_of(stages, f"{stage}-{key_of(more_train)}", gated, train, more_train)[1])
+    for family in ("bayesprune-posterior", "bayesprune-swapped"):
+        more_train = {n: s for n, s in unique(sets[family]).items() if n not in train_losses}
+        if more_train:
+            train_losses.update(losses_of(stages, f"{stage}-{key_of(more_train)}", gated, train, more_train)[1])
     routers = {}
-    for family in ("pudding", "bayesprune", "bayesprune-posterior"):
+    for family in ROUTED:
         names = list(sets[family])
         routers[family] = BayesianRouter(names).fit(
             train_features, torch.stack([train_losses[key(sets[family][n])] for n in names], 1))
@@ -272,15 +294,12 @@ def main() -> None:
     rows, calibration, held_out, sweep = [], {}, {}, {}
     for domain in DOMAINS:
         features, losses = losses_of(stages, f"test-{domain}", gated, test[domain], configurations)
-        if more_test:
-            losses.update(losses_of(stages, f"test-{domain}-{key_of(more_test)}", gated, test[domain], more_test)[1])
-        routes = {
-            "pudding-routed": route_prompts(routers["pudding"], features, sets["pudding"], 1.0, math.inf),
-            "bayesprune-routed": route_prompts(routers["bayesprune"], features, sets["bayesprune"], 1.0, math.inf),
-            "bayesprune-posterior-routed": route_prompts(routers["bayesprune-posterior"], features,
-                                                         sets["bayesprune-posterior"], 1.0, math.inf),
-            "bayesprune-routed-fallback": route_prompts(routers["bayesprune"], features, sets["bayesprune"],
-                                                        args.confidence, args.tolerance)}
+        for group in more_test:
+            losses.update(losses_of(stages, f"test-{domain}-{key_of(group)}", gated, test[domain], group)[1])
+        routes = {f"{family}-routed": route_prompts(routers[family], features, sets[family], 1.0, math.inf)
+                  for family in ROUTED}
+        routes["bayesprune-routed-fallback"] = route_prompts(routers["bayesprune"], features, sets["bayesprune"],
+                                                             args.confidence, args.tolerance)
         extra = {key(r.skipped): list(r.skipped) for r in routes["bayesprune-routed-fallback"]
                  if key(r.skipped) not in losses}
         if extra:
@@ -317,9 +336,8 @@ def main() -> None:
     for domain in DOMAINS:
         items = continuation_items(splits[domain]["test"], args.items, seed=0)
         features, scores = choices_of(stages, f"choice-{domain}", gated, tokenizer, items, configurations)
-        if more_test:
-            scores.update(choices_of(stages, f"choice-{domain}-{key_of(more_test)}", gated, tokenizer, items,
-                                     more_test)[1])
+        for group in more_test:
+            scores.update(choices_of(stages, f"choice-{domain}-{key_of(group)}", gated, tokenizer, items, group)[1])
         answers = torch.tensor([item["answer"] for item in items])
         lengths = torch.tensor([[len(c) for c in item["choices"]] for item in items], dtype=torch.float32)
 
@@ -330,10 +348,9 @@ def main() -> None:
         task = {"domain": domain, "items": len(items), "dense": accuracy(scores[DENSE])}
         for name, blocks in sets["static"].items():
             task[name] = accuracy(scores[key(blocks)])
-        for family, name in (("pudding", "pudding-routed"), ("bayesprune", "bayesprune-routed"),
-                             ("bayesprune-posterior", "bayesprune-posterior-routed")):
+        for family in ROUTED:
             chosen = route_prompts(routers[family], features, sets[family], 1.0, math.inf)
-            task[name] = accuracy(routed_metric(chosen, scores))
+            task[f"{family}-routed"] = accuracy(routed_metric(chosen, scores))
         fallback = route_prompts(routers["bayesprune"], features, sets["bayesprune"], args.confidence, args.tolerance)
         shared = {key(r.skipped): list(r.skipped) for r in fallback if key(r.skipped) not in scores}
         if shared:  # the blocks the likely sets share, scored as sets of their own
@@ -441,9 +458,9 @@ def check_generation(gated, router, sets, prompt, routing: dict, new_tokens: int
 def plot(result: dict, path: Path) -> None:
     plt = pyplot()
     rows, tasks = result["rows"], result["tasks"]
-    static = ["sleb", "shortgpt", "bayesprune-static"]
-    routed = [m for m in ["pudding-routed", "bayesprune-routed", "bayesprune-posterior-routed",
-                          "bayesprune-routed-fallback", "oracle"] if m in rows[0]]
+    static = [m for m in ["sleb", "shortgpt", "bayesprune-static", "bayesprune-static-swapped"] if m in rows[0]]
+    routed = [m for m in [*(f"{family}-routed" for family in ROUTED), "bayesprune-routed-fallback", "oracle"]
+              if m in rows[0]]
     fig, axes = plt.subplots(2, 3, figsize=(19, 8.5))
 
     def bars(ax, methods, value, labels):

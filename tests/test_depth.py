@@ -1,3 +1,4 @@
+import itertools
 import json
 
 import pytest
@@ -7,9 +8,10 @@ from transformers import AutoModelForCausalLM
 import bayesprune as bp
 from bayesprune.baselines import sleb_scores
 from bayesprune.cli import main
-from bayesprune.depth import conditional_depth_search, win_shares
+from bayesprune.depth import conditional_depth_search, swap_search, win_shares
+from bayesprune.evaluate import next_token_nll
 
-from .conftest import VOCAB, tiny_model
+from .conftest import TINY_CONFIGS, VOCAB, tiny_model
 from .test_cli import FIT_ARGS
 
 
@@ -131,3 +133,51 @@ def test_a_hard_zero_block_gate_under_a_kv_cache_generates_what_the_model_withou
         with gated.unwrapped() as plain:
             view = bp.skip_blocks(plain, [2]).generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(routed, view)
+
+
+def _six_blocks():
+    torch.manual_seed(1)
+    config = TINY_CONFIGS["llama"]()
+    config.num_hidden_layers = 6
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0) if p.dim() == 2 else None
+    return bp.gate(model, bp.GateConfig(units=("block",)))
+
+
+def _nll_without(gated, windows, removed) -> float:
+    on = torch.ones(gated.num_layers)
+    on[list(removed)] = 0
+    with torch.no_grad(), gated.gates_set({"block": on}):
+        logits = gated(input_ids=windows, use_cache=False).logits
+    return float(next_token_nll(logits, windows).sum() / (windows.numel() - windows.shape[0]))
+
+
+def test_a_swap_search_ends_on_a_set_no_single_swap_improves():
+    gated, windows = _six_blocks(), _windows(8)
+    exact = {s: _nll_without(gated, windows, s) for s in itertools.combinations(range(1, 6), 2)}
+    worst = max(exact, key=exact.get)
+    search = swap_search(gated, windows, worst, chunk=8, protected=(0,), progress=False)
+    end = tuple(search.removed)
+    assert search.start == list(worst) and search.local_optimum and search.steps
+    assert exact[end] < exact[worst] and 0 not in end
+    neighbours = [s for s in exact if len(set(s) & set(end)) == 1]
+    assert len(neighbours) == 2 * 3 and all(exact[end] <= exact[s] for s in neighbours)
+    for step in search.steps:
+        assert step.score < step.before and 0 < step.choice_probability <= 1
+    assert search.steps[-1].score == pytest.approx(exact[end], rel=1e-5)
+    again = swap_search(gated, windows, end, chunk=8, protected=(0,), progress=False)
+    assert again.removed == list(end) and again.local_optimum and not again.steps
+    assert again.evaluations == 1 + 2 * 3 and again.tokens == windows.numel()
+    capped = swap_search(gated, windows, worst, max_swaps=0, chunk=8, protected=(0,), progress=False)
+    assert capped.removed == list(worst) and not capped.local_optimum and not capped.steps
+
+
+def test_a_swap_search_refuses_bad_sets_before_scoring():
+    gated = _six_blocks()
+    for removed, message in (((0, 2), "unprotected"), ((7,), "unprotected"), ((), "unprotected")):
+        with pytest.raises(ValueError, match=message):
+            swap_search(gated, _windows(), removed, protected=(0,), progress=False)
+    with pytest.raises(ValueError, match="max_swaps"):
+        swap_search(gated, _windows(), (1,), max_swaps=-1, progress=False)

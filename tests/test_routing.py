@@ -13,6 +13,7 @@ from bayesprune.routing import (DENSE, RoutedModel, candidate_choice_scores, can
                                 protected_blocks, route_prompts)
 
 from .conftest import VOCAB, tiny_model
+from .test_depth import _nll_without, _six_blocks
 
 
 def _windows(count: int, length: int = 16, low: int = 0, high: int = VOCAB, seed: int = 0) -> torch.Tensor:
@@ -93,6 +94,24 @@ def test_candidate_sets_leave_the_protected_blocks_and_merge_domains_that_agree(
     assert protected_blocks(4, 1) == (0, 3)
     with pytest.raises(ValueError, match="route_after must leave blocks"):
         protected_blocks(4, 3)
+
+
+def test_swapped_candidate_sets_are_local_optima_of_their_domains_windows():
+    gated, windows = _six_blocks(), {"a": _windows(8, seed=2), "b": _windows(8, seed=3)}
+    greedy = candidate_sets(gated, windows, skipped=2, route_after=1, chunk=8, progress=False)
+    swapped = candidate_sets(gated, windows, skipped=2, route_after=1, chunk=8, max_swaps=4, progress=False)
+    for domain, w in windows.items():
+        before, after = _own(greedy, domain), _own(swapped, domain)
+        end = _nll_without(gated, w, after)
+        assert end <= _nll_without(gated, w, before) and not {0, 5} & set(after)
+        assert all(end <= _nll_without(gated, w, [b for b in after if b != out] + [into])
+                   for out in after for into in range(1, 5) if into not in after)
+    with pytest.raises(ValueError, match="max_swaps"):
+        candidate_sets(gated, windows, skipped=2, max_swaps=-1, progress=False)
+
+
+def _own(sets: dict[str, list[int]], domain: str) -> list[int]:
+    return next(blocks for name, blocks in sets.items() if domain in name.split("+"))
 
 
 def test_candidate_losses_are_the_hard_gated_networks_continuation_nll_and_features_the_hidden_state_read():
