@@ -106,6 +106,9 @@ def _router_parsers(sub) -> None:
                    help="fit each domain's block posterior (frozen weights, SVI steps) and let each search step "
                         "weigh only its --candidates least-needed blocks (0: the search weighs every block)")
     p.add_argument("--candidates", type=int, default=8)
+    p.add_argument("--max-swaps", type=int, default=0,
+                   help="then refine each domain's set by up to this many single swaps (a skipped block for a kept "
+                        "one), each only if it lowers the loss on the search windows (0: the greedy set)")
     p.add_argument("--seed", type=int, default=0, help="seed of the window order")
     p.add_argument("--device", help="cpu (default), cuda or cuda:N: where the network runs")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="the dtype the search and training run in")
@@ -224,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                                   args.skipped, args.route_after, args.prompt_tokens, args.seq_len,
                                   args.search_windows, args.train_windows, args.check_windows, args.confidence,
                                   args.tolerance, args.posterior_steps, args.candidates, args.seed, args.device,
-                                  args.dtype)
+                                  args.dtype, max_swaps=args.max_swaps)
             for name, blocks in record["sets"].items():
                 print(f"{name}: skips blocks {blocks}")
             print(format_check(record))

@@ -30,7 +30,8 @@ def build_router(out: str | Path, sources: list[str], model: str | None = None, 
                  route_after: int = 2, prompt_tokens: int = 32, seq_len: int = 128, search_windows: int = 32,
                  train_windows: int = 128, check_windows: int = 32, confidence: float = 0.9,
                  tolerance: float = 0.02, posterior_steps: int = 0, candidates: int = 8, seed: int = 0,
-                 device: str | None = None, dtype: str | None = "bfloat16", progress: bool = True) -> dict:
+                 device: str | None = None, dtype: str | None = "bfloat16", progress: bool = True,
+                 max_swaps: int = 0) -> dict:
     """Build, check and write a router for ``model`` over the domains ``sources`` (domain names or corpus
     paths); returns what the file records. Everything is checked before any weights are loaded."""
     out = Path(out)
@@ -42,9 +43,9 @@ def build_router(out: str | Path, sources: list[str], model: str | None = None, 
         raise ValueError(f"prompt tokens must be in [1, seq_len={seq_len}), got {prompt_tokens}")
     if search_windows < 2 or train_windows < 1 or check_windows < 0:
         raise ValueError("need at least 2 search windows, 1 training window and 0 check windows per domain")
-    if posterior_steps < 0 or candidates < 1:
-        raise ValueError(f"posterior steps must be at least 0 and candidates at least 1, not {posterior_steps} "
-                         f"and {candidates}")
+    if posterior_steps < 0 or candidates < 1 or max_swaps < 0:
+        raise ValueError(f"posterior steps and max swaps must be at least 0 and candidates at least 1, not "
+                         f"{posterior_steps}, {max_swaps} and {candidates}")
     if not 0 < confidence <= 1 or tolerance < 0:
         raise ValueError(f"confidence must be in (0, 1] and tolerance at least 0, not {confidence} and {tolerance}")
     num_layers = load_config(model).num_hidden_layers
@@ -62,11 +63,12 @@ def build_router(out: str | Path, sources: list[str], model: str | None = None, 
              for name, s in splits.items()}
     routed = fit_routed_model(gate(network, GateConfig(units=("block",))), fit, skipped, route_after, prompt_tokens,
                               search_windows, train_windows, confidence, tolerance, posterior_steps, candidates,
-                              progress)
+                              progress, max_swaps=max_swaps)
     report = held_out_check(routed, check, prompt_tokens, progress) if check_windows else {}
     made = {"model": str(resolve_model(model)), "dtype": dtype, "domains": sources, "seq_len": seq_len,
             "prompt_tokens": prompt_tokens, "search_windows": search_windows, "train_windows": train_windows,
-            "posterior_steps": posterior_steps, "candidates": candidates, "seed": seed, "validation": report}
+            "posterior_steps": posterior_steps, "candidates": candidates, "max_swaps": max_swaps, "seed": seed,
+            "validation": report}
     routed.save(out, made)
     return router_record(out)
 

@@ -208,7 +208,8 @@ def test_router_builds_checks_and_routes_a_prompt_to_a_checkpoint_that_generates
         tiny_model_dir, corpus_dir, code_dir, tmp_path, capsys):
     router = tmp_path / "router.safetensors"
     assert main(["router", "--out", str(router), "--model", str(tiny_model_dir),
-                 "--domains", f"{corpus_dir},{code_dir}", *ROUTER_ARGS, "--posterior-steps", "2"]) == 0
+                 "--domains", f"{corpus_dir},{code_dir}", *ROUTER_ARGS, "--posterior-steps", "2",
+                 "--max-swaps", "2"]) == 0
     printed = capsys.readouterr().out
     assert "skips blocks" in printed and "coverage" in printed and f"wrote {router}" in printed
     from bayesprune.routing import router_record
@@ -220,6 +221,7 @@ def test_router_builds_checks_and_routes_a_prompt_to_a_checkpoint_that_generates
         assert check["windows"] == 4 and 0 <= check["coverage"] <= 1 and 0 <= check["skipped"] <= 1
         assert all(math.isfinite(v) for v in (check["routed"], check["dense"], *check["sets"].values()))
     assert record["made"]["model"] == str(tiny_model_dir.resolve()) and record["made"]["posterior_steps"] == 2
+    assert record["made"]["max_swaps"] == 2
 
     sub = tmp_path / "sub"
     assert main(["route", str(router), "--prompt", "To be, or not to be", "--max-new-tokens", "6",
@@ -248,6 +250,8 @@ def test_router_inputs_get_clear_errors_and_nothing_is_written(tiny_model_dir, c
     assert "can skip 1 to 2 blocks" in capsys.readouterr().err
     assert main([*base, "--domains", str(corpus_dir), *ROUTER_ARGS, "--search-windows", "50000"]) == 2
     assert "more than search_windows=50000" in capsys.readouterr().err
+    assert main([*base, "--domains", str(corpus_dir), *ROUTER_ARGS, "--max-swaps", "-1"]) == 2
+    assert "max swaps must be at least 0" in capsys.readouterr().err
     assert not router.exists()
     router.write_text("not a router")
     assert main([*base, "--domains", str(corpus_dir), *ROUTER_ARGS]) == 2
