@@ -187,6 +187,18 @@ def routed_metric(routes, values: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack([values[key(r.skipped)][i] for i, r in enumerate(routes)])
 
 
+def paired_ratio(nll: torch.Tensor, reference: torch.Tensor, draws: int = 4000, seed: int = 0) -> dict:
+    """Perplexity ratio of per-window losses ``nll`` to ``reference`` on the same windows, with a 90 % interval
+    and the probability that it is below 1, over flat-Dirichlet reweightings of the windows."""
+    gap = (nll - reference).double()
+    weights = torch.distributions.Dirichlet(torch.ones_like(gap))
+    torch.manual_seed(seed)
+    drawn = weights.sample((draws,)) @ gap
+    low, high = torch.quantile(drawn, torch.tensor([0.05, 0.95], dtype=torch.float64)).tolist()
+    return {"ratio": math.exp(float(gap.mean())), "interval_90": [math.exp(low), math.exp(high)],
+            "p_below_1": float((drawn < 0).double().mean())}
+
+
 def coverage(router: BayesianRouter, features: torch.Tensor, losses: dict[str, torch.Tensor],
              sets: dict[str, list[int]]) -> float:
     prediction = router.predict(features)
@@ -316,9 +328,12 @@ def main() -> None:
         row = {"domain": domain, "dense": math.exp(losses[DENSE].mean())}
         for name, blocks in sets["static"].items():
             row[name] = math.exp(losses[key(blocks)].mean())
+        best_static = min(sets["static"].values(), key=lambda blocks: float(losses[key(blocks)].mean()))
+        row["best-static"], row["vs-best-static"] = key(best_static), {}
         for name, chosen in routes.items():
             row[name] = math.exp(routed_metric(chosen, losses).mean())
             row[name + "-skipped"] = statistics.mean(len(r.skipped) for r in chosen)
+            row["vs-best-static"][name] = paired_ratio(routed_metric(chosen, losses), losses[key(best_static)])
         candidates = torch.stack([losses[key(s)] for s in sets["bayesprune"].values()], 1)
         row["oracle"] = math.exp(candidates.min(1).values.mean())
         row["own-domain-set"] = math.exp(losses[key(own_set(sets["bayesprune"], domain))].mean())
