@@ -223,9 +223,9 @@ def swap_search(gated: GatedModel, windows: torch.Tensor, removed, score: str = 
     scorers = _scorers(gated, windows, score, chunk, batch_size)
     search = SwapSearch(list(current), list(current), score=score)
     chunks = 0
+    all_on = torch.ones(num_layers)
     for _ in tqdm(range(max_swaps + 1), desc="swap search", disable=not progress):
         kept = [b for b in range(num_layers) if b not in current and b not in protected]
-        all_on = torch.ones(num_layers)
         trials = {(None, None): _without(all_on, current)}
         trials.update({(out, into): _without(all_on, [b for b in current if b != out] + [into])
                        for out in current for into in kept})

@@ -62,17 +62,15 @@ def candidate_sets(gated: GatedModel, windows: dict[str, torch.Tensor], skipped:
     if posteriors is not None and set(posteriors) != set(windows):
         raise ValueError(f"give a posterior for every domain: the windows are of {sorted(windows)}, the "
                          f"posteriors of {sorted(posteriors)}")
-    found: dict[str, list[int]] = {}
+    removed_by: dict[str, list[int]] = {}
     for name, w in windows.items():
         proposal = None if posteriors is None else block_proposal(posteriors[name], gated.num_layers - skipped)
         removed = conditional_depth_search(gated, w, skipped, protected=protected, proposal=proposal,
                                            candidates=None if proposal is None else candidates, **search).order
-        if max_swaps:
-            shared = {k: v for k, v in search.items() if k in ("score", "chunk", "confidence", "batch_size",
-                                                                 "progress")}
-            removed = swap_search(gated, w, removed, max_swaps=max_swaps, protected=protected, **shared).removed
-        found[name] = removed
-    return shared_candidates(found)
+        if max_swaps:  # the search's other options (score, chunk, confidence, batch_size, progress) apply too
+            removed = swap_search(gated, w, removed, max_swaps=max_swaps, protected=protected, **search).removed
+        removed_by[name] = removed
+    return shared_candidates(removed_by)
 
 
 def shared_candidates(per_domain: dict[str, list[int]]) -> dict[str, list[int]]:
