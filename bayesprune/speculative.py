@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -102,8 +104,6 @@ def decode_ms(model, steps=(1,), context: int = 64, repeats: int = 7) -> dict[in
 
 def _with_cache(model, cache) -> dict:
     """The keyword ``model.forward`` takes its KV cache by: ``cache``, or ``past_key_values`` in older releases."""
-    import inspect
-
     return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
 
 
@@ -273,9 +273,59 @@ class AcceptanceCounts:
                 "alpha": self.alpha, "tokens_per_call": self.tokens_per_call}
 
 
+# -- transformers' candidate-generator protocol ---------------------------------------------------------------
+#
+# ``transformers`` has no public hook for a candidate generator of one's own: ``generate`` builds it in
+# ``GenerationMixin._get_candidate_generator`` and drives it from ``_assisted_decoding``. The two context
+# managers below wrap the first; :func:`protocol_gaps` reads the second's source for every attribute it
+# asks of a generator, so that a release that asks for more is refused with the missing names instead of
+# failing with an AttributeError deep inside ``generate``.
+
+# Read by ``_assisted_decoding`` only from its own ``AssistedCandidateGenerator`` classes, or only when a
+# generator sets ``requires_model_outputs``: not asked of a plain ``CandidateGenerator``.
+_ASSISTED_ONLY = frozenset({"assistant_model", "num_assistant_tokens", "model_kwargs_overrides"})
+
+
+def _generation_internals():
+    from transformers.generation.utils import GenerationMixin
+
+    missing = [name for name in ("_get_candidate_generator", "_assisted_decoding") if not hasattr(GenerationMixin, name)]
+    if missing:
+        import transformers
+
+        raise RuntimeError(f"transformers {transformers.__version__} has no GenerationMixin.{', '.join(missing)}: "
+                           "bayesprune's acceptance counter and direct drafting need the assisted-generation "
+                           "internals of transformers 5.17 to 5.25")
+    return GenerationMixin
+
+
+def protocol_reads() -> set[str]:
+    """The attributes of its candidate generator that the installed ``transformers``' assisted decoding reads."""
+    source = inspect.getsource(_generation_internals()._assisted_decoding)
+    return set(re.findall(r"\bcandidate_generator\.(\w+)", source))
+
+
+def protocol_gaps(generator_class: type) -> list[str]:
+    """What ``generator_class`` lacks of the candidate-generator protocol of the installed ``transformers``
+    (names a class must define itself, as methods, properties or class attributes)."""
+    return sorted(name for name in protocol_reads() - _ASSISTED_ONLY if not hasattr(generator_class, name))
+
+
+def check_protocol(generator_class: type) -> None:
+    """Refuse, naming what is missing, a generator class the installed ``transformers`` cannot drive."""
+    gaps = protocol_gaps(generator_class)
+    if gaps:
+        import transformers
+
+        raise RuntimeError(f"transformers {transformers.__version__}'s assisted decoding reads "
+                           f"{', '.join(gaps)} of a candidate generator, which {generator_class.__name__} does "
+                           "not implement: use the locked stack (scripts/constraints.txt) or extend it")
+
+
 @contextlib.contextmanager
 def _candidate_generators(target, wrap):
     """Within the block, ``target.generate`` builds its candidate generator and passes it through ``wrap``."""
+    _generation_internals()
     previous = target.__dict__.get("_get_candidate_generator")
     build = target._get_candidate_generator
 
@@ -319,8 +369,11 @@ class GreedyDraftCandidates(CandidateGenerator):
     ``transformers`` drafts by calling the draft's ``generate`` once per round; on a
     small model on a CPU that call's set-up costs as much as a decoding step. This
     generator keeps the draft's cache between rounds, rolls it back to the prefix the
-    target accepted, and drafts ``γ`` (the draft's ``num_assistant_tokens``) by argmax.
+    target accepted, and drafts ``γ`` (the draft's ``num_assistant_tokens``) by argmax. It implements the
+    whole protocol ``transformers``' assisted decoding asks of a generator (:func:`protocol_gaps`).
     """
+
+    requires_model_outputs = False  # drafts from token ids alone, not from the target's hidden states
 
     def __init__(self, draft, max_length: int):
         from transformers import DynamicCache
@@ -359,6 +412,11 @@ class GreedyDraftCandidates(CandidateGenerator):
         self.cached = sequence[:, :-1]
         return sequence, torch.stack(scores, dim=1).float()
 
+    @property
+    def num_drafting_tokens(self) -> int:
+        """Tokens drafted per round: how far the target's cache must be able to roll back."""
+        return self.gamma
+
     def update_candidate_strategy(self, input_ids, scores, num_matches):
         """The draft length stays what the draft's ``generation_config`` says."""
 
@@ -368,6 +426,7 @@ def direct_drafting(target):
     """Within the block, greedy ``target.generate(..., assistant_model=draft)`` drafts with
     :class:`GreedyDraftCandidates` instead of a ``generate`` call per round (same output, less
     overhead); sampling, and generation without an assistant, are left as they are."""
+    check_protocol(GreedyDraftCandidates)
 
     def direct(generator, *args, **kwargs):
         generation_config = kwargs.get("generation_config", args[0] if args else None)

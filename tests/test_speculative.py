@@ -152,3 +152,19 @@ def test_draft_command_writes_the_predicted_best_draft_for_plain_transformers(ti
         assert main(["draft", str(run), "--out", str(tmp_path / "bad"), *bad]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "bad").exists()
+
+
+def test_direct_drafting_implements_what_the_installed_transformers_asks_of_a_candidate_generator():
+    reads = sp.protocol_reads()  # read from this release's assisted-decoding source
+    assert {"get_candidates", "update_candidate_strategy"} <= reads
+    assert sp.protocol_gaps(sp.GreedyDraftCandidates) == []
+
+
+def test_a_generator_missing_part_of_the_protocol_is_refused_by_name():
+    class Bare:
+        def get_candidates(self, input_ids, **kwargs):
+            return input_ids, None
+
+    assert "update_candidate_strategy" in sp.protocol_gaps(Bare)
+    with pytest.raises(RuntimeError, match="update_candidate_strategy.*Bare does not implement"):
+        sp.check_protocol(Bare)

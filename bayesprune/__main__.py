@@ -1,0 +1,7 @@
+"""``python -m bayesprune``: the command line, as launchers run it (``torchrun -m bayesprune fit ...``)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
