@@ -130,6 +130,10 @@ def runnable(command: str, model: Path, corpus: Path) -> list[str]:
         arguments += ["--model", str(model)]  # the default model is far too slow here
     if subcommand == "fit" and "--data" not in arguments:
         arguments += ["--data", str(corpus)]
+    if subcommand == "router" and "--domains" not in arguments:
+        from bayesprune.data import DOMAINS
+
+        arguments += ["--domains", ",".join(_tiny_domain(name, corpus) for name in DOMAINS)]
     return [*program, *arguments, *TINY.get(subcommand, [])]
 
 

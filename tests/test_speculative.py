@@ -9,6 +9,7 @@ import bayesprune as bp
 from bayesprune import speculative as sp
 from bayesprune.architectures import decoder_layers
 from bayesprune.cli import main
+from bayesprune.extraction import EXTRACTION_FILE
 
 from .conftest import VOCAB, tiny_model
 from .test_cli import FIT_ARGS
@@ -168,3 +169,22 @@ def test_a_generator_missing_part_of_the_protocol_is_refused_by_name():
     assert "update_candidate_strategy" in sp.protocol_gaps(Bare)
     with pytest.raises(RuntimeError, match="update_candidate_strategy.*Bare does not implement"):
         sp.check_protocol(Bare)
+
+
+def test_a_depth_ranked_draft_is_the_sub_network_whose_speed_up_was_predicted(tiny_model_dir, corpus_dir, tmp_path,
+                                                                             capsys):
+    run = tmp_path / "run"
+    assert main(["fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir), "--out", str(run),
+                 "--units", "block", "--target", "none", *FIT_ARGS]) == 0
+    assert main(["depth", str(run), "--removals", "2", "--windows", "6", "--chunk", "3", "--dtype", "float32"]) == 0
+    # A depth ranking that removes other blocks than the posterior would: targets in blocks cut by it.
+    posterior_removes = set(range(4)) - set(bp.GatePosterior.load(run / "posterior.safetensors").plan(
+        "2layers", bp.ModelTotals.of(tiny_model("llama"))).kept_layers)
+    depth = json.loads((run / "depth.json").read_text())
+    depth["order"] = sorted(set(range(4)) - posterior_removes)[:2]
+    (run / "depth.json").write_text(json.dumps(depth))
+    capsys.readouterr()
+
+    record = bp.write_draft(run, tmp_path / "draft", sizes=("2layers",), progress=False)
+    predicted, written = record["chosen"], json.loads((tmp_path / "draft" / EXTRACTION_FILE).read_text())
+    assert predicted["removed_layers"] == written["removed_layers"] == sorted(depth["order"])
