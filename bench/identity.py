@@ -31,7 +31,7 @@ TARGETS = ["0.8", "0.5", "2layers"]
 def digest(tensors: dict[str, torch.Tensor]) -> str:
     sha = hashlib.sha256()
     for name in sorted(tensors):
-        tensor = tensors[name].detach().cpu().contiguous()
+        tensor = tensors[name].detach().cpu().contiguous().reshape(-1)
         sha.update(name.encode())
         sha.update(str(tensor.dtype).encode())
         sha.update(str(tuple(tensor.shape)).encode())
