@@ -23,7 +23,7 @@ from .data import load_splits
 from .extraction import extract_model
 from .gates import gate
 from .io import atomic_directory, atomic_write_json
-from .pipeline import load_fitted, load_fitted_model, run_extract
+from .pipeline import load_fitted, load_fitted_model, run_extract, run_plan
 from .pretrained import compute_dtype, load_config, load_model, source_dtype
 from .rundir import fitted_model_path, read_config
 from .speculative import (acceptance, best_gamma, configure_draft, decode_ms, set_draft_length, skip_blocks,
@@ -106,7 +106,7 @@ def rank_drafts(run_dir: str | Path, sizes=DRAFT_SIZES, form: str = "uniform", v
     vocab_size = model.config.get_text_config().vocab_size
     vocabulary = _vocabulary(splits["fit"], vocab_share, tokenizer, vocab_size)
     totals = ModelTotals.of(model, source_dtype(str(fitted_model_path(run_dir))))
-    plans = [posterior.plan(t, totals, form) for t in targets]
+    plans = [run_plan(run_dir, posterior, totals, t, form)[0] for t in targets]  # what write_draft extracts
 
     target_ms = decode_ms(dense, steps=range(1, max_gamma + 2))
     verify = {g: target_ms[g + 1] / target_ms[1] for g in range(1, max_gamma + 1)}
@@ -126,13 +126,15 @@ def rank_drafts(run_dir: str | Path, sizes=DRAFT_SIZES, form: str = "uniform", v
     sums = []
     for plan in plans:
         gates = plan.gates(gated.kinds, gated.widths.heads, gated.widths.neurons)
-        with gated.gates_set(gates, posterior.amplitudes(plan.cost, point=True)):
+        # a depth plan keeps whole blocks and folds no amplitudes
+        amplitudes = None if plan.cost is None else posterior.amplitudes(plan.cost, point=True)
+        with gated.gates_set(gates, amplitudes):
             logits = gated(input_ids=text, use_cache=False).logits[:, prompt_tokens - 1:-1]
         sums.append(acceptance(target_logits, logits, vocabulary))
     gated.remove()
 
     rows = [{"target": str(size), "described": str(target), "fraction": plan.fraction,
-             "blocks": len(plan.kept_layers), **prediction(alpha, ms, target_ms[1], verify, decoding, max_gamma)}
+             "blocks": len(plan.kept_layers), "removed_layers": plan.record()["removed_layers"], **prediction(alpha, ms, target_ms[1], verify, decoding, max_gamma)}
             for size, target, plan, ms, alpha in zip(sizes, targets, plans, draft_ms, sums)]
     rows.sort(key=lambda r: -r["predicted_speedup"])
     return {"run": str(run_dir.resolve()), "form": form, "decoding": decoding, "vocab_share": vocab_share,

@@ -35,6 +35,7 @@ from .gates import gate
 from .io import atomic_path, atomic_write_json, atomic_write_text, load_tensors
 from .pretrained import load_config, load_model, resolve_model, source_dtype
 from .plots import plot_block_forest, plot_inclusion_over_cost, plot_size_curve, plot_thresholds, plot_width
+from .plan import ExtractionPlan
 from .posterior import POSTERIOR_FILE, GatePosterior, cost_grid
 from .rundir import check_output, claim, data_fingerprint, fitted_model_path, model_fingerprint, read_config
 from .selection import choose_blocks
@@ -272,13 +273,20 @@ def read_depth(run_dir: str | Path) -> DepthSearch | None:
         raise ValueError(f"{path} is not a bayesprune depth ranking ({error}); rerun 'bayesprune depth'") from None
 
 
-def _depth_plan(depth: DepthSearch, posterior: GatePosterior, totals: ModelTotals, target: Target):
+def run_plan(run_dir: str | Path, posterior: GatePosterior, totals: ModelTotals, target: Target,
+             form: str = "per-layer", multiple: int = 1) -> tuple[ExtractionPlan, DepthSearch | None]:
+    """The sub-network a run cuts for ``target``, and the depth ranking that chose it (if one did): a block
+    count is cut by the run's ``depth.json`` where ``bayesprune depth`` wrote one, any other target by the
+    posterior. Everything that cuts a run (extraction, drafts) plans through here."""
+    depth = read_depth(run_dir) if target.kind == "layers" else None
+    if depth is None:
+        return posterior.plan(target, totals, form, multiple), None
     num_layers = len(posterior.layer_names)
     needed = num_layers - int(target.value)
     if needed > len(depth.order):
         raise TargetError(f"the run's {DEPTH_FILE} ranks only {len(depth.order)} removals and {target} needs "
                           f"{needed}: rerun 'bayesprune depth' with --removals {needed}")
-    return choose_blocks(depth.block_scores(num_layers), posterior.sizes, totals, target)
+    return choose_blocks(depth.block_scores(num_layers), posterior.sizes, totals, target), depth
 
 
 def load_fitted(run_dir: str | Path) -> GatePosterior:
@@ -330,7 +338,6 @@ def run_extract(run_dir: str | Path, extraction: ExtractionConfig, out: str | Pa
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another --out or remove it")
     config = read_config(run_dir)
-    depth = read_depth(run_dir) if parsed.kind == "layers" else None
     source = fitted_model_path(run_dir)
     if streaming is None:
         streaming = config.fit.weights != "joint"
@@ -340,14 +347,14 @@ def run_extract(run_dir: str | Path, extraction: ExtractionConfig, out: str | Pa
         model_config = load_config(str(source))
         files = CheckpointFiles(source, _adapter_deltas(run_dir, config, model_config))
         totals = files.totals(architecture_for_config(model_config))
-        plan = _depth_plan(depth, fitted, totals, parsed) if depth else fitted.plan(parsed, totals, form, multiple)
+        plan, depth = run_plan(run_dir, fitted, totals, parsed, form, multiple)
         record = _record(run_dir, extraction, plan, fitted, depth)
         extract_streaming(files, plan, out, record, overwrite)
     else:
         model, tokenizer = load_fitted_model(run_dir, device, dtype)
         stored = source_dtype(str(source))
         totals = ModelTotals.of(model, stored)
-        plan = _depth_plan(depth, fitted, totals, parsed) if depth else fitted.plan(parsed, totals, form, multiple)
+        plan, depth = run_plan(run_dir, fitted, totals, parsed, form, multiple)
         small = extract_model(model, plan).to(stored)
         record = _record(run_dir, extraction, plan, fitted, depth)
         save_extracted(small, tokenizer, out, record, overwrite)

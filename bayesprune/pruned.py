@@ -89,8 +89,7 @@ def build_model(config, state: dict[str, torch.Tensor]) -> nn.Module:
                 else:
                     raise ValueError(f"cannot skip {name!r} in a {arch.family} block")
     result = model.load_state_dict(state, strict=False, assign=True)
-    tied = set(getattr(model, "_tied_weights_keys", None) or ())
-    missing = [k for k in result.missing_keys if k not in tied and not k.endswith("lm_head.weight")]
+    missing = [k for k in result.missing_keys if not k.endswith("lm_head.weight")]  # a tied head is not saved
     if missing or result.unexpected_keys:
         raise ValueError(f"weights do not fit the config: missing {missing[:3]}, "
                          f"unexpected {result.unexpected_keys[:3]}")
