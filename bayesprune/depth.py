@@ -30,9 +30,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import DEPTH_SCORES
-from .evaluate import next_token_nll
 from .gates import GatedModel
-from .likelihood import next_token_log_probs, sequence_kl
+from .likelihood import next_token_log_probs, next_token_nll, sequence_kl
 
 
 @dataclass

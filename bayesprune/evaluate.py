@@ -6,31 +6,10 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .architectures import count_bytes, count_parameters
-
-
-def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Summed next-token negative log-likelihood of each sequence from its logits, shape ``(batch,)``."""
-    logits, targets = logits[:, :-1], input_ids[:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
-    return nll.view(targets.shape).sum(-1)
-
-
-def sequence_nll(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """Summed next-token negative log-likelihood of each sequence, shape ``(batch,)``."""
-    input_ids = input_ids.to(next(model.parameters()).device)
-    return next_token_nll(model(input_ids=input_ids, use_cache=False).logits, input_ids)
-
-
-@torch.no_grad()
-def calibration_nll(model, windows: torch.Tensor, batch_size: int = 4) -> float:
-    """Mean next-token negative log-likelihood over a few token windows, in mini-batches."""
-    total = sum(sequence_nll(model, windows[i:i + batch_size]).sum().item()
-                for i in range(0, windows.shape[0], batch_size))
-    return total / (windows.shape[0] * (windows.shape[1] - 1))
+from .likelihood import sequence_nll
 
 
 @torch.no_grad()

@@ -60,7 +60,7 @@ def removal_importance(gated: GatedModel, windows: torch.Tensor) -> torch.Tensor
     Data-driven importance for block gates (where weight norms say nothing), measured once
     with every other gate open.
     """
-    from .evaluate import calibration_nll
+    from .likelihood import calibration_nll
 
     dense = calibration_nll(gated, windows)
     rise = []

@@ -1,6 +1,8 @@
-"""What scores the gated network on a sequence: next-token NLL of the corpus, or distillation from the dense network.
+"""What scores a network on a sequence: next-token NLL of the corpus, or distillation from the dense network.
 
-Both give one number per sequence (summed over its predicted tokens), entered as
+The scorer functions here (per-token NLL, per-sequence NLL and KL) are the one place
+every other part of the library (perplexity, depth search, routing, prediction,
+baselines, recovery) scores text. The fit's two likelihoods both give one number per sequence (summed over its predicted tokens), entered as
 ``factor(−value)`` in the model's subsampled plate, so the prior and the cost (nats
 per token) keep their meaning. Distillation scores ``KL(p_dense ‖ p_gated)`` per
 predicted token (optionally mixed with the NLL): the gated network is fitted to
@@ -15,12 +17,38 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 
 from .adapters import adapters_disabled
-from .evaluate import next_token_nll, sequence_nll
 from .gates import GatedModel
 
 LIKELIHOODS = ("nll", "distillation")
+
+
+def token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of every next token from the logits, in float32, ``(batch, seq_len − 1)``."""
+    logits, targets = logits[:, :-1], input_ids[:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
+    return nll.view(targets.shape)
+
+
+def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token negative log-likelihood of each sequence from its logits, shape ``(batch,)``."""
+    return token_nll(logits, input_ids).sum(-1)
+
+
+def sequence_nll(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token negative log-likelihood of each sequence under ``model``, shape ``(batch,)``."""
+    input_ids = input_ids.to(next(model.parameters()).device)
+    return next_token_nll(model(input_ids=input_ids, use_cache=False).logits, input_ids)
+
+
+@torch.no_grad()
+def calibration_nll(model, windows: torch.Tensor, batch_size: int = 4) -> float:
+    """Mean next-token negative log-likelihood over a few token windows, in mini-batches."""
+    total = sum(sequence_nll(model, windows[i:i + batch_size]).sum().item()
+                for i in range(0, windows.shape[0], batch_size))
+    return total / (windows.shape[0] * (windows.shape[1] - 1))
 
 
 def next_token_log_probs(logits: torch.Tensor) -> torch.Tensor:

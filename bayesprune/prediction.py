@@ -14,11 +14,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import batches
 from .gates import GatedModel
+from .likelihood import token_nll
 from .posterior import GatePosterior
 
 
@@ -27,8 +27,7 @@ def _token_log_probs(gated: GatedModel, windows: torch.Tensor, batch_size: int) 
     parts = []
     for batch in batches(windows, batch_size):
         batch = batch.to(next(gated.parameters()).device)
-        logits = gated(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        parts.append(-F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none").cpu())
+        parts.append(-token_nll(gated(input_ids=batch, use_cache=False).logits, batch).cpu())
     return torch.cat(parts)
 
 

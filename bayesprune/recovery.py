@@ -14,7 +14,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .evaluate import sequence_nll
+from .likelihood import sequence_nll
 from .model import NonFiniteLossError
 
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .architectures import decoder_layers
 from .config import FitConfig
 from .depth import conditional_depth_search, swap_search
-from .evaluate import next_token_nll
+from .likelihood import next_token_nll, token_nll
 from .fit import fit
 from .gates import GatedModel
 from .posterior import GatePosterior
@@ -169,8 +169,7 @@ def candidate_choice_scores(gated: GatedModel, tokenizer, items: list[dict], set
         for name, logits, read in _each_configuration(gated, rows, sets, route_after, len(context)):
             if name == DENSE:
                 features.append(read[:1].cpu())  # every row starts with the same context
-            log_probs = logits[:, :-1].float().log_softmax(-1)
-            picked = log_probs.gather(-1, rows[:, 1:, None])[..., 0]
+            picked = -token_nll(logits, rows)
             scores[name].append(torch.stack([picked[i, len(context) - 1:len(context) - 1 + len(c)].sum()
                                              for i, c in enumerate(choices)]).cpu())
     return torch.cat(features), {name: torch.stack(values) for name, values in scores.items()}

@@ -21,7 +21,7 @@ from common import write_results
 
 import bayesprune as bp
 from bayesprune.data import domain_documents
-from bayesprune.evaluate import sequence_nll
+from bayesprune.likelihood import sequence_nll
 
 
 def per_token_nll(gated, windows: torch.Tensor) -> torch.Tensor:

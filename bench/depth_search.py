@@ -126,7 +126,7 @@ def brute_force(model, result: dict, windows: torch.Tensor, corpora: dict, kept:
     calibration NLL and test perplexity, to see whether the calibration-best cut is the test-best."""
     from itertools import combinations
 
-    from bayesprune.evaluate import calibration_nll
+    from bayesprune.likelihood import calibration_nll
 
     first = result["variants"]["nll-bf16-8"]["search"]["steps"][0]["scores"]
     blocks = sorted(first, key=first.get)[:pool]

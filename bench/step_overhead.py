@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import bayesprune as bp
 from bayesprune import inclusion
-from bayesprune.evaluate import sequence_nll
+from bayesprune.likelihood import sequence_nll
 from bayesprune.fit import draw_cost, make_optimizer
 from bayesprune.guide import CostConditionedGuide
 from bayesprune.model import PruningModel

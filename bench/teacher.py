@@ -29,9 +29,9 @@ from common import median_seconds, write_results
 
 import bayesprune as bp
 from bayesprune.config import CostConfig
-from bayesprune.evaluate import sequence_nll
 from bayesprune.fit import draw_cost, step_seed
-from bayesprune.likelihood import FrozenCopyTeacher, OpenGatesTeacher, next_token_log_probs, sequence_kl
+from bayesprune.likelihood import (FrozenCopyTeacher, OpenGatesTeacher, next_token_log_probs, sequence_kl,
+                                  sequence_nll)
 
 KS = (16, 64, 256)
 

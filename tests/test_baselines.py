@@ -6,7 +6,7 @@ from bayesprune import extract_model
 from bayesprune.architectures import decoder_layers
 from bayesprune.baselines import (baseline_plan, block_influence, drop_last_scores,
                                   magnitude_plan, magnitude_scores, random_scores, run_block_baseline, sleb_scores)
-from bayesprune.evaluate import calibration_nll
+from bayesprune.likelihood import calibration_nll
 from bayesprune.model import NonFiniteLossError
 from bayesprune.recovery import recover
 from tests.conftest import VOCAB, tiny_model

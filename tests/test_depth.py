@@ -9,7 +9,7 @@ import bayesprune as bp
 from bayesprune.baselines import sleb_scores
 from bayesprune.cli import main
 from bayesprune.depth import conditional_depth_search, swap_search, win_shares
-from bayesprune.evaluate import next_token_nll
+from bayesprune.likelihood import next_token_nll
 
 from .conftest import TINY_CONFIGS, VOCAB, tiny_model
 from .test_cli import FIT_ARGS

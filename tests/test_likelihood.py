@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bayesprune import FitConfig, GateConfig, fit, gate
-from bayesprune.evaluate import sequence_nll
+from bayesprune.likelihood import sequence_nll
 from bayesprune.likelihood import (DistillationLikelihood, FrozenCopyTeacher, NextTokenLikelihood, OpenGatesTeacher,
                                    likelihood_for)
 from tests.conftest import VOCAB, tiny_model

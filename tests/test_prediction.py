@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bayesprune import CostConfig, FitConfig, GateConfig, fit, gate
-from bayesprune.evaluate import sequence_nll
+from bayesprune.likelihood import sequence_nll
 from bayesprune.prediction import ensemble_nll, plan_quality, predicted_quality, sampled_log_probs
 from tests.conftest import VOCAB, tiny_model
 

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 import bayesprune as bp
 from bayesprune.architectures import decoder_layers
-from bayesprune.evaluate import next_token_nll
+from bayesprune.likelihood import next_token_nll
 from bayesprune.router import BayesianRouter, Prediction
 from bayesprune.routing import (DENSE, RoutedModel, candidate_choice_scores, candidate_losses, candidate_sets, choose,
                                 protected_blocks, route_prompts)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..architectures import decoder_layers, unit_norms
 from ..config import GateConfig
 from ..data import batches
-from ..evaluate import calibration_nll
+from ..likelihood import calibration_nll
 from ..gates import gate
 from ..plan import ExtractionPlan
 from ..selection import choose_blocks, choose_units
