@@ -4,6 +4,7 @@ from .config import CostConfig, DataConfig, ExtractionConfig, FitConfig, GateCon
 from .data import domain_documents, load_documents, load_splits, split_documents, tokenize, windows
 from .evaluate import model_size, perplexity
 from .fit import Fit, fit
+from .prune import Pruned, prune
 from .gates import GatedModel, gate
 from .pruned import load_pruned
 from .model import NonFiniteLossError, ShrinkagePrior
@@ -24,7 +25,7 @@ __all__ = [
     "model_size", "perplexity",
     "ExtractionPlan", "LayerPlan", "ModelTotals", "Target", "TargetError", "UnitSizes",
     "extract", "extract_model", "extract_streaming", "save_extracted", "load_pruned",
-    "Fit", "NonFiniteLossError", "ShrinkagePrior", "fit",
+    "Fit", "NonFiniteLossError", "ShrinkagePrior", "fit", "Pruned", "prune",
     "GatedModel", "gate", "load_model", "GatePosterior", "cost_grid",
     "count_acceptance", "direct_drafting", "expected_speedup", "skip_blocks", "trim_vocabulary",
     "load_draft", "rank_drafts", "self_draft", "write_draft",

@@ -209,6 +209,14 @@ def unit_count(widths: Widths, kind: str) -> int:
     return {"head": widths.heads, "neuron": widths.neurons}[kind]
 
 
+def max_positions(model_config) -> int | None:
+    """The longest sequence the model's positions allow (``None``: no limit stated)."""
+    for name in ("max_position_embeddings", "n_positions"):
+        if isinstance(getattr(model_config, name, None), int):
+            return getattr(model_config, name)
+    return None
+
+
 def architecture_for_config(config) -> Architecture:
     """The table row for a config (no model needed)."""
     model_type = getattr(config, "model_type", None)

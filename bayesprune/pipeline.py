@@ -25,6 +25,7 @@ import torch
 
 from .adapters import adapter_deltas, merge_checkpoint_adapters
 from .architectures import architecture_for_config
+from .prune import check_request
 from . import distributed
 from .config import DEPTH_SCORES, WIDTH_KINDS, ExtractionConfig, GateConfig, RunConfig
 from .data import load_splits, split_corpus, tokenize, windows
@@ -39,7 +40,7 @@ from .plan import ExtractionPlan
 from .posterior import POSTERIOR_FILE, GatePosterior, cost_grid
 from .rundir import check_output, claim, data_fingerprint, fitted_model_path, model_fingerprint, read_config
 from .selection import choose_blocks
-from .targets import ModelTotals, Target, TargetError, check_feasible
+from .targets import ModelTotals, Target, TargetError
 from .extraction import CheckpointFiles, extract_model, extract_streaming, save_extracted
 
 UNIT_LEVEL_DRAWS = 20
@@ -48,30 +49,14 @@ DEPTH_FORMAT = "bayesprune conditional depth search"
 SUMMARY_TARGET = "0.75"  # where a run without a target shows its ranking and widths
 
 
-def max_positions(model_config) -> int | None:
-    """The longest sequence the model's positions allow (``None``: no limit stated)."""
-    for name in ("max_position_embeddings", "n_positions"):
-        if isinstance(getattr(model_config, name, None), int):
-            return getattr(model_config, name)
-    return None
-
-
 def validate(config: RunConfig, extraction: ExtractionConfig, run_dir: str | Path | None = None) -> Target | None:
     """Check the output folder, model family, gate kinds, sequence lengths and target before any weights are loaded."""
     if run_dir is not None:
         check_output(run_dir, config)
     parsed = extraction.parsed
     model_config = load_config(config.model)
-    architecture_for_config(model_config).check_gateable(config.gate.units)
-    limit = max_positions(model_config)
-    for option, length in (("--seq-len", config.fit.seq_len), ("--eval-window", config.data.eval_window)):
-        if limit is not None and length > limit:
-            raise ValueError(f"{option} {length} is longer than the model's {limit} positions")
-    if parsed is not None and parsed.kind == "layers" and not set(config.gate.units) - set(WIDTH_KINDS):
-        raise TargetError(f"a block count ({parsed}) needs block, attn or mlp gates; this run gates "
-                          f"{list(config.gate.units)}")
-    if parsed is not None:
-        check_feasible(parsed, model_config)
+    check_request(model_config, config.gate.units, parsed,
+                  {"--seq-len": config.fit.seq_len, "--eval-window": config.data.eval_window})
     return parsed
 
 

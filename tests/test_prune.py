@@ -1,0 +1,51 @@
+"""``bp.prune``: the common case in one call, the same as the steps it stands for."""
+
+import pytest
+import torch
+
+import bayesprune as bp
+from bayesprune.data import Document
+from tests.conftest import tiny_model
+
+CONFIG = bp.FitConfig(steps=3, batch_size=2, seq_len=32, seed=0)
+
+
+def _text(corpus_dir) -> list[str]:
+    return [p.read_text() for p in sorted(corpus_dir.glob("*.txt"))]
+
+
+def test_prune_is_gate_fit_and_extract_in_one_call(tokenizer, corpus_dir):
+    result = bp.prune(tiny_model("llama"), _text(corpus_dir), "0.6", tokenizer=tokenizer, config=CONFIG,
+                      progress=False)
+
+    model = tiny_model("llama")  # the same steps by hand give the same sub-network, tensor for tensor
+    sequences = bp.windows(bp.tokenize(tokenizer, [Document(f"document {i}", t)
+                                                   for i, t in enumerate(_text(corpus_dir))]), CONFIG.seq_len)
+    gated = bp.gate(model, bp.GateConfig())
+    by_hand = bp.fit(gated, sequences, CONFIG, progress=False)
+    small, plan = bp.extract(gated.remove(), by_hand.posterior(), "0.6")
+    assert plan.record() == result.plan.record()
+    expected = small.state_dict()
+    assert all(torch.equal(expected[k], v) for k, v in result.model.state_dict().items())
+
+    assert result.plan.fraction <= 0.6 and sum(p.numel() for p in result.model.parameters()) < \
+        sum(p.numel() for p in result.network.parameters())
+    other, _ = bp.extract(result.network, result.posterior, "0.8")  # any other size, no refit
+    assert sum(p.numel() for p in other.parameters()) > sum(p.numel() for p in result.model.parameters())
+
+
+def test_prune_takes_windows_and_refuses_what_it_cannot_do_before_fitting(tokenizer):
+    windows = torch.randint(0, 320, (8, 16), generator=torch.Generator().manual_seed(0))
+    result = bp.prune(tiny_model("llama"), windows, "3layers", units=["block"], config=CONFIG, progress=False)
+    assert result.model.config.num_hidden_layers == 3
+
+    model = tiny_model("llama")
+    with pytest.raises(bp.TargetError, match="needs block, attn or mlp gates"):
+        bp.prune(model, windows, "3layers", units=["head", "neuron"], config=CONFIG)
+    with pytest.raises(ValueError, match="tokenizer"):
+        bp.prune(model, "To be, or not to be", "0.5", config=CONFIG)
+    with pytest.raises(ValueError, match="longer than the model's 256 positions"):
+        bp.prune(model, torch.zeros(2, 300, dtype=torch.long), "0.5", config=CONFIG)
+    with pytest.raises(ValueError, match="token ids"):
+        bp.prune(model, torch.zeros(2, 8), "0.5", config=CONFIG)
+    assert [type(m) for m in model.modules()] == [type(m) for m in tiny_model("llama").modules()]  # not gated
