@@ -1,23 +1,23 @@
 """bayesprune: Bayesian structured pruning of Hugging Face causal language models."""
 
-from .config import CostConfig, DataConfig, ExtractionConfig, FitConfig, GateConfig, PriorConfig, RunConfig
-from .data import domain_documents, load_documents, load_splits, split_documents, tokenize, windows
-from .evaluate import model_size, perplexity
-from .fit import Fit, fit
+from .core.config import CostConfig, DataConfig, ExtractionConfig, FitConfig, GateConfig, PriorConfig, RunConfig
+from .inputs.data import domain_documents, load_documents, load_splits, split_documents, tokenize, windows
+from .evaluation.perplexity import model_size, perplexity
+from .core.fit import Fit, fit
 from .prune import Pruned, prune
-from .gates import GatedModel, gate
-from .pruned import load_pruned
-from .model import NonFiniteLossError, ShrinkagePrior
-from .pretrained import load_model
-from .posterior import GatePosterior, cost_grid
-from .plan import ExtractionPlan, LayerPlan
-from .targets import ModelTotals, Target, TargetError
-from .sizes import UnitSizes
-from .extraction import extract, extract_model, extract_streaming, save_extracted
-from .speculative import count_acceptance, direct_drafting, expected_speedup, skip_blocks, trim_vocabulary
-from .drafts import load_draft, rank_drafts, self_draft, write_draft
-from .router import BayesianRouter
-from .routing import RoutedModel, candidate_losses, candidate_sets, domain_block_posteriors, fit_routed_model, held_out_check, route_prompts
+from .core.gates import GatedModel, gate
+from .inputs.pruned import load_pruned
+from .core.model import NonFiniteLossError, ShrinkagePrior
+from .inputs.pretrained import load_model
+from .core.posterior import GatePosterior, cost_grid
+from .core.plan import ExtractionPlan, LayerPlan
+from .core.targets import ModelTotals, Target, TargetError
+from .core.sizes import UnitSizes
+from .cut.extraction import extract, extract_model, extract_streaming, save_extracted
+from .speculative.decoding import count_acceptance, direct_drafting, expected_speedup, skip_blocks, trim_vocabulary
+from .run.drafts import load_draft, rank_drafts, self_draft, write_draft
+from .routing.router import BayesianRouter
+from .routing.routed import RoutedModel, candidate_losses, candidate_sets, domain_block_posteriors, fit_routed_model, held_out_check, route_prompts
 
 __all__ = [
     "CostConfig", "DataConfig", "ExtractionConfig", "FitConfig", "GateConfig", "PriorConfig", "RunConfig",

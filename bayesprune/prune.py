@@ -13,15 +13,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .architectures import architecture_for_config, max_positions
-from .config import WIDTH_KINDS, CostConfig, FitConfig, GateConfig, PriorConfig
-from .data import Document, tokenize, windows
-from .extraction import extract
-from .fit import Fit, fit
-from .gates import gate
-from .plan import ExtractionPlan
-from .posterior import GatePosterior
-from .targets import Target, TargetError, check_feasible
+from .core.architectures import architecture_for_config, max_positions
+from .core.config import WIDTH_KINDS, CostConfig, FitConfig, GateConfig, PriorConfig
+from .inputs.data import Document, tokenize, windows
+from .cut.extraction import extract
+from .core.fit import Fit, fit
+from .core.gates import gate
+from .core.plan import ExtractionPlan
+from .core.posterior import GatePosterior
+from .core.targets import Target, TargetError, check_feasible
 
 
 @dataclass

@@ -35,10 +35,10 @@ import torch
 from common import pyplot, save_figure, write_results
 
 import bayesprune as bp
-from bayesprune.pipeline import run_fit
-from bayesprune.plots import plot_thresholds
-from bayesprune.posterior import POSTERIOR_FILE, cost_grid
-from bayesprune.prediction import ensemble_nll, plan_quality, predicted_quality
+from bayesprune.run.pipeline import run_fit
+from bayesprune.run.plots import plot_thresholds
+from bayesprune.core.posterior import POSTERIOR_FILE, cost_grid
+from bayesprune.evaluation.prediction import ensemble_nll, plan_quality, predicted_quality
 
 
 def parse_args():

@@ -20,8 +20,8 @@ import torch
 from common import write_results
 
 import bayesprune as bp
-from bayesprune.data import domain_documents
-from bayesprune.likelihood import sequence_nll
+from bayesprune.inputs.data import domain_documents
+from bayesprune.core.likelihood import sequence_nll
 
 
 def per_token_nll(gated, windows: torch.Tensor) -> torch.Tensor:

@@ -66,7 +66,7 @@ def default_model_and_corpora(seq_len: int = 128):
     import torch
 
     import bayesprune as bp
-    from bayesprune.data import bible_path
+    from bayesprune.inputs.data import bible_path
 
     model, tokenizer = bp.load_model()
     splits = bp.load_splits(tokenizer, bp.DataConfig())

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 import bayesprune as bp
-from bayesprune.data import bible_path
-from bayesprune.pipeline import run_fit
-from bayesprune.posterior import POSTERIOR_FILE
+from bayesprune.inputs.data import bible_path
+from bayesprune.run.pipeline import run_fit
+from bayesprune.core.posterior import POSTERIOR_FILE
 
 TARGETS = ("0.9", "0.75", "0.6", "0.5")
 

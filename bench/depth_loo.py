@@ -1,7 +1,7 @@
 """Depth cuts from one-shot leave-one-out scores, to set against SLEB's greedy re-scoring (frontier.json).
 
 Each block's score is the rise in calibration NLL when it alone is removed
-(``bayesprune.inclusion.removal_importance``), on the same
+(``bayesprune.core.inclusion.removal_importance``), on the same
 8 × 128 seeded fit-split windows SLEB uses in ``frontier.py``. The lowest go first, with
 no re-scoring. The cuts are scored on the frontier's test corpora (8,192 tokens each).
 
@@ -17,7 +17,7 @@ from common import default_model_and_corpora
 
 import bayesprune as bp
 from bayesprune.baselines import baseline_plan
-from bayesprune.inclusion import removal_importance
+from bayesprune.core.inclusion import removal_importance
 
 TARGETS = ("0.9", "0.75", "0.6", "0.5")
 

@@ -1,4 +1,4 @@
-"""Depth cuts from conditional re-scoring (``bayesprune.depth``) against SLEB and ShortGPT (frontier.json).
+"""Depth cuts from conditional re-scoring (``bayesprune.cut.depth``) against SLEB and ShortGPT (frontier.json).
 
 Each variant removes blocks one at a time, each the best given those already removed,
 scored on seeded fit-split windows (SLEB's 8 × 128 by default), and is cut to 27 / 22
@@ -28,8 +28,8 @@ from common import default_model_and_corpora, pyplot, save_figure
 
 import bayesprune as bp
 from bayesprune.baselines import baseline_plan
-from bayesprune.depth import conditional_depth_search
-from bayesprune.pipeline import load_fitted
+from bayesprune.cut.depth import conditional_depth_search
+from bayesprune.run.pipeline import load_fitted
 
 KEPT = (27, 22, 18, 15)
 OUT = Path("bench/results/depth_search.json")
@@ -126,7 +126,7 @@ def brute_force(model, result: dict, windows: torch.Tensor, corpora: dict, kept:
     calibration NLL and test perplexity, to see whether the calibration-best cut is the test-best."""
     from itertools import combinations
 
-    from bayesprune.likelihood import calibration_nll
+    from bayesprune.core.likelihood import calibration_nll
 
     first = result["variants"]["nll-bf16-8"]["search"]["steps"][0]["scores"]
     blocks = sorted(first, key=first.get)[:pool]

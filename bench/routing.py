@@ -17,7 +17,7 @@ HellaSwag scoring: acc and acc_norm).
   each), the Bayesian router, without and with its fall-back (``--confidence``);
 - bayesprune routing over candidates proposed by each domain's block posterior (the
   core's fit, ``--posterior-steps``) and decided by the same search, 8 blocks per step;
-- the same with each of bayesprune's sets refined by swaps (``bayesprune.depth.swap_search``) on the
+- the same with each of bayesprune's sets refined by swaps (``bayesprune.cut.depth.swap_search``) on the
   windows its search used, until no single swap is better; and the static set refined so;
 - the oracle: per prompt, the best of bayesprune's candidate sets;
 - where bayesprune's routing does not beat the best static set, a local check: every set
@@ -28,7 +28,7 @@ HellaSwag scoring: acc and acc_norm).
 The router reads the mean hidden state entering block 2 (blocks 0, 1 and the last are
 never skipped), is trained on 128 fit windows per domain, and its 90 % intervals are
 checked on the test windows. Overhead is timed on 256-token prompts through a
-:class:`bayesprune.routing.RoutedModel`. Stages are cached in ``--cache`` (safetensors
+:class:`bayesprune.routing.routed.RoutedModel`. Stages are cached in ``--cache`` (safetensors
 and JSON), so a stopped run resumes where it was.
 
     .venv/bin/python bench/routing.py                 # ≈ 75 min cold on 2 cores
@@ -50,13 +50,13 @@ from safetensors.torch import load_file, save_file
 
 import bayesprune as bp
 from bayesprune.baselines.structured import block_influence
-from bayesprune.data import DOMAINS, domain_documents
-from bayesprune.depth import conditional_depth_search, swap_search
-from bayesprune.router import BayesianRouter
-from bayesprune.routing import (DENSE, RoutedModel, block_proposal, candidate_choice_scores, candidate_losses,
+from bayesprune.inputs.data import DOMAINS, domain_documents
+from bayesprune.cut.depth import conditional_depth_search, swap_search
+from bayesprune.routing.router import BayesianRouter
+from bayesprune.routing.routed import (DENSE, RoutedModel, block_proposal, candidate_choice_scores, candidate_losses,
                                 candidate_sets, domain_block_posteriors, protected_blocks, route_prompts,
                                 shared_candidates, skip_gates)
-from bayesprune.tasks import continuation_items
+from bayesprune.evaluation.tasks import continuation_items
 
 SEQ, PROMPT, ROUTE_AFTER = 128, 32, 2
 ROUTED = ("pudding", "bayesprune", "bayesprune-posterior", "bayesprune-swapped")  # candidate families routed

@@ -27,8 +27,8 @@ import torch
 from common import pyplot, save_figure, write_results
 
 import bayesprune as bp
-from bayesprune.prediction import predicted_quality
-from bayesprune.scratch import gpt2_tokenizer, scratch_model
+from bayesprune.evaluation.prediction import predicted_quality
+from bayesprune.inputs.scratch import gpt2_tokenizer, scratch_model
 
 
 def parse_args():

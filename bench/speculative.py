@@ -25,11 +25,11 @@ import torch
 from common import pyplot, save_figure, write_results
 
 import bayesprune as bp
-from bayesprune import speculative as sp
-from bayesprune.data import bible_path, load_splits, split_corpus, tokenize
-from bayesprune.drafts import prediction, rank_drafts, target_continuations
-from bayesprune.pipeline import load_fitted, load_fitted_model
-from bayesprune.rundir import read_config
+from bayesprune.speculative import decoding as sp
+from bayesprune.inputs.data import bible_path, load_splits, split_corpus, tokenize
+from bayesprune.run.drafts import prediction, rank_drafts, target_continuations
+from bayesprune.run.pipeline import load_fitted, load_fitted_model
+from bayesprune.run.rundir import read_config
 
 
 def prompts(tokenizer, count: int, length: int) -> dict[str, list[torch.Tensor]]:

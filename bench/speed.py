@@ -31,10 +31,10 @@ import torch
 from common import median_seconds, pyplot, save_figure, write_results
 
 import bayesprune as bp
-from bayesprune.architectures import decoder_layers
+from bayesprune.core.architectures import decoder_layers
 from bayesprune.baselines import baseline_plan, block_influence, magnitude_plan, prune_unstructured, sparsity_for
-from bayesprune.pruned import SkippedAttention
-from bayesprune.posterior import POSTERIOR_FILE
+from bayesprune.inputs.pruned import SkippedAttention
+from bayesprune.core.posterior import POSTERIOR_FILE
 
 
 def flops_per_token(model, context: float) -> float:

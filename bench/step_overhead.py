@@ -5,7 +5,7 @@ from the cost-conditioned inclusion probabilities of every head group and neuron
 the same forward and backward through the frozen network, add the expected-size cost
 term and take an AdamW step with global-norm clipping. The plain step is the shape of
 the earlier plain-PyTorch amortised fit: point estimates of the inclusion parameters
-under a normal log-prior, no Pyro. The Pyro step is ``bayesprune.fit``'s: ``Trace_ELBO()(model, guide)`` over the
+under a normal log-prior, no Pyro. The Pyro step is ``bayesprune.core.fit``'s: ``Trace_ELBO()(model, guide)`` over the
 hierarchical prior and the mean-field guide, with every parameter drawn from the guide.
 Steps alternate (plain, Pyro, plain, …) on the same mini-batch and cost, so that both
 see the same machine load and the same work; the ratio of medians is reported.
@@ -29,11 +29,11 @@ from pyro.infer import Trace_ELBO
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import bayesprune as bp
-from bayesprune import inclusion
-from bayesprune.likelihood import sequence_nll
-from bayesprune.fit import draw_cost, make_optimizer
-from bayesprune.guide import CostConditionedGuide
-from bayesprune.model import PruningModel
+from bayesprune.core import inclusion
+from bayesprune.core.likelihood import sequence_nll
+from bayesprune.core.fit import draw_cost, make_optimizer
+from bayesprune.core.guide import CostConditionedGuide
+from bayesprune.core.model import PruningModel
 
 
 def main() -> None:

@@ -28,9 +28,9 @@ import torch
 from common import median_seconds, write_results
 
 import bayesprune as bp
-from bayesprune.config import CostConfig
-from bayesprune.fit import draw_cost, step_seed
-from bayesprune.likelihood import (FrozenCopyTeacher, OpenGatesTeacher, next_token_log_probs, sequence_kl,
+from bayesprune.core.config import CostConfig
+from bayesprune.core.fit import draw_cost, step_seed
+from bayesprune.core.likelihood import (FrozenCopyTeacher, OpenGatesTeacher, next_token_log_probs, sequence_kl,
                                   sequence_nll)
 
 KS = (16, 64, 256)

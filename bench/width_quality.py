@@ -19,8 +19,8 @@ import torch
 from common import plot_frontier, write_results
 
 import bayesprune as bp
-from bayesprune.rundir import CONFIG_FILE
-from bayesprune.posterior import POSTERIOR_FILE
+from bayesprune.run.rundir import CONFIG_FILE
+from bayesprune.core.posterior import POSTERIOR_FILE
 
 
 def main() -> None:

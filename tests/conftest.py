@@ -46,7 +46,7 @@ def family(request) -> str:
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory):
     """Six short documents taken from real plays, one file each."""
-    from bayesprune.data import shakespeare_documents
+    from bayesprune.inputs.data import shakespeare_documents
 
     root = tmp_path_factory.mktemp("corpus")
     for document in shakespeare_documents()[:6]:
@@ -78,8 +78,8 @@ def tiny_model_dir(tmp_path, tokenizer):
 def posterior_for(model, logits: dict[str, torch.Tensor], cost: float = 1.0):
     """A fixed-cost posterior over ``model`` whose gates have these (almost certain) inclusion logits at ``cost``."""
     from bayesprune import GateConfig, GatePosterior, PriorConfig, gate
-    from bayesprune.guide import CostConditionedGuide
-    from bayesprune.model import PruningModel
+    from bayesprune.core.guide import CostConditionedGuide
+    from bayesprune.core.model import PruningModel
 
     gated = gate(model, GateConfig(units=tuple(logits)))
     pruning = PruningModel(gated, torch.zeros(1, 2, dtype=torch.long), PriorConfig())

@@ -5,10 +5,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from bayesprune import FitConfig, GateConfig, ModelTotals, extract, fit, gate
-from bayesprune import adapters as ad
-from bayesprune.cli import main
-from bayesprune.pipeline import load_fitted, load_fitted_model
-from bayesprune.pruned import load_pruned
+from bayesprune.core import adapters as ad
+from bayesprune.run.cli import main
+from bayesprune.run.pipeline import load_fitted, load_fitted_model
+from bayesprune.inputs.pruned import load_pruned
 from tests.conftest import VOCAB, tiny_model
 from tests.test_cli import FIT_ARGS
 

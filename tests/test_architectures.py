@@ -1,7 +1,7 @@
 import pytest
 from transformers import AutoModelForCausalLM, OPTConfig
 
-from bayesprune.architectures import (ARCHITECTURES, UnsupportedArchitectureError, architecture_of,
+from bayesprune.core.architectures import (ARCHITECTURES, UnsupportedArchitectureError, architecture_of,
                                       decoder_layers, layer_names)
 from tests.conftest import TINY_CONFIGS, tiny_model
 

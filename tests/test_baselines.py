@@ -3,12 +3,12 @@ import torch
 import torch.nn.functional as F
 
 from bayesprune import extract_model
-from bayesprune.architectures import decoder_layers
+from bayesprune.core.architectures import decoder_layers
 from bayesprune.baselines import (baseline_plan, block_influence, drop_last_scores,
                                   magnitude_plan, magnitude_scores, random_scores, run_block_baseline, sleb_scores)
-from bayesprune.likelihood import calibration_nll
-from bayesprune.model import NonFiniteLossError
-from bayesprune.recovery import recover
+from bayesprune.core.likelihood import calibration_nll
+from bayesprune.core.model import NonFiniteLossError
+from bayesprune.baselines.recovery import recover
 from tests.conftest import VOCAB, tiny_model
 
 WINDOWS = torch.randint(0, VOCAB, (6, 12), generator=torch.Generator().manual_seed(0))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from bayesprune.cli import main
+from bayesprune.run.cli import main
 
 FIT_ARGS = ["--steps", "3", "--batch-size", "2", "--seq-len", "32", "--eval-tokens", "256", "--eval-window", "64"]
 
@@ -98,7 +98,7 @@ def test_bad_inputs_get_clear_errors(tmp_path, capsys):
 
 
 def test_settings_and_targets_are_checked_before_any_weights_are_scored(tmp_path, capsys, monkeypatch):
-    import bayesprune.pipeline as pipeline
+    import bayesprune.run.pipeline as pipeline
     from tests.conftest import tiny_model
 
     gpt2 = tmp_path / "gpt2"
@@ -115,7 +115,7 @@ def test_settings_and_targets_are_checked_before_any_weights_are_scored(tmp_path
 
 
 def test_console_script_is_installed():
-    done = subprocess.run([sys.executable, "-m", "bayesprune.cli", "--help"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "bayesprune.run.cli", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "extract" in done.stdout
 
 
@@ -212,7 +212,7 @@ def test_router_builds_checks_and_routes_a_prompt_to_a_checkpoint_that_generates
                  "--max-swaps", "2"]) == 0
     printed = capsys.readouterr().out
     assert "skips blocks" in printed and "coverage" in printed and f"wrote {router}" in printed
-    from bayesprune.routing import router_record
+    from bayesprune.routing.routed import router_record
 
     record = router_record(router)
     assert all(len(blocks) == 1 and blocks[0] in (1, 2) for blocks in record["sets"].values())

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from bayesprune.data import (DOMAINS, Document, bible_path, domain_documents, load_documents, shakespeare_documents,
+from bayesprune.inputs.data import (DOMAINS, Document, bible_path, domain_documents, load_documents, shakespeare_documents,
                              split_documents, tokenize, windows)
 
 

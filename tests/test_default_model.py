@@ -45,7 +45,7 @@ def test_gates_and_extraction_are_exact_on_the_real_model(smollm, tmp_path):
 
 def test_width_extraction_on_the_real_model_streams_what_memory_builds(smollm, tmp_path):
     from bayesprune import extract_streaming, load_pruned
-    from bayesprune.pretrained import default_model_dir
+    from bayesprune.inputs.pretrained import default_model_dir
 
     model, tokenizer = smollm
     ids = tokenizer("Now is the winter of our discontent", return_tensors="pt").input_ids

@@ -7,9 +7,9 @@ from transformers import AutoModelForCausalLM
 
 import bayesprune as bp
 from bayesprune.baselines import sleb_scores
-from bayesprune.cli import main
-from bayesprune.depth import conditional_depth_search, swap_search, win_shares
-from bayesprune.likelihood import next_token_nll
+from bayesprune.run.cli import main
+from bayesprune.cut.depth import conditional_depth_search, swap_search, win_shares
+from bayesprune.core.likelihood import next_token_nll
 
 from .conftest import TINY_CONFIGS, VOCAB, tiny_model
 from .test_cli import FIT_ARGS

@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 
-from bayesprune.cli import main
-from bayesprune.fit import CHECKPOINT_FILE
-from bayesprune.io import load_tensors
-from bayesprune.posterior import POSTERIOR_FILE
+from bayesprune.run.cli import main
+from bayesprune.core.fit import CHECKPOINT_FILE
+from bayesprune.core.io import load_tensors
+from bayesprune.core.posterior import POSTERIOR_FILE
 
 ARGS = ["--target", "none", "--steps", "4", "--batch-size", "4", "--seq-len", "32", "--eval-tokens", "256",
         "--eval-window", "64"]
@@ -19,7 +19,7 @@ ARGS = ["--target", "none", "--steps", "4", "--batch-size", "4", "--seq-len", "3
 def torchrun(processes: int, *args) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={processes}", "-m", "bayesprune.cli", *args],
+                           f"--nproc_per_node={processes}", "-m", "bayesprune.run.cli", *args],
                           capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -58,7 +58,7 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(tiny_model_di
 SCRIPT = """
 import sys, torch
 from bayesprune import FitConfig, GateConfig, fit, gate
-from bayesprune.distributed import finish, initialise
+from bayesprune.core.distributed import finish, initialise
 from tests.conftest import tiny_model
 initialise(None)
 sequences = torch.load(sys.argv[1])

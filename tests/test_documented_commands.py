@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from bayesprune.cli import build_parser, main
+from bayesprune.run.cli import build_parser, main
 
 from .test_cli import FIT_ARGS
 
@@ -109,7 +109,7 @@ def _substituted(words: list[str], model: Path, corpus: Path) -> list[str]:
 
 def _tiny_domain(name: str, corpus: Path) -> str:
     """A folder of a few short documents of the named domain (its first ones, cut short), beside the corpus."""
-    from bayesprune.data import DOMAINS, domain_documents
+    from bayesprune.inputs.data import DOMAINS, domain_documents
 
     if name not in DOMAINS:
         return str(corpus)
@@ -131,7 +131,7 @@ def runnable(command: str, model: Path, corpus: Path) -> list[str]:
     if subcommand == "fit" and "--data" not in arguments:
         arguments += ["--data", str(corpus)]
     if subcommand == "router" and "--domains" not in arguments:
-        from bayesprune.data import DOMAINS
+        from bayesprune.inputs.data import DOMAINS
 
         arguments += ["--domains", ",".join(_tiny_domain(name, corpus) for name in DOMAINS)]
     return [*program, *arguments, *TINY.get(subcommand, [])]

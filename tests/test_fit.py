@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from bayesprune import CostConfig, FitConfig, GateConfig, NonFiniteLossError, fit, gate
-from bayesprune.fit import CHECKPOINT_FILE
+from bayesprune.core.fit import CHECKPOINT_FILE
 from tests.conftest import TINY_CONFIGS, VOCAB, tiny_model
 
 SEQUENCES = torch.randint(0, VOCAB, (24, 12), generator=torch.Generator().manual_seed(0))
@@ -45,7 +45,7 @@ def test_fit_moves_the_guide_and_keeps_frozen_weights():
 
 
 def test_joint_fit_trains_the_weights_and_reads_importance_from_them():
-    from bayesprune.inclusion import unit_importance
+    from bayesprune.core.inclusion import unit_importance
 
     before = {k: v.clone() for k, v in unit_importance(gate(tiny_model("llama"), GateConfig())).items()}
     frozen = run(3, units=("head", "neuron"))
@@ -79,8 +79,8 @@ def test_every_gate_kind_moves_the_loss_in_every_family(family):
     from pyro.infer import Trace_ELBO
 
     from bayesprune import PriorConfig
-    from bayesprune.guide import CostConditionedGuide
-    from bayesprune.model import PruningModel
+    from bayesprune.core.guide import CostConditionedGuide
+    from bayesprune.core.model import PruningModel
 
     units = tuple(u for u in ("block", "attn", "mlp", "head", "neuron") if not (family == "gpt2" and u == "head"))
     gated = gate(tiny_model(family), GateConfig(units=units))

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from bayesprune import GateConfig, gate
-from bayesprune.architectures import decoder_layers
+from bayesprune.core.architectures import decoder_layers
 from tests.conftest import VOCAB, tiny_model
 
 UNIT_SETS = [("block",), ("attn", "mlp"), ("block", "attn", "mlp"), ("block", "head", "neuron")]

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from bayesprune import FitConfig, GateConfig, fit, gate
-from bayesprune.likelihood import sequence_nll
-from bayesprune.likelihood import (DistillationLikelihood, FrozenCopyTeacher, NextTokenLikelihood, OpenGatesTeacher,
+from bayesprune.core.likelihood import sequence_nll
+from bayesprune.core.likelihood import (DistillationLikelihood, FrozenCopyTeacher, NextTokenLikelihood, OpenGatesTeacher,
                                    likelihood_for)
 from tests.conftest import VOCAB, tiny_model
 
@@ -79,8 +79,8 @@ def test_bad_likelihood_settings_are_refused():
 
 
 def test_the_command_line_fits_with_distillation(tiny_model_dir, corpus_dir, tmp_path, capsys):
-    from bayesprune.cli import main
-    from bayesprune.rundir import read_config
+    from bayesprune.run.cli import main
+    from bayesprune.run.rundir import read_config
     from tests.test_cli import FIT_ARGS
 
     run = tmp_path / "run"

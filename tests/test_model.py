@@ -4,10 +4,10 @@ import torch
 from pyro import poutine
 
 from bayesprune import CostConfig, GateConfig, PriorConfig, ShrinkagePrior, UnitSizes, gate
-from bayesprune import inclusion
-from bayesprune.fit import draw_cost
-from bayesprune.guide import CostConditionedGuide
-from bayesprune.model import PruningModel
+from bayesprune.core import inclusion
+from bayesprune.core.fit import draw_cost
+from bayesprune.core.guide import CostConditionedGuide
+from bayesprune.core.model import PruningModel
 from tests.conftest import VOCAB, tiny_model
 
 SEQUENCES = torch.randint(0, VOCAB, (10, 8), generator=torch.Generator().manual_seed(0))
@@ -194,7 +194,7 @@ def test_importance_follows_trained_weights_with_its_gradient():
 
 def test_two_point_block_gradients_are_the_exact_on_off_differences():
     """With every block drawn, the surrogate is 0 and its gradient in p_b is −(NLL(b on) − NLL(b off)) per sequence."""
-    from bayesprune.likelihood import sequence_nll
+    from bayesprune.core.likelihood import sequence_nll
 
     gated = gate(tiny_model("llama"), GateConfig(units=("block",)))
     model = PruningModel(gated, SEQUENCES, PriorConfig(), two_point_blocks=gated.num_layers)
@@ -229,7 +229,7 @@ def test_a_two_point_fit_runs_and_moves_the_block_posterior():
 
 def test_removal_importance_is_each_blocks_own_nll_rise_and_reaches_the_posterior():
     from bayesprune import FitConfig, fit
-    from bayesprune.likelihood import sequence_nll
+    from bayesprune.core.likelihood import sequence_nll
 
     gated = gate(tiny_model("llama"), GateConfig(units=("block", "neuron")))
     importance = inclusion.removal_importance(gated, SEQUENCES[:8])

@@ -139,7 +139,7 @@ def test_inference_data_is_over_cost_with_real_names(fitted):
 
 
 def test_figures_are_written(fitted, tmp_path):
-    from bayesprune.plots import plot_inclusion_over_cost, plot_thresholds, plot_width
+    from bayesprune.run.plots import plot_inclusion_over_cost, plot_thresholds, plot_width
 
     posterior, _ = fitted
     plot_width(posterior, 1.0, tmp_path / "width.png")

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from bayesprune import CostConfig, FitConfig, GateConfig, fit, gate
-from bayesprune.likelihood import sequence_nll
-from bayesprune.prediction import ensemble_nll, plan_quality, predicted_quality, sampled_log_probs
+from bayesprune.core.likelihood import sequence_nll
+from bayesprune.evaluation.prediction import ensemble_nll, plan_quality, predicted_quality, sampled_log_probs
 from tests.conftest import VOCAB, tiny_model
 
 SEQUENCES = torch.randint(0, VOCAB, (16, 12), generator=torch.Generator().manual_seed(0))

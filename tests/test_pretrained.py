@@ -5,8 +5,8 @@ import shutil
 import pytest
 import torch
 
-from bayesprune.cli import main
-from bayesprune.pretrained import load_model, resolve_model
+from bayesprune.run.cli import main
+from bayesprune.inputs.pretrained import load_model, resolve_model
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 

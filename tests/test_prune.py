@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import bayesprune as bp
-from bayesprune.data import Document
+from bayesprune.inputs.data import Document
 from tests.conftest import tiny_model
 
 CONFIG = bp.FitConfig(steps=3, batch_size=2, seq_len=32, seed=0)

@@ -6,10 +6,10 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 import bayesprune as bp
-from bayesprune.architectures import decoder_layers
-from bayesprune.likelihood import next_token_nll
-from bayesprune.router import BayesianRouter, Prediction
-from bayesprune.routing import (DENSE, RoutedModel, candidate_choice_scores, candidate_losses, candidate_sets, choose,
+from bayesprune.core.architectures import decoder_layers
+from bayesprune.core.likelihood import next_token_nll
+from bayesprune.routing.router import BayesianRouter, Prediction
+from bayesprune.routing.routed import (DENSE, RoutedModel, candidate_choice_scores, candidate_losses, candidate_sets, choose,
                                 protected_blocks, route_prompts)
 
 from .conftest import VOCAB, tiny_model
@@ -244,7 +244,7 @@ def test_block_posteriors_per_domain_propose_the_blocks_each_domain_s_search_wei
     posteriors = bp.domain_block_posteriors(gated, domains, steps=3, progress=False)
     assert set(posteriors) == set(domains)
     torch.testing.assert_close(gated(input_ids=ids).logits, expected)  # the fits leave the gates open
-    from bayesprune.routing import block_proposal
+    from bayesprune.routing.routed import block_proposal
 
     for name, posterior in posteriors.items():
         proposal = block_proposal(posterior, 3)

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bayesprune.cli import main
-from bayesprune.fit import CHECKPOINT_FILE
-from bayesprune.io import atomic_path, load_tensors, save_tensors
-from bayesprune.posterior import POSTERIOR_FILE
+from bayesprune.run.cli import main
+from bayesprune.core.fit import CHECKPOINT_FILE
+from bayesprune.core.io import atomic_path, load_tensors, save_tensors
+from bayesprune.core.posterior import POSTERIOR_FILE
 from tests.test_cli import FIT_ARGS
 
 
@@ -126,7 +126,7 @@ def test_non_text_data_is_refused_naming_the_file(tiny_model_dir, tmp_path, caps
                                              ("9layers", "more than the model's 4 blocks")])
 def test_targets_the_model_cannot_meet_are_refused_before_loading(tiny_model_dir, corpus_dir, tmp_path, capsys,
                                                                   monkeypatch, target, message):
-    import bayesprune.pipeline as pipeline
+    import bayesprune.run.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "load_model", lambda *a: pytest.fail("weights were loaded"))
     args = fit_args(tiny_model_dir, corpus_dir, tmp_path / "r", "--units", "block")
@@ -179,7 +179,7 @@ def test_ctrl_c_during_fit_keeps_a_resumable_checkpoint(tiny_model_dir, corpus_d
     run = tmp_path / "run"
     args = fit_args(tiny_model_dir, corpus_dir, run)
     args[args.index("--steps") + 1] = "100000"
-    child = subprocess.Popen([sys.executable, "-m", "bayesprune.cli", *args], stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, "-m", "bayesprune.run.cli", *args], stderr=subprocess.PIPE, text=True)
     seen = ""
     while "SVI" not in seen or "nll=" not in seen:  # a step has been taken
         seen += child.stderr.read(1) or pytest.fail(f"the fit ended early: {seen}")

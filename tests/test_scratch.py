@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from bayesprune import CostConfig, FitConfig, GateConfig, fit, gate
-from bayesprune.fit import make_optimizer, schedule
-from bayesprune.scratch import gpt2_tokenizer, scratch_model
+from bayesprune.core.fit import make_optimizer, schedule
+from bayesprune.inputs.scratch import gpt2_tokenizer, scratch_model
 
 
 def test_the_gpt2_bpe_encodes_as_gpt2_does():

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from bayesprune import (ExtractionPlan, GateConfig, LayerPlan, ModelTotals, Target, TargetError,
                         extract_model, extract_streaming, gate, load_pruned, save_extracted)
-from bayesprune.architectures import count_parameters, decoder_layers
+from bayesprune.core.architectures import count_parameters, decoder_layers
 from tests.conftest import VOCAB, posterior_for, tiny_model
 
 
@@ -161,7 +161,7 @@ def test_per_layer_model_round_trips_through_load_pruned(family, tmp_path, ids, 
     from transformers import AutoModelForCausalLM
     from transformers.integrations.heterogeneity import AmbiguousGlobalPerLayerAttributeError
 
-    from bayesprune.pretrained import load_model
+    from bayesprune.inputs.pretrained import load_model
 
     model = tiny_model(family)
     gated = gate(model, GateConfig(units=width_units(family)))

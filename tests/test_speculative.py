@@ -6,10 +6,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import bayesprune as bp
-from bayesprune import speculative as sp
-from bayesprune.architectures import decoder_layers
-from bayesprune.cli import main
-from bayesprune.extraction import EXTRACTION_FILE
+from bayesprune.speculative import decoding as sp
+from bayesprune.core.architectures import decoder_layers
+from bayesprune.run.cli import main
+from bayesprune.cut.extraction import EXTRACTION_FILE
 
 from .conftest import VOCAB, tiny_model
 from .test_cli import FIT_ARGS

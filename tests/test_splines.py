@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from bayesprune.splines import bspline_basis, curve_at, monotone_controls, pinned_controls, rising_increments
+from bayesprune.core.splines import bspline_basis, curve_at, monotone_controls, pinned_controls, rising_increments
 
 T = torch.linspace(0, 1, 101)
 

@@ -2,11 +2,11 @@ import json
 
 import torch
 
-from bayesprune.cli import main
-from bayesprune.config import DataConfig
-from bayesprune.data import split_corpus
-from bayesprune.pretrained import load_model
-from bayesprune.tasks import CONTEXT_WORDS, cloze_items, continuation_items, run_tasks
+from bayesprune.run.cli import main
+from bayesprune.core.config import DataConfig
+from bayesprune.inputs.data import split_corpus
+from bayesprune.inputs.pretrained import load_model
+from bayesprune.evaluation.tasks import CONTEXT_WORDS, cloze_items, continuation_items, run_tasks
 from tests.test_cli import FIT_ARGS
 
 

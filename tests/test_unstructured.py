@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from bayesprune.architectures import decoder_layers
-from bayesprune.likelihood import sequence_nll
+from bayesprune.core.architectures import decoder_layers
+from bayesprune.core.likelihood import sequence_nll
 from bayesprune.baselines.unstructured import (nonzero_fraction, prune_unstructured, sparsegpt_prune, sparsity_for,
                                      wanda_prune)
 from tests.conftest import VOCAB, tiny_model

@@ -11,8 +11,8 @@
   lowest-norm heads and neurons goes in every block.
 
 Each scorer returns one score per block, higher = keep; :func:`baseline_plan`
-turns scores into an :class:`~bayesprune.selection.ExtractionPlan` for a target,
-so baselines produce real checkpoints through :func:`~bayesprune.extraction.extract_model`.
+turns scores into an :class:`~bayesprune.core.selection.ExtractionPlan` for a target,
+so baselines produce real checkpoints through :func:`~bayesprune.cut.extraction.extract_model`.
 Calibration windows should come from the fit split, never validation or test.
 """
 
@@ -25,14 +25,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..architectures import decoder_layers, unit_norms
-from ..config import GateConfig
-from ..data import batches
-from ..likelihood import calibration_nll
-from ..gates import gate
-from ..plan import ExtractionPlan
-from ..selection import choose_blocks, choose_units
-from ..targets import ModelTotals, Target
+from ..core.architectures import decoder_layers, unit_norms
+from ..core.config import GateConfig
+from ..inputs.data import batches
+from ..core.likelihood import calibration_nll
+from ..core.gates import gate
+from ..core.plan import ExtractionPlan
+from ..core.selection import choose_blocks, choose_units
+from ..core.targets import ModelTotals, Target
 
 BLOCK_BASELINES = ("shortgpt", "sleb", "random", "drop-last")
 

@@ -26,8 +26,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from ..architectures import count_parameters, decoder_layers
-from ..data import batches
+from ..core.architectures import count_parameters, decoder_layers
+from ..inputs.data import batches
 
 UNSTRUCTURED = ("wanda", "sparsegpt")
 

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.generation.candidate_generator import AssistedCandidateGenerator, CandidateGenerator
 
-from .architectures import architecture_of, decoder_layers
-from .extraction import depth_config
+from ..core.architectures import architecture_of, decoder_layers
+from ..cut.extraction import depth_config
 
 
 def expected_speedup(alpha: float, gamma: int, cost_ratio: float, verify_ratio: float = 1.0) -> float:

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .architectures import Architecture, Widths, architecture_for_config, widths_of
-from .io import SAFETENSORS_DTYPES, atomic_directory
-from .pruned import build_model, global_access
-from .plan import ExtractionPlan
-from .targets import ModelTotals, TargetError
+from ..core.architectures import Architecture, Widths, architecture_for_config, widths_of
+from ..core.io import SAFETENSORS_DTYPES, atomic_directory
+from ..inputs.pruned import build_model, global_access
+from ..core.plan import ExtractionPlan
+from ..core.targets import ModelTotals, TargetError
 
 EXTRACTION_FILE = "bayesprune_extraction.json"
 WEIGHTS_FILE = "model.safetensors"

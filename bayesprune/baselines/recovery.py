@@ -14,8 +14,8 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .likelihood import sequence_nll
-from .model import NonFiniteLossError
+from ..core.likelihood import sequence_nll
+from ..core.model import NonFiniteLossError
 
 
 def recover(model, tokens: torch.Tensor, num_tokens: int, seq_len: int = 128, batch_size: int = 4,

@@ -29,9 +29,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .config import DEPTH_SCORES
-from .gates import GatedModel
-from .likelihood import next_token_log_probs, next_token_nll, sequence_kl
+from ..core.config import DEPTH_SCORES
+from ..core.gates import GatedModel
+from ..core.likelihood import next_token_log_probs, next_token_nll, sequence_kl
 
 
 @dataclass

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .architectures import count_bytes, count_parameters
-from .likelihood import sequence_nll
+from ..core.architectures import count_bytes, count_parameters
+from ..core.likelihood import sequence_nll
 
 
 @torch.no_grad()

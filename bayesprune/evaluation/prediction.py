@@ -16,10 +16,10 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from .data import batches
-from .gates import GatedModel
-from .likelihood import token_nll
-from .posterior import GatePosterior
+from ..inputs.data import batches
+from ..core.gates import GatedModel
+from ..core.likelihood import token_nll
+from ..core.posterior import GatePosterior
 
 
 def _token_log_probs(gated: GatedModel, windows: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .architectures import architecture_for_config, decoder_layers
+from ..core.architectures import architecture_for_config, decoder_layers
 
 
 class SkippedAttention(nn.Module):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .posterior import GatePosterior
+from ..core.posterior import GatePosterior
 
 
 def _pyplot():

@@ -4,7 +4,7 @@ Targets: ``"12layers"`` (blocks kept, full width), ``0.5`` or ``"50%"`` (fractio
 of decoder parameters kept), ``"80M"`` / ``"1.2B"`` / ``"80000000"`` (parameters
 of the whole model), ``"300MB"`` (weight bytes, MB = 10⁶ bytes, at the model's
 dtype), ``"40%flops"`` / ``"0.4flops"`` (fraction of the decoder's forward FLOPs per
-token at a context of :data:`~bayesprune.sizes.FLOP_CONTEXT` tokens).
+token at a context of :data:`~bayesprune.core.sizes.FLOP_CONTEXT` tokens).
 """
 
 from __future__ import annotations

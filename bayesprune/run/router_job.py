@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from .data import corpus_documents, split_documents, tokenize, windows
-from .gates import gate
-from .config import GateConfig
-from .pretrained import load_config, load_model, resolve_model
-from .routing import RoutedModel, fit_routed_model, held_out_check, protected_blocks, router_record
+from ..inputs.data import corpus_documents, split_documents, tokenize, windows
+from ..core.gates import gate
+from ..core.config import GateConfig
+from ..inputs.pretrained import load_config, load_model, resolve_model
+from ..routing.routed import RoutedModel, fit_routed_model, held_out_check, protected_blocks, router_record
 
 
 def _shuffled(tokens: torch.Tensor, length: int, seed: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """The main job and its run directory: validate → fit → posterior → extract → evaluate → report.
 
-A run directory (see :mod:`bayesprune.rundir`) holds ``run.json`` (its marker: the
+A run directory (see :mod:`bayesprune.run.rundir`) holds ``run.json`` (its marker: the
 model's absolute path and fingerprint, the data's fingerprint), ``config.json`` (how
 it was made), ``checkpoint.safetensors``
 (resumable fit state), ``posterior.safetensors`` (the fitted posterior that extraction
@@ -12,7 +12,7 @@ cost of the grid), ``inclusion.png`` (inclusion with intervals across the cost),
 ``width.png`` (head/neuron gates) at the cost of the target, ``report.json`` and,
 with a target, ``extracted/`` (a Hugging Face folder with the tokenizer).
 ``bayesprune depth`` adds ``depth.json``: the depth ranking re-scored conditionally
-(:mod:`bayesprune.depth`), which depth targets (``12layers``) then cut by.
+(:mod:`bayesprune.cut.depth`), which depth targets (``12layers``) then cut by.
 """
 
 from __future__ import annotations
@@ -23,25 +23,25 @@ from pathlib import Path
 
 import torch
 
-from .adapters import adapter_deltas, merge_checkpoint_adapters
-from .architectures import architecture_for_config
-from .prune import check_request
-from . import distributed
-from .config import DEPTH_SCORES, WIDTH_KINDS, ExtractionConfig, GateConfig, RunConfig
-from .data import load_splits, split_corpus, tokenize, windows
-from .depth import DepthSearch, conditional_depth_search
-from .evaluate import model_size, perplexity
-from .fit import CHECKPOINT_FILE, fit, load_network
-from .gates import gate
-from .io import atomic_path, atomic_write_json, atomic_write_text, load_tensors
-from .pretrained import load_config, load_model, resolve_model, source_dtype
+from ..core.adapters import adapter_deltas, merge_checkpoint_adapters
+from ..core.architectures import architecture_for_config
+from ..prune import check_request
+from ..core import distributed
+from ..core.config import DEPTH_SCORES, WIDTH_KINDS, ExtractionConfig, GateConfig, RunConfig
+from ..inputs.data import load_splits, split_corpus, tokenize, windows
+from ..cut.depth import DepthSearch, conditional_depth_search
+from ..evaluation.perplexity import model_size, perplexity
+from ..core.fit import CHECKPOINT_FILE, fit, load_network
+from ..core.gates import gate
+from ..core.io import atomic_path, atomic_write_json, atomic_write_text, load_tensors
+from ..inputs.pretrained import load_config, load_model, resolve_model, source_dtype
 from .plots import plot_block_forest, plot_inclusion_over_cost, plot_size_curve, plot_thresholds, plot_width
-from .plan import ExtractionPlan
-from .posterior import POSTERIOR_FILE, GatePosterior, cost_grid
+from ..core.plan import ExtractionPlan
+from ..core.posterior import POSTERIOR_FILE, GatePosterior, cost_grid
 from .rundir import check_output, claim, data_fingerprint, fitted_model_path, model_fingerprint, read_config
-from .selection import choose_blocks
-from .targets import ModelTotals, Target, TargetError
-from .extraction import CheckpointFiles, extract_model, extract_streaming, save_extracted
+from ..core.selection import choose_blocks
+from ..core.targets import ModelTotals, Target, TargetError
+from ..cut.extraction import CheckpointFiles, extract_model, extract_streaming, save_extracted
 
 UNIT_LEVEL_DRAWS = 20
 DEPTH_FILE = "depth.json"

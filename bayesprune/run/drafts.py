@@ -6,7 +6,7 @@ continuations of validation prompts (no extraction, no drafting); its cost ``c``
 to the target comes from a short decoding timing of the cut model on this machine;
 the target's verification cost ``v(γ)`` from timing a ``γ + 1``-token pass. The
 candidate and draft length with the highest ``S(α, γ, c)`` win
-(:mod:`bayesprune.speculative`); ``write_draft`` extracts it, sets ``γ`` on its
+(:mod:`bayesprune.speculative.decoding`); ``write_draft`` extracts it, sets ``γ`` on its
 ``generation_config`` and records the prediction in ``draft.json``.
 """
 
@@ -18,17 +18,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import DECODINGS, DRAFT_SIZES, FORMS, ExtractionConfig, GateConfig
-from .data import load_splits
-from .extraction import extract_model
-from .gates import gate
-from .io import atomic_directory, atomic_write_json
+from ..core.config import DECODINGS, DRAFT_SIZES, FORMS, ExtractionConfig, GateConfig
+from ..inputs.data import load_splits
+from ..cut.extraction import extract_model
+from ..core.gates import gate
+from ..core.io import atomic_directory, atomic_write_json
 from .pipeline import load_fitted, load_fitted_model, run_extract, run_plan
-from .pretrained import compute_dtype, load_config, load_model, source_dtype
+from ..inputs.pretrained import compute_dtype, load_config, load_model, source_dtype
 from .rundir import fitted_model_path, read_config
-from .speculative import (acceptance, best_gamma, configure_draft, decode_ms, set_draft_length, skip_blocks,
+from ..speculative.decoding import (acceptance, best_gamma, configure_draft, decode_ms, set_draft_length, skip_blocks,
                           trim_vocabulary, vocabulary_for_share)
-from .targets import ModelTotals, Target, check_feasible
+from ..core.targets import ModelTotals, Target, check_feasible
 
 DRAFT_FILE = "draft.json"
 
@@ -55,7 +55,7 @@ def _vocabulary(tokens: torch.Tensor, share: float | None, tokenizer, vocab_size
 def prediction(alpha: dict, draft_ms: float, target_ms: float, verify: dict[int, float], decoding: str = "greedy",
                max_gamma: int = 8) -> dict:
     """A draft's predicted acceptance, cost ratio, best ``γ`` and speed-up, from its acceptance
-    (:func:`bayesprune.speculative.acceptance`) and decoding times."""
+    (:func:`bayesprune.speculative.decoding.acceptance`) and decoding times."""
     cost_ratio = draft_ms / target_ms
     gamma, speedup = best_gamma(alpha[decoding], cost_ratio, verify, max_gamma)
     return {"alpha_greedy": alpha["greedy"], "alpha_sampling": alpha["sampling"], "draft_ms": draft_ms,
@@ -168,7 +168,7 @@ def write_draft(run_dir: str | Path, out: str | Path, size: str | None = None, p
 
 def self_draft(model, posterior, blocks: int, gamma: int = 2):
     """The target itself with all but ``blocks`` blocks skipped, the ones the posterior's depth ranking
-    needs least (shared weights; see :func:`bayesprune.speculative.skip_blocks`)."""
+    needs least (shared weights; see :func:`bayesprune.speculative.decoding.skip_blocks`)."""
     plan = posterior.plan(Target.parse(f"{int(blocks)}layers"), ModelTotals.of(model))
     return configure_draft(skip_blocks(model, [i for i in range(plan.num_layers) if i not in plan.kept_layers]), gamma)
 

@@ -17,7 +17,7 @@ import random
 import tempfile
 from pathlib import Path
 
-from .data import Document
+from ..inputs.data import Document
 
 LOCAL_TASKS = ("continuation", "cloze")
 CONTEXT_WORDS = 40

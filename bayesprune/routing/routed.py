@@ -1,10 +1,10 @@
 """Prompt-routed depth: each prompt picks, once, which set of blocks to skip in prefill and decoding.
 
-Candidate sets come from the conditional depth search (:mod:`bayesprune.depth`), one per
+Candidate sets come from the conditional depth search (:mod:`bayesprune.cut.depth`), one per
 domain of fit text, with the first ``route_after`` blocks (and the last) never skipped.
 The router reads the prompt where the network has already read it: the mean hidden
 state entering block ``route_after``, which every candidate computes anyway. A
-:class:`~bayesprune.router.BayesianRouter` predicts each candidate's loss on the prompt
+:class:`~bayesprune.routing.router.BayesianRouter` predicts each candidate's loss on the prompt
 with an interval and the probability that it is the best. The route is the set with the
 lowest expected loss when that probability reaches ``confidence`` or its expected regret
 (the loss it may lose to the best set) is within ``tolerance``; otherwise only the
@@ -23,14 +23,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .architectures import decoder_layers
-from .config import FitConfig
-from .depth import conditional_depth_search, swap_search
-from .likelihood import next_token_nll, token_nll
-from .fit import fit
-from .gates import GatedModel
-from .posterior import GatePosterior
-from .io import load_tensors, save_tensors
+from ..core.architectures import decoder_layers
+from ..core.config import FitConfig
+from ..cut.depth import conditional_depth_search, swap_search
+from ..core.likelihood import next_token_nll, token_nll
+from ..core.fit import fit
+from ..core.gates import GatedModel
+from ..core.posterior import GatePosterior
+from ..core.io import load_tensors, save_tensors
 from .router import BayesianRouter, Prediction
 
 DENSE = "dense"
@@ -53,7 +53,7 @@ def candidate_sets(gated: GatedModel, windows: dict[str, torch.Tensor], skipped:
     those windows, PuDDing's construction). With ``posteriors`` (a block posterior per domain,
     :func:`domain_block_posteriors`), each step of a domain's search weighs only the ``candidates`` blocks
     its posterior holds least needed where it keeps the rest. With ``max_swaps``, each domain's set is then
-    refined by :func:`~bayesprune.depth.swap_search` on the same windows until no single swap is better.
+    refined by :func:`~bayesprune.cut.depth.swap_search` on the same windows until no single swap is better.
     Domains that give the same set share one candidate, ``"a+b"``."""
     protected = protected_blocks(gated.num_layers, route_after, keep_last)
     skipped = max(1, round(0.2 * gated.num_layers)) if skipped is None else skipped
@@ -368,8 +368,8 @@ class RoutedModel:
 
     def save_route(self, input_ids: torch.Tensor, tokenizer, out: str | Path) -> Path:
         """The static sub-network the prompt is routed to, written to ``out`` as a plain checkpoint."""
-        from .baselines.structured import baseline_plan
-        from .extraction import extract_model, save_extracted
+        from ..baselines.structured import baseline_plan
+        from ..cut.extraction import extract_model, save_extracted
 
         route = self.route(input_ids)
         num_layers = self.gated.num_layers

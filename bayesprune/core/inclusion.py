@@ -10,7 +10,7 @@ For unit ``u`` of kind ``k`` in layer ``ℓ`` at cost ``λ``, with ``t = λ / (1
 ``importance_u`` is the L2 norm of the weights a unit owns over its layer's mean (1
 for block and branch gates, which own a whole layer's part). The parameters (``θ``:
 shared curves, deviations, offsets, log-amplitudes, amplitude curves) are the
-latent variables of :mod:`bayesprune.model`; everything here takes them with any
+latent variables of :mod:`bayesprune.core.model`; everything here takes them with any
 leading draw dimensions. At ``λ = 0`` every probability and amplitude is exactly 1:
 the network is the dense one, whatever ``θ``.
 """

@@ -139,7 +139,7 @@ def architecture_of(model: nn.Module) -> Architecture:
     name = type(model).__name__
     if model_type not in ARCHITECTURES:
         raise UnsupportedArchitectureError(
-            f"{name} (model_type={model_type!r}) is not supported: bayesprune.architectures."
+            f"{name} (model_type={model_type!r}) is not supported: bayesprune.core.architectures."
             f"ARCHITECTURES has no row saying where its decoder blocks, attention and MLP are. "
             f"Supported model types: {sorted(ARCHITECTURES)}"
         )

@@ -1,5 +1,5 @@
-"""Selection: from inclusion probabilities and a target (:mod:`bayesprune.targets`) to an extraction plan
-(:mod:`bayesprune.plan`): which blocks, heads and neurons stay.
+"""Selection: from inclusion probabilities and a target (:mod:`bayesprune.core.targets`) to an extraction plan
+(:mod:`bayesprune.core.plan`): which blocks, heads and neurons stay.
 
 The largest sub-network that does not exceed the target is chosen.
 

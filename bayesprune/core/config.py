@@ -71,7 +71,7 @@ def _finite(config, *names: str) -> None:
 
 @dataclass
 class PriorConfig(_JsonConfig):
-    """The hierarchical shrinkage prior over the cost-conditioned inclusion logits (see :mod:`bayesprune.model`).
+    """The hierarchical shrinkage prior over the cost-conditioned inclusion logits (see :mod:`bayesprune.core.model`).
 
     Thresholds are clamped cubic B-splines over ``t = cost / (1 + cost)`` with
     ``control_points`` control points, starting at ``threshold_start`` (``−1/T``:
@@ -220,7 +220,7 @@ class DataConfig(_JsonConfig):
 class ExtractionConfig(_JsonConfig):
     """What to cut from a fitted run: the target size, the checkpoint form, the neuron rounding.
 
-    ``target`` is read by :meth:`bayesprune.targets.Target.parse` (``None``: fit only);
+    ``target`` is read by :meth:`bayesprune.core.targets.Target.parse` (``None``: fit only);
     ``form`` is ``per-layer`` (each block its own widths) or ``uniform`` (plain
     ``transformers`` loads it); ``multiple`` rounds kept neurons per block.
     """
@@ -242,7 +242,7 @@ class ExtractionConfig(_JsonConfig):
 
     @property
     def parsed(self):
-        """The target as a :class:`~bayesprune.targets.Target` (``None``: no extraction)."""
+        """The target as a :class:`~bayesprune.core.targets.Target` (``None``: no extraction)."""
         from .targets import Target
 
         return None if self.target is None else Target.parse(self.target)

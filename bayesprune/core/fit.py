@@ -1,7 +1,7 @@
 """SVI: the cost-conditioned guide (and optionally the weights) fitted through Pyro's ELBO.
 
 The loss is ``Trace_ELBO()(model, guide)``, an ``nn.Module`` over the model of
-:mod:`bayesprune.model` and the guide of :mod:`bayesprune.guide`: one step draws a
+:mod:`bayesprune.core.model` and the guide of :mod:`bayesprune.core.guide`: one step draws a
 cost (or takes the fixed one), a mini-batch, ``θ`` from the guide and the gates
 given ``θ``, and differentiates the ELBO per predicted token. Every step reseeds
 from ``(seed, step)``, so a fit resumed from a checkpoint draws the same costs,
@@ -72,7 +72,7 @@ class Fit:
 
 def set_trainable(gated: GatedModel, config: FitConfig) -> list[torch.nn.Parameter]:
     """Freeze or unfreeze the network's weights as ``config.weights`` says; the trainable ones (adapters are
-    added later, by :func:`bayesprune.adapters.add_adapters`)."""
+    added later, by :func:`bayesprune.core.adapters.add_adapters`)."""
     joint = config.weights == "joint"
     for p in gated.parameters():
         p.requires_grad_(joint)

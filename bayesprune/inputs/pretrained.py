@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .config import DTYPES
-from .io import SAFETENSORS_DTYPES, atomic_directory
+from ..core.config import DTYPES
+from ..core.io import SAFETENSORS_DTYPES, atomic_directory
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

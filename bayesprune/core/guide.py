@@ -3,7 +3,7 @@
 ``q(θ) = Π_sites Normal(loc, scale)`` (log-normal for the positive scales), one
 vectorised site per parameter kind, and ``q(z | θ, λ) = p(z | θ, λ)``: the gates at a
 cost are drawn from the cost-conditioned inclusion probabilities of
-:mod:`bayesprune.inclusion` evaluated at a draw of ``θ``. Every inclusion
+:mod:`bayesprune.core.inclusion` evaluated at a draw of ``θ``. Every inclusion
 probability at every cost therefore has a posterior distribution, read off by
 drawing ``θ``. With the cost held fixed it is the guide of a fixed-cost fit.
 
@@ -27,7 +27,7 @@ def _local_params():
 
 
 class CostConditionedGuide(PyroModule):
-    """Mean-field normal ``q(θ)`` over the sites of a :class:`~bayesprune.model.ShrinkagePrior`."""
+    """Mean-field normal ``q(θ)`` over the sites of a :class:`~bayesprune.core.model.ShrinkagePrior`."""
 
     def __init__(self, prior: ShrinkagePrior, init_scale: float = 0.01):
         with _local_params():

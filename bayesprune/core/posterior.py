@@ -1,6 +1,6 @@
 """The fitted posterior: inclusion probabilities at any cost, with intervals; sizes, rankings, plans, InferenceData.
 
-The guide is mean-field normal over ``θ`` (:mod:`bayesprune.guide`), so the posterior
+The guide is mean-field normal over ``θ`` (:mod:`bayesprune.core.guide`), so the posterior
 is stored exactly as one ``Normal(loc, scale)`` per site in unconstrained space, with
 the units' importance and sizes. Draws of ``θ`` are generated from it on demand
 with a fixed seed, so every summary of a saved posterior is repeatable, and every
@@ -17,7 +17,7 @@ A target size is met in two steps, both at the posterior median of ``θ``: solve
 the cost whose expected kept size is the target (a fixed-cost fit keeps its cost),
 then rank the units by their inclusion probability *at that cost* and keep the most
 probable until the target is filled exactly
-(:func:`bayesprune.selection.choose_by_probability`); the amplitudes at that cost are
+(:func:`bayesprune.core.selection.choose_by_probability`); the amplitudes at that cost are
 folded into the kept weights.
 """
 
@@ -68,7 +68,7 @@ class GatePosterior:
     @classmethod
     def from_guide(cls, guide, model, fixed_cost: float | None = None, num_draws: int = 100,
                    seed: int = 0) -> "GatePosterior":
-        """Read the loc and scale of every site of a :class:`~bayesprune.guide.CostConditionedGuide`."""
+        """Read the loc and scale of every site of a :class:`~bayesprune.core.guide.CostConditionedGuide`."""
         locs, scales = {}, {}
         for site in guide.sites:
             loc, scale = guide.loc_and_scale(site)

@@ -22,7 +22,7 @@ network). For each gated unit kind ``k`` (block, attn, mlp, head, neuron), with
     log_amplitude_u ~ Normal(0, amplitude_scale)                         # (layer[, unit]); not for blocks
 
 *gates*: ``z_u ~ Bernoulli(σ(logit_u(λ)))`` with the cost-conditioned logits of
-:mod:`bayesprune.inclusion` (threshold ``= spline(softplus(shared_k + deviation_k,ℓ))``,
+:mod:`bayesprune.core.inclusion` (threshold ``= spline(softplus(shared_k + deviation_k,ℓ))``,
 importance from the weight norms, amplitudes ``exp(log_amplitude_u · g_k(t))``),
 drawn straight through: exact 0/1 in the forward pass, the gradient of the
 probability in the backward pass. The guide draws the gates from this same
@@ -31,7 +31,7 @@ conditional, so they enter the ELBO through the likelihood only (recorded with
 
 *cost*: ``factor(−λ · N · C(ρ))`` with ``C`` the fraction of decoder parameters kept,
 counted from the real weights of every unit and only under open ancestors
-(:class:`bayesprune.sizes.UnitSizes`), at the inclusion probabilities ``ρ``: ``C`` is
+(:class:`bayesprune.core.sizes.UnitSizes`), at the inclusion probabilities ``ρ``: ``C`` is
 multilinear in independent gates, so this is ``E[C(z)]`` exactly (the tilt
 ``exp(−λ N C(z))`` averaged over the gates, without its sampling noise). ``N`` is the
 number of predicted tokens in the corpus.
@@ -39,7 +39,7 @@ number of predicted tokens in the corpus.
 *likelihood*: ``factor(−NLL(sequence | z, amplitudes))`` per sequence in a plate
 subsampled from the corpus, so the prior and the cost keep their meaning at any
 mini-batch size; or, for distillation, ``KL(p_dense ‖ p_gated)`` summed over the
-sequence in place of the NLL (:mod:`bayesprune.likelihood`). A fixed-cost fit is this
+sequence in place of the NLL (:mod:`bayesprune.core.likelihood`). A fixed-cost fit is this
 model with ``λ`` held fixed.
 """
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from .config import RunConfig
-from .fit import CHECKPOINT_FILE
-from .io import atomic_write_json
-from .posterior import POSTERIOR_FILE
+from ..core.config import RunConfig
+from ..core.fit import CHECKPOINT_FILE
+from ..core.io import atomic_write_json
+from ..core.posterior import POSTERIOR_FILE
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.json"

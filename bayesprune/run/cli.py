@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import DECODINGS, DEPTH_SCORES, DRAFT_SIZES, DTYPES, FORMS, WEIGHTS, CostConfig, DataConfig, ExtractionConfig, FitConfig, GateConfig, PriorConfig, RunConfig
+from ..core.config import DECODINGS, DEPTH_SCORES, DRAFT_SIZES, DTYPES, FORMS, WEIGHTS, CostConfig, DataConfig, ExtractionConfig, FitConfig, GateConfig, PriorConfig, RunConfig
 
 
 def _fit_parser(sub) -> None:
@@ -80,7 +80,7 @@ def _run_config(args) -> RunConfig:
 
 
 def _router_parsers(sub) -> None:
-    from .data import DOMAINS
+    from ..inputs.data import DOMAINS
 
     p = sub.add_parser("router", help="build a prompt router: one set of blocks to skip per domain of text, and a "
                                       "Bayesian router that picks one per prompt (or skips fewer when unsure)")
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 
             target = None if args.target.lower() == "none" else args.target
             extraction = ExtractionConfig(target, args.form, args.multiple)
-            from .distributed import finish, is_main
+            from ..core.distributed import finish, is_main
 
             try:
                 run_fit(config, args.out, extraction, log=lambda s: print(s, flush=True) if is_main() else None,
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(run_extract(args.run, extraction, args.out, streaming=streaming, device=args.device,
                                          dtype=args.dtype), indent=2))
         elif args.command == "depth":
-            from .depth import format_depth
+            from ..cut.depth import format_depth
             from .pipeline import DEPTH_FILE, run_depth_search
 
             search = run_depth_search(args.run, args.removals, args.windows, args.chunk, args.score, args.device,
@@ -238,10 +238,10 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(route_prompt(args.router, args.prompt, args.model, args.max_new_tokens, args.out,
                                           args.device, args.dtype), indent=2))
         else:
-            from .data import split_corpus, tokenize
-            from .evaluate import model_size, perplexity
-            from .pretrained import load_model, resolve_model
-            from .tasks import check_tasks, run_tasks
+            from ..inputs.data import split_corpus, tokenize
+            from ..evaluation.perplexity import model_size, perplexity
+            from ..inputs.pretrained import load_model, resolve_model
+            from ..evaluation.tasks import check_tasks, run_tasks
 
             data = DataConfig(path=args.data, eval_tokens=args.eval_tokens, eval_window=args.eval_window)
             tasks = None if args.tasks is None else [t.strip() for t in args.tasks.split(",")]
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bayesprune {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        from .fit import CHECKPOINT_FILE
+        from ..core.fit import CHECKPOINT_FILE
 
         resumable = args.command == "fit" and (Path(args.out) / CHECKPOINT_FILE).is_file()
         kept = (f"; the fit's checkpoint is in {args.out}: rerun the same command to resume" if resumable

@@ -1,0 +1,1 @@
+"""The command line and its jobs over run directories: fit, extract, depth, draft, router, route, evaluate."""

@@ -1,0 +1,1 @@
+"""Speculative decoding with pruned drafts through transformers' assisted generation."""
