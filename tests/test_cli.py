@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from bayesprune.cut.extraction import EXTRACTION_FILE
 from bayesprune.run.cli import main
 
 FIT_ARGS = ["--steps", "3", "--batch-size", "2", "--seq-len", "32", "--eval-tokens", "256", "--eval-window", "64"]
@@ -259,3 +260,26 @@ def test_router_inputs_get_clear_errors_and_nothing_is_written(tiny_model_dir, c
     assert main(["route", str(router), "--prompt", "hello"]) == 2
     assert "not a readable safetensors file" in capsys.readouterr().err
     assert router.read_text() == "not a router"
+
+
+def test_a_recipe_sets_the_fit_options_and_options_beside_it_override_it(tiny_model_dir, corpus_dir, tmp_path,
+                                                                        capsys):
+    run = tmp_path / "run"
+    assert main(["fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir), "--out", str(run),
+                 "--units", "block", "--target", "none", *FIT_ARGS]) == 0
+    recipe = json.loads((run / "config.json").read_text())
+    recipe["fit"]["seed"] = 3
+    recipe["extraction"] = {"target": "2layers"}
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    again = tmp_path / "again"
+    assert main(["fit", "--recipe", str(tmp_path / "recipe.json"), "--out", str(again), "--steps", "2"]) == 0
+    made = json.loads((again / "config.json").read_text())
+    assert made["fit"] == {**recipe["fit"], "steps": 2} and made["gate"]["units"] == ["block"]
+    assert made["model"] == recipe["model"] and made["data"] == recipe["data"]
+    assert json.loads((again / "extracted" / EXTRACTION_FILE).read_text())["target"] == "2 layers"
+
+    for text, message in (('{"fit": {"stpes": 3}}', "stpes"), ("{fit", "not valid JSON"),
+                          ('{"extraction": {"size": 1}}', "extraction")):
+        (tmp_path / "bad.json").write_text(text)
+        assert main(["fit", "--recipe", str(tmp_path / "bad.json"), "--out", str(tmp_path / "bad")]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -10,7 +10,19 @@ from pathlib import Path
 from ..core.config import DECODINGS, DEPTH_SCORES, DRAFT_SIZES, DTYPES, FORMS, WEIGHTS, CostConfig, DataConfig, ExtractionConfig, FitConfig, GateConfig, PriorConfig, RunConfig
 
 
-def _fit_parser(sub) -> None:
+# Where each fit option lives in a RunConfig: the options are read into one, and a recipe is read out of one.
+_RUN_FIELDS = {
+    "model": ("model",), "data": ("data", "path"), "units": ("gate", "units"), "offset_scale": ("prior", "offset_scale"),
+    "cost": ("cost", "fixed"), "cost_rate": ("cost", "rate"), "zero_cost": ("cost", "zero_probability"),
+    **{name: ("fit", name) for name in ("steps", "batch_size", "seq_len", "weights", "seed", "dtype",
+                                        "gradient_checkpointing", "two_point_blocks", "likelihood", "nll_weight",
+                                        "lora_rank")},
+    "eval_tokens": ("data", "eval_tokens"), "eval_window": ("data", "eval_window"),
+}
+_EXTRACTION_FIELDS = ("target", "form", "multiple")
+
+
+def _fit_parser(sub, recipe: dict | None = None) -> None:
     p = sub.add_parser("fit", help="fit the gate posterior; with --target also extract and evaluate")
     p.add_argument("--model", help="Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--data", help="text file, folder or .jsonl (default: the Shakespeare corpus)")
@@ -47,8 +59,12 @@ def _fit_parser(sub) -> None:
                    help="prior scale of the per-unit importance offsets (0: none, the paper's norm-only ranking)")
     p.add_argument("--eval-tokens", type=int, default=DataConfig.eval_tokens)
     p.add_argument("--eval-window", type=int, default=DataConfig.eval_window)
+    p.add_argument("--recipe", help="a JSON file of settings: a run's config.json, optionally with an \"extraction\" "
+                                    "object (target, form, multiple); options given beside it override it")
     _device_options(p)
     _extraction_options(p)
+    if recipe:
+        p.set_defaults(**recipe)
 
 
 def _device_options(p) -> None:
@@ -66,17 +82,37 @@ def _extraction_options(p) -> None:
 
 
 def _run_config(args) -> RunConfig:
-    return RunConfig(
-        model=args.model,
-        gate=GateConfig(units=tuple(u.strip() for u in args.units.split(",") if u.strip())),
-        prior=PriorConfig(offset_scale=args.offset_scale),
-        cost=CostConfig(fixed=args.cost, rate=args.cost_rate, zero_probability=args.zero_cost),
-        fit=FitConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                      weights=args.weights, seed=args.seed, dtype=args.dtype,
-                      gradient_checkpointing=args.gradient_checkpointing, two_point_blocks=args.two_point_blocks,
-                      likelihood=args.likelihood, nll_weight=args.nll_weight, lora_rank=args.lora_rank),
-        data=DataConfig(path=args.data, eval_tokens=args.eval_tokens, eval_window=args.eval_window),
-    )
+    values: dict = {}
+    for name, (*sections, field) in _RUN_FIELDS.items():
+        value = getattr(args, name)
+        if name == "units":
+            value = tuple(u.strip() for u in value.split(",") if u.strip())
+        place = values
+        for section in sections:
+            place = place.setdefault(section, {})
+        place[field] = value
+    return RunConfig.from_dict(values)
+
+
+def _recipe(path: str) -> dict:
+    """The fit options a recipe file sets, by option name (checked as a RunConfig is)."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"the recipe {path} is not valid JSON ({err})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"the recipe {path} must hold a JSON object of settings")
+    extraction = values.pop("extraction", {})
+    if not isinstance(extraction, dict) or set(extraction) - set(_EXTRACTION_FIELDS):
+        raise ValueError(f"the recipe's \"extraction\" must be an object of {list(_EXTRACTION_FIELDS)}")
+    config = RunConfig.from_dict(values).to_dict()
+    options = {}
+    for name, (*sections, field) in _RUN_FIELDS.items():
+        place = config
+        for section in sections:
+            place = place[section]
+        options[name] = ",".join(place[field]) if name == "units" else place[field]
+    return options | {k: ("none" if k == "target" and v is None else v) for k, v in extraction.items()}
 
 
 def _router_parsers(sub) -> None:
@@ -123,10 +159,11 @@ def _router_parsers(sub) -> None:
     p.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: the router's)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(recipe: dict | None = None) -> argparse.ArgumentParser:
+    """The command line; ``recipe``: defaults of the fit options (what a ``--recipe`` file sets)."""
     parser = argparse.ArgumentParser(prog="bayesprune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    _fit_parser(sub)
+    _fit_parser(sub, recipe)
     p = sub.add_parser("extract", help="write a smaller Hugging Face model from a fitted run")
     p.add_argument("run", help="run directory written by 'bayesprune fit'")
     p.add_argument("--target", required=True, help="0.5, 50%%, 12layers, 80M, 300MB or 40%%flops")
@@ -177,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "fit":
+            if args.recipe is not None:
+                args = build_parser(_recipe(args.recipe)).parse_args(argv)
             config = _run_config(args)
             from .pipeline import run_fit
 
