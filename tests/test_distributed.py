@@ -53,6 +53,7 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(tiny_model_di
     done = torchrun(2, "fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir),
                     "--out", str(tmp_path / "r"), *args)
     assert done.returncode != 0 and "does not split evenly over 2 processes" in done.stderr
+    assert "Loading weights" not in done.stderr  # refused before the model is loaded
 
 
 SCRIPT = """

@@ -16,9 +16,19 @@ import torch
 import torch.distributed as dist
 
 
+def launched_processes() -> int:
+    """How many processes the launcher started (1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def launched() -> bool:
     """Whether this process was started by a launcher with more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return launched_processes() > 1
+
+
+def check_batch(batch_size: int) -> None:
+    """Refuse, before anything is loaded, a mini-batch the launched processes cannot share evenly."""
+    _check_split(batch_size, launched_processes())
 
 
 def active() -> bool:
@@ -58,10 +68,14 @@ def finish() -> None:
 
 def share(batch: torch.Tensor) -> torch.Tensor:
     """This rank's part of a mini-batch of indices (every rank holds the same mini-batch)."""
-    if batch.numel() % world_size():
-        raise ValueError(f"a mini-batch of {batch.numel()} windows does not split evenly over "
-                         f"{world_size()} processes; choose a batch size that is a multiple of it")
+    _check_split(batch.numel(), world_size())
     return batch[rank()::world_size()]
+
+
+def _check_split(windows: int, processes: int) -> None:
+    if windows % processes:
+        raise ValueError(f"a mini-batch of {windows} windows does not split evenly over {processes} processes; "
+                         "choose a batch size that is a multiple of it")
 
 
 def mean(values: torch.Tensor) -> torch.Tensor:

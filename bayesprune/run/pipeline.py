@@ -54,6 +54,7 @@ def validate(config: RunConfig, extraction: ExtractionConfig, run_dir: str | Pat
     if run_dir is not None:
         check_output(run_dir, config)
     parsed = extraction.parsed
+    distributed.check_batch(config.fit.batch_size)
     model_config = load_config(config.model)
     check_request(model_config, config.gate.units, parsed,
                   {"--seq-len": config.fit.seq_len, "--eval-window": config.data.eval_window})
