@@ -1,6 +1,6 @@
 """bayesprune: Bayesian structured pruning of Hugging Face causal language models."""
 
-from .core.config import CostConfig, DataConfig, ExtractionConfig, FitConfig, GateConfig, PriorConfig, RunConfig
+from .core.config import CostConfig, DataConfig, ExtractionConfig, FitConfig, GateConfig, PriorConfig, RouterConfig, RunConfig
 from .inputs.data import domain_documents, load_documents, load_splits, split_documents, tokenize, windows
 from .evaluation.perplexity import model_size, perplexity
 from .core.fit import Fit, fit
@@ -20,7 +20,7 @@ from .routing.router import BayesianRouter
 from .routing.routed import RoutedModel, candidate_losses, candidate_sets, domain_block_posteriors, fit_routed_model, held_out_check, route_prompts
 
 __all__ = [
-    "CostConfig", "DataConfig", "ExtractionConfig", "FitConfig", "GateConfig", "PriorConfig", "RunConfig",
+    "CostConfig", "DataConfig", "ExtractionConfig", "FitConfig", "GateConfig", "PriorConfig", "RouterConfig", "RunConfig",
     "domain_documents", "load_documents", "load_splits", "split_documents", "tokenize", "windows",
     "model_size", "perplexity",
     "ExtractionPlan", "LayerPlan", "ModelTotals", "Target", "TargetError", "UnitSizes",

@@ -3,9 +3,10 @@
 The command lines are read from the documents' ```bash blocks. A synopsis line is run in its
 required form (``[...]`` options dropped, the first of ``a|b``) with the tiny model and corpus put
 in for ``PATH`` and a few size options added; every option it shows, with each alternative, must
-parse. A named text domain is a few of its documents, cut short. Placeholders (``RUN``, ``SMALL``, ``DRAFT`` …) are folder names in a scratch folder, so a
-command reads what an earlier one wrote, as a reader following the documents would. A command that
-cannot run here is listed in ``NOT_RUN`` with the reason.
+parse. A named text domain is a few of its documents, cut short. Placeholders (``RUN``,
+``SMALL``, ``DRAFT`` …) are folder names in a scratch folder, so a command reads what an earlier
+one wrote, as a reader following the documents would. A command that cannot run here is listed
+in ``NOT_RUN`` with the reason.
 """
 
 from __future__ import annotations

@@ -262,7 +262,7 @@ def test_block_posteriors_per_domain_propose_the_blocks_each_domain_s_search_wei
 def test_fit_routed_model_and_its_held_out_check_score_every_set_unrouted():
     gated = bp.gate(tiny_model("llama"), bp.GateConfig(units=("block",)))
     domains = {"low": _windows(10, low=0, high=VOCAB // 2), "high": _windows(10, low=VOCAB // 2, seed=1)}
-    routed = bp.fit_routed_model(gated, domains, 1, route_after=1, prompt_tokens=6, search_windows=4,
+    routed = bp.fit_routed_model(gated, domains, skipped=1, route_after=1, prompt_tokens=6, search_windows=4,
                                  train_windows=6, chunk=2, progress=False)
     assert all(len(blocks) == 1 and blocks[0] in (1, 2) for blocks in routed.sets.values())
     held_out = {"low": _windows(4, low=0, high=VOCAB // 2, seed=5)}
@@ -281,4 +281,4 @@ def test_fit_routed_model_and_its_held_out_check_score_every_set_unrouted():
     by_set = {(): losses[DENSE], (1,): losses["one"], (2,): losses["two"]}
     assert report["routed"] == pytest.approx(float(torch.stack([by_set[r.skipped][i] for i, r in enumerate(routes)]).mean()))
     with pytest.raises(ValueError, match="more than search_windows=10"):
-        bp.fit_routed_model(gated, domains, 1, route_after=1, prompt_tokens=6, search_windows=10, progress=False)
+        bp.fit_routed_model(gated, domains, skipped=1, route_after=1, prompt_tokens=6, search_windows=10, progress=False)

@@ -217,6 +217,47 @@ class DataConfig(_JsonConfig):
 
 
 @dataclass
+class RouterConfig(_JsonConfig):
+    """How a prompt router is built over domains of text (``bayesprune router``, ``fit_routed_model``).
+
+    Each domain's first ``search_windows`` fit windows choose its candidate set of ``skipped``
+    blocks (``None``: a fifth of the blocks, about PuDDing's 7 of 32) by the conditional depth search (with
+    ``posterior_steps``, weighing only the ``candidates`` blocks its block posterior needs least;
+    with ``max_swaps``, refined by single swaps); the next ``train_windows`` train the router on
+    their first ``prompt_tokens``, read after the first ``route_after`` blocks. A route falls back
+    to the blocks the likely sets share unless its best set is that with probability
+    ``confidence`` or within ``tolerance`` nats of the others. ``seq_len``, ``check_windows``
+    (validation windows scored per domain) and ``seed`` (the window order) are the job's.
+    """
+
+    skipped: int | None = None
+    route_after: int = 2
+    prompt_tokens: int = 32
+    seq_len: int = 128
+    search_windows: int = 32
+    train_windows: int = 128
+    check_windows: int = 32
+    confidence: float = 0.9
+    tolerance: float = 0.02
+    posterior_steps: int = 0
+    candidates: int = 8
+    max_swaps: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 1 <= self.prompt_tokens < self.seq_len:
+            raise ValueError(f"prompt tokens must be in [1, seq_len={self.seq_len}), got {self.prompt_tokens}")
+        if self.search_windows < 2 or self.train_windows < 1 or self.check_windows < 0:
+            raise ValueError("need at least 2 search windows, 1 training window and 0 check windows per domain")
+        if self.posterior_steps < 0 or self.candidates < 1 or self.max_swaps < 0:
+            raise ValueError(f"posterior steps and max swaps must be at least 0 and candidates at least 1, not "
+                             f"{self.posterior_steps}, {self.max_swaps} and {self.candidates}")
+        if not 0 < self.confidence <= 1 or self.tolerance < 0:
+            raise ValueError(f"confidence must be in (0, 1] and tolerance at least 0, not {self.confidence} and "
+                             f"{self.tolerance}")
+
+
+@dataclass
 class ExtractionConfig(_JsonConfig):
     """What to cut from a fitted run: the target size, the checkpoint form, the neuron rounding.
 

@@ -16,6 +16,7 @@ hard 0 skips the block, its KV-cache layer stays empty, and no weight is copied.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.architectures import decoder_layers
-from ..core.config import FitConfig
+from ..core.config import FitConfig, RouterConfig
 from ..cut.depth import conditional_depth_search, swap_search
 from ..core.likelihood import next_token_nll, token_nll
 from ..core.fit import fit
@@ -219,33 +220,37 @@ def route_prompts(router: BayesianRouter, features: torch.Tensor, sets: dict[str
     return [choose(prediction, sets, confidence, tolerance, row) for row in range(features.shape[0])]
 
 
-def fit_routed_model(gated: GatedModel, windows: dict[str, torch.Tensor], skipped: int | None = None,
-                     route_after: int = 2, prompt_tokens: int = 32, search_windows: int = 32,
-                     train_windows: int = 128, confidence: float = 0.9, tolerance: float = 0.02,
-                     posterior_steps: int = 0, candidates: int = 8, progress: bool = True,
-                     **search) -> "RoutedModel":
-    """A routed model built from fit windows per domain ``{name: (n, length)}``: each domain's first
-    ``search_windows`` give its candidate set (:func:`candidate_sets`, ``search``: the depth search's
-    options), the next ``train_windows`` (fewer if the domain has fewer) train the router. With
-    ``posterior_steps``, a block posterior per domain, fitted on every window that does not train the
-    router, limits each search step to its ``candidates`` least-needed blocks."""
+def fit_routed_model(gated: GatedModel, windows: dict[str, torch.Tensor], config: RouterConfig | None = None,
+                     progress: bool = True, **options) -> "RoutedModel":
+    """A routed model built from fit windows per domain ``{name: (n, length)}`` as ``config`` says
+    (:class:`~bayesprune.core.config.RouterConfig`; its fields may also be given as keywords, and any other
+    keyword is an option of the depth search): each domain's first ``search_windows`` give its candidate
+    set (:func:`candidate_sets`), the next ``train_windows`` (fewer if the domain has fewer) train the
+    router. With ``posterior_steps``, a block posterior per domain, fitted on every window that does not
+    train the router, limits each search step to its ``candidates`` least-needed blocks."""
     if not windows:
         raise ValueError("give fit windows of at least one domain")
+    fields = {f.name for f in dataclasses.fields(RouterConfig)}
+    config = dataclasses.replace(config or RouterConfig(), seq_len=next(iter(windows.values())).shape[1],
+                                 **{k: options.pop(k) for k in list(options) if k in fields})
+    skipped, route_after, prompt_tokens = config.skipped, config.route_after, config.prompt_tokens
+    search_windows, train_windows, candidates = config.search_windows, config.train_windows, config.candidates
     short = {name: w.shape[0] for name, w in windows.items() if w.shape[0] <= search_windows}
     if short:
         raise ValueError(f"every domain needs more than search_windows={search_windows} fit windows (the rest "
                          f"train the router); these have too few: {short}")
     posteriors = None
-    if posterior_steps:
+    if config.posterior_steps:
         rest = {name: torch.cat([w[:search_windows], w[search_windows + train_windows:]])
                 for name, w in windows.items()}
-        posteriors = domain_block_posteriors(gated, rest, posterior_steps, progress=progress)
+        posteriors = domain_block_posteriors(gated, rest, config.posterior_steps, progress=progress)
     sets = candidate_sets(gated, {name: w[:search_windows] for name, w in windows.items()}, skipped, route_after,
-                          posteriors=posteriors, candidates=candidates, progress=progress, **search)
+                          posteriors=posteriors, candidates=candidates, progress=progress,
+                          max_swaps=config.max_swaps, **options)
     train = torch.cat([w[search_windows:search_windows + train_windows] for w in windows.values()])
     features, losses = candidate_losses(gated, train, sets, route_after, prompt_tokens, progress=progress)
     router = BayesianRouter(list(sets)).fit(features, torch.stack([losses[name] for name in sets], 1))
-    return RoutedModel(gated, router, sets, route_after, confidence, tolerance)
+    return RoutedModel(gated, router, sets, route_after, config.confidence, config.tolerance)
 
 
 @torch.no_grad()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
-from ..core.config import DECODINGS, DEPTH_SCORES, DRAFT_SIZES, DTYPES, FORMS, WEIGHTS, CostConfig, DataConfig, ExtractionConfig, FitConfig, GateConfig, PriorConfig, RunConfig
+from ..core.config import DECODINGS, DEPTH_SCORES, DRAFT_SIZES, DTYPES, FORMS, WEIGHTS, CostConfig, DataConfig, ExtractionConfig, FitConfig, GateConfig, PriorConfig, RouterConfig, RunConfig
 
 
 # Where each fit option lives in a RunConfig: the options are read into one, and a recipe is read out of one.
@@ -125,27 +126,31 @@ def _router_parsers(sub) -> None:
     p.add_argument("--domains", default=",".join(DOMAINS),
                    help=f"comma-separated domains ({', '.join(DOMAINS)}) or corpus paths (text file, folder, .jsonl), "
                         f"each split by document")
-    p.add_argument("--skipped", type=int, default=None, help="blocks each candidate set skips (default: 20 %%)")
-    p.add_argument("--route-after", type=int, default=2,
+    p.add_argument("--skipped", type=int, default=RouterConfig.skipped,
+                   help="blocks each candidate set skips (default: 20 %%)")
+    p.add_argument("--route-after", type=int, default=RouterConfig.route_after,
                    help="the router reads the hidden state entering this block; no set skips the blocks before it")
-    p.add_argument("--prompt-tokens", type=int, default=32, help="prompt tokens the router reads in training")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--search-windows", type=int, default=32, help="fit windows per domain its depth search may score")
-    p.add_argument("--train-windows", type=int, default=128, help="further fit windows per domain that train the router")
-    p.add_argument("--check-windows", type=int, default=32,
+    p.add_argument("--prompt-tokens", type=int, default=RouterConfig.prompt_tokens,
+                   help="prompt tokens the router reads in training")
+    p.add_argument("--seq-len", type=int, default=RouterConfig.seq_len)
+    p.add_argument("--search-windows", type=int, default=RouterConfig.search_windows,
+                   help="fit windows per domain its depth search may score")
+    p.add_argument("--train-windows", type=int, default=RouterConfig.train_windows,
+                   help="further fit windows per domain that train the router")
+    p.add_argument("--check-windows", type=int, default=RouterConfig.check_windows,
                    help="validation windows per domain on which the router is checked (0: none)")
-    p.add_argument("--confidence", type=float, default=0.9, help="P(best) a route needs")
-    p.add_argument("--tolerance", type=float, default=0.02,
+    p.add_argument("--confidence", type=float, default=RouterConfig.confidence, help="P(best) a route needs")
+    p.add_argument("--tolerance", type=float, default=RouterConfig.tolerance,
                    help="or the expected regret (nats per token) it may carry; otherwise only the blocks the likely "
                         "sets share are skipped")
-    p.add_argument("--posterior-steps", type=int, default=0,
+    p.add_argument("--posterior-steps", type=int, default=RouterConfig.posterior_steps,
                    help="fit each domain's block posterior (frozen weights, SVI steps) and let each search step "
                         "weigh only its --candidates least-needed blocks (0: the search weighs every block)")
-    p.add_argument("--candidates", type=int, default=8)
-    p.add_argument("--max-swaps", type=int, default=0,
+    p.add_argument("--candidates", type=int, default=RouterConfig.candidates)
+    p.add_argument("--max-swaps", type=int, default=RouterConfig.max_swaps,
                    help="then refine each domain's set by up to this many single swaps (a skipped block for a kept "
                         "one), each only if it lowers the loss on the search windows (0: the greedy set)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the window order")
+    p.add_argument("--seed", type=int, default=RouterConfig.seed, help="seed of the window order")
     p.add_argument("--device", help="cpu (default), cuda or cuda:N: where the network runs")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="the dtype the search and training run in")
     p = sub.add_parser("route", help="route a prompt with a router file: its blocks skipped, greedy generation, "
@@ -262,11 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "router":
             from .router_job import build_router, format_check
 
+            config = RouterConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RouterConfig)})
             record = build_router(args.out, [d.strip() for d in args.domains.split(",") if d.strip()], args.model,
-                                  args.skipped, args.route_after, args.prompt_tokens, args.seq_len,
-                                  args.search_windows, args.train_windows, args.check_windows, args.confidence,
-                                  args.tolerance, args.posterior_steps, args.candidates, args.seed, args.device,
-                                  args.dtype, max_swaps=args.max_swaps)
+                                  config, args.device, args.dtype)
             for name, blocks in record["sets"].items():
                 print(f"{name}: skips blocks {blocks}")
             print(format_check(record))

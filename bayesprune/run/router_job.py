@@ -16,7 +16,7 @@ import torch
 
 from ..inputs.data import corpus_documents, split_documents, tokenize, windows
 from ..core.gates import gate
-from ..core.config import GateConfig
+from ..core.config import GateConfig, RouterConfig
 from ..inputs.pretrained import load_config, load_model, resolve_model
 from ..routing.routed import RoutedModel, fit_routed_model, held_out_check, protected_blocks, router_record
 
@@ -26,28 +26,18 @@ def _shuffled(tokens: torch.Tensor, length: int, seed: int) -> torch.Tensor:
     return w[torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(seed))]
 
 
-def build_router(out: str | Path, sources: list[str], model: str | None = None, skipped: int | None = None,
-                 route_after: int = 2, prompt_tokens: int = 32, seq_len: int = 128, search_windows: int = 32,
-                 train_windows: int = 128, check_windows: int = 32, confidence: float = 0.9,
-                 tolerance: float = 0.02, posterior_steps: int = 0, candidates: int = 8, seed: int = 0,
-                 device: str | None = None, dtype: str | None = "bfloat16", progress: bool = True,
-                 max_swaps: int = 0) -> dict:
+def build_router(out: str | Path, sources: list[str], model: str | None = None, config: RouterConfig | None = None,
+                 device: str | None = None, dtype: str | None = "bfloat16", progress: bool = True) -> dict:
     """Build, check and write a router for ``model`` over the domains ``sources`` (domain names or corpus
-    paths); returns what the file records. Everything is checked before any weights are loaded."""
+    paths) as ``config`` says; returns what the file records. Everything is checked before any weights
+    are loaded."""
     out = Path(out)
+    config = config or RouterConfig()
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose another --out")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"the folder of {out} does not exist")
-    if not 1 <= prompt_tokens < seq_len:
-        raise ValueError(f"prompt tokens must be in [1, seq_len={seq_len}), got {prompt_tokens}")
-    if search_windows < 2 or train_windows < 1 or check_windows < 0:
-        raise ValueError("need at least 2 search windows, 1 training window and 0 check windows per domain")
-    if posterior_steps < 0 or candidates < 1 or max_swaps < 0:
-        raise ValueError(f"posterior steps and max swaps must be at least 0 and candidates at least 1, not "
-                         f"{posterior_steps}, {max_swaps} and {candidates}")
-    if not 0 < confidence <= 1 or tolerance < 0:
-        raise ValueError(f"confidence must be in (0, 1] and tolerance at least 0, not {confidence} and {tolerance}")
+    skipped, route_after, seq_len, seed = config.skipped, config.route_after, config.seq_len, config.seed
     num_layers = load_config(model).num_hidden_layers
     free = num_layers - len(protected_blocks(num_layers, route_after))
     if skipped is not None and not 1 <= skipped <= free:
@@ -59,15 +49,11 @@ def build_router(out: str | Path, sources: list[str], model: str | None = None, 
     splits = {name: split_documents(documents) for name, documents in named.items()}
     network, tokenizer = load_model(model, device, dtype)
     fit = {name: _shuffled(tokenize(tokenizer, s["fit"]), seq_len, seed) for name, s in splits.items()}
-    check = {name: _shuffled(tokenize(tokenizer, s["validation"]), seq_len, seed)[:check_windows]
+    check = {name: _shuffled(tokenize(tokenizer, s["validation"]), seq_len, seed)[:config.check_windows]
              for name, s in splits.items()}
-    routed = fit_routed_model(gate(network, GateConfig(units=("block",))), fit, skipped, route_after, prompt_tokens,
-                              search_windows, train_windows, confidence, tolerance, posterior_steps, candidates,
-                              progress, max_swaps=max_swaps)
-    report = held_out_check(routed, check, prompt_tokens, progress) if check_windows else {}
-    made = {"model": str(resolve_model(model)), "dtype": dtype, "domains": sources, "seq_len": seq_len,
-            "prompt_tokens": prompt_tokens, "search_windows": search_windows, "train_windows": train_windows,
-            "posterior_steps": posterior_steps, "candidates": candidates, "max_swaps": max_swaps, "seed": seed,
+    routed = fit_routed_model(gate(network, GateConfig(units=("block",))), fit, config, progress)
+    report = held_out_check(routed, check, config.prompt_tokens, progress) if config.check_windows else {}
+    made = {"model": str(resolve_model(model)), "dtype": dtype, "domains": sources, **config.to_dict(),
             "validation": report}
     routed.save(out, made)
     return router_record(out)
