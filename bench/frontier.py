@@ -50,6 +50,7 @@ from common import pyplot, save_figure
 
 import bayesprune as bp
 from bayesprune.core.architectures import decoder_layers
+from bayesprune.core.config import DepthConfig
 from bayesprune.baselines import (baseline_plan, block_scores, magnitude_plan, prune_unstructured, sleb_scores,
                                   sparsity_for)
 from bayesprune.inputs.data import DOMAINS
@@ -282,7 +283,7 @@ def main() -> None:
             continue
         run = ensure_run(args)
         if method == "bayesprune-depth":  # as `bayesprune depth RUN` does it (writes RUN/depth.json)
-            search = earlier_search(run, depth, windows * args.seq_len) or run_depth_search(run, depth, windows)
+            search = earlier_search(run, depth, windows * args.seq_len) or run_depth_search(run, DepthConfig(removals=depth, windows=windows))
         else:  # at SLEB's budget: its 1,024 calibration tokens, no more
             gated = bp.gate(copy.deepcopy(model).to(torch.bfloat16), bp.GateConfig(units=("block",)))
             search = conditional_depth_search(gated, calibration, depth, chunk=windows)

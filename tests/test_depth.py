@@ -24,7 +24,7 @@ def test_a_hard_zero_block_gate_skips_the_block_and_gives_the_same_logits(family
     gated = bp.gate(model, bp.GateConfig(units=("block",)))
     ids = _windows(2)
     calls = []
-    handle = gated.model.get_submodule(bp.architectures.architecture_of(model).layers)[1].wrapped \
+    handle = gated.model.get_submodule(bp.core.architectures.architecture_of(model).layers)[1].wrapped \
         .register_forward_hook(lambda *args: calls.append(1))
     gated(input_ids=ids)  # a first call teaches each wrapper what its block returns
     off = torch.ones(4)

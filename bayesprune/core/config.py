@@ -217,6 +217,68 @@ class DataConfig(_JsonConfig):
 
 
 @dataclass
+class DepthConfig(_JsonConfig):
+    """How ``bayesprune depth`` re-scores a run's depth ranking conditionally: ``removals`` blocks
+    ranked (``None``: half of them), on at most ``windows`` seeded fit windows, each candidate scored
+    on ``chunk`` of them first and on more where the choice is uncertain, by ``score`` (``nll`` of
+    the corpus, or ``distillation``: KL from the dense network)."""
+
+    removals: int | None = None
+    windows: int = 32
+    chunk: int = 8
+    score: str = "nll"
+
+    def __post_init__(self):
+        if self.score not in DEPTH_SCORES:
+            raise ValueError(f"the depth score must be one of {DEPTH_SCORES}, not {self.score!r}")
+        if not 2 <= self.chunk <= self.windows:
+            raise ValueError(f"need 2 <= chunk <= windows, got chunk {self.chunk} and {self.windows} windows")
+
+
+@dataclass
+class DraftConfig(_JsonConfig):
+    """How ``bayesprune draft`` sizes a speculative-decoding draft from a run: every target in ``sizes``
+    is a candidate, cut in ``form``; its acceptance is read on the target's own continuations
+    (``new_tokens`` after ``prompt_tokens``) of ``num_prompts`` validation prompts, for ``decoding``
+    (``greedy``: argmax agreement; ``sampling``: ``E[Σ min(p, q)]``); draft lengths up to
+    ``max_gamma`` are weighed. ``vocab_share`` trims the draft's head to the tokens covering that share
+    of the fitting corpus; ``draft_dtype`` is the dtype the draft will decode in."""
+
+    sizes: tuple[str, ...] = DRAFT_SIZES
+    form: str = "uniform"
+    vocab_share: float | None = None
+    decoding: str = "greedy"
+    num_prompts: int = 8
+    prompt_tokens: int = 32
+    new_tokens: int = 48
+    max_gamma: int = 8
+    draft_dtype: str | None = None
+
+    def __post_init__(self):
+        self.sizes = tuple(str(size) for size in self.sizes)
+        if self.decoding not in DECODINGS:
+            raise ValueError(f"decoding must be one of {DECODINGS}, not {self.decoding!r}")
+        if self.form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, not {self.form!r}")
+        if self.vocab_share is not None and not 0 < self.vocab_share <= 1:
+            raise ValueError(f"the vocabulary share must be in (0, 1], not {self.vocab_share}")
+        if not self.sizes:
+            raise ValueError("give at least one candidate draft size")
+        if min(self.num_prompts, self.prompt_tokens, self.new_tokens, self.max_gamma) < 1:
+            raise ValueError("prompts, prompt tokens, new tokens and the longest draft must each be at least 1")
+        if self.draft_dtype is not None and self.draft_dtype not in DTYPES:
+            raise ValueError(f"the draft dtype must be one of {DTYPES}, not {self.draft_dtype!r}")
+        self.targets  # every size must read as a target
+
+    @property
+    def targets(self) -> list:
+        """The candidate sizes as :class:`~bayesprune.core.targets.Target` objects."""
+        from .targets import Target
+
+        return [Target.parse(size) for size in self.sizes]
+
+
+@dataclass
 class RouterConfig(_JsonConfig):
     """How a prompt router is built over domains of text (``bayesprune router``, ``fit_routed_model``).
 

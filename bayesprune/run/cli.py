@@ -8,7 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-from ..core.config import DECODINGS, DEPTH_SCORES, DRAFT_SIZES, DTYPES, FORMS, WEIGHTS, CostConfig, DataConfig, ExtractionConfig, FitConfig, GateConfig, PriorConfig, RouterConfig, RunConfig
+from ..core.config import (DECODINGS, DEPTH_SCORES, DTYPES, FORMS, WEIGHTS, CostConfig, DataConfig, DepthConfig,
+                           DraftConfig, ExtractionConfig, FitConfig, GateConfig, PriorConfig, RouterConfig, RunConfig)
 
 
 # Where each fit option lives in a RunConfig: the options are read into one, and a recipe is read out of one.
@@ -164,6 +165,11 @@ def _router_parsers(sub) -> None:
     p.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: the router's)")
 
 
+def _config(kind, args):
+    """A job's config dataclass from the options of the same names (each option's default is the field's)."""
+    return kind(**{f.name: getattr(args, f.name) for f in dataclasses.fields(kind) if hasattr(args, f.name)})
+
+
 def build_parser(recipe: dict | None = None) -> argparse.ArgumentParser:
     """The command line; ``recipe``: defaults of the fit options (what a ``--recipe`` file sets)."""
     parser = argparse.ArgumentParser(prog="bayesprune", description=__doc__)
@@ -181,24 +187,26 @@ def build_parser(recipe: dict | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("draft", help="write the speculative-decoding draft with the best predicted speed-up")
     p.add_argument("run", help="run directory written by 'bayesprune fit'")
     p.add_argument("--out", required=True, help="output folder (must not exist)")
-    p.add_argument("--sizes", default=",".join(DRAFT_SIZES),
+    p.add_argument("--sizes", default=",".join(DraftConfig.sizes),
                    help="candidate sizes, comma-separated (any extraction target: 0.5, 12layers, 80M …)")
-    p.add_argument("--form", choices=FORMS, default="uniform",
+    p.add_argument("--form", choices=FORMS, default=DraftConfig.form,
                    help="uniform (default: loads with plain transformers) or per-layer widths")
-    p.add_argument("--vocab-share", type=float, default=None,
+    p.add_argument("--vocab-share", type=float, default=DraftConfig.vocab_share,
                    help="draft head over the tokens covering this share of the fitting corpus (default: all)")
-    p.add_argument("--decoding", choices=DECODINGS, default="greedy",
+    p.add_argument("--decoding", choices=DECODINGS, default=DraftConfig.decoding,
                    help="which acceptance the prediction uses: greedy (argmax agreement) or sampling")
-    p.add_argument("--draft-dtype", choices=DTYPES, default=None, help="dtype the draft decodes in (default: --dtype)")
+    p.add_argument("--draft-dtype", choices=DTYPES, default=DraftConfig.draft_dtype,
+                   help="dtype the draft decodes in (default: --dtype)")
     _device_options(p)
     p = sub.add_parser("depth", help="re-score a run's depth ranking conditionally (each removal given those "
                                      "before it); depth targets such as 15layers then cut by it")
     p.add_argument("run", help="run directory written by 'bayesprune fit'")
-    p.add_argument("--removals", type=int, default=None, help="how many blocks to rank for removal (default: half)")
-    p.add_argument("--windows", type=int, default=32,
+    p.add_argument("--removals", type=int, default=DepthConfig.removals,
+                   help="how many blocks to rank for removal (default: half)")
+    p.add_argument("--windows", type=int, default=DepthConfig.windows,
                    help="fit-split windows the search may score (seeded; spent where a choice is uncertain)")
-    p.add_argument("--chunk", type=int, default=8, help="windows every candidate is scored on first")
-    p.add_argument("--score", choices=DEPTH_SCORES, default="nll",
+    p.add_argument("--chunk", type=int, default=DepthConfig.chunk, help="windows every candidate is scored on first")
+    p.add_argument("--score", choices=DEPTH_SCORES, default=DepthConfig.score,
                    help="nll (next-token NLL of the corpus) or distillation (KL from the dense network)")
     p.add_argument("--device", help="cpu (default), cuda or cuda:N: where the network runs")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="the dtype the search runs in")
@@ -244,8 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             from ..cut.depth import format_depth
             from .pipeline import DEPTH_FILE, run_depth_search
 
-            search = run_depth_search(args.run, args.removals, args.windows, args.chunk, args.score, args.device,
-                                      args.dtype)
+            search = run_depth_search(args.run, _config(DepthConfig, args), args.device, args.dtype)
             print(format_depth(search))
             print(f"wrote {Path(args.run) / DEPTH_FILE}: {len(search.order)} removals, {search.tokens:,} tokens, "
                   f"{search.evaluations} evaluations, {search.seconds:.0f} s; 'bayesprune extract "
@@ -253,9 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "draft":
             from .drafts import format_candidates, write_draft
 
-            record = write_draft(args.run, args.out, sizes=[t.strip() for t in args.sizes.split(",") if t.strip()],
-                                 form=args.form, vocab_share=args.vocab_share, decoding=args.decoding,
-                                 device=args.device, dtype=args.dtype, draft_dtype=args.draft_dtype)
+            args.sizes = tuple(t.strip() for t in args.sizes.split(",") if t.strip())
+            record = write_draft(args.run, args.out, config=_config(DraftConfig, args), device=args.device,
+                                 dtype=args.dtype)
             print(format_candidates(record))
             chosen = record["chosen"]
             print(f"wrote {args.out}: {chosen['described']}, γ = {chosen['gamma']}, predicted speed-up "
@@ -267,9 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "router":
             from .router_job import build_router, format_check
 
-            config = RouterConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RouterConfig)})
             record = build_router(args.out, [d.strip() for d in args.domains.split(",") if d.strip()], args.model,
-                                  config, args.device, args.dtype)
+                                  _config(RouterConfig, args), args.device, args.dtype)
             for name, blocks in record["sets"].items():
                 print(f"{name}: skips blocks {blocks}")
             print(format_check(record))

@@ -12,13 +12,14 @@ candidate and draft length with the highest ``S(α, γ, c)`` win
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ..core.config import DECODINGS, DRAFT_SIZES, FORMS, ExtractionConfig, GateConfig
+from ..core.config import DraftConfig, ExtractionConfig, GateConfig
 from ..inputs.data import load_splits
 from ..cut.extraction import extract_model
 from ..core.gates import gate
@@ -31,18 +32,6 @@ from ..speculative.decoding import (acceptance, best_gamma, configure_draft, dec
 from ..core.targets import ModelTotals, Target, check_feasible
 
 DRAFT_FILE = "draft.json"
-
-
-def _check_request(sizes, form: str, vocab_share: float | None, decoding: str) -> list[Target]:
-    if decoding not in DECODINGS:
-        raise ValueError(f"decoding must be one of {DECODINGS}, not {decoding!r}")
-    if form not in FORMS:
-        raise ValueError(f"form must be one of {FORMS}, not {form!r}")
-    if vocab_share is not None and not 0 < vocab_share <= 1:
-        raise ValueError(f"the vocabulary share must be in (0, 1], not {vocab_share}")
-    if not sizes:
-        raise ValueError("give at least one candidate draft size")
-    return [Target.parse(s) for s in sizes]
 
 
 def _vocabulary(tokens: torch.Tensor, share: float | None, tokenizer, vocab_size: int) -> torch.Tensor | None:
@@ -76,41 +65,34 @@ def target_continuations(model, tokenizer, tokens: torch.Tensor, count: int, pro
 
 
 @torch.inference_mode()
-def rank_drafts(run_dir: str | Path, sizes=DRAFT_SIZES, form: str = "uniform", vocab_share: float | None = None,
-                decoding: str = "greedy", num_prompts: int = 8, prompt_tokens: int = 32, new_tokens: int = 48,
-                max_gamma: int = 8,
-                device: str | None = None, dtype: str | None = None, draft_dtype: str | None = None,
-                progress: bool = True) -> dict:
+def rank_drafts(run_dir: str | Path, config: DraftConfig | None = None, device: str | None = None,
+                dtype: str | None = None, progress: bool = True, **options) -> dict:
     """Every candidate size with its predicted ``α``, cost ratio ``c``, best ``γ`` and speed-up, best first.
 
-    ``α`` is read where assisted generation meets it: on the target's own continuations
-    (greedy, or sampled for ``decoding="sampling"``) of ``num_prompts`` validation
-    prompts, each sub-network's next-token distribution against the target's. The target
-    is the run's original model; the sub-networks carry the fit's adapters or trained
-    weights, if it had them.
-
-    ``sizes`` are targets (``0.5``, ``12layers``, ``80M`` …); ``vocab_share`` trims the
-    draft's LM head to the tokens covering that share of the fitting corpus;
-    ``decoding`` says which acceptance the prediction uses (``greedy``: argmax agreement;
-    ``sampling``: ``E[Σ min(p, q)]``); ``draft_dtype`` is the dtype the draft will decode in.
+    ``config`` (:class:`~bayesprune.core.config.DraftConfig`; its fields may also be given as keywords)
+    names the candidates and how they are judged. ``α`` is read where assisted generation meets it: on
+    the target's own continuations of validation prompts, each sub-network's next-token distribution
+    against the target's. The target is the run's original model; the sub-networks carry the fit's
+    adapters or trained weights, if it had them.
     """
-    targets = _check_request(sizes, form, vocab_share, decoding)
+    config = dataclasses.replace(config or DraftConfig(), **options)
+    targets, prompt_tokens, max_gamma = config.targets, config.prompt_tokens, config.max_gamma
     run_dir = Path(run_dir)
-    config = read_config(run_dir)
+    fitted = read_config(run_dir)
     posterior = load_fitted(run_dir)
     for target in targets:
         check_feasible(target, load_config(str(fitted_model_path(run_dir))))
     model, tokenizer = load_fitted_model(run_dir, device, dtype)  # the drafts' weights (adapted, if the fit was)
-    dense = model if config.fit.weights == "frozen" else load_model(str(fitted_model_path(run_dir)), device, dtype)[0]
-    splits = load_splits(tokenizer, config.data)
+    dense = model if fitted.fit.weights == "frozen" else load_model(str(fitted_model_path(run_dir)), device, dtype)[0]
+    splits = load_splits(tokenizer, fitted.data)
     vocab_size = model.config.get_text_config().vocab_size
-    vocabulary = _vocabulary(splits["fit"], vocab_share, tokenizer, vocab_size)
+    vocabulary = _vocabulary(splits["fit"], config.vocab_share, tokenizer, vocab_size)
     totals = ModelTotals.of(model, source_dtype(str(fitted_model_path(run_dir))))
-    plans = [run_plan(run_dir, posterior, totals, t, form)[0] for t in targets]  # what write_draft extracts
+    plans = [run_plan(run_dir, posterior, totals, t, config.form)[0] for t in targets]  # what write_draft extracts
 
     target_ms = decode_ms(dense, steps=range(1, max_gamma + 2))
     verify = {g: target_ms[g + 1] / target_ms[1] for g in range(1, max_gamma + 1)}
-    draft_dtype = compute_dtype(draft_dtype) if draft_dtype is not None else model.dtype
+    draft_dtype = compute_dtype(config.draft_dtype) if config.draft_dtype is not None else model.dtype
     draft_ms = []
     for plan in tqdm(plans, desc="timing drafts", disable=not progress):
         small = extract_model(model, plan).to(draft_dtype).eval()
@@ -119,8 +101,8 @@ def rank_drafts(run_dir: str | Path, sizes=DRAFT_SIZES, form: str = "uniform", v
         draft_ms.append(decode_ms(small)[1])
         del small
 
-    text = target_continuations(dense, tokenizer, splits["validation"], num_prompts, prompt_tokens, new_tokens,
-                                decoding == "sampling")
+    text = target_continuations(dense, tokenizer, splits["validation"], config.num_prompts, prompt_tokens,
+                                config.new_tokens, config.decoding == "sampling")
     target_logits = dense(input_ids=text, use_cache=False).logits[:, prompt_tokens - 1:-1]
     gated = gate(model, GateConfig(units=posterior.kinds))
     sums = []
@@ -133,11 +115,13 @@ def rank_drafts(run_dir: str | Path, sizes=DRAFT_SIZES, form: str = "uniform", v
         sums.append(acceptance(target_logits, logits, vocabulary))
     gated.remove()
 
-    rows = [{"target": str(size), "described": str(target), "fraction": plan.fraction,
-             "blocks": len(plan.kept_layers), "removed_layers": plan.record()["removed_layers"], **prediction(alpha, ms, target_ms[1], verify, decoding, max_gamma)}
-            for size, target, plan, ms, alpha in zip(sizes, targets, plans, draft_ms, sums)]
+    rows = [{"target": size, "described": str(target), "fraction": plan.fraction, "blocks": len(plan.kept_layers),
+             "removed_layers": plan.record()["removed_layers"],
+             **prediction(alpha, ms, target_ms[1], verify, config.decoding, max_gamma)}
+            for size, target, plan, ms, alpha in zip(config.sizes, targets, plans, draft_ms, sums)]
     rows.sort(key=lambda r: -r["predicted_speedup"])
-    return {"run": str(run_dir.resolve()), "form": form, "decoding": decoding, "vocab_share": vocab_share,
+    return {"run": str(run_dir.resolve()), "form": config.form, "decoding": config.decoding,
+            "vocab_share": config.vocab_share,
             "vocabulary": None if vocabulary is None else vocabulary.tolist(),
             "draft_dtype": str(draft_dtype).removeprefix("torch."), "target_ms": target_ms[1],
             "verify_ratio": verify, "acceptance_tokens": sums[0]["tokens"], "candidates": rows}

@@ -27,7 +27,7 @@ from ..core.adapters import adapter_deltas, merge_checkpoint_adapters
 from ..core.architectures import architecture_for_config
 from ..prune import check_request
 from ..core import distributed
-from ..core.config import DEPTH_SCORES, WIDTH_KINDS, ExtractionConfig, GateConfig, RunConfig
+from ..core.config import WIDTH_KINDS, DepthConfig, ExtractionConfig, GateConfig, RunConfig
 from ..inputs.data import load_splits, split_corpus, tokenize, windows
 from ..cut.depth import DepthSearch, conditional_depth_search
 from ..evaluation.perplexity import model_size, perplexity
@@ -216,31 +216,28 @@ def _record(run_dir: Path, extraction: ExtractionConfig, plan, posterior: GatePo
                                         "choice_probability": [s.choice_probability for s in steps]}}
 
 
-def run_depth_search(run_dir: str | Path, removals: int | None = None, num_windows: int = 32, chunk: int = 8,
-                     score: str = "nll", device: str | None = None, dtype: str | None = "bfloat16",
-                     progress: bool = True) -> DepthSearch:
-    """Re-score a fitted run's depth ranking conditionally on seeded fit-split windows; writes ``depth.json``.
+def run_depth_search(run_dir: str | Path, depth: DepthConfig | None = None, device: str | None = None,
+                     dtype: str | None = "bfloat16", progress: bool = True) -> DepthSearch:
+    """Re-score a fitted run's depth ranking conditionally on seeded fit-split windows, as ``depth`` says;
+    writes ``depth.json``.
 
-    ``removals`` defaults to half the blocks. The search runs on the run's network (its
-    adapted or trained weights, if it has them) in ``dtype``: bfloat16 by default, which
-    on the default model chooses the same blocks as float32, several times faster.
+    The search runs on the run's network (its adapted or trained weights, if it has them) in
+    ``dtype``: bfloat16 by default, which on the default model chooses the same blocks as
+    float32, several times faster.
     """
     run_dir = Path(run_dir)
+    depth = depth or DepthConfig()
     config, fitted = read_config(run_dir), load_fitted(run_dir)
     num_layers = len(fitted.layer_names)
-    removals = num_layers // 2 if removals is None else removals
+    removals = num_layers // 2 if depth.removals is None else depth.removals
     if not 0 < removals < num_layers:
         raise ValueError(f"removals must be in [1, {num_layers - 1}] for this {num_layers}-block model, got {removals}")
-    if score not in DEPTH_SCORES:
-        raise ValueError(f"the depth score must be one of {DEPTH_SCORES}, not {score!r}")
-    if not 2 <= chunk <= num_windows:
-        raise ValueError(f"need 2 <= chunk <= windows, got chunk {chunk} and {num_windows} windows")
     model, tokenizer = load_fitted_model(run_dir, device, dtype)
     fit_windows = windows(load_splits(tokenizer, config.data)["fit"], config.fit.seq_len)
     order = torch.randperm(fit_windows.shape[0], generator=torch.Generator().manual_seed(config.fit.seed))
     gated = gate(model, GateConfig(units=("block",)))
-    search = conditional_depth_search(gated, fit_windows[order[:num_windows]], removals, score, chunk=chunk,
-                                      progress=progress)
+    search = conditional_depth_search(gated, fit_windows[order[:depth.windows]], removals, depth.score,
+                                      chunk=depth.chunk, progress=progress)
     atomic_write_json(run_dir / DEPTH_FILE, {"format": DEPTH_FORMAT, "dtype": dtype, **search.record()})
     return search
 
