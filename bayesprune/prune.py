@@ -1,8 +1,8 @@
 """The common case in one call: gate a model, fit the gate posterior to some text, cut it to a size.
 
 ``bp.prune(model, data, "0.5")`` is ``gate`` → ``fit`` → ``extract`` with the library's
-defaults (head-group and neuron gates, a cost drawn every step, low-rank adapters as the
-run defaults choose them in :class:`~bayesprune.FitConfig`). The posterior it returns
+defaults (head-group and neuron gates, a cost drawn every step, low-rank adapters: those of
+:class:`~bayesprune.GateConfig` and :class:`~bayesprune.FitConfig`). The posterior it returns
 answers for every other size without refitting: ``result.posterior.plan(...)`` and
 ``bp.extract(result.network, result.posterior, other_target)``.
 """
