@@ -35,7 +35,7 @@ import torch
 from common import pyplot, save_figure, write_results
 
 import bayesprune as bp
-from bayesprune.run.pipeline import run_fit
+from bayesprune.run.fit_job import run_fit
 from bayesprune.run.plots import plot_thresholds
 from bayesprune.core.posterior import POSTERIOR_FILE, cost_grid
 from bayesprune.evaluation.prediction import ensemble_nll, plan_quality, predicted_quality

@@ -19,7 +19,7 @@ import torch
 
 import bayesprune as bp
 from bayesprune.inputs.data import bible_path
-from bayesprune.run.pipeline import run_fit
+from bayesprune.run.fit_job import run_fit
 from bayesprune.core.posterior import POSTERIOR_FILE
 
 TARGETS = ("0.9", "0.75", "0.6", "0.5")

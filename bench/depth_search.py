@@ -29,7 +29,7 @@ from common import default_model_and_corpora, pyplot, save_figure
 import bayesprune as bp
 from bayesprune.baselines import baseline_plan
 from bayesprune.cut.depth import conditional_depth_search
-from bayesprune.run.pipeline import load_fitted
+from bayesprune.run.rundir import load_fitted
 
 KEPT = (27, 22, 18, 15)
 OUT = Path("bench/results/depth_search.json")

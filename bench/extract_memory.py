@@ -27,7 +27,7 @@ import json, resource, sys, time
 from pathlib import Path
 import torch, transformers
 import bayesprune as bp
-from bayesprune.run.pipeline import run_extract
+from bayesprune.run.extract_job import run_extract
 
 def rss_mb():
     for line in open("/proc/self/status"):

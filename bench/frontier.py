@@ -55,7 +55,8 @@ from bayesprune.baselines import (baseline_plan, block_scores, magnitude_plan, p
                                   sparsity_for)
 from bayesprune.inputs.data import DOMAINS
 from bayesprune.cut.depth import DepthSearch, conditional_depth_search
-from bayesprune.run.pipeline import DEPTH_FILE, run_depth_search, run_fit
+from bayesprune.run.depth_job import DEPTH_FILE, run_depth_search
+from bayesprune.run.fit_job import run_fit
 from bayesprune.core.posterior import POSTERIOR_FILE
 from bayesprune.baselines.recovery import recover
 

@@ -28,7 +28,7 @@ import bayesprune as bp
 from bayesprune.speculative import decoding as sp
 from bayesprune.inputs.data import bible_path, load_splits, split_corpus, tokenize
 from bayesprune.run.drafts import prediction, rank_drafts, target_continuations
-from bayesprune.run.pipeline import load_fitted, load_fitted_model
+from bayesprune.run.rundir import load_fitted, load_fitted_model
 from bayesprune.run.rundir import read_config
 
 

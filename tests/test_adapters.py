@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 from bayesprune import FitConfig, GateConfig, ModelTotals, extract, fit, gate
 from bayesprune.core import adapters as ad
 from bayesprune.run.cli import main
-from bayesprune.run.pipeline import load_fitted, load_fitted_model
+from bayesprune.run.rundir import load_fitted, load_fitted_model
 from bayesprune.inputs.pruned import load_pruned
 from tests.conftest import VOCAB, tiny_model
 from tests.test_cli import FIT_ARGS

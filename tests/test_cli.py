@@ -99,12 +99,12 @@ def test_bad_inputs_get_clear_errors(tmp_path, capsys):
 
 
 def test_settings_and_targets_are_checked_before_any_weights_are_scored(tmp_path, capsys, monkeypatch):
-    import bayesprune.run.pipeline as pipeline
+    import bayesprune.run.fit_job as fit_job
     from tests.conftest import tiny_model
 
     gpt2 = tmp_path / "gpt2"
     tiny_model("gpt2").save_pretrained(gpt2)
-    monkeypatch.setattr(pipeline, "load_model", lambda *a: pytest.fail("weights were loaded"))
+    monkeypatch.setattr(fit_job, "load_model", lambda *a: pytest.fail("weights were loaded"))
     assert main(["fit", "--model", str(gpt2), "--units", "head", "--out", str(tmp_path / "r")]) == 2
     assert "cannot gate heads" in capsys.readouterr().err
     assert main(["fit", "--model", str(gpt2), "--units", "neuron", "--target", "3layers",

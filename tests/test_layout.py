@@ -47,5 +47,5 @@ def test_every_part_imports_only_from_the_parts_before_it():
 
 
 def test_the_check_sees_imports():
-    assert imported_parts(PACKAGE / "run" / "pipeline.py") >= {"core", "inputs", "cut", "evaluation", "prune"}
+    assert imported_parts(PACKAGE / "run" / "fit_job.py") >= {"core", "inputs", "cut", "evaluation", "prune"}
     assert imported_parts(PACKAGE / "core" / "fit.py") == {"core"}

@@ -126,9 +126,9 @@ def test_non_text_data_is_refused_naming_the_file(tiny_model_dir, tmp_path, caps
                                              ("9layers", "more than the model's 4 blocks")])
 def test_targets_the_model_cannot_meet_are_refused_before_loading(tiny_model_dir, corpus_dir, tmp_path, capsys,
                                                                   monkeypatch, target, message):
-    import bayesprune.run.pipeline as pipeline
+    import bayesprune.run.fit_job as fit_job
 
-    monkeypatch.setattr(pipeline, "load_model", lambda *a: pytest.fail("weights were loaded"))
+    monkeypatch.setattr(fit_job, "load_model", lambda *a: pytest.fail("weights were loaded"))
     args = fit_args(tiny_model_dir, corpus_dir, tmp_path / "r", "--units", "block")
     args[args.index("--target") + 1] = target
     assert main(args) == 2

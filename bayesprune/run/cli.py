@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.recipe is not None:
                 args = build_parser(_recipe(args.recipe)).parse_args(argv)
             config = _run_config(args)
-            from .pipeline import run_fit
+            from .fit_job import run_fit
 
             target = None if args.target.lower() == "none" else args.target
             extraction = ExtractionConfig(target, args.form, args.multiple)
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 finish()
         elif args.command == "extract":
-            from .pipeline import run_extract
+            from .extract_job import run_extract
 
             streaming = False if args.in_memory else None
             extraction = ExtractionConfig(args.target, args.form, args.multiple)
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                                          dtype=args.dtype), indent=2))
         elif args.command == "depth":
             from ..cut.depth import format_depth
-            from .pipeline import DEPTH_FILE, run_depth_search
+            from .depth_job import DEPTH_FILE, run_depth_search
 
             search = run_depth_search(args.run, _config(DepthConfig, args), args.device, args.dtype)
             print(format_depth(search))

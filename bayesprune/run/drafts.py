@@ -24,9 +24,9 @@ from ..inputs.data import load_splits
 from ..cut.extraction import extract_model
 from ..core.gates import gate
 from ..core.io import atomic_directory, atomic_write_json
-from .pipeline import load_fitted, load_fitted_model, run_extract, run_plan
+from .extract_job import run_extract, run_plan
 from ..inputs.pretrained import compute_dtype, load_config, load_model, source_dtype
-from .rundir import fitted_model_path, read_config
+from .rundir import fitted_model_path, load_fitted, load_fitted_model, read_config
 from ..speculative.decoding import (acceptance, best_gamma, configure_draft, decode_ms, set_draft_length, skip_blocks,
                           trim_vocabulary, vocabulary_for_share)
 from ..core.targets import ModelTotals, Target, check_feasible

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import torch
 
+from ..core.adapters import merge_checkpoint_adapters
 from ..core.config import RunConfig
-from ..core.fit import CHECKPOINT_FILE
-from ..core.io import atomic_write_json
-from ..core.posterior import POSTERIOR_FILE
+from ..core.fit import CHECKPOINT_FILE, load_network
+from ..core.io import atomic_write_json, load_tensors
+from ..core.posterior import POSTERIOR_FILE, GatePosterior
+from ..inputs.pretrained import load_model
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.json"
@@ -160,3 +162,28 @@ def fitted_model_path(run_dir: str | Path) -> Path:
     if changed:
         raise ValueError(f"the model at {path} has changed since {run_dir} was fitted ({'; '.join(changed)})")
     return path
+
+
+def load_fitted(run_dir: str | Path) -> GatePosterior:
+    """The posterior a run fitted."""
+    run_dir = Path(run_dir)
+    read_config(run_dir)
+    if not (run_dir / POSTERIOR_FILE).is_file():
+        raise FileNotFoundError(f"{run_dir} has no {POSTERIOR_FILE}: its fit has not finished "
+                                f"(rerun 'bayesprune fit' with the same settings to resume it)")
+    return GatePosterior.load(run_dir / POSTERIOR_FILE)
+
+
+def load_fitted_model(run_dir: str | Path, device: str | None = None, dtype: str | None = None):
+    """The run's network (with jointly trained weights if it had them) and tokenizer."""
+    config = read_config(run_dir)
+    model, tokenizer = load_model(str(fitted_model_path(run_dir)), device, dtype)
+    if config.fit.weights == "joint":
+        tensors, _ = load_tensors(Path(run_dir) / CHECKPOINT_FILE)
+        with torch.no_grad():
+            load_network(model, tensors)
+    elif config.fit.weights == "lora":
+        tensors, _ = load_tensors(Path(run_dir) / CHECKPOINT_FILE)
+        merge_checkpoint_adapters(model, tensors, config.fit.lora_scale)
+    return model, tokenizer
+
