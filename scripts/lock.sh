@@ -22,6 +22,7 @@ trap 'rm -f "$lock"' EXIT
     "$venv/bin/python" -m pip freeze --exclude-editable --disable-pip-version-check \
         | grep -v -i '^bayesprune' | sed -E 's/\+[A-Za-z0-9.]+$//' | LC_ALL=C sort -f
 } > "$lock"
+chmod 644 "$lock"
 mv "$lock" scripts/constraints.txt
 trap - EXIT
 echo "wrote scripts/constraints.txt ($(grep -c '==' scripts/constraints.txt) packages)"
