@@ -26,6 +26,7 @@ import bayesprune as bp
 
 UNITS = ["block", "attn", "mlp", "head", "neuron"]
 TARGETS = ["0.8", "0.5", "2layers"]
+UNIFORM = [("0.6", 1), ("0.5", 8)]  # (target, multiple) in the uniform form
 
 
 def digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -52,10 +53,10 @@ def tiny_llama():
     return model
 
 
-def fingerprints(weights: str) -> dict:
+def fingerprints(weights: str, units: list[str] = UNITS) -> dict:
     model = tiny_llama()
     sequences = torch.randint(0, 320, (16, 24), generator=torch.Generator().manual_seed(1))
-    gated = bp.gate(model, bp.GateConfig(units=UNITS))
+    gated = bp.gate(model, bp.GateConfig(units=units))
     fit = bp.fit(gated, sequences, bp.FitConfig(steps=4, batch_size=4, seq_len=24, weights=weights, seed=0),
                  progress=False)
     posterior = fit.posterior()
@@ -68,6 +69,10 @@ def fingerprints(weights: str) -> dict:
         small, plan = bp.extract(network, posterior, target)
         result[target] = {"plan": json.dumps(plan.record(), sort_keys=True, default=str),
                           "extracted": digest(small.state_dict())}
+    for target, multiple in UNIFORM:
+        small, plan = bp.extract(network, posterior, target, form="uniform", multiple=multiple)
+        result[f"uniform {target} x{multiple}"] = {"plan": json.dumps(plan.record(), sort_keys=True, default=str),
+                                                   "extracted": digest(small.state_dict())}
     return result
 
 
@@ -78,6 +83,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(1)
     result = {"threads": 1, "torch": torch.__version__, "modes": {w: fingerprints(w) for w in ("frozen", "joint", "lora")}}
+    result["modes"]["lora, block and branch gates"] = fingerprints("lora", ["block", "attn", "mlp"])
     if args.check:
         before = json.loads(Path(args.check).read_text())["modes"]
         differs = [f"{mode}/{key}" for mode in result["modes"] for key in result["modes"][mode]
