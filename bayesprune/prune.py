@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from .core.architectures import architecture_for_config, max_positions
-from .core.config import WIDTH_KINDS, CostConfig, FitConfig, GateConfig, PriorConfig
+from .core.config import CostConfig, FitConfig, GateConfig, PriorConfig
+from .core.kinds import check_gateable, layer_kinds
 from .inputs.data import Document, tokenize, windows
 from .cut.extraction import extract
 from .core.fit import Fit, fit
@@ -39,12 +40,12 @@ def check_request(model_config, units, target: Target | None, lengths: dict[str,
     """Refuse, from the model's config alone (no weights), what a fit and cut could not do: gate kinds the
     family lacks, ``lengths`` (by the option that set them) beyond its positions, a block count without
     block-level gates, a size the model cannot meet."""
-    architecture_for_config(model_config).check_gateable(units)
+    check_gateable(architecture_for_config(model_config), units)
     limit = max_positions(model_config)
     for option, length in lengths.items():
         if limit is not None and length > limit:
             raise ValueError(f"{option} {length} is longer than the model's {limit} positions")
-    if target is not None and target.kind == "layers" and not set(units) - set(WIDTH_KINDS):
+    if target is not None and target.kind == "layers" and not layer_kinds(units):
         raise TargetError(f"a block count ({target}) needs block, attn or mlp gates; this run gates {list(units)}")
     if target is not None:
         check_feasible(target, model_config)

@@ -62,7 +62,7 @@ def test_a_lora_fit_trains_adapters_only_and_extracts_the_hard_gated_adapted_mod
     assert any(not torch.equal(merged.state_dict()[k], v) for k, v in original.items())
     small, plan = extract(merged, posterior, "0.6")
     hard = gate(merged, GateConfig(units=("head", "neuron")))
-    with torch.no_grad(), hard.gates_set(plan.gates(hard.kinds, hard.widths.heads, hard.widths.neurons),
+    with torch.no_grad(), hard.gates_set(plan.gates(hard.kinds, hard.values.units),
                                          posterior.amplitudes(plan.cost, point=True)):
         expected = hard(input_ids=SEQUENCES).logits
         torch.testing.assert_close(small(input_ids=SEQUENCES).logits, expected, atol=1e-4, rtol=1e-4)
@@ -89,7 +89,7 @@ def test_a_lora_run_streams_its_adapters_into_the_kept_slices(tiny_model_dir, co
         plan = posterior.plan("0.6", ModelTotals.of(adapted), form)
         assert record["fraction_of_decoder"] == pytest.approx(plan.fraction)
         hard = gate(adapted, GateConfig(units=("head", "neuron")))
-        with torch.no_grad(), hard.gates_set(plan.gates(hard.kinds, hard.widths.heads, hard.widths.neurons),
+        with torch.no_grad(), hard.gates_set(plan.gates(hard.kinds, hard.values.units),
                                              posterior.amplitudes(plan.cost, point=True)):
             expected = hard(input_ids=ids).logits
         hard.remove()

@@ -109,8 +109,8 @@ def test_magnitude_plan_drops_the_smallest_units_and_fits_the_target(family):
                 w *= 1e-3
     plan = magnitude_plan(model, "0.7")
     assert plan.form == "uniform" and plan.fraction <= 0.7 and len(plan.layers) == 4
-    assert 5 not in plan.layers[2].neurons
-    assert len({len(layer.neurons) for layer in plan.layers}) == 1
+    assert 5 not in plan.layers[2].kept("neuron")
+    assert len({len(layer.kept("neuron")) for layer in plan.layers}) == 1
     small = extract_model(model, plan)
     with torch.no_grad():
         assert torch.isfinite(calibration_nll(small, WINDOWS) * torch.ones(1)).all()

@@ -59,8 +59,7 @@ def test_width_extraction_on_the_real_model_streams_what_memory_builds(smollm, t
         with gated.gates_set(mask):
             hard_gated = gated(input_ids=ids).logits
         model = gated.remove()
-        layers = [LayerPlan(i, torch.nonzero(mask["head"][i]).flatten().tolist(),
-                            torch.nonzero(mask["neuron"][i]).flatten().tolist())
+        layers = [LayerPlan(i, {kind: torch.nonzero(mask[kind][i]).flatten().tolist() for kind in ("head", "neuron")})
                   for i in range(30) if mask["block"][i]]
         plan = ExtractionPlan(layers, 30)
         small = extract_model(model, plan)

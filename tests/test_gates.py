@@ -71,12 +71,12 @@ def test_unit_parameters_add_up_to_the_blocks(family, units):
     blocks = sum(p.numel() for b in layers for p in b.parameters())
     assert sizes.decoder_parameters == blocks
     mlp = sum(p.numel() for p in layers[0].mlp.parameters())
-    assert sizes.mlp[0] + sizes.neurons[0] * sizes.neuron[0] == mlp
+    assert sizes.mlp[0] + sizes.count["neuron"][0] * sizes.unit["neuron"][0] == mlp
     if family != "gpt2":
         one_head = sum(p.numel() for n, p in layers[0].self_attn.named_parameters() if "norm" not in n or
                        family == "olmo2") / model.config.num_key_value_heads
-        assert sizes.head[0].item() == one_head
-        assert sizes.neuron[0].item() == 3 * model.config.hidden_size
+        assert sizes.unit["head"][0].item() == one_head
+        assert sizes.unit["neuron"][0].item() == 3 * model.config.hidden_size
 
 
 def test_width_gates_need_layer_by_unit_values_and_nest(family, ids):

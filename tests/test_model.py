@@ -17,7 +17,7 @@ UNITS = ("block", "attn", "mlp", "head", "neuron")
 def sizes(**values) -> UnitSizes:
     base = dict(other=1.0, attn=0.0, mlp=0.0, head=0.0, neuron=0.0, heads=2.0, neurons=2.0, head_features=1.0)
     base |= values
-    return UnitSizes(**{k: torch.full((2,), float(v), dtype=torch.float64) for k, v in base.items()})
+    return UnitSizes.from_tensors({f"sizes.{k}": torch.full((2,), float(v), dtype=torch.float64) for k, v in base.items()})
 
 
 def test_kept_fraction_counts_nesting():
@@ -44,8 +44,8 @@ def test_width_units_count_only_under_open_ancestors():
 def test_flops_count_two_per_weight_and_attention_over_the_context():
     s = sizes(attn=1, head=3, neuron=2, head_features=8)
     flops = s.flops(context=10)
-    assert flops.neuron[0] == 4 and flops.other[0] == 2
-    assert flops.head[0] == 2 * 3 + 4 * 10 * 8
+    assert flops.unit["neuron"][0] == 4 and flops.other[0] == 2
+    assert flops.unit["head"][0] == 2 * 3 + 4 * 10 * 8
     assert flops.decoder_parameters > 2 * s.decoder_parameters
 
 

@@ -166,7 +166,7 @@ def test_the_extracted_model_at_a_target_is_the_hard_gated_model_at_the_solved_c
     posterior._theta.clear()
     plan = posterior.plan("0.7", totals)
     gated = gate(fitted_model, GateConfig(units=posterior.kinds))
-    hard = plan.gates(gated.kinds, gated.widths.heads, gated.widths.neurons)
+    hard = plan.gates(gated.kinds, gated.values.units)
     ids = SEQUENCES[:2]
     with torch.no_grad(), gated.gates_set(hard, posterior.amplitudes(plan.cost, point=True)):
         expected = gated(input_ids=ids).logits

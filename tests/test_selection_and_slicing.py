@@ -38,8 +38,8 @@ def plan_of(mask: dict[str, torch.Tensor], form: str = "per-layer") -> Extractio
         if mask["block"][l]:
             layer = LayerPlan(l, attn=bool(mask["attn"][l]), mlp=bool(mask["mlp"][l]))
             if "head" in mask:
-                layer.heads = torch.nonzero(mask["head"][l]).flatten().tolist()
-            layer.neurons = torch.nonzero(mask["neuron"][l]).flatten().tolist()
+                layer.units["head"] = torch.nonzero(mask["head"][l]).flatten().tolist()
+            layer.units["neuron"] = torch.nonzero(mask["neuron"][l]).flatten().tolist()
             layers.append(layer)
     return ExtractionPlan(layers, mask["block"].shape[0], form)
 
@@ -137,7 +137,8 @@ def _run_without_bayesprune(script: str, cwd) -> None:
 def test_uniform_model_loads_and_generates_without_bayesprune(family, tmp_path, tokenizer):
     model = tiny_model(family)
     heads = [1] if family != "gpt2" else None
-    plan = ExtractionPlan([LayerPlan(1, heads, [0, 5, 7]), LayerPlan(3, heads, [2, 3, 40])], 4, "uniform")
+    plan = ExtractionPlan([LayerPlan(1, {"head": heads, "neuron": [0, 5, 7]}),
+                           LayerPlan(3, {"head": heads, "neuron": [2, 3, 40]})], 4, "uniform")
     small = extract_model(model, plan)
     ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
     out = save_extracted(small, tokenizer, tmp_path / "small", plan.record())
@@ -186,7 +187,7 @@ def test_per_layer_model_round_trips_through_load_pruned(family, tmp_path, ids, 
 def test_a_plan_gives_back_the_hard_gates_it_was_made_from(family):
     gated = gate(tiny_model(family), GateConfig(units=width_units(family)))
     mask = random_mask(gated)
-    back = plan_of(mask).gates(gated.kinds, gated.widths.heads, gated.widths.neurons)
+    back = plan_of(mask).gates(gated.kinds, gated.values.units)
     expected = {k: v.clone() for k, v in mask.items()}  # units under a closed block or branch read as off
     for kind, branch in (("head", "attn"), ("neuron", "mlp")):
         if kind in expected:
@@ -251,11 +252,11 @@ def test_chosen_plans_fit_the_target_and_report_their_real_size(form, target):
     assert plan.decoder_parameters == decoder and plan.parameters == count_parameters(small)
     assert plan.fraction <= float(target) + 1e-9
     if form == "per-layer":
-        head = posterior.sizes.head[0].item()
+        head = posterior.sizes.unit["head"][0].item()
         assert float(target) - plan.fraction <= head / (plan.decoder_parameters / plan.fraction), \
             "the budget is filled to within one head group"
     else:
-        assert len({(len(l.heads), len(l.neurons)) for l in plan.layers}) == 1
+        assert len({(len(l.kept("head")), len(l.kept("neuron"))) for l in plan.layers}) == 1
         assert all(l.attn and l.mlp for l in plan.layers)
 
 
@@ -265,17 +266,17 @@ def test_per_layer_choice_prefers_probable_units():
     plan = choose(posterior, ModelTotals.of(model), "0.6")
     p = posterior.inclusion_mean(point=True)["neuron"]
     for layer in plan.layers:
-        if layer.neurons:
-            dropped = [n for n in range(48) if n not in layer.neurons]
+        if layer.kept("neuron"):
+            dropped = [n for n in range(48) if n not in layer.kept("neuron")]
             if dropped:
-                assert p[layer.index, layer.neurons].min() >= p[layer.index, dropped].max() - 1e-6
+                assert p[layer.index, layer.kept("neuron")].min() >= p[layer.index, dropped].max() - 1e-6
 
 
 @pytest.mark.parametrize("form", ["per-layer", "uniform"])
 def test_neuron_counts_round_to_a_multiple(form):
     model = tiny_model("llama")
     plan = choose(width_posterior(model), ModelTotals.of(model), "0.6", form, multiple=8)
-    assert all(len(l.neurons) % 8 == 0 for l in plan.layers if l.neurons)
+    assert all(len(l.kept("neuron")) % 8 == 0 for l in plan.layers if l.kept("neuron"))
 
 
 def test_uniform_target_below_one_head_and_neuron_is_refused_and_writes_nothing(tmp_path):

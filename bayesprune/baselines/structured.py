@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..core.architectures import decoder_layers, unit_norms
+from ..core.architectures import decoder_layers
+from ..core.sizes import unit_norms
 from ..core.config import GateConfig
 from ..inputs.data import batches
 from ..core.likelihood import calibration_nll
@@ -153,7 +154,7 @@ def run_block_baseline(method: str, model, target: Target | str | float, windows
 @torch.no_grad()
 def magnitude_scores(model) -> dict[str, torch.Tensor]:
     """The magnitude baseline's scores: :func:`unit_norms` in double precision."""
-    return unit_norms(model, torch.float64)
+    return unit_norms(model, ("head", "neuron"), torch.float64)
 
 
 def magnitude_plan(model, target: Target | str | float, form: str = "uniform", multiple: int = 1) -> ExtractionPlan:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 
@@ -92,13 +91,6 @@ class Architecture:
     def gate_site(self, kind: str) -> WidthSlice | None:
         """The module whose input the ``kind`` gates multiply (``None``: not gateable)."""
         return next((s for s in self.width if s.kind == kind and s.axis == "in"), None)
-
-    def check_gateable(self, kinds) -> None:
-        """Refuse width kinds this family's modules cannot hold fewer of."""
-        for kind in kinds:
-            if kind in ("head", "neuron") and self.gate_site(kind) is None:
-                raise ValueError(f"{self.family} models cannot gate {kind}s: transformers' {self.family} modules "
-                                 f"cannot hold fewer of them")
 
 
 _LLAMA_LIKE = dict(layers="model.layers", attention="self_attn", mlp="mlp")
@@ -205,8 +197,9 @@ def widths_of(config, arch: Architecture) -> Widths:
     return Widths(heads=kv, queries_per_head=heads // kv, head_dim=head_dim, neurons=neurons)
 
 
-def unit_count(widths: Widths, kind: str) -> int:
-    return {"head": widths.heads, "neuron": widths.neurons}[kind]
+def unit_count(widths: Widths, label: str) -> int:
+    """Units per block of a :class:`WidthSlice` label."""
+    return {"head": widths.heads, "neuron": widths.neurons}[label]
 
 
 def max_positions(model_config) -> int | None:
@@ -224,32 +217,3 @@ def architecture_for_config(config) -> Architecture:
         raise UnsupportedArchitectureError(
             f"model_type={model_type!r} is not supported; supported model types: {sorted(ARCHITECTURES)}")
     return ARCHITECTURES[model_type]
-
-
-def unit_norms(model, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """L2 norm of the weights of every head group and neuron, ``(layer, unit)`` per kind.
-
-    Differentiable in the weights (the model reads it live when
-    weights are trained); ``dtype`` is the precision of the sums (default: the weights').
-    """
-    arch = architecture_of(model)
-    widths = widths_of(model.config, arch)
-    kinds = [kind for kind in ("head", "neuron") if arch.gate_site(kind) is not None]
-    squares = {kind: [] for kind in kinds}
-    for block in decoder_layers(model):
-        for kind in kinds:
-            units = unit_count(widths, kind)
-            total = 0
-            for piece in arch.width:
-                if piece.kind != kind:
-                    continue
-                weight = block.get_submodule(piece.module).weight
-                weight = weight.to(dtype) if dtype is not None else weight
-                weight = weight.T if arch.transposed else weight  # (out, in)
-                per = widths.features(piece.per_unit)
-                if piece.axis == "out":
-                    total = total + weight.pow(2).reshape(units, per, -1).sum((1, 2))
-                else:
-                    total = total + weight.pow(2).reshape(weight.shape[0], units, per).sum((0, 2))
-            squares[kind].append(total)
-    return {kind: torch.stack(rows).sqrt() for kind, rows in squares.items()}

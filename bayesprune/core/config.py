@@ -8,8 +8,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-UNIT_KINDS = ("block", "attn", "mlp", "head", "neuron")
-WIDTH_KINDS = ("head", "neuron")
+from .kinds import KINDS, width_kinds
+
 FORMS = ("per-layer", "uniform")
 DRAFT_SIZES = ("0.2", "0.35", "0.5", "0.65", "0.8")  # candidate draft sizes, fractions of decoder parameters
 DECODINGS = ("greedy", "sampling")
@@ -40,26 +40,24 @@ class _JsonConfig:
 
 @dataclass
 class GateConfig(_JsonConfig):
-    """Which units carry gates.
-
-    ``block`` gates a decoder block's whole residual update; ``attn`` and ``mlp``
-    gate the attention and MLP branches inside it; ``head`` gates key/value head
-    groups (a KV head with the query heads that read it) and ``neuron`` FFN hidden
-    units. Each is nested under the kinds above it.
-    """
+    """Which units carry gates: names of :mod:`bayesprune.core.kinds` (``block``, ``attn``, ``mlp``, ``head``,
+    ``neuron``), each nested under the kinds above it; at most one width kind per branch."""
 
     units: tuple[str, ...] = ("head", "neuron")
 
     def __post_init__(self):
         self.units = tuple(self.units)
         if not self.units:
-            raise ValueError("GateConfig.units is empty: name at least one of " + ", ".join(UNIT_KINDS))
-        unknown = [u for u in self.units if u not in UNIT_KINDS]
+            raise ValueError("GateConfig.units is empty: name at least one of " + ", ".join(KINDS))
+        unknown = [u for u in self.units if u not in KINDS]
         if unknown:
-            raise ValueError(f"unknown unit kind(s) {unknown}; known: {list(UNIT_KINDS)}")
+            raise ValueError(f"unknown unit kind(s) {unknown}; known: {list(KINDS)}")
         if len(set(self.units)) != len(self.units):
             raise ValueError(f"GateConfig.units repeats a kind: {list(self.units)}")
-        self.units = tuple(k for k in UNIT_KINDS if k in self.units)
+        self.units = tuple(k for k in KINDS if k in self.units)
+        branches = [KINDS[k].branch for k in width_kinds(self.units)]
+        if len(set(branches)) != len(branches):
+            raise ValueError(f"GateConfig.units gates one branch's units two ways: {list(width_kinds(self.units))}")
 
 
 def _finite(config, *names: str) -> None:

@@ -22,17 +22,17 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .architectures import (Architecture, Widths, architecture_of, decoder_layers, layer_names, unit_count,
-                            widths_of)
-from .config import WIDTH_KINDS, GateConfig
-from .sizes import UnitSizes
+from .architectures import architecture_of, decoder_layers, layer_names, widths_of
+from .config import GateConfig
+from .kinds import BRANCHES, KINDS, check_gateable, width_kinds
+from .sizes import UnitSizes, unit_sizes
 
 
 class GateValues:
     """The current gate tensor of each kind (``None`` = open) and optional output amplitudes.
 
-    Block, attn and mlp gates have shape ``(..., num_layers)``; head and neuron
-    gates ``(..., num_layers, units)``. An amplitude (same shape as its gates)
+    Block and branch gates have shape ``(..., num_layers)``; width gates
+    ``(..., num_layers, units)``. An amplitude (same shape as its gates)
     scales what a unit writes: a unit contributes ``gate · amplitude`` times its
     output, while norms that average over heads see the gate alone.
     """
@@ -216,7 +216,7 @@ class GatedModel(nn.Module):
         self.layer_names = layer_names(model)
         self.widths = widths_of(model.config, self.arch)
         layers = decoder_layers(model)
-        units = {k: unit_count(self.widths, k) for k in config.units if k in WIDTH_KINDS}
+        units = {k: KINDS[k].count(self.widths) for k in width_kinds(config.units)}
         self.values = GateValues(config.units, len(layers), units)
         self._install(layers)
 
@@ -231,27 +231,27 @@ class GatedModel(nn.Module):
     def _install(self, layers: nn.ModuleList) -> None:
         if any(isinstance(m, _Wrapper) for m in self.model.modules()):
             raise ValueError("this model already carries bayesprune gates; remove them first")
-        self.arch.check_gateable(self.kinds)
+        check_gateable(self.arch, self.kinds)
         for i, block in enumerate(layers):
-            for kind in self.kinds:
-                if kind in WIDTH_KINDS:
-                    self._install_width(block, kind, i)
-            for kind in ("attn", "mlp"):
+            for kind in width_kinds(self.kinds):
+                self._install_width(block, kind, i)
+            for kind in BRANCHES:
                 if kind in self.kinds:
                     parent, attr = _parent(block, self.arch.branch_output(kind))
                     setattr(parent, attr, GatedBranch(getattr(parent, attr), self.values, kind, i))
             if "block" in self.kinds:
                 layers[i] = GatedBlock(block, self.values, "block", i)
 
-    def _install_width(self, block: nn.Module, kind: str, index: int) -> None:
-        site = self.arch.gate_site(kind)
+    def _install_width(self, block: nn.Module, name: str, index: int) -> None:
+        kind = KINDS[name]
+        site = kind.site(self.arch)
         parent, attr = _parent(block, site.module)
-        features = self.widths.features(site.per_unit)
-        setattr(parent, attr, GatedInput(getattr(parent, attr), self.values, kind, index, features))
-        for norm in self.arch.head_norms if kind == "head" else ():
+        features = kind.features(self.widths, site)
+        setattr(parent, attr, GatedInput(getattr(parent, attr), self.values, name, index, features))
+        for norm in kind.norms(self.arch):
             parent, attr = _parent(block, norm.module)
-            features = self.widths.features(norm.per_unit)
-            setattr(parent, attr, GatedHeadNorm(getattr(parent, attr), self.values, kind, index, features))
+            features = kind.features(self.widths, norm)
+            setattr(parent, attr, GatedHeadNorm(getattr(parent, attr), self.values, name, index, features))
 
     def _uninstall(self) -> list[tuple[nn.Module, str, _Wrapper]]:
         """Put the wrapped modules back; return where each wrapper was (outermost first)."""
@@ -311,42 +311,12 @@ class GatedModel(nn.Module):
             self.values.current, self.values.amplitudes = previous
 
     def unit_parameters(self) -> UnitSizes:
-        """Parameters per layer of each part (see :func:`block_sizes`) and units per layer."""
+        """Parameters per layer of each part and units per layer (:class:`~bayesprune.core.sizes.UnitSizes`)."""
         with self.unwrapped() as model:
-            rows = [block_sizes({n: tuple(p.shape) for n, p in block.named_parameters()}, self.arch, self.widths)
-                    for block in decoder_layers(model)]
-        w = self.widths
-        rows = [r | {"heads": w.heads, "neurons": w.neurons, "head_features": w.features("query")} for r in rows]
-        return UnitSizes(**{key: torch.tensor([r[key] for r in rows], dtype=torch.float64) for key in rows[0]})
+            return unit_sizes(model)
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
-
-
-def block_sizes(shapes: dict[str, tuple[int, ...]], arch: Architecture, widths: Widths) -> dict[str, float]:
-    """Parameters of one block by part, from its parameter shapes (names relative to the block).
-
-    ``head`` and ``neuron`` are the parameters each head group / neuron carries
-    (every slice of :attr:`Architecture.width`); ``attn`` and ``mlp`` what the
-    branch keeps whatever its width (biases of output projections …); ``other``
-    the rest of the block (its norms).
-    """
-    def numel(shape):
-        return float(torch.Size(shape).numel())
-
-    per_unit = {"head": 0.0, "neuron": 0.0}
-    for kind in per_unit:
-        count = unit_count(widths, kind)
-        for piece in arch.width_slices(kind):
-            per_unit[kind] += numel(shapes[f"{piece.module}.weight"]) / count
-            bias = shapes.get(f"{piece.module}.bias")
-            if piece.axis == "out" and bias is not None:
-                per_unit[kind] += numel(bias) / count
-    branch = {part: sum(numel(s) for n, s in shapes.items() if n.startswith(prefix + "."))
-              for part, prefix in (("attn", arch.attention), ("mlp", arch.mlp))}
-    return {"attn": branch["attn"] - per_unit["head"] * widths.heads, "head": per_unit["head"],
-            "mlp": branch["mlp"] - per_unit["neuron"] * widths.neurons, "neuron": per_unit["neuron"],
-            "other": sum(numel(s) for s in shapes.values()) - branch["attn"] - branch["mlp"]}
 
 
 def gate(model: nn.Module, config: GateConfig | None = None) -> GatedModel:

@@ -21,9 +21,10 @@ import math
 
 import torch
 
-from .architectures import unit_norms
-from .config import WIDTH_KINDS, PriorConfig
+from .config import PriorConfig
 from .gates import GatedModel
+from .kinds import layer_kinds, width_kinds
+from .sizes import unit_norms
 from .splines import curve_at, monotone_controls, pinned_controls
 
 Theta = dict[str, torch.Tensor]
@@ -37,19 +38,18 @@ def cost_position(cost: float) -> float:
 
 
 def unit_importance(gated: GatedModel, track: bool = False) -> dict[str, torch.Tensor]:
-    """Per kind: weight norm of each unit over its layer's mean (head, neuron), or ones (layer kinds).
+    """Per kind: weight norm of each unit over its layer's mean (width kinds), or ones (block and branch kinds).
 
     With ``track``, the norms are differentiable in the current weights (a fit that
     trains the weights reads them afresh every step); otherwise they are constants.
     """
     device = next(gated.model.parameters()).device
-    importance = {k: torch.ones(gated.num_layers, device=device) for k in gated.kinds if k not in WIDTH_KINDS}
-    if set(gated.kinds) & set(WIDTH_KINDS):
+    importance = {k: torch.ones(gated.num_layers, device=device) for k in layer_kinds(gated.kinds)}
+    if width_kinds(gated.kinds):
         with gated.unwrapped() as model, torch.set_grad_enabled(track):
-            norms = unit_norms(model, torch.float32)
-        for kind in WIDTH_KINDS:
-            if kind in gated.kinds:
-                importance[kind] = norms[kind] / norms[kind].mean(-1, keepdim=True)
+            norms = unit_norms(model, gated.kinds, torch.float32)
+        for kind in width_kinds(gated.kinds):
+            importance[kind] = norms[kind] / norms[kind].mean(-1, keepdim=True)
     return importance
 
 

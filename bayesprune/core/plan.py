@@ -1,32 +1,35 @@
-"""Extraction plans: which blocks, branches, head groups and neurons a sub-network keeps, and its size."""
+"""Extraction plans: which blocks, branches and units of each width kind a sub-network keeps, and its size."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from .config import WIDTH_KINDS
+from .kinds import KINDS, width_kinds
 
 
 @dataclass
 class LayerPlan:
-    """What one kept block keeps: ``None`` = all heads / neurons; ``attn``/``mlp`` False = branch removed.
+    """What one kept block keeps: ``units[kind]`` the kept units of each width kind (absent or ``None``:
+    all of them); ``attn``/``mlp`` False: the branch is removed.
 
     Amplitudes (posterior means at the plan's cost) scale what kept units write and are
-    folded into the output projections: one per kept head / neuron, in the order of
-    ``heads`` / ``neurons``, and one per branch.
+    folded into the output projections: ``amplitudes[kind]`` one per kept unit, in the
+    order of ``units[kind]``, and one per branch.
     """
 
     index: int
-    heads: list[int] | None = None
-    neurons: list[int] | None = None
+    units: dict[str, list[int] | None] = field(default_factory=dict)
     attn: bool = True
     mlp: bool = True
-    head_amplitudes: list[float] | None = None
-    neuron_amplitudes: list[float] | None = None
+    amplitudes: dict[str, list[float]] = field(default_factory=dict)
     attn_amplitude: float = 1.0
     mlp_amplitude: float = 1.0
+
+    def kept(self, kind: str) -> list[int] | None:
+        """The kept units of ``kind`` (``None``: all of them)."""
+        return self.units.get(kind)
 
 
 @dataclass
@@ -48,18 +51,18 @@ class ExtractionPlan:
     def kept_layers(self) -> list[int]:
         return [layer.index for layer in self.layers]
 
-    def gates(self, kinds: tuple[str, ...], heads: int, neurons: int) -> dict[str, torch.Tensor]:
-        """The hard gates of this plan for a model gated with ``kinds`` (1 = kept, 0 = removed)."""
+    def gates(self, kinds: tuple[str, ...], units: dict[str, int]) -> dict[str, torch.Tensor]:
+        """The hard gates of this plan for a model gated with ``kinds`` with ``units[kind]`` units per block
+        (1 = kept, 0 = removed)."""
         kept = {layer.index: layer for layer in self.layers}
         gates = {}
         for kind in kinds:
-            if kind in WIDTH_KINDS:
-                count, branch, field_name = (heads, "attn", "heads") if kind == "head" else (neurons, "mlp", "neurons")
-                values = torch.zeros(self.num_layers, count)
+            if kind in width_kinds():
+                values = torch.zeros(self.num_layers, units[kind])
                 for l, layer in kept.items():
-                    if getattr(layer, branch):
-                        units = getattr(layer, field_name)
-                        values[l, slice(None) if units is None else units] = 1
+                    if getattr(layer, KINDS[kind].branch):
+                        chosen = layer.kept(kind)
+                        values[l, slice(None) if chosen is None else chosen] = 1
             else:
                 values = torch.tensor([float(l in kept and (kind == "block" or getattr(kept[l], kind)))
                                        for l in range(self.num_layers)])
@@ -69,14 +72,13 @@ class ExtractionPlan:
     def fold(self, amplitudes: dict[str, torch.Tensor]) -> "ExtractionPlan":
         """Attach amplitudes to fold on extraction.
 
-        ``attn``/``mlp``: ``(layer,)``; ``head``/``neuron``: ``(layer, unit)``.
+        ``attn``/``mlp``: ``(layer,)``; width kinds: ``(layer, unit)``.
         """
         for layer in self.layers:
             l = layer.index
-            if "head" in amplitudes and layer.heads is not None:
-                layer.head_amplitudes = amplitudes["head"][l, layer.heads].tolist()
-            if "neuron" in amplitudes and layer.neurons is not None:
-                layer.neuron_amplitudes = amplitudes["neuron"][l, layer.neurons].tolist()
+            for kind in width_kinds(amplitudes):
+                if layer.kept(kind) is not None:
+                    layer.amplitudes[kind] = amplitudes[kind][l, layer.kept(kind)].tolist()
             if "attn" in amplitudes:
                 layer.attn_amplitude = float(amplitudes["attn"][l])
             if "mlp" in amplitudes:
@@ -87,12 +89,11 @@ class ExtractionPlan:
         """A JSON-able description, written next to the extracted checkpoint."""
         return {"form": self.form, "kept_layers": self.kept_layers,
                 "removed_layers": [i for i in range(self.num_layers) if i not in self.kept_layers],
-                "layers": [{"index": l.index, "heads": l.heads,
-                            "neurons": None if l.neurons is None else len(l.neurons),
-                            "attn": l.attn, "mlp": l.mlp} for l in self.layers],
+                "layers": [{"index": l.index, "attn": l.attn, "mlp": l.mlp,
+                            **{KINDS[k].plural: v for k, v in l.units.items()}} for l in self.layers],
                 "decoder_parameters": self.decoder_parameters, "parameters": self.parameters,
                 "bytes": self.bytes, "fraction_of_decoder": self.fraction,
                 "flop_fraction_of_decoder": self.flop_fraction,
                 "log_probability": self.log_probability, "cost": self.cost,
-                "amplitudes_folded": any(l.head_amplitudes is not None or l.neuron_amplitudes is not None
-                                         or l.attn_amplitude != 1 or l.mlp_amplitude != 1 for l in self.layers)}
+                "amplitudes_folded": any(l.amplitudes or l.attn_amplitude != 1 or l.mlp_amplitude != 1
+                                         for l in self.layers)}

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from . import inclusion
-from .config import WIDTH_KINDS, PriorConfig
+from .config import PriorConfig
+from .kinds import layer_kinds, width_kinds
 from .io import load_tensors, save_tensors
 from .model import ShrinkagePrior
 from .plan import ExtractionPlan
@@ -167,7 +168,7 @@ class GatePosterior:
         if totals is None and target.kind != "layers":
             raise ValueError(f"solving for {target} needs the model's totals (ModelTotals.of(model))")
         if target.kind == "layers":
-            if not set(self.kinds) - set(WIDTH_KINDS):
+            if not layer_kinds(self.kinds):
                 raise TargetError(f"a block count needs block, attn or mlp gates; this run gates {list(self.kinds)}")
             wanted = target.value
 
@@ -202,8 +203,8 @@ class GatePosterior:
         target = target if isinstance(target, Target) else Target.parse(target)
         cost = self.fixed_cost if self.fixed_cost is not None else self.solve(target, totals)
         p = self.inclusion_mean(cost, point=True)
-        layer = {k: v for k, v in p.items() if k not in WIDTH_KINDS}
-        units = {k: v for k, v in p.items() if k in WIDTH_KINDS}
+        layer = {k: v for k, v in p.items() if k in layer_kinds()}
+        units = {k: v for k, v in p.items() if k in width_kinds()}
         keep = self.block_keep_probability(cost, point=True).double().mean(0)
         plan = choose_by_probability(self.sizes, totals, layer, units, keep, target, form, multiple)
         plan.cost = cost
@@ -218,7 +219,7 @@ class GatePosterior:
         it is off; kinds without gates count as on (width gates are not counted: a
         block keeps its most likely head and neuron).
         """
-        on = {k: v for k, v in self.inclusion(cost, point).items() if k not in WIDTH_KINDS}
+        on = {k: v for k, v in self.inclusion(cost, point).items() if k in layer_kinds()}
         return inclusion.block_on_probability(on, torch.ones(1 if point else self.num_draws, len(self.layer_names)))
 
     def removal_probability(self, cost: float | None = None) -> torch.Tensor:
@@ -255,9 +256,7 @@ class GatePosterior:
 
         rows = []
         p = self.inclusion(cost)
-        for kind in self.kinds:
-            if kind not in WIDTH_KINDS:
-                continue
+        for kind in width_kinds(self.kinds):
             fraction = p[kind].mean(-1).numpy()
             hdi = az.hdi(fraction[None], hdi_prob=0.94)
             likely = (p[kind].double().mean(0) > 0.5).sum(-1)
@@ -293,7 +292,7 @@ class GatePosterior:
                 p = inclusion.probabilities(theta, self.importance, cost, self.prior)
                 for kind, value in p.items():
                     per_cost.setdefault(f"{kind}_inclusion", []).append(value)
-                    if kind in WIDTH_KINDS:
+                    if kind in width_kinds():
                         per_cost.setdefault(f"{kind}_kept_fraction", []).append(value.mean(-1))
                     per_cost.setdefault(f"{kind}_threshold", []).append(
                         inclusion.thresholds(theta, kind, cost, self.prior))
@@ -302,7 +301,7 @@ class GatePosterior:
             posterior[name] = torch.stack(values, 1).float().numpy()[None]           # (chain, draw, cost, …)
             kind = name.split("_", 1)[0]
             dims[name] = (["cost"] if name == "kept_fraction" else
-                          ["cost", "layer", kind] if name == f"{kind}_inclusion" and kind in WIDTH_KINDS else
+                          ["cost", "layer", kind] if name == f"{kind}_inclusion" and kind in width_kinds() else
                           ["cost", "layer"])
         for kind in self.kinds:
             posterior[f"{kind}_global_scale"] = theta[f"{kind}_global_scale"].numpy()[None]

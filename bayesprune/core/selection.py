@@ -25,11 +25,13 @@ Two forms:
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
 
-from .config import FORMS, WIDTH_KINDS
+from .config import FORMS
+from .kinds import BRANCHES, KINDS, branch_kind, layer_kinds, width_kinds
 from .plan import ExtractionPlan, LayerPlan
 from .sizes import UnitSizes
 from .targets import ModelTotals, Target, TargetError
@@ -51,12 +53,12 @@ class _Scorer:
         self.sizes = sizes
         self.measure = sizes.flops() if target.kind == "flops" else sizes
         self.L = sizes.num_layers
-        self.H = int(sizes.heads[0])
-        self.N = int(sizes.neurons[0])
+        self.counts = {k: int(n[0]) for k, n in sizes.count.items()}  # units per block of every width kind
         ones = torch.ones(self.L, dtype=torch.float64)
-        self.p = {k: p.get(k, ones).double() for k in ("block", "attn", "mlp")}
+        self.p = {k: p.get(k, ones).double() for k in layer_kinds()}
         self.unit_p = {k: v.double() for k, v in unit_p.items()}
         self.gated = set(p) | set(unit_p)
+        self.width = width_kinds(self.gated)  # the gated width kinds
         self.keep_p = keep_p.double()
         self.order = torch.argsort(self.keep_p, descending=True, stable=True).tolist()
 
@@ -70,10 +72,9 @@ class _Scorer:
         decoder = flops = 0.0
         flop_sizes = self.sizes.flops()
         for layer in plan.layers:
-            heads = self.H if layer.heads is None else len(layer.heads)
-            neurons = self.N if layer.neurons is None else len(layer.neurons)
-            decoder += self.sizes.layer_parameters(layer.index, heads, neurons, layer.attn, layer.mlp)
-            flops += flop_sizes.layer_parameters(layer.index, heads, neurons, layer.attn, layer.mlp)
+            kept = {k: len(v) for k, v in layer.units.items() if v is not None}
+            decoder += self.sizes.layer_parameters(layer.index, kept, layer.attn, layer.mlp)
+            flops += flop_sizes.layer_parameters(layer.index, kept, layer.attn, layer.mlp)
         plan.decoder_parameters = decoder
         plan.parameters = decoder + self.totals.outside_parameters
         plan.bytes = plan.parameters * self.totals.bytes_per_parameter
@@ -87,8 +88,8 @@ def choose_by_probability(sizes: UnitSizes, totals: ModelTotals, layer_p: dict[s
                           form: str = "per-layer", multiple: int = 1) -> ExtractionPlan:
     """The sub-network of the most probable units given inclusion probabilities directly.
 
-    ``layer_p`` holds ``(layer,)`` probabilities of block / attn / mlp gates,
-    ``unit_p`` ``(layer, unit)`` ones of head / neuron gates, ``keep_p`` the
+    ``layer_p`` holds ``(layer,)`` probabilities of block / branch gates,
+    ``unit_p`` ``(layer, unit)`` ones of width gates, ``keep_p`` the
     probability that each block contributes at all (it orders whole blocks).
     """
     target = target if isinstance(target, Target) else Target.parse(target)
@@ -114,9 +115,9 @@ def choose_blocks(scores: torch.Tensor, sizes: UnitSizes, totals: ModelTotals,
 
 def choose_units(unit_scores: dict[str, torch.Tensor], sizes: UnitSizes, totals: ModelTotals,
                  target: Target | str | float, form: str = "uniform", multiple: int = 1) -> ExtractionPlan:
-    """Head-group / neuron removal by any per-unit score (higher = keep): the path width baselines share.
+    """Width-unit removal by any per-unit score (higher = keep): the path width baselines share.
 
-    ``unit_scores`` maps ``head`` / ``neuron`` to ``(layer, unit)`` scores. Scores are
+    ``unit_scores`` maps width kinds (``head``, ``neuron``) to ``(layer, unit)`` scores. Scores are
     compared only within a layer and kind (they become within-layer rank quantiles),
     so the uniform form drops about the same share of heads and of neurons everywhere.
     """
@@ -154,28 +155,26 @@ def _unit_order(scorer: _Scorer, kind: str) -> tuple[torch.Tensor, torch.Tensor]
 
 def _choose_per_layer(scorer: _Scorer, target: Target, multiple: int) -> ExtractionPlan:
     s, L, gated = scorer.measure, scorer.L, scorer.gated
-    pb, pa, pm = scorer.p["block"], scorer.p["attn"], scorer.p["mlp"]
     # Items: (inclusion probability, layer, part, kept unit indices, parameters). A
-    # part is a chunk of heads or neurons, a whole branch, or a whole block when
+    # part is a chunk of units of a width kind, a whole branch, or a whole block when
     # nothing inside it is gated.
     items = []
-    for kind, branch_p, chunk in (("head", pa, 1), ("neuron", pm, multiple)):
-        if kind in gated:
-            order, sorted_p = _unit_order(scorer, kind)
-            for l in range(L):
-                for start in range(0, order.shape[1], chunk):
-                    p = pb[l] * branch_p[l] * sorted_p[l, start:start + chunk]
-                    size = p.numel() * getattr(s, kind)[l]
-                    items.append((float(p.mean()), l, kind, order[l, start:start + chunk].tolist(), float(size)))
+    for kind in scorer.width:
+        chunk = multiple if KINDS[kind].fills else 1
+        branch_p = scorer.p[KINDS[kind].branch]
+        order, sorted_p = _unit_order(scorer, kind)
+        for l in range(L):
+            for start in range(0, order.shape[1], chunk):
+                p = scorer.p["block"][l] * branch_p[l] * sorted_p[l, start:start + chunk]
+                size = p.numel() * s.unit[kind][l]
+                items.append((float(p.mean()), l, kind, order[l, start:start + chunk].tolist(), float(size)))
     for l in range(L):
-        for branch, kind, p in (("attn", "head", pa), ("mlp", "neuron", pm)):
-            if kind not in gated and branch in gated:
-                size = getattr(s, branch)[l] + getattr(s, kind + "s")[l] * getattr(s, kind)[l]
-                joint = pb[l] * p[l]
-                items.append((float(joint), l, branch, None, float(size)))
-        if not gated & {"attn", "mlp", "head", "neuron"}:
-            size = s.layer_parameters(l, scorer.H, scorer.N)
-            items.append((float(pb[l]), l, "block", None, size))
+        for branch in BRANCHES:
+            if branch_kind(gated, branch) is None and branch in gated:
+                joint = scorer.p["block"][l] * scorer.p[branch][l]
+                items.append((float(joint), l, branch, None, float(s.branch_parameters(branch, l))))
+        if not gated & set(BRANCHES) and not scorer.width:
+            items.append((float(scorer.p["block"][l]), l, "block", None, s.layer_parameters(l)))
     items.sort(key=lambda item: -item[0])
 
     def opening(l: int, part: str, layers: set, parts: set) -> float:
@@ -183,11 +182,11 @@ def _choose_per_layer(scorer: _Scorer, target: Target, multiple: int) -> Extract
         cost = 0.0
         if l not in layers and part != "block":
             cost += s.other[l]
-            for branch, kind in (("attn", "head"), ("mlp", "neuron")):
-                if branch not in gated and kind not in gated:  # ungated branches come with the block
-                    cost += getattr(s, branch)[l] + getattr(s, kind + "s")[l] * getattr(s, kind)[l]
-        if part in WIDTH_KINDS and (l, part) not in parts:
-            cost += (s.attn if part == "head" else s.mlp)[l]
+            for branch in BRANCHES:  # ungated branches come with the block
+                if branch not in gated and branch_kind(gated, branch) is None:
+                    cost += s.branch_parameters(branch, l)
+        if part in scorer.width and (l, part) not in parts:
+            cost += getattr(s, KINDS[part].branch)[l]
         return float(cost)
 
     budget = scorer.budget(target)
@@ -201,18 +200,18 @@ def _choose_per_layer(scorer: _Scorer, target: Target, multiple: int) -> Extract
             kept.setdefault((l, part), []).extend(units or [])
     if not layers:
         smallest = min(item[4] + opening(item[1], item[2], set(), set()) for item in items)
-        unit = "one whole block" if not set(gated) & set(WIDTH_KINDS) else "the smallest sub-network"
+        unit = "one whole block" if not scorer.width else "the smallest sub-network"
         raise TargetError(f"target {target} is below what this posterior can keep: {unit} needs "
                           f"{smallest:,.0f} decoder parameters ({smallest / s.decoder_parameters:.3g} of them), "
                           f"the target allows {budget:,.0f}")
     plans = []
     for l in sorted(layers):
         plan = LayerPlan(l)
-        for branch, kind, field_name in (("attn", "head", "heads"), ("mlp", "neuron", "neurons")):
-            if kind in gated:
-                units = sorted(kept.get((l, kind), []))
-                setattr(plan, field_name, units)
-                setattr(plan, branch, bool(units))
+        for branch in BRANCHES:
+            kind = branch_kind(gated, branch)
+            if kind is not None:
+                plan.units[kind] = sorted(kept.get((l, kind), []))
+                setattr(plan, branch, bool(plan.units[kind]))
             elif branch in gated:
                 setattr(plan, branch, (l, branch) in parts)
         plans.append(plan)
@@ -222,67 +221,69 @@ def _choose_per_layer(scorer: _Scorer, target: Target, multiple: int) -> Extract
 
 
 def _choose_uniform(scorer: _Scorer, target: Target, multiple: int) -> ExtractionPlan:
-    """Search kept-block count × heads per block (neurons per block fill what is left).
+    """Search kept-block count × the counts of the searched width kinds (the filling kind, neurons, takes
+    what is left, rounded down to ``multiple``).
 
     The plan that removes the least probable units wins: the smallest maximum
     inclusion probability among the units it drops (ties: the more probable mask).
     """
-    s, L, H, N, gated = scorer.measure, scorer.L, scorer.H, scorer.N, scorer.gated
+    s, L = scorer.measure, scorer.L
+    filling = [k for k in scorer.width if KINDS[k].fills]
+    fill = filling[-1] if filling else None
+    searched = [k for k in scorer.width if k != fill]
     budget = scorer.budget(target)
     order = scorer.order
-    sorted_logs, orders = {}, {}
-    for kind in WIDTH_KINDS:
-        if kind in gated:
-            orders[kind], sorted_p = _unit_order(scorer, kind)
-            on, off = _log(sorted_p), _log(1 - sorted_p)
-            zero = torch.zeros(L, 1, dtype=torch.float64)
-            # log P(keep the n most probable units) for n = 0 … units, per layer
-            sorted_logs[kind] = torch.cat([zero, on.cumsum(1)], 1) + off.sum(1, keepdim=True) - \
-                torch.cat([zero, off.cumsum(1)], 1)
+    sorted_logs, orders, lost = {}, {}, {}
+    for kind in scorer.width:
+        orders[kind], sorted_p = _unit_order(scorer, kind)
+        on, off = _log(sorted_p), _log(1 - sorted_p)
+        zero = torch.zeros(L, 1, dtype=torch.float64)
+        # log P(keep the n most probable units) for n = 0 … units, per layer
+        sorted_logs[kind] = torch.cat([zero, on.cumsum(1)], 1) + off.sum(1, keepdim=True) - \
+            torch.cat([zero, off.cumsum(1)], 1)
+        # Joint probability of the best unit each kept block would lose, for every count (index n: keep n).
+        joint = scorer.p["block"][:, None] * scorer.p[KINDS[kind].branch][:, None] * sorted_p
+        lost[kind] = torch.cat([joint, torch.zeros(L, 1, dtype=torch.float64)], 1)
     keep_p = scorer.keep_p
-    # Joint probability of the best unit each kept block would lose, for every width.
-    lost = {}
-    for kind, branch in (("head", "attn"), ("neuron", "mlp")):
-        if kind in gated:
-            _, sorted_p = _unit_order(scorer, kind)
-            joint = scorer.p["block"][:, None] * scorer.p[branch][:, None] * sorted_p
-            lost[kind] = torch.cat([joint, torch.zeros(L, 1, dtype=torch.float64)], 1)  # index n: keep n
     best, best_key = None, None
     for k in range(1, L + 1):
         keep = sorted(order[:k])
-        for h in (range(1, H + 1) if "head" in gated else [H]):
-            fixed = sum(s.layer_parameters(l, h, 0) for l in keep)
-            per_neuron = float(sum(s.neuron[l] for l in keep))
-            n = min(N, math.floor((budget - fixed) / per_neuron)) if "neuron" in gated else N
-            if n < N:
-                n -= n % multiple
-            if n < 1 or fixed + n * per_neuron > budget:
+        for values in itertools.product(*(range(1, scorer.counts[kind] + 1) for kind in searched)):
+            counts = dict(zip(searched, values))
+            if fill is not None:
+                fixed = sum(s.layer_parameters(l, counts | {fill: 0}) for l in keep)
+                per_unit = float(sum(s.unit[fill][l] for l in keep))
+                n = min(scorer.counts[fill], math.floor((budget - fixed) / per_unit))
+                if n < scorer.counts[fill]:
+                    n -= n % multiple
+                if n < 1 or fixed + n * per_unit > budget:
+                    continue
+                counts[fill] = n
+            elif sum(s.layer_parameters(l, counts) for l in keep) > budget:
                 continue
             worst = float(keep_p[order[k]]) if k < L else 0.0
-            if "head" in gated:
-                worst = max(worst, float(lost["head"][keep, h].max()))
-            if "neuron" in gated:
-                worst = max(worst, float(lost["neuron"][keep, n].max()))
+            for kind, count in counts.items():
+                worst = max(worst, float(lost[kind][keep, count].max()))
             plan = ExtractionPlan([LayerPlan(l) for l in keep], L, "uniform")
             for layer in plan.layers:
-                if "head" in gated:
-                    layer.heads = sorted(orders["head"][layer.index, :h].tolist())
-                if "neuron" in gated:
-                    layer.neurons = sorted(orders["neuron"][layer.index, :n].tolist())
-            plan.log_probability = _log_probability(scorer, plan, sorted_logs, h, n)
+                for kind, count in counts.items():
+                    layer.units[kind] = sorted(orders[kind][layer.index, :count].tolist())
+            plan.log_probability = _log_probability(scorer, plan, sorted_logs, counts)
             key = (-worst, plan.log_probability)
             if best is None or key > best_key:
                 best, best_key = plan, key
     if best is None:
-        smallest = min(s.layer_parameters(l, 1 if "head" in gated else H, min(multiple, N)) for l in range(L))
+        smallest = min(s.layer_parameters(l, {k: 1 for k in searched} | ({fill: min(multiple, scorer.counts[fill])}
+                                                                          if fill else {}))
+                       for l in range(L))
         raise TargetError(f"target {target} is below the smallest uniform sub-network: one block with "
-                          f"one head group and {min(multiple, N)} neurons needs {smallest:,.0f} decoder parameters, "
-                          f"the target allows {budget:,.0f}")
+                          f"one unit of each searched kind and {multiple} of the filling one needs "
+                          f"{smallest:,.0f} decoder parameters, the target allows {budget:,.0f}")
     return best
 
 
 def _log_probability(scorer: _Scorer, plan: ExtractionPlan, sorted_logs: dict | None = None,
-                     heads: int | None = None, neurons: int | None = None) -> float:
+                     counts: dict[str, int] | None = None) -> float:
     """Posterior log-probability of the hard mask a plan keeps (mean-field)."""
     kept = {layer.index: layer for layer in plan.layers}
     total = 0.0
@@ -292,17 +293,17 @@ def _log_probability(scorer: _Scorer, plan: ExtractionPlan, sorted_logs: dict | 
         if l not in kept:
             continue
         layer = kept[l]
-        for branch, kind, units, count in (("attn", "head", layer.heads, heads),
-                                           ("mlp", "neuron", layer.neurons, neurons)):
+        for branch in BRANCHES:
             on = getattr(layer, branch)
             if branch in scorer.gated:
                 total += float(_log(scorer.p[branch][l] if on else 1 - scorer.p[branch][l]))
-            if kind in scorer.gated and on:
+            kind = branch_kind(scorer.gated, branch)
+            if kind is not None and on:
                 if sorted_logs is not None:
-                    total += float(sorted_logs[kind][l, count])
+                    total += float(sorted_logs[kind][l, counts[kind]])
                 else:
                     p = scorer.unit_p[kind][l]
                     mask = torch.zeros_like(p, dtype=torch.bool)
-                    mask[units] = True
+                    mask[layer.kept(kind)] = True
                     total += float(_log(p[mask]).sum() + _log(1 - p[~mask]).sum())
     return total

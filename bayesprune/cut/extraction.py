@@ -22,6 +22,7 @@ from safetensors import safe_open
 
 from ..core.architectures import Architecture, Widths, architecture_for_config, widths_of
 from ..core.io import SAFETENSORS_DTYPES, atomic_directory
+from ..core.kinds import BRANCHES, KINDS, branch_kind
 from ..inputs.pruned import build_model, global_access
 from ..core.plan import ExtractionPlan
 from ..core.targets import ModelTotals, TargetError
@@ -98,31 +99,36 @@ def recipes(plan: ExtractionPlan, arch: Architecture, widths: Widths,
             continue
         module, _, leaf = rest.rpartition(".")
         piece = slices.get(module)
-        units = None if piece is None else (layer.heads if piece.kind == "head" else layer.neurons)
+        kind = None if piece is None else _cutting(layer, piece.kind)
         new_name = f"{prefix}{new}.{rest}"
         dim, positions, cut = None, None, tuple(shape)
-        if units is not None and not (leaf == "bias" and piece.axis == "in"):
+        if kind is not None and not (leaf == "bias" and piece.axis == "in"):
             dim = 0 if len(shape) == 1 or (piece.axis == "out") != arch.transposed else 1
-            positions = _features(units, widths.features(piece.per_unit))
+            positions = _features(layer.kept(kind), KINDS[kind].features(widths, piece))
             cut = tuple(len(positions) if d == dim else size for d, size in enumerate(shape))
         result[new_name] = Recipe(name, cut, dim, positions, **_folding(module, leaf, layer, arch, widths))
     return result
+
+
+def _cutting(layer, label: str) -> str | None:
+    """The width kind whose kept units cut the weights of a slice ``label`` in this layer (``None``: all kept)."""
+    return next((k for k, units in layer.units.items() if units is not None and KINDS[k].slices == label), None)
 
 
 def _folding(module: str, leaf: str, layer, arch: Architecture, widths: Widths) -> dict:
     """How a tensor is scaled to fold the layer's amplitudes in: per-unit columns of the output
     projections, and the branch amplitude where it acts (the output projection or the post-norm)."""
     folding = {}
-    for kind, unit, output in (("attn", "head", arch.outputs[0]), ("mlp", "neuron", arch.outputs[1])):
-        factor = layer.attn_amplitude if kind == "attn" else layer.mlp_amplitude
-        if module == arch.amplitude_fold(kind) and factor != 1.0:
+    for branch, output in zip(BRANCHES, arch.outputs):
+        factor = getattr(layer, f"{branch}_amplitude")
+        if module == arch.amplitude_fold(branch) and factor != 1.0:
             folding["factor"] = factor
             if arch.post_norms:
                 folding["offset"] = arch.norm_offset
-        units = layer.head_amplitudes if kind == "attn" else layer.neuron_amplitudes
-        if module == output and leaf == "weight" and units is not None:
-            per_unit = widths.features(arch.gate_site(unit).per_unit)
-            folding |= {"scale": tuple(a for a in units for _ in range(per_unit)),
+        kind = branch_kind(layer.amplitudes, branch)
+        if module == output and leaf == "weight" and kind is not None:
+            per_unit = KINDS[kind].features(widths, KINDS[kind].site(arch))
+            folding |= {"scale": tuple(a for a in layer.amplitudes[kind] for _ in range(per_unit)),
                         "scale_dim": 0 if arch.transposed else 1}
     return folding
 
@@ -149,11 +155,10 @@ def extracted_config(config, plan: ExtractionPlan, arch: Architecture, widths: W
 
     def overrides(layer) -> dict:
         values = {}
-        if layer.heads is not None and layer.attn and len(layer.heads) != widths.heads:
-            values["num_attention_heads"] = len(layer.heads) * widths.queries_per_head
-            values["num_key_value_heads"] = len(layer.heads)
-        if layer.neurons is not None and layer.mlp and len(layer.neurons) != widths.neurons:
-            values[arch.neuron_field] = len(layer.neurons)
+        for name, units in layer.units.items():
+            kind = KINDS[name]
+            if units is not None and getattr(layer, kind.branch) and len(units) != kind.count(widths):
+                values |= kind.config_fields(len(units), widths, arch)
         skip = [name for name, on in ((arch.attention, layer.attn), (arch.mlp, layer.mlp)) if not on]
         return values | ({"skip": skip} if skip else {})
 

@@ -93,7 +93,7 @@ def plan_quality(gated: GatedModel, plan, amplitudes: dict[str, torch.Tensor], w
                  bootstrap: int = 200, level: float = 0.9, seed: int = 0, batch_size: int = 8) -> dict:
     """Predicted perplexity of the sub-network a plan would extract, from its hard gates (no extraction),
     with a bootstrap band over the validation windows."""
-    gates = plan.gates(gated.kinds, gated.widths.heads, gated.widths.neurons)
+    gates = plan.gates(gated.kinds, gated.values.units)
     with gated.gates_set(gates, amplitudes):
         per_window = -_token_log_probs(gated, windows, batch_size).mean(-1)[None]
     low, high = _band(per_window, bootstrap, level, torch.Generator().manual_seed(seed + 1))

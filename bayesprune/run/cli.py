@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..core.config import (DECODINGS, DEPTH_SCORES, DTYPES, FORMS, WEIGHTS, CostConfig, DataConfig, DepthConfig,
                            DraftConfig, ExtractionConfig, FitConfig, GateConfig, PriorConfig, RouterConfig, RunConfig)
+from ..core.kinds import KINDS
 
 
 # Where each fit option lives in a RunConfig: the options are read into one, and a recipe is read out of one.
@@ -30,7 +31,7 @@ def _fit_parser(sub, recipe: dict | None = None) -> None:
     p.add_argument("--data", help="text file, folder or .jsonl (default: the Shakespeare corpus)")
     p.add_argument("--out", required=True, help="run directory (an existing one with the same settings resumes)")
     p.add_argument("--units", default=",".join(GateConfig.units),
-                   help="comma-separated gate kinds: block, attn, mlp, head, neuron")
+                   help="comma-separated gate kinds: " + "; ".join(f"{k} ({v.description})" for k, v in KINDS.items()))
     p.add_argument("--target", default="0.75",
                    help="size to extract after fitting: 0.75, 75%%, 12layers, 80M, 300MB, 40%%flops, or 'none'")
     p.add_argument("--weights", choices=WEIGHTS, default=FitConfig.weights,

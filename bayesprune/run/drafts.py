@@ -107,7 +107,7 @@ def rank_drafts(run_dir: str | Path, config: DraftConfig | None = None, device: 
     gated = gate(model, GateConfig(units=posterior.kinds))
     sums = []
     for plan in plans:
-        gates = plan.gates(gated.kinds, gated.widths.heads, gated.widths.neurons)
+        gates = plan.gates(gated.kinds, gated.values.units)
         # a depth plan keeps whole blocks and folds no amplitudes
         amplitudes = None if plan.cost is None else posterior.amplitudes(plan.cost, point=True)
         with gated.gates_set(gates, amplitudes):

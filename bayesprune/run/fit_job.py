@@ -21,7 +21,8 @@ from pathlib import Path
 
 from ..prune import check_request
 from ..core import distributed
-from ..core.config import WIDTH_KINDS, ExtractionConfig, RunConfig
+from ..core.config import ExtractionConfig, RunConfig
+from ..core.kinds import layer_kinds, width_kinds
 from ..inputs.data import split_corpus, tokenize, windows
 from ..evaluation.perplexity import model_size, perplexity
 from ..core.fit import fit
@@ -54,13 +55,12 @@ def validate(config: RunConfig, extraction: ExtractionConfig, run_dir: str | Pat
 def _write_plots_and_tables(run_dir: Path, posterior: GatePosterior, cost: float, size_rows: list[dict]) -> dict:
     import arviz as az
 
-    width = [k for k in posterior.kinds if k in WIDTH_KINDS]
-    layer_kinds = [k for k in posterior.kinds if k not in WIDTH_KINDS]
+    width, layer = width_kinds(posterior.kinds), layer_kinds(posterior.kinds)
     idata = posterior.to_inference_data(sorted(set(posterior.default_costs()) | {cost}),
                                         UNIT_LEVEL_DRAWS if width else None)
     with atomic_path(run_dir / "posterior.nc") as tmp:
         idata.to_netcdf(str(tmp))
-    names = [f"{k}_inclusion" for k in layer_kinds] + [f"{k}_kept_fraction" for k in width] + ["kept_fraction"]
+    names = [f"{k}_inclusion" for k in layer] + [f"{k}_kept_fraction" for k in width] + ["kept_fraction"]
     atomic_write_text(run_dir / "summary.csv", az.summary(idata, var_names=names, kind="stats").to_csv())
     files = {"posterior": str(run_dir / POSTERIOR_FILE), "inference_data": str(run_dir / "posterior.nc"),
              "summary": str(run_dir / "summary.csv")}
@@ -68,9 +68,9 @@ def _write_plots_and_tables(run_dir: Path, posterior: GatePosterior, cost: float
              "threshold_plot": ("thresholds.png", lambda path: plot_thresholds(posterior, path))}
     if len(size_rows) > 1:
         plots["size_curve_plot"] = ("size_curve.png", lambda path: plot_size_curve(size_rows, path))
-    if layer_kinds:
+    if layer:
         plots["forest_plot"] = ("forest.png", lambda path: plot_block_forest(
-            idata, layer_kinds, len(posterior.layer_names), cost, path))
+            idata, layer, len(posterior.layer_names), cost, path))
     if width:
         plots["width_plot"] = ("width.png", lambda path: plot_width(posterior, cost, path))
     for key, (name, draw) in plots.items():
@@ -174,7 +174,7 @@ def run_fit(config: RunConfig, run_dir: str | Path, extraction: ExtractionConfig
 
 def _summaries(posterior: GatePosterior, cost: float, size_rows: list[dict], log) -> dict:
     """The ranking (layer kinds) and widths (width kinds) at ``cost``, and the size curve, logged and returned."""
-    rows = posterior.summary(cost) if set(posterior.kinds) - set(WIDTH_KINDS) else []
+    rows = posterior.summary(cost) if layer_kinds(posterior.kinds) else []
     width_rows = posterior.width_summary(cost)
     log(f"posterior at cost {cost:.3f}:")
     if rows:
