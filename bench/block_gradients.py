@@ -22,6 +22,7 @@ from common import write_results
 import bayesprune as bp
 from bayesprune.inputs.data import domain_documents
 from bayesprune.core.likelihood import sequence_nll
+from bayesprune.core.removal import removal_scores
 
 
 def per_token_nll(gated, windows: torch.Tensor) -> torch.Tensor:
@@ -34,19 +35,6 @@ def open_gate_slopes(gated, windows: torch.Tensor) -> torch.Tensor:
     with gated.gates_set({"block": z}):
         per_token_nll(gated, windows).backward()
     return z.grad.detach().clone()
-
-
-@torch.no_grad()
-def removal_rise(gated, windows: torch.Tensor) -> torch.Tensor:
-    """Each block's NLL rise per token when it alone is removed."""
-    base = float(per_token_nll(gated, windows))
-    rises = []
-    for b in range(gated.num_layers):
-        on = torch.ones(gated.num_layers)
-        on[b] = 0
-        with gated.gates_set({"block": on}):
-            rises.append(float(per_token_nll(gated, windows)) - base)
-    return torch.tensor(rises)
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -71,7 +59,7 @@ def main() -> None:
             windows = bp.windows(tokens, 128)[:args.windows]
             slopes[dtype, domain] = open_gate_slopes(gated, windows)
             if dtype == "float32":
-                rises[domain] = removal_rise(gated, windows)
+                rises[domain] = removal_scores(gated, windows, batch_size=windows.shape[0])
     rows = []
     for domain in args.domains:
         f32, b16, rise = slopes["float32", domain], slopes["bfloat16", domain], rises[domain]

@@ -1,4 +1,4 @@
-"""Depth cuts from conditional re-scoring (``bayesprune.cut.depth``) against SLEB and ShortGPT (frontier.json).
+"""Depth cuts from conditional re-scoring (``bayesprune.core.removal``) against SLEB and ShortGPT (frontier.json).
 
 Each variant removes blocks one at a time, each the best given those already removed,
 scored on seeded fit-split windows (SLEB's 8 × 128 by default), and is cut to 27 / 22
@@ -28,7 +28,7 @@ from common import default_model_and_corpora, pyplot, save_figure
 
 import bayesprune as bp
 from bayesprune.baselines import baseline_plan
-from bayesprune.cut.depth import conditional_depth_search
+from bayesprune.core.removal import conditional_depth_search
 from bayesprune.run.rundir import load_fitted
 
 KEPT = (27, 22, 18, 15)

@@ -54,7 +54,7 @@ from bayesprune.core.config import DepthConfig
 from bayesprune.baselines import (baseline_plan, block_scores, magnitude_plan, prune_unstructured, sleb_scores,
                                   sparsity_for)
 from bayesprune.inputs.data import DOMAINS
-from bayesprune.cut.depth import DepthSearch, conditional_depth_search
+from bayesprune.core.removal import DepthSearch, conditional_depth_search
 from bayesprune.run.depth_job import DEPTH_FILE, run_depth_search
 from bayesprune.run.fit_job import run_fit
 from bayesprune.core.posterior import POSTERIOR_FILE

@@ -17,7 +17,7 @@ HellaSwag scoring: acc and acc_norm).
   each), the Bayesian router, without and with its fall-back (``--confidence``);
 - bayesprune routing over candidates proposed by each domain's block posterior (the
   core's fit, ``--posterior-steps``) and decided by the same search, 8 blocks per step;
-- the same with each of bayesprune's sets refined by swaps (``bayesprune.cut.depth.swap_search``) on the
+- the same with each of bayesprune's sets refined by swaps (``bayesprune.core.removal.swap_search``) on the
   windows its search used, until no single swap is better; and the static set refined so;
 - the oracle: per prompt, the best of bayesprune's candidate sets;
 - where bayesprune's routing does not beat the best static set, a local check: every set
@@ -51,7 +51,7 @@ from safetensors.torch import load_file, save_file
 import bayesprune as bp
 from bayesprune.baselines.structured import block_influence
 from bayesprune.inputs.data import DOMAINS, domain_documents
-from bayesprune.cut.depth import conditional_depth_search, swap_search
+from bayesprune.core.removal import conditional_depth_search, swap_search
 from bayesprune.routing.router import BayesianRouter
 from bayesprune.routing.routed import (DENSE, RoutedModel, block_proposal, candidate_choice_scores, candidate_losses,
                                 candidate_sets, domain_block_posteriors, protected_blocks, route_prompts,

@@ -8,8 +8,8 @@ from transformers import AutoModelForCausalLM
 import bayesprune as bp
 from bayesprune.baselines import sleb_scores
 from bayesprune.run.cli import main
-from bayesprune.cut.depth import conditional_depth_search, swap_search, win_shares
-from bayesprune.core.likelihood import next_token_nll
+from bayesprune.core.likelihood import calibration_nll, next_token_nll
+from bayesprune.core.removal import conditional_depth_search, removal_scores, swap_search, win_shares
 
 from .conftest import TINY_CONFIGS, VOCAB, tiny_model
 from .test_cli import FIT_ARGS
@@ -41,14 +41,28 @@ def test_a_hard_zero_block_gate_skips_the_block_and_gives_the_same_logits(family
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_a_search_on_one_chunk_of_windows_is_slebs_greedy_removal(family):
+def test_the_engine_on_one_chunk_of_windows_is_slebs_greedy_removal(family):
     model = tiny_model(family)
     windows = _windows()
-    sleb = sleb_scores(model, windows, num_remove=3, progress=False)
     gated = bp.gate(model, bp.GateConfig(units=("block",)))
+
+    def nll_without(removed) -> float:  # the whole-corpus NLL per token, computed here independently
+        on = torch.ones(4)
+        on[list(removed)] = 0
+        with gated.gates_set({"block": on}):
+            return calibration_nll(gated, windows)
+
+    expected, removed = [], []
+    for _ in range(3):
+        rest = [b for b in range(4) if b not in removed]
+        removed.append(min(rest, key=lambda b: nll_without(removed + [b])))
+    dense = nll_without([])
+    rises = [nll_without([b]) - dense for b in range(4)]
     search = conditional_depth_search(gated, windows, 3, "nll", chunk=8, progress=False)
+    torch.testing.assert_close(removal_scores(gated, windows), torch.tensor(rises), rtol=1e-4, atol=1e-5)
     gated.remove()
-    assert search.order == torch.argsort(sleb)[:3].tolist()
+    sleb = sleb_scores(model, windows, num_remove=3, progress=False)
+    assert search.order == removed == torch.argsort(sleb)[:3].tolist()
     assert search.block_scores(4).tolist() == sleb.tolist()
     assert search.tokens == windows.numel() and search.evaluations == 4 + 3 + 2
     for step in search.steps:

@@ -3,7 +3,8 @@
 * ShortGPT (Men et al., 2024): Block Influence ``BI_l = 1 − E_tokens[cos(x_l, x_{l+1})]``
   between a block's input and output hidden states; the least influential go first.
 * SLEB (Song et al., 2024): remove, one at a time, the block whose removal raises
-  the calibration negative log-likelihood least, re-scoring the rest after each removal.
+  the calibration negative log-likelihood least, re-scoring the rest after each removal
+  (the greedy engine of :mod:`bayesprune.core.removal`, scoring every window each step).
 * random (seeded) and drop-last.
 * magnitude (structured width): every head group and neuron scored by the L2 norm
   of all the weights removed with it (query/key/value rows and output-projection
@@ -23,13 +24,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..core.architectures import decoder_layers
 from ..core.sizes import unit_norms
 from ..core.config import GateConfig
 from ..inputs.data import batches
-from ..core.likelihood import calibration_nll
+from ..core.removal import conditional_depth_search
 from ..core.gates import gate
 from ..core.plan import ExtractionPlan
 from ..core.selection import choose_blocks, choose_units
@@ -73,24 +73,14 @@ def sleb_scores(model, windows: torch.Tensor, num_remove: int | None = None, bat
     gated = gate(model, GateConfig(units=("block",)))
     num_layers = gated.num_layers
     num_remove = num_layers - 1 if num_remove is None else num_remove
-    if not 0 <= num_remove < num_layers:
-        raise ValueError(f"num_remove must be in [0, {num_layers}), got {num_remove}")
-    on = torch.ones(num_layers)
-    scores = torch.full((num_layers,), float(num_layers))
     try:
-        for k in tqdm(range(num_remove), desc="SLEB", disable=not progress):
-            trials = {}
-            for layer in torch.nonzero(on).flatten().tolist():
-                trial = on.clone()
-                trial[layer] = 0
-                with gated.gates_set({"block": trial}):
-                    trials[layer] = calibration_nll(gated, windows, batch_size)
-            best = min(trials, key=trials.get)
-            on[best] = 0
-            scores[best] = k
+        if not 0 <= num_remove < num_layers:
+            raise ValueError(f"num_remove must be in [0, {num_layers}), got {num_remove}")
+        search = conditional_depth_search(gated, windows, num_remove, "nll", chunk=max(2, windows.shape[0]),
+                                          batch_size=batch_size, progress=progress)
     finally:
         gated.remove()
-    return scores
+    return search.block_scores(num_layers)
 
 
 def random_scores(num_layers: int, seed: int = 0) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch
 from .config import PriorConfig
 from .gates import GatedModel
 from .kinds import layer_kinds, width_kinds
+from .removal import removal_scores
 from .sizes import unit_norms
 from .splines import curve_at, monotone_controls, pinned_controls
 
@@ -53,23 +54,14 @@ def unit_importance(gated: GatedModel, track: bool = False) -> dict[str, torch.T
     return importance
 
 
-@torch.no_grad()
 def removal_importance(gated: GatedModel, windows: torch.Tensor) -> torch.Tensor:
-    """Per block: the rise in NLL on ``windows`` when that block alone is removed, over the mean rise.
+    """Per block: the rise in NLL on ``windows`` when that block alone is removed
+    (:func:`~bayesprune.core.removal.removal_scores`), over the mean rise.
 
     Data-driven importance for block gates (where weight norms say nothing), measured once
     with every other gate open.
     """
-    from .likelihood import calibration_nll
-
-    dense = calibration_nll(gated, windows)
-    rise = []
-    for layer in range(gated.num_layers):
-        alone_off = torch.ones(gated.num_layers)
-        alone_off[layer] = 0
-        with gated.gates_set({"block": alone_off}):
-            rise.append(calibration_nll(gated, windows) - dense)
-    rise = torch.tensor(rise)
+    rise = removal_scores(gated, windows)
     return (rise / rise.abs().mean().clamp_min(1e-12)).to(next(gated.model.parameters()).device)
 
 

@@ -1,6 +1,6 @@
 """Prompt-routed depth: each prompt picks, once, which set of blocks to skip in prefill and decoding.
 
-Candidate sets come from the conditional depth search (:mod:`bayesprune.cut.depth`), one per
+Candidate sets come from the conditional depth search (:mod:`bayesprune.core.removal`), one per
 domain of fit text, with the first ``route_after`` blocks (and the last) never skipped.
 The router reads the prompt where the network has already read it: the mean hidden
 state entering block ``route_after``, which every candidate computes anyway. A
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..core.architectures import decoder_layers
 from ..core.config import FitConfig, RouterConfig
-from ..cut.depth import conditional_depth_search, swap_search
+from ..core.removal import conditional_depth_search, swap_search
 from ..core.likelihood import next_token_nll, token_nll
 from ..core.fit import fit
 from ..core.gates import GatedModel
@@ -54,7 +54,7 @@ def candidate_sets(gated: GatedModel, windows: dict[str, torch.Tensor], skipped:
     those windows, PuDDing's construction). With ``posteriors`` (a block posterior per domain,
     :func:`domain_block_posteriors`), each step of a domain's search weighs only the ``candidates`` blocks
     its posterior holds least needed where it keeps the rest. With ``max_swaps``, each domain's set is then
-    refined by :func:`~bayesprune.cut.depth.swap_search` on the same windows until no single swap is better.
+    refined by :func:`~bayesprune.core.removal.swap_search` on the same windows until no single swap is better.
     Domains that give the same set share one candidate, ``"a+b"``."""
     protected = protected_blocks(gated.num_layers, route_after, keep_last)
     skipped = max(1, round(0.2 * gated.num_layers)) if skipped is None else skipped

@@ -250,8 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(run_extract(args.run, extraction, args.out, streaming=streaming, device=args.device,
                                          dtype=args.dtype), indent=2))
         elif args.command == "depth":
-            from ..cut.depth import format_depth
-            from .depth_job import DEPTH_FILE, run_depth_search
+            from .depth_job import DEPTH_FILE, format_depth, run_depth_search
 
             search = run_depth_search(args.run, _config(DepthConfig, args), args.device, args.dtype)
             print(format_depth(search))

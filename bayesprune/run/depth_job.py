@@ -1,6 +1,6 @@
 """The depth job (``bayesprune depth``): a run's depth ranking re-scored conditionally, kept as ``depth.json``.
 
-The search (:mod:`bayesprune.cut.depth`) judges each removal given the blocks already removed;
+The search (:mod:`bayesprune.core.removal`) judges each removal given the blocks already removed;
 block-count targets (``12layers``) of the run are then cut by it.
 """
 
@@ -13,7 +13,7 @@ import torch
 
 from ..core.config import DepthConfig, GateConfig
 from ..inputs.data import load_splits, windows
-from ..cut.depth import DepthSearch, conditional_depth_search
+from ..core.removal import DepthSearch, conditional_depth_search
 from ..core.gates import gate
 from ..core.io import atomic_write_json
 from .rundir import load_fitted, load_fitted_model, read_config
@@ -60,3 +60,14 @@ def read_depth(run_dir: str | Path) -> DepthSearch | None:
         return DepthSearch.from_record(record)
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path} is not a bayesprune depth ranking ({error}); rerun 'bayesprune depth'") from None
+
+
+def format_depth(search: DepthSearch) -> str:
+    """The removal order as a table: step, block, its score and the next best, the choice's probability."""
+    lines = [f"{'step':>4}  {'block':>5}  {search.score + ' /token':>16}  {'runner-up':>16}  {'P(best)':>7}"]
+    for k, step in enumerate(search.steps, 1):
+        ranked = sorted(step.scores.items(), key=lambda item: item[1])
+        runner = f"{ranked[1][1]:.4f} (#{ranked[1][0]})" if len(ranked) > 1 else "–"
+        lines.append(f"{k:>4}  {step.removed:>5}  {ranked[0][1]:>16.4f}  {runner:>16}  {step.choice_probability:>7.2f}")
+    return "\n".join(lines)
+

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..core.adapters import adapter_deltas
 from ..core.architectures import architecture_for_config
 from ..core.config import ExtractionConfig
-from ..cut.depth import DepthSearch
+from ..core.removal import DepthSearch
 from ..core.fit import CHECKPOINT_FILE
 from ..core.io import load_tensors
 from ..inputs.pretrained import load_config, source_dtype
