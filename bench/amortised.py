@@ -37,7 +37,8 @@ from common import pyplot, save_figure, write_results
 import bayesprune as bp
 from bayesprune.run.fit_job import run_fit
 from bayesprune.run.plots import plot_thresholds
-from bayesprune.core.posterior import POSTERIOR_FILE, cost_grid
+from bayesprune.core.posterior import cost_grid
+from bayesprune.run.rundir import RunDir
 from bayesprune.evaluation.prediction import ensemble_nll, plan_quality, predicted_quality
 
 
@@ -72,7 +73,7 @@ def fit_run(path: Path, steps: int, eval_tokens: int, cost: float | None = None,
     config = bp.RunConfig(gate=bp.GateConfig(units=("head", "neuron")), cost=bp.CostConfig(fixed=cost))
     config.fit.steps, config.data.eval_tokens = steps, eval_tokens
     config.prior.offset_scale = offset_scale
-    if not (path / POSTERIOR_FILE).is_file():
+    if not (path / RunDir.POSTERIOR).is_file():
         print(f"fitting {path}", flush=True)
         run_fit(config, path, bp.ExtractionConfig(target=None), log=lambda message: None)
     return path
@@ -89,7 +90,7 @@ def main() -> None:
     started = time.time()
     runs = Path(args.runs)
     curve = bp.GatePosterior.load(fit_run(runs / "amortised", args.amortised_steps, args.eval_tokens,
-                                          offset_scale=args.offset_scale) / POSTERIOR_FILE)
+                                          offset_scale=args.offset_scale) / RunDir.POSTERIOR)
     model, tokenizer = bp.load_model()
     splits = bp.load_splits(tokenizer, bp.DataConfig())
     totals = bp.ModelTotals.of(model)
@@ -126,7 +127,7 @@ def main() -> None:
     for target in args.fixed_targets:
         cost = curve.solve(target, totals)
         run = fit_run(runs / f"fixed-{target}", args.fixed_steps, args.eval_tokens, cost)
-        posterior = bp.GatePosterior.load(run / POSTERIOR_FILE)
+        posterior = bp.GatePosterior.load(run / RunDir.POSTERIOR)
         with gated.unwrapped() as plain:
             small, plan = bp.extract(plain, posterior, target)
             measured = test_perplexity(small)

@@ -20,7 +20,7 @@ import torch
 import bayesprune as bp
 from bayesprune.inputs.data import bible_path
 from bayesprune.run.fit_job import run_fit
-from bayesprune.core.posterior import POSTERIOR_FILE
+from bayesprune.run.rundir import RunDir
 
 TARGETS = ("0.9", "0.75", "0.6", "0.5")
 
@@ -48,10 +48,10 @@ for label, folder, two_point, importance in VARIANTS:
     config.fit.block_importance = importance
     run = Path(args.runs) / folder
     started = time.time()
-    if not (run / POSTERIOR_FILE).is_file():
+    if not (run / RunDir.POSTERIOR).is_file():
         run_fit(config, run, bp.ExtractionConfig(target=None), progress=True, log=lambda message: None)
     seconds = time.time() - started
-    posterior = bp.GatePosterior.load(run / POSTERIOR_FILE)
+    posterior = bp.GatePosterior.load(run / RunDir.POSTERIOR)
     for target in TARGETS:
         plan = posterior.plan(target, totals)
         small = bp.extract_model(model, plan)

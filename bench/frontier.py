@@ -55,9 +55,9 @@ from bayesprune.baselines import (baseline_plan, block_scores, magnitude_plan, p
                                   sparsity_for)
 from bayesprune.inputs.data import DOMAINS
 from bayesprune.core.removal import DepthSearch, conditional_depth_search
-from bayesprune.run.depth_job import DEPTH_FILE, run_depth_search
+from bayesprune.run.depth_job import run_depth_search
 from bayesprune.run.fit_job import run_fit
-from bayesprune.core.posterior import POSTERIOR_FILE
+from bayesprune.run.rundir import RunDir
 from bayesprune.baselines.recovery import recover
 
 FIT_STEPS = 300  # the budget of the earlier amortised rows: the guide sees many costs
@@ -126,7 +126,7 @@ def fit_config(quick: bool, seed: int = 0, likelihood: str = "nll", weights: str
 def ensure_run(args) -> Path:
     """The fitted run at ``args.run``, fitted now (``fit_config``, no extraction) if it is not there."""
     path = Path(args.run)
-    if not (path / POSTERIOR_FILE).is_file():
+    if not (path / RunDir.POSTERIOR).is_file():
         print(f"fitting the default gates into {path}", flush=True)
         run_fit(fit_config(args.quick, args.seed, args.likelihood, args.weights, args.nll_weight), path,
                 bp.ExtractionConfig(target=None), progress=True, log=lambda message: None)
@@ -185,7 +185,7 @@ class Frontier:
 
 def earlier_search(run: Path, removals: int, tokens: int) -> DepthSearch | None:
     """The run's ``depth.json`` when it ranks ``removals`` blocks on ``tokens`` tokens, else None."""
-    path = run / DEPTH_FILE
+    path = run / RunDir.DEPTH
     if not path.is_file():
         return None
     search = DepthSearch.from_record(json.loads(path.read_text()))
@@ -270,7 +270,7 @@ def main() -> None:
 
     if any(missing(args.label, t) for t in fractions):  # the run is fitted only when its rows are missing
         run = ensure_run(args)
-        posterior = bp.GatePosterior.load(run / POSTERIOR_FILE)
+        posterior = bp.GatePosterior.load(run / RunDir.POSTERIOR)
         report = json.loads((run / "report.json").read_text())
         run_tokens = report["config"]["fit"]["steps"] * report["config"]["fit"]["batch_size"] * \
             report["config"]["fit"]["seq_len"]

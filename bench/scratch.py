@@ -27,6 +27,7 @@ import torch
 from common import pyplot, save_figure, write_results
 
 import bayesprune as bp
+from bayesprune.run.rundir import RunDir
 from bayesprune.evaluation.prediction import predicted_quality
 from bayesprune.inputs.scratch import gpt2_tokenizer, scratch_model
 
@@ -73,7 +74,7 @@ def main() -> None:
                           weight_lr=args.lr, warmup_steps=max(1, args.steps // 20), schedule="cosine",
                           weight_decay=0.1, checkpoint_every=100)
     fit = bp.fit(gated, bp.windows(splits["fit"], args.seq_len), config, cost=bp.CostConfig(rate=args.rate),
-                 run_dir=args.run)
+                 checkpoint=Path(args.run) / RunDir.CHECKPOINT)
     train_seconds = time.time() - started
     curve = fit.posterior()
     test_windows = bp.windows(splits["test"], 256)[:max(1, args.eval_tokens // 256)]

@@ -34,7 +34,7 @@ import bayesprune as bp
 from bayesprune.core.architectures import decoder_layers
 from bayesprune.baselines import baseline_plan, block_influence, magnitude_plan, prune_unstructured, sparsity_for
 from bayesprune.inputs.pruned import SkippedAttention
-from bayesprune.core.posterior import POSTERIOR_FILE
+from bayesprune.run.rundir import RunDir
 
 
 def flops_per_token(model, context: float) -> float:
@@ -77,7 +77,7 @@ def main() -> None:
         gated.remove()
     else:
         dense, tokenizer = bp.load_model()
-        posteriors = {Path(run).name: bp.GatePosterior.load(Path(run) / POSTERIOR_FILE) for run in args.runs}
+        posteriors = {Path(run).name: bp.GatePosterior.load(Path(run) / RunDir.POSTERIOR) for run in args.runs}
     models = {"dense": dense}
     for name, posterior in posteriors.items():
         widths = bool(posterior.units)

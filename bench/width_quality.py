@@ -19,8 +19,7 @@ import torch
 from common import plot_frontier, write_results
 
 import bayesprune as bp
-from bayesprune.run.rundir import CONFIG_FILE
-from bayesprune.core.posterior import POSTERIOR_FILE
+from bayesprune.run.rundir import RunDir
 
 
 def main() -> None:
@@ -30,7 +29,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/width_quality.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    config = bp.RunConfig.load(Path(args.runs[0]) / CONFIG_FILE)
+    config = bp.RunConfig.load(Path(args.runs[0]) / RunDir.CONFIG)
     model, tokenizer = bp.load_model(config.model)
     test = bp.load_splits(tokenizer, config.data)["test"]
 
@@ -41,7 +40,7 @@ def main() -> None:
              "parameters": bp.model_size(model)["parameters"], **score(model)}]
     print(f"dense perplexity {rows[0]['perplexity']:.2f}", flush=True)
     for run in args.runs:
-        posterior = bp.GatePosterior.load(Path(run) / POSTERIOR_FILE)
+        posterior = bp.GatePosterior.load(Path(run) / RunDir.POSTERIOR)
         widths = list(posterior.units)
         for target in args.targets:
             for form, multiple in [("per-layer", 1)] + ([("uniform", 1), ("per-layer", 64)] if widths else []):

@@ -52,7 +52,7 @@ def test_the_engine_on_one_chunk_of_windows_is_slebs_greedy_removal(family):
         with gated.gates_set({"block": on}):
             return calibration_nll(gated, windows)
 
-    expected, removed = [], []
+    removed = []
     for _ in range(3):
         rest = [b for b in range(4) if b not in removed]
         removed.append(min(rest, key=lambda b: nll_without(removed + [b])))

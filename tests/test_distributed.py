@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from bayesprune.run.cli import main
-from bayesprune.core.fit import CHECKPOINT_FILE
+from bayesprune.core.fit import CHECKPOINT_FORMAT
 from bayesprune.core.io import load_tensors
-from bayesprune.core.posterior import POSTERIOR_FILE
+from bayesprune.core.posterior import POSTERIOR_FORMAT
+from bayesprune.run.rundir import RunDir
 
 ARGS = ["--target", "none", "--steps", "4", "--batch-size", "4", "--seq-len", "32", "--eval-tokens", "256",
         "--eval-window", "64"]
@@ -24,7 +25,7 @@ def torchrun(processes: int, *args) -> subprocess.CompletedProcess:
 
 
 def locs(run):
-    tensors, _ = load_tensors(run / POSTERIOR_FILE)
+    tensors, _ = load_tensors(run / RunDir.POSTERIOR, POSTERIOR_FORMAT)
     return {k: v for k, v in tensors.items() if k.startswith(("loc.", "scale."))}
 
 
@@ -37,7 +38,7 @@ def test_two_processes_fit_what_one_does(tiny_model_dir, corpus_dir, tmp_path, c
     done = torchrun(2, *fit, "--out", str(together), *ARGS)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("dense model:") == 1  # one process reports
-    history = {run: load_tensors(run / CHECKPOINT_FILE)[1]["history"] for run in (alone, together)}
+    history = {run: load_tensors(run / RunDir.CHECKPOINT, CHECKPOINT_FORMAT)[1]["history"] for run in (alone, together)}
     assert [r["windows"] for r in history[alone]] == [4] * 4 and [r["windows"] for r in history[together]] == [2] * 4
     assert [r["loss"] for r in history[alone]] == pytest.approx([r["loss"] for r in history[together]], rel=1e-5)
     one, two = locs(alone), locs(together)
@@ -64,7 +65,8 @@ from tests.conftest import tiny_model
 initialise(None)
 sequences = torch.load(sys.argv[1])
 fit(gate(tiny_model("llama"), GateConfig(units=("block", "head", "neuron"))), sequences,
-    FitConfig(steps=int(sys.argv[3]), batch_size=4, seq_len=12, checkpoint_every=1), run_dir=sys.argv[2], progress=False)
+    FitConfig(steps=int(sys.argv[3]), batch_size=4, seq_len=12, checkpoint_every=1), checkpoint=sys.argv[2] + "/checkpoint.safetensors",
+    progress=False)
 finish()
 """
 
@@ -83,7 +85,7 @@ def test_a_checkpoint_of_two_processes_resumes_on_one(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     config = FitConfig(steps=4, batch_size=4, seq_len=12)
     resumed = fit(gate(tiny_model("llama"), GateConfig(units=("block", "head", "neuron"))), sequences, config,
-                  run_dir=tmp_path / "run", progress=False)
+                  checkpoint=tmp_path / "run" / RunDir.CHECKPOINT, progress=False)
     alone = fit(gate(tiny_model("llama"), GateConfig(units=("block", "head", "neuron"))), sequences, config,
                 progress=False)
     assert [r["windows"] for r in resumed.history] == [2, 2, 4, 4]

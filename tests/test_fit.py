@@ -2,17 +2,17 @@ import pytest
 import torch
 
 from bayesprune import CostConfig, FitConfig, GateConfig, NonFiniteLossError, fit, gate
-from bayesprune.core.fit import CHECKPOINT_FILE
+from bayesprune.run.rundir import RunDir
 from tests.conftest import TINY_CONFIGS, VOCAB, tiny_model
 
 SEQUENCES = torch.randint(0, VOCAB, (24, 12), generator=torch.Generator().manual_seed(0))
 
 
-def run(steps, run_dir=None, weights="frozen", units=("block", "head", "neuron"), cost=None, sequences=SEQUENCES,
+def run(steps, checkpoint=None, weights="frozen", units=("block", "head", "neuron"), cost=None, sequences=SEQUENCES,
         **kw):
     gated = gate(tiny_model("llama"), GateConfig(units=units))
     config = FitConfig(steps=steps, batch_size=4, seq_len=12, weights=weights, checkpoint_every=2, **kw)
-    return fit(gated, sequences, config, cost=cost, run_dir=run_dir, progress=False)
+    return fit(gated, sequences, config, cost=cost, checkpoint=checkpoint, progress=False)
 
 
 def guide_state(result):
@@ -109,12 +109,12 @@ def test_resume_after_an_interrupt_gives_the_same_result(tmp_path, weights):
     handle = gated.model.model.layers[1].register_forward_hook(interrupt)
     config = FitConfig(steps=6, batch_size=4, seq_len=12, weights=weights, checkpoint_every=100)
     with pytest.raises(KeyboardInterrupt):
-        fit(gated, SEQUENCES, config, run_dir=tmp_path, progress=False)
+        fit(gated, SEQUENCES, config, checkpoint=tmp_path / RunDir.CHECKPOINT, progress=False)
     handle.remove()
-    assert (tmp_path / CHECKPOINT_FILE).exists()
+    assert (tmp_path / RunDir.CHECKPOINT).exists()
 
     resumed = fit(gate(tiny_model("llama"), GateConfig(units=("block", "head", "neuron"))), SEQUENCES, config,
-                  run_dir=tmp_path, progress=False)
+                  checkpoint=tmp_path / RunDir.CHECKPOINT, progress=False)
     assert resumed.history == straight.history
     assert_same_state(guide_state(resumed), guide_state(straight))
     if weights != "frozen":
@@ -123,17 +123,17 @@ def test_resume_after_an_interrupt_gives_the_same_result(tmp_path, weights):
 
 
 def test_non_finite_elbo_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
-    run(2, run_dir=tmp_path)
-    saved = (tmp_path / CHECKPOINT_FILE).read_bytes()
+    run(2, checkpoint=tmp_path / RunDir.CHECKPOINT)
+    saved = (tmp_path / RunDir.CHECKPOINT).read_bytes()
     config = FitConfig(steps=4, batch_size=4, seq_len=12, checkpoint_every=2, weights="frozen")
     for module, expected in (("norm", r"sequences \["), ("down_proj", r"inclusion probabilities of \['neuron'\]")):
         gated = gate(tiny_model("llama"), GateConfig(units=("block", "head", "neuron")))
         with torch.no_grad():
             broken = gated.model.model.norm if module == "norm" else gated.model.model.layers[2].mlp.down_proj
             broken.weight.fill_(float("nan"))
-        with pytest.raises(NonFiniteLossError, match=f"not finite at step 2.*{expected}.*checkpoint in .* is intact"):
-            fit(gated, SEQUENCES, config, run_dir=tmp_path, progress=False)
-        assert (tmp_path / CHECKPOINT_FILE).read_bytes() == saved
+        with pytest.raises(NonFiniteLossError, match=f"not finite at step 2.*{expected}.*checkpoint .* is intact"):
+            fit(gated, SEQUENCES, config, checkpoint=tmp_path / RunDir.CHECKPOINT, progress=False)
+        assert (tmp_path / RunDir.CHECKPOINT).read_bytes() == saved
 
 
 def test_bad_sequences_are_refused():
@@ -144,18 +144,18 @@ def test_bad_sequences_are_refused():
 @pytest.mark.parametrize("other", [dict(units=("neuron",)), dict(seed=1), dict(cost=CostConfig(fixed=1.0)),
                                    dict(sequences=SEQUENCES.flip(0))], ids=["gates", "seed", "cost", "data"])
 def test_a_checkpoint_of_another_fit_is_refused_and_kept(tmp_path, other):
-    run(2, run_dir=tmp_path)
-    saved = (tmp_path / CHECKPOINT_FILE).read_bytes()
+    run(2, checkpoint=tmp_path / RunDir.CHECKPOINT)
+    saved = (tmp_path / RunDir.CHECKPOINT).read_bytes()
     with pytest.raises(ValueError, match="belongs to another fit"):
-        run(4, run_dir=tmp_path, **other)
-    assert (tmp_path / CHECKPOINT_FILE).read_bytes() == saved
-    assert run(4, run_dir=tmp_path).history  # the same fit still resumes
+        run(4, checkpoint=tmp_path / RunDir.CHECKPOINT, **other)
+    assert (tmp_path / RunDir.CHECKPOINT).read_bytes() == saved
+    assert run(4, checkpoint=tmp_path / RunDir.CHECKPOINT).history  # the same fit still resumes
 
 
 def test_corrupt_checkpoint_is_reported(tmp_path):
-    (tmp_path / CHECKPOINT_FILE).write_bytes(b"not a safetensors file")
+    (tmp_path / RunDir.CHECKPOINT).write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
-        run(2, run_dir=tmp_path)
+        run(2, checkpoint=tmp_path / RunDir.CHECKPOINT)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])

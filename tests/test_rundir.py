@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bayesprune.run.cli import main
-from bayesprune.core.fit import CHECKPOINT_FILE
-from bayesprune.core.io import atomic_path, load_tensors, save_tensors
-from bayesprune.core.posterior import POSTERIOR_FILE
+from bayesprune.core.fit import CHECKPOINT_FORMAT
+from bayesprune.core.io import FileFormat, atomic_path, load_tensors, read_json, save_tensors, write_json
+from bayesprune.core.posterior import POSTERIOR_FORMAT
+from bayesprune.run.rundir import RunDir
 from tests.test_cli import FIT_ARGS
 
 
@@ -96,7 +97,7 @@ def test_a_failed_fit_does_not_block_its_output(tiny_model_dir, tmp_path, capsys
     run = tmp_path / "run"
     # The test split is shorter than one window of 64 tokens: the run fails before fitting anything…
     assert main(fit_args(tiny_model_dir, short, run)) == 2
-    assert "evaluation tokens" in error_of(capsys) and not (run / CHECKPOINT_FILE).exists()
+    assert "evaluation tokens" in error_of(capsys) and not (run / RunDir.CHECKPOINT).exists()
     # … and the same folder takes other settings.
     assert main(fit_args(tiny_model_dir, short, run, "--seq-len", "8", "--eval-window", "8")) == 0
 
@@ -151,10 +152,10 @@ def test_a_block_run_says_when_whole_blocks_cannot_meet_a_size(tiny_model_dir, c
 
 
 def test_a_posterior_holding_nan_writes_no_model(fitted, tmp_path, capsys):
-    tensors, meta = load_tensors(fitted / POSTERIOR_FILE)
+    tensors, meta = load_tensors(fitted / RunDir.POSTERIOR, POSTERIOR_FORMAT)
     name = next(k for k in tensors if k.startswith("importance."))
     tensors[name] = torch.full_like(tensors[name], float("nan"))
-    save_tensors(fitted / POSTERIOR_FILE, tensors, meta)
+    save_tensors(fitted / RunDir.POSTERIOR, tensors, POSTERIOR_FORMAT, meta)
     assert main(["extract", str(fitted), "--target", "0.5", "--out", str(tmp_path / "s")]) == 2
     assert "non-finite" in error_of(capsys) and not (tmp_path / "s").exists()
 
@@ -187,5 +188,25 @@ def test_ctrl_c_during_fit_keeps_a_resumable_checkpoint(tiny_model_dir, corpus_d
     err = child.stderr.read()
     assert child.wait() == 130
     assert "interrupted; the fit's checkpoint is in" in err and "Traceback" not in err
-    step = load_tensors(run / CHECKPOINT_FILE)[1]["step"]
-    assert step >= 0 and not (run / POSTERIOR_FILE).exists()
+    step = load_tensors(run / RunDir.CHECKPOINT, CHECKPOINT_FORMAT)[1]["step"]
+    assert step >= 0 and not (run / RunDir.POSTERIOR).exists()
+
+
+def test_every_file_carries_one_marker_and_foreign_or_newer_ones_are_refused(tmp_path):
+    form = FileFormat("bayesprune-thing", "a bayesprune thing", legacy=("old thing",))
+    write_json(tmp_path / "a.json", form, {"x": 1})
+    assert read_json(tmp_path / "a.json", form) == {"format": "bayesprune-thing", "version": 1, "x": 1}
+    (tmp_path / "old.json").write_text(json.dumps({"format": "old thing", "x": 0}))
+    assert read_json(tmp_path / "old.json", form)["x"] == 0
+    for name, content, message in (
+            ("newer.json", json.dumps({"format": "bayesprune-thing", "version": 2}), "is a bayesprune thing of format version 2"),
+            ("foreign.json", json.dumps({"format": "other"}), r"is not a bayesprune thing \(format marker 'other'"),
+            ("list.json", "[1, 2]", r"is not a bayesprune thing \(it holds a list"),
+            ("gguf.json", "GGUF\x03garbage", "is not a bayesprune thing \\(not a JSON file")):
+        (tmp_path / name).write_text(content)
+        with pytest.raises(ValueError, match=f"{name} {message}"):
+            read_json(tmp_path / name, form)
+    save_tensors(tmp_path / "t.safetensors", {"a": torch.ones(2)}, form, {"y": 2})
+    assert load_tensors(tmp_path / "t.safetensors", form)[1]["y"] == 2
+    with pytest.raises(ValueError, match="t.safetensors is not a bayesprune posterior"):
+        load_tensors(tmp_path / "t.safetensors", POSTERIOR_FORMAT)

@@ -30,11 +30,11 @@ from .gates import GatedModel
 from .guide import CostConditionedGuide
 from .inclusion import removal_importance
 from .likelihood import likelihood_for
-from .io import load_tensors, save_tensors
+from .io import FileFormat, load_tensors, save_tensors
 from .model import NonFiniteLossError, PruningModel, ShrinkagePrior
 from .posterior import GatePosterior
 
-CHECKPOINT_FILE = "checkpoint.safetensors"
+CHECKPOINT_FORMAT = FileFormat("bayesprune-checkpoint", "a bayesprune fit checkpoint", legacy=(None,))
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -131,7 +131,7 @@ def save_checkpoint(path: Path, step: int, guide, optimizer, gated, history, ide
             tensors[f"optim.{index}.{key}"] = torch.as_tensor(value)
     with gated.unwrapped() as model:  # plain module names, tied weights once
         tensors |= {f"network.{k}": p for k, p in model.named_parameters() if p.requires_grad}
-    save_tensors(path, tensors, {"step": step, "param_groups": state["param_groups"], "history": history,
+    save_tensors(path, tensors, CHECKPOINT_FORMAT, {"step": step, "param_groups": state["param_groups"], "history": history,
                                  "fit": identity})
 
 
@@ -145,7 +145,7 @@ def load_network(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> No
 
 def load_checkpoint(path: Path, guide, optimizer, gated, identity: str) -> tuple[int, list[float]]:
     """Restore what :func:`save_checkpoint` wrote for the fit ``identity``; returns the step reached and the history."""
-    tensors, meta = load_tensors(path)
+    tensors, meta = load_tensors(path, CHECKPOINT_FORMAT)
     if meta.get("fit") != identity:
         raise ValueError(f"the checkpoint {path} belongs to another fit (other gates, prior, cost, settings or "
                          f"data); remove it to start afresh, or resume with the settings it was made with")
@@ -201,13 +201,13 @@ def optimise(step_loss, guide, optimizer, gated: GatedModel, config: FitConfig, 
 
 def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = None,
         prior: PriorConfig | ShrinkagePrior | None = None, cost: CostConfig | None = None,
-        run_dir: str | Path | None = None, progress: bool = True) -> Fit:
+        checkpoint: str | Path | None = None, progress: bool = True) -> Fit:
     """Fit the cost-conditioned gate posterior to ``sequences`` (token windows, ``(n, seq_len)``).
 
     ``cost`` says which cost each step is fitted at (default: a fresh draw per step,
-    so one fit answers for every cost). With ``run_dir``, a checkpoint is written
-    every ``checkpoint_every`` steps, on an interrupt and at the end, and a fit that
-    finds one there resumes from it.
+    so one fit answers for every cost). With a ``checkpoint`` file, the fit's state is
+    written there every ``checkpoint_every`` steps, on an interrupt and at the end, and
+    a fit that finds one resumes from it.
     """
     config = config or FitConfig()
     cost = cost or CostConfig()
@@ -228,7 +228,7 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
     guide = CostConditionedGuide(model.prior, config.guide_init_scale)
     elbo = distributed.wrap(Trace_ELBO()(model, guide))  # data-parallel when launched on several processes
     batch_size = min(config.batch_size, sequences.shape[0])
-    checkpoint = Path(run_dir) / CHECKPOINT_FILE if run_dir is not None else None
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
     optimizer = make_optimizer(list(guide.parameters()), config.guide_lr, trainable, config)
 
     def step_loss(step: int):
@@ -241,7 +241,7 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"the loss is {loss.item()}")
         except NonFiniteLossError as err:
-            kept = f"the checkpoint in {run_dir} is intact; " if checkpoint is not None else ""
+            kept = f"the checkpoint {checkpoint} is intact; " if checkpoint is not None and checkpoint.exists() else ""
             raise NonFiniteLossError(f"the ELBO is not finite at step {step}, cost {step_cost:.3f} ({err}); "
                                      f"{kept}check the weights and data, or lower guide_lr / weight_lr") from err
         shared = distributed.mean(torch.tensor([loss.item(), model.last_step["nll"]]))

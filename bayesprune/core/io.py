@@ -1,5 +1,9 @@
 """Atomic file writes and safe tensor files: nothing is half-written, nothing is unpickled.
 
+Every file bayesprune writes carries one kind of marker (:class:`FileFormat`):
+``{"format": "bayesprune-…", "version": n}`` in its JSON, or in the JSON metadata of a
+safetensors file; readers check it before they use anything else.
+
 Every temporary name is ``.NAME.partial-PID-XXXX`` beside its target: a write
 killed outright (``kill -9``) leaves one behind, and the next write of the same
 name removes those whose process is gone.
@@ -12,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -83,15 +88,61 @@ def atomic_write_json(path: str | Path, value) -> None:
     atomic_write_text(path, json.dumps(value, indent=2))
 
 
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    """Write a safetensors file atomically; ``metadata`` is stored as JSON in its header."""
+@dataclass(frozen=True)
+class FileFormat:
+    """The marker of one kind of file: ``name`` and ``version``, what the file is (for messages), and the
+    ``legacy`` markers of files written before this convention (``None``: no marker), read as version 1."""
+
+    name: str
+    what: str
+    version: int = 1
+    legacy: tuple[str | None, ...] = ()
+
+    def stamp(self) -> dict:
+        return {"format": self.name, "version": self.version}
+
+    def check(self, values, path: str | Path) -> None:
+        """Refuse ``values`` (a file's JSON or metadata) unless it carries this marker at this version."""
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} is not {self.what} (it holds a {type(values).__name__}, not an object)")
+        found = values.get("format")
+        if found in self.legacy:
+            return
+        if found != self.name:
+            raise ValueError(f"{path} is not {self.what} (format marker {found!r}, expected {self.name!r})")
+        if values.get("version") != self.version:
+            raise ValueError(f"{path} is {self.what} of format version {values.get('version')!r}; this bayesprune "
+                             f"reads version {self.version}")
+
+
+def write_json(path: str | Path, form: FileFormat, values: dict) -> None:
+    """Write ``values`` with ``form``'s marker, atomically."""
+    atomic_write_json(path, form.stamp() | values)
+
+
+def read_json(path: str | Path, form: FileFormat) -> dict:
+    """A JSON file :func:`write_json` wrote with ``form``; anything else raises ValueError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        values = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not {form.what} (not a JSON file: {err})") from err
+    form.check(values, path)
+    return values
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], form: FileFormat,
+                 metadata: dict | None = None) -> None:
+    """Write a safetensors file atomically; ``form``'s marker and ``metadata`` are stored as JSON in its header."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata={"bayesprune": json.dumps(metadata or {})})
+        save_file(tensors, tmp, metadata={"bayesprune": json.dumps(form.stamp() | (metadata or {}))})
 
 
-def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a file written by :func:`save_tensors`; a foreign or corrupt file raises ValueError."""
+def load_tensors(path: str | Path, form: FileFormat) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a file :func:`save_tensors` wrote with ``form``; a foreign or corrupt file raises ValueError."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
@@ -103,7 +154,12 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise ValueError(f"{path} is not a readable safetensors file ({err})") from err
     if "bayesprune" not in header:
         raise ValueError(f"{path} is a safetensors file but was not written by bayesprune")
-    return tensors, json.loads(header["bayesprune"])
+    try:
+        metadata = json.loads(header["bayesprune"])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} has damaged bayesprune metadata ({err})") from err
+    form.check(metadata, path)
+    return tensors, metadata
 
 
 @contextlib.contextmanager

@@ -32,14 +32,15 @@ import torch
 from . import inclusion
 from .config import PriorConfig
 from .kinds import layer_kinds, width_kinds
-from .io import load_tensors, save_tensors
+from .io import FileFormat, load_tensors, save_tensors
 from .model import ShrinkagePrior
 from .plan import ExtractionPlan
 from .selection import choose_by_probability
 from .sizes import UnitSizes
 from .targets import ModelTotals, Target, TargetError
 
-POSTERIOR_FILE = "posterior.safetensors"
+POSTERIOR_FORMAT = FileFormat("bayesprune-posterior", "a bayesprune posterior",
+                              legacy=("bayesprune cost-conditioned posterior",))
 _MAX_POSITION = 1 - 1e-6  # t = λ / (1 + λ) of the largest cost the solver tries (λ ≈ 10⁶)
 
 
@@ -318,21 +319,19 @@ class GatePosterior:
         tensors |= {f"scale.{k}": v for k, v in self.scales.items()}
         tensors |= {f"importance.{k}": v for k, v in self.importance.items()}
         tensors |= self.sizes.to_tensors()
-        save_tensors(path, tensors, {"format": "bayesprune cost-conditioned posterior", "kinds": list(self.kinds),
+        save_tensors(path, tensors, POSTERIOR_FORMAT, {"kinds": list(self.kinds),
                                      "layer_names": self.layer_names, "units": self.units,
                                      "prior": self.prior.to_dict(), "fixed_cost": self.fixed_cost,
                                      "num_draws": self.num_draws, "seed": self.seed})
 
     @classmethod
     def load(cls, path: str | Path) -> "GatePosterior":
-        tensors, meta = load_tensors(path)
+        tensors, meta = load_tensors(path, POSTERIOR_FORMAT)
 
         def part(prefix):
             return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
 
         try:
-            if meta.get("format") != "bayesprune cost-conditioned posterior":
-                raise ValueError("no cost-conditioned posterior format marker")
             fixed = meta["fixed_cost"]
             posterior = cls(PriorConfig.from_dict(meta["prior"]), tuple(meta["kinds"]), list(meta["layer_names"]),
                             {k: int(v) for k, v in meta["units"].items()}, part("importance."),

@@ -21,13 +21,14 @@ import torch
 from safetensors import safe_open
 
 from ..core.architectures import Architecture, Widths, architecture_for_config, widths_of
-from ..core.io import SAFETENSORS_DTYPES, atomic_directory
+from ..core.io import SAFETENSORS_DTYPES, FileFormat, atomic_directory, write_json
 from ..core.kinds import BRANCHES, KINDS, branch_kind
 from ..inputs.pruned import build_model, global_access
 from ..core.plan import ExtractionPlan
 from ..core.targets import ModelTotals, TargetError
 
-EXTRACTION_FILE = "bayesprune_extraction.json"
+EXTRACTION_FILE = "bayesprune_extraction.json"  # the extraction record, beside the weights
+EXTRACTION_FORMAT = FileFormat("bayesprune-extraction", "a bayesprune extraction record")
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -216,7 +217,7 @@ def save_extracted(model: torch.nn.Module, tokenizer, out: str | Path, record: d
             model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / EXTRACTION_FILE).write_text(json.dumps(record, indent=2))
+        write_json(tmp / EXTRACTION_FILE, EXTRACTION_FORMAT, record)
     return Path(out)
 
 
@@ -311,7 +312,7 @@ def extract_streaming(source: str | Path | CheckpointFiles, plan: ExtractionPlan
             if item.is_file() and item.suffix != ".safetensors" and item.name not in (
                     "config.json", "model.safetensors.index.json", EXTRACTION_FILE):
                 shutil.copy2(item, tmp / item.name)
-        (tmp / EXTRACTION_FILE).write_text(json.dumps(record, indent=2))
+        write_json(tmp / EXTRACTION_FILE, EXTRACTION_FORMAT, record)
     return Path(out)
 
 

@@ -31,11 +31,11 @@ from ..core.likelihood import next_token_nll, token_nll
 from ..core.fit import fit
 from ..core.gates import GatedModel
 from ..core.posterior import GatePosterior
-from ..core.io import load_tensors, save_tensors
+from ..core.io import FileFormat, load_tensors, save_tensors
 from .router import BayesianRouter, Prediction
 
 DENSE = "dense"
-ROUTER_FORMAT = "bayesprune-router/1"
+ROUTER_FORMAT = FileFormat("bayesprune-router", "a bayesprune router file", legacy=("bayesprune-router/1",))
 
 
 def protected_blocks(num_layers: int, route_after: int, keep_last: bool = True) -> tuple[int, ...]:
@@ -392,9 +392,9 @@ class RoutedModel:
         if path.exists():
             raise FileExistsError(f"{path} already exists; choose another path or remove it")
         tensors, settings = self.router.state()
-        save_tensors(path, tensors, {"format": ROUTER_FORMAT, "router": settings, "sets": self.sets,
-                                     "route_after": self.route_after, "confidence": self.confidence,
-                                     "tolerance": self.tolerance, "made": made or {}})
+        save_tensors(path, tensors, ROUTER_FORMAT, {"router": settings, "sets": self.sets,
+                                                    "route_after": self.route_after, "confidence": self.confidence,
+                                                    "tolerance": self.tolerance, "made": made or {}})
         return path
 
     @classmethod
@@ -419,10 +419,7 @@ class RoutedModel:
 
 
 def _read_router(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors, meta = load_tensors(path)
-    if meta.get("format") != ROUTER_FORMAT:
-        raise ValueError(f"{path} is not a router file (format {meta.get('format')!r}, not {ROUTER_FORMAT!r})")
-    return tensors, meta
+    return load_tensors(path, ROUTER_FORMAT)
 
 
 def router_record(path: str | Path) -> dict:

@@ -250,11 +250,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(run_extract(args.run, extraction, args.out, streaming=streaming, device=args.device,
                                          dtype=args.dtype), indent=2))
         elif args.command == "depth":
-            from .depth_job import DEPTH_FILE, format_depth, run_depth_search
+            from .depth_job import format_depth, run_depth_search
+            from .rundir import RunDir
 
             search = run_depth_search(args.run, _config(DepthConfig, args), args.device, args.dtype)
             print(format_depth(search))
-            print(f"wrote {Path(args.run) / DEPTH_FILE}: {len(search.order)} removals, {search.tokens:,} tokens, "
+            print(f"wrote {RunDir(args.run).depth}: {len(search.order)} removals, {search.tokens:,} tokens, "
                   f"{search.evaluations} evaluations, {search.seconds:.0f} s; 'bayesprune extract "
                   f"{args.run} --target Nlayers' now cuts by it")
         elif args.command == "draft":
@@ -309,9 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bayesprune {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        from ..core.fit import CHECKPOINT_FILE
+        from .rundir import RunDir
 
-        resumable = args.command == "fit" and (Path(args.out) / CHECKPOINT_FILE).is_file()
+        resumable = args.command == "fit" and RunDir(args.out).checkpoint.is_file()
         kept = (f"; the fit's checkpoint is in {args.out}: rerun the same command to resume" if resumable
                 else "; nothing was fitted" if args.command == "fit" else "; nothing was written")
         print(f"bayesprune {args.command}: interrupted{kept}", file=sys.stderr)

@@ -6,7 +6,6 @@ block-count targets (``12layers``) of the run are then cut by it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -15,11 +14,8 @@ from ..core.config import DepthConfig, GateConfig
 from ..inputs.data import load_splits, windows
 from ..core.removal import DepthSearch, conditional_depth_search
 from ..core.gates import gate
-from ..core.io import atomic_write_json
-from .rundir import load_fitted, load_fitted_model, read_config
-
-DEPTH_FILE = "depth.json"
-DEPTH_FORMAT = "bayesprune conditional depth search"
+from ..core.io import read_json, write_json
+from .rundir import DEPTH_FORMAT, RunDir, load_fitted, load_fitted_model, read_config
 
 
 def run_depth_search(run_dir: str | Path, depth: DepthConfig | None = None, device: str | None = None,
@@ -44,20 +40,17 @@ def run_depth_search(run_dir: str | Path, depth: DepthConfig | None = None, devi
     gated = gate(model, GateConfig(units=("block",)))
     search = conditional_depth_search(gated, fit_windows[order[:depth.windows]], removals, depth.score,
                                       chunk=depth.chunk, progress=progress)
-    atomic_write_json(run_dir / DEPTH_FILE, {"format": DEPTH_FORMAT, "dtype": dtype, **search.record()})
+    write_json(RunDir(run_dir).depth, DEPTH_FORMAT, {"dtype": dtype, **search.record()})
     return search
 
 
 def read_depth(run_dir: str | Path) -> DepthSearch | None:
     """The run's conditional depth ranking, if ``bayesprune depth`` wrote one."""
-    path = Path(run_dir) / DEPTH_FILE
+    path = RunDir(run_dir).depth
     if not path.is_file():
         return None
     try:
-        record = json.loads(path.read_text())
-        if record.get("format") != DEPTH_FORMAT:
-            raise ValueError("no depth-search format marker")
-        return DepthSearch.from_record(record)
+        return DepthSearch.from_record(read_json(path, DEPTH_FORMAT))
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path} is not a bayesprune depth ranking ({error}); rerun 'bayesprune depth'") from None
 

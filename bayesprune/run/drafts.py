@@ -13,7 +13,6 @@ candidate and draft length with the highest ``S(α, γ, c)`` win
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from ..core.config import DraftConfig, ExtractionConfig, GateConfig
 from ..inputs.data import load_splits
 from ..cut.extraction import extract_model
 from ..core.gates import gate
-from ..core.io import atomic_directory, atomic_write_json
+from ..core.io import FileFormat, atomic_directory, read_json, write_json
 from .extract_job import run_extract, run_plan
 from ..inputs.pretrained import compute_dtype, load_config, load_model, source_dtype
 from .rundir import fitted_model_path, load_fitted, load_fitted_model, read_config
@@ -31,7 +30,8 @@ from ..speculative.decoding import (acceptance, best_gamma, configure_draft, dec
                           trim_vocabulary, vocabulary_for_share)
 from ..core.targets import ModelTotals, Target, check_feasible
 
-DRAFT_FILE = "draft.json"
+DRAFT_FILE = "draft.json"  # beside the draft model in the folder 'bayesprune draft' writes
+DRAFT_FORMAT = FileFormat("bayesprune-draft", "a bayesprune draft record", legacy=(None,))
 
 
 def _vocabulary(tokens: torch.Tensor, share: float | None, tokenizer, vocab_size: int) -> torch.Tensor | None:
@@ -146,7 +146,7 @@ def write_draft(run_dir: str | Path, out: str | Path, size: str | None = None, p
                       else GenerationConfig.from_model_config(load_config(str(tmp))))
         set_draft_length(generation, chosen["gamma"]).save_pretrained(tmp)
         record = {**ranked, "chosen": chosen, "extraction": {k: extracted[k] for k in ("target", "file_bytes")}}
-        atomic_write_json(tmp / DRAFT_FILE, record)
+        write_json(tmp / DRAFT_FILE, DRAFT_FORMAT, record)
     return record
 
 
@@ -161,7 +161,7 @@ def read_draft_record(path: str | Path) -> dict:
     record_path = Path(path) / DRAFT_FILE
     if not record_path.is_file():
         raise FileNotFoundError(f"{path} has no {DRAFT_FILE}: it is not a draft 'bayesprune draft' wrote")
-    return json.loads(record_path.read_text())
+    return read_json(record_path, DRAFT_FORMAT)
 
 
 def load_draft(path: str | Path, device: str | None = None, dtype: str | None = None):

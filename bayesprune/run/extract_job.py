@@ -13,16 +13,16 @@ from ..core.adapters import adapter_deltas
 from ..core.architectures import architecture_for_config
 from ..core.config import ExtractionConfig
 from ..core.removal import DepthSearch
-from ..core.fit import CHECKPOINT_FILE
+from ..core.fit import CHECKPOINT_FORMAT
 from ..core.io import load_tensors
 from ..inputs.pretrained import load_config, source_dtype
 from ..core.plan import ExtractionPlan
 from ..core.posterior import GatePosterior
-from .rundir import fitted_model_path, load_fitted, load_fitted_model, read_config
+from .rundir import RunDir, fitted_model_path, load_fitted, load_fitted_model, read_config
 from ..core.selection import choose_blocks
 from ..core.targets import ModelTotals, Target, TargetError
 from ..cut.extraction import CheckpointFiles, extract_model, extract_streaming, save_extracted
-from .depth_job import DEPTH_FILE, read_depth
+from .depth_job import read_depth
 
 
 def run_plan(run_dir: str | Path, posterior: GatePosterior, totals: ModelTotals, target: Target,
@@ -36,7 +36,7 @@ def run_plan(run_dir: str | Path, posterior: GatePosterior, totals: ModelTotals,
     num_layers = len(posterior.layer_names)
     needed = num_layers - int(target.value)
     if needed > len(depth.order):
-        raise TargetError(f"the run's {DEPTH_FILE} ranks only {len(depth.order)} removals and {target} needs "
+        raise TargetError(f"the run's {RunDir.DEPTH} ranks only {len(depth.order)} removals and {target} needs "
                           f"{needed}: rerun 'bayesprune depth' with --removals {needed}")
     return choose_blocks(depth.block_scores(num_layers), posterior.sizes, totals, target), depth
 
@@ -53,7 +53,7 @@ def extraction_record(run_dir: Path, extraction: ExtractionConfig, plan, posteri
         keep_p = posterior.block_keep_probability(plan.cost).mean(0)
         return {**record, "removed_inclusion": [keep_p[i].item() for i in removed]}
     steps = depth.steps[:len(removed)]
-    return {**record, "depth_ranking": {"file": DEPTH_FILE, "score": depth.score, "tokens": depth.tokens,
+    return {**record, "depth_ranking": {"file": RunDir.DEPTH, "score": depth.score, "tokens": depth.tokens,
                                         "removed_in_order": [s.removed for s in steps],
                                         "choice_probability": [s.choice_probability for s in steps]}}
 
@@ -62,7 +62,7 @@ def _adapter_deltas(run_dir: Path, config, model_config) -> dict | None:
     """A LoRA run's adapters as weight deltas (``None`` for other runs)."""
     if config.fit.weights != "lora":
         return None
-    tensors, _ = load_tensors(run_dir / CHECKPOINT_FILE)
+    tensors, _ = load_tensors(RunDir(run_dir).checkpoint, CHECKPOINT_FORMAT)
     return adapter_deltas(tensors, model_config, config.fit.lora_scale)
 
 

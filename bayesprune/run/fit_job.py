@@ -30,8 +30,8 @@ from ..core.gates import gate
 from ..core.io import atomic_path, atomic_write_json, atomic_write_text
 from ..inputs.pretrained import load_config, load_model, resolve_model, source_dtype
 from .plots import plot_block_forest, plot_inclusion_over_cost, plot_size_curve, plot_thresholds, plot_width
-from ..core.posterior import POSTERIOR_FILE, GatePosterior, cost_grid
-from .rundir import check_output, claim, data_fingerprint, model_fingerprint
+from ..core.posterior import GatePosterior, cost_grid
+from .rundir import RunDir, check_output, claim, data_fingerprint, model_fingerprint
 from ..core.targets import ModelTotals, Target
 from ..cut.extraction import extract_model, save_extracted
 from .extract_job import extraction_record
@@ -52,31 +52,30 @@ def validate(config: RunConfig, extraction: ExtractionConfig, run_dir: str | Pat
     return parsed
 
 
-def _write_plots_and_tables(run_dir: Path, posterior: GatePosterior, cost: float, size_rows: list[dict]) -> dict:
+def _write_plots_and_tables(run: RunDir, posterior: GatePosterior, cost: float, size_rows: list[dict]) -> dict:
     import arviz as az
 
     width, layer = width_kinds(posterior.kinds), layer_kinds(posterior.kinds)
     idata = posterior.to_inference_data(sorted(set(posterior.default_costs()) | {cost}),
                                         UNIT_LEVEL_DRAWS if width else None)
-    with atomic_path(run_dir / "posterior.nc") as tmp:
+    with atomic_path(run / RunDir.INFERENCE_DATA) as tmp:
         idata.to_netcdf(str(tmp))
     names = [f"{k}_inclusion" for k in layer] + [f"{k}_kept_fraction" for k in width] + ["kept_fraction"]
-    atomic_write_text(run_dir / "summary.csv", az.summary(idata, var_names=names, kind="stats").to_csv())
-    files = {"posterior": str(run_dir / POSTERIOR_FILE), "inference_data": str(run_dir / "posterior.nc"),
-             "summary": str(run_dir / "summary.csv")}
-    plots = {"inclusion_plot": ("inclusion.png", lambda path: plot_inclusion_over_cost(idata, path)),
-             "threshold_plot": ("thresholds.png", lambda path: plot_thresholds(posterior, path))}
+    atomic_write_text(run / RunDir.SUMMARY, az.summary(idata, var_names=names, kind="stats").to_csv())
+    files = {"posterior": str(run.posterior), "inference_data": str(run / RunDir.INFERENCE_DATA),
+             "summary": str(run / RunDir.SUMMARY)}
+    plots = {"inclusion_plot": lambda path: plot_inclusion_over_cost(idata, path),
+             "threshold_plot": lambda path: plot_thresholds(posterior, path)}
     if len(size_rows) > 1:
-        plots["size_curve_plot"] = ("size_curve.png", lambda path: plot_size_curve(size_rows, path))
+        plots["size_curve_plot"] = lambda path: plot_size_curve(size_rows, path)
     if layer:
-        plots["forest_plot"] = ("forest.png", lambda path: plot_block_forest(
-            idata, layer, len(posterior.layer_names), cost, path))
+        plots["forest_plot"] = lambda path: plot_block_forest(idata, layer, len(posterior.layer_names), cost, path)
     if width:
-        plots["width_plot"] = ("width.png", lambda path: plot_width(posterior, cost, path))
-    for key, (name, draw) in plots.items():
-        with atomic_path(run_dir / name) as tmp:
+        plots["width_plot"] = lambda path: plot_width(posterior, cost, path)
+    for key, draw in plots.items():
+        with atomic_path(run / RunDir.PLOTS[key]) as tmp:
             draw(tmp)
-        files[key] = str(run_dir / name)
+        files[key] = str(run / RunDir.PLOTS[key])
     return files
 
 
@@ -114,14 +113,14 @@ def run_fit(config: RunConfig, run_dir: str | Path, extraction: ExtractionConfig
     """
     started = time.time()
     device = distributed.initialise(device)
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
     config = config.resolved()
     extraction = extraction or ExtractionConfig()
-    parsed_target = validate(config, extraction, run_dir)
+    parsed_target = validate(config, extraction, run.path)
     corpus = split_corpus(config.data)  # the text is read and checked before any weights
     model, tokenizer = load_model(config.model, device, config.fit.dtype)
     splits = {name: tokenize(tokenizer, documents) for name, documents in corpus.items()}
-    claim(run_dir, config, model_fingerprint(resolve_model(config.model)), data_fingerprint(splits),
+    claim(run.path, config, model_fingerprint(resolve_model(config.model)), data_fingerprint(splits),
           write=distributed.is_main())
 
     def evaluate(model) -> dict:
@@ -135,11 +134,11 @@ def run_fit(config: RunConfig, run_dir: str | Path, extraction: ExtractionConfig
 
     gated = gate(model, config.gate)
     result = fit(gated, windows(splits["fit"], config.fit.seq_len), config.fit, config.prior, config.cost,
-                 run_dir=run_dir, progress=progress)
+                 checkpoint=run.checkpoint, progress=progress)
     if not distributed.is_main():
         return {}
     posterior = result.posterior()
-    posterior.save(run_dir / POSTERIOR_FILE)
+    posterior.save(run.posterior)
     model = gated.remove()
     stored = source_dtype(config.model)
     totals = ModelTotals.of(model, stored)
@@ -149,14 +148,14 @@ def run_fit(config: RunConfig, run_dir: str | Path, extraction: ExtractionConfig
     cost = plan.cost if plan is not None else posterior.plan(SUMMARY_TARGET, totals).cost
     costs = [posterior.fixed_cost] if posterior.fixed_cost is not None else cost_grid()
     size_rows = posterior.size_curve(costs, totals)
-    files = _write_plots_and_tables(run_dir, posterior, cost, size_rows)
+    files = _write_plots_and_tables(run, posterior, cost, size_rows)
     report = {"config": config.to_dict(), "dense": dense, **_summaries(posterior, cost, size_rows, log),
               "loss": {"first": result.history[0] if result.history else None,
                        "last": result.history[-10:]}}
     if plan is not None:
-        out = run_dir / "extracted"
+        out = run.extracted
         small = extract_model(model, plan).to(stored)
-        record = extraction_record(run_dir, extraction, plan, posterior)
+        record = extraction_record(run.path, extraction, plan, posterior)
         save_extracted(small, tokenizer, out, record, overwrite=True)
         extracted = {**evaluate(small), **record, **model_size(small, out), "path": str(out)}
         report["extracted"] = extracted
@@ -166,8 +165,8 @@ def run_fit(config: RunConfig, run_dir: str | Path, extraction: ExtractionConfig
             f"{extracted['perplexity']:.3f} (dense {dense['perplexity']:.3f}), {extracted['parameters']:,} parameters")
     report["files"] = files
     report["wall_seconds"] = time.time() - started
-    atomic_write_json(run_dir / "report.json", report)
-    files["report"] = str(run_dir / "report.json")
+    atomic_write_json(run.report, report)
+    files["report"] = str(run.report)
     log("wrote:\n" + "\n".join(f"  {k}: {v}" for k, v in files.items()))
     return report
 

@@ -1,8 +1,8 @@
 """The run directory: what makes a folder a bayesprune run, and the checks that keep it one run.
 
-A run directory holds ``run.json`` (its marker: the format, the absolute path and a
-fingerprint of the model, a fingerprint of the data) beside ``config.json`` (every
-setting). bayesprune writes only into a folder that is missing, empty or one of its
+:class:`RunDir` names every file a run holds. ``run.json`` is its marker (the format, the
+absolute path and a fingerprint of the model, a fingerprint of the data), beside
+``config.json`` (every setting). bayesprune writes only into a folder that is missing, empty or one of its
 own runs; a run that has fitted anything resumes only with the same settings, model
 and data, and extraction refuses a model that no longer matches its fingerprint.
 """
@@ -17,15 +17,69 @@ import torch
 
 from ..core.adapters import merge_checkpoint_adapters
 from ..core.config import RunConfig
-from ..core.fit import CHECKPOINT_FILE, load_network
-from ..core.io import atomic_write_json, load_tensors
-from ..core.posterior import POSTERIOR_FILE, GatePosterior
+from ..core.fit import CHECKPOINT_FORMAT, load_network
+from ..core.io import FileFormat, load_tensors, read_json, write_json
+from ..core.posterior import GatePosterior
 from ..inputs.pretrained import load_model
 
-RUN_FILE = "run.json"
-CONFIG_FILE = "config.json"
-RUN_FORMAT = "bayesprune-run"
-RUN_VERSION = 1
+RUN_FORMAT = FileFormat("bayesprune-run", "a bayesprune run marker")
+DEPTH_FORMAT = FileFormat("bayesprune-depth", "a bayesprune depth ranking",
+                          legacy=("bayesprune conditional depth search",))
+
+
+class RunDir:
+    """A run directory and every file bayesprune keeps in it."""
+
+    RUN = "run.json"                          # the marker: model and data fingerprints (RUN_FORMAT)
+    CONFIG = "config.json"                    # every setting (RunConfig)
+    CHECKPOINT = "checkpoint.safetensors"     # resumable fit state (core.fit.CHECKPOINT_FORMAT)
+    POSTERIOR = "posterior.safetensors"       # the fitted posterior (core.posterior.POSTERIOR_FORMAT)
+    INFERENCE_DATA = "posterior.nc"           # ArviZ InferenceData over a cost grid
+    SUMMARY = "summary.csv"                   # az.summary of the per-layer variables
+    REPORT = "report.json"                    # what the fit job measured and wrote
+    DEPTH = "depth.json"                      # the conditional depth ranking (DEPTH_FORMAT)
+    EXTRACTED = "extracted"                   # the model the fit job extracted
+    PLOTS = {"inclusion_plot": "inclusion.png", "threshold_plot": "thresholds.png",
+             "size_curve_plot": "size_curve.png", "forest_plot": "forest.png", "width_plot": "width.png"}
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def run(self) -> Path:
+        return self.path / self.RUN
+
+    @property
+    def config(self) -> Path:
+        return self.path / self.CONFIG
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / self.CHECKPOINT
+
+    @property
+    def posterior(self) -> Path:
+        return self.path / self.POSTERIOR
+
+    @property
+    def depth(self) -> Path:
+        return self.path / self.DEPTH
+
+    @property
+    def report(self) -> Path:
+        return self.path / self.REPORT
+
+    @property
+    def extracted(self) -> Path:
+        return self.path / self.EXTRACTED
+
+
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
 
@@ -80,37 +134,28 @@ def differences(old: dict, new: dict) -> list[str]:
 
 def read_identity(run_dir: str | Path) -> dict:
     """``run.json`` of a run directory; anything else is refused as not a bayesprune run."""
-    run_dir = Path(run_dir)
-    marker = run_dir / RUN_FILE
-    if not marker.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a bayesprune run directory (no {RUN_FILE})")
-    try:
-        identity = json.loads(marker.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{marker} is not a bayesprune run marker ({err})") from err
-    if not isinstance(identity, dict) or identity.get("format") != RUN_FORMAT:
-        raise ValueError(f"{marker} is not a bayesprune run marker")
-    if identity.get("version") != RUN_VERSION:
-        raise ValueError(f"{marker} is run format version {identity.get('version')!r}; this bayesprune reads "
-                         f"version {RUN_VERSION}")
-    return identity
+    run = RunDir(run_dir)
+    if not run.run.is_file():
+        raise FileNotFoundError(f"{run} is not a bayesprune run directory (no {RunDir.RUN})")
+    return read_json(run.run, RUN_FORMAT)
 
 
 def read_config(run_dir: str | Path) -> RunConfig:
     """The settings a run was made with."""
-    path = Path(run_dir) / CONFIG_FILE
+    path = RunDir(run_dir).config
     read_identity(run_dir)
     try:
         return RunConfig.from_dict(json.loads(path.read_text()))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{run_dir} is a bayesprune run without its {CONFIG_FILE}") from None
+        raise FileNotFoundError(f"{run_dir} is a bayesprune run without its {RunDir.CONFIG}") from None
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as err:
         raise ValueError(f"{path} is not a bayesprune run config ({err})") from err
 
 
 def has_fitted(run_dir: str | Path) -> bool:
     """Whether the run has fitted anything (a checkpoint or a posterior) that other settings would contradict."""
-    return any((Path(run_dir) / name).exists() for name in (CHECKPOINT_FILE, POSTERIOR_FILE))
+    run = RunDir(run_dir)
+    return run.checkpoint.exists() or run.posterior.exists()
 
 
 def check_output(run_dir: str | Path, config: RunConfig) -> None:
@@ -123,7 +168,7 @@ def check_output(run_dir: str | Path, config: RunConfig) -> None:
     try:
         read_identity(run_dir)
     except FileNotFoundError:
-        raise FileExistsError(f"{run_dir} exists and is not a bayesprune run directory (no {RUN_FILE}); "
+        raise FileExistsError(f"{run_dir} exists and is not a bayesprune run directory (no {RunDir.RUN}); "
                               f"nothing was written; choose another --out") from None
     if has_fitted(run_dir):
         changed = differences(read_config(run_dir).to_dict(), config.to_dict())
@@ -147,9 +192,8 @@ def claim(run_dir: str | Path, config: RunConfig, model: dict, data: dict, write
                                       f"choose another --out")
     if not write:
         return
-    atomic_write_json(run_dir / RUN_FILE, {"format": RUN_FORMAT, "version": RUN_VERSION, "model": model,
-                                           "data": data})
-    config.save(run_dir / CONFIG_FILE)
+    write_json(RunDir(run_dir).run, RUN_FORMAT, {"model": model, "data": data})
+    config.save(RunDir(run_dir).config)
 
 
 def fitted_model_path(run_dir: str | Path) -> Path:
@@ -166,12 +210,12 @@ def fitted_model_path(run_dir: str | Path) -> Path:
 
 def load_fitted(run_dir: str | Path) -> GatePosterior:
     """The posterior a run fitted."""
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
     read_config(run_dir)
-    if not (run_dir / POSTERIOR_FILE).is_file():
-        raise FileNotFoundError(f"{run_dir} has no {POSTERIOR_FILE}: its fit has not finished "
+    if not run.posterior.is_file():
+        raise FileNotFoundError(f"{run} has no {RunDir.POSTERIOR}: its fit has not finished "
                                 f"(rerun 'bayesprune fit' with the same settings to resume it)")
-    return GatePosterior.load(run_dir / POSTERIOR_FILE)
+    return GatePosterior.load(run.posterior)
 
 
 def load_fitted_model(run_dir: str | Path, device: str | None = None, dtype: str | None = None):
@@ -179,11 +223,11 @@ def load_fitted_model(run_dir: str | Path, device: str | None = None, dtype: str
     config = read_config(run_dir)
     model, tokenizer = load_model(str(fitted_model_path(run_dir)), device, dtype)
     if config.fit.weights == "joint":
-        tensors, _ = load_tensors(Path(run_dir) / CHECKPOINT_FILE)
+        tensors, _ = load_tensors(RunDir(run_dir).checkpoint, CHECKPOINT_FORMAT)
         with torch.no_grad():
             load_network(model, tensors)
     elif config.fit.weights == "lora":
-        tensors, _ = load_tensors(Path(run_dir) / CHECKPOINT_FILE)
+        tensors, _ = load_tensors(RunDir(run_dir).checkpoint, CHECKPOINT_FORMAT)
         merge_checkpoint_adapters(model, tensors, config.fit.lora_scale)
     return model, tokenizer
 
