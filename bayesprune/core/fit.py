@@ -81,7 +81,7 @@ def set_trainable(gated: GatedModel, config: FitConfig) -> list[torch.nn.Paramet
 
 def make_optimizer(guide_parameters: list, guide_lr: float, trainable: list, config: FitConfig):
     """AdamW with the guide's parameters (never decayed) and, if trained, the network's weights or adapters."""
-    groups = [{"params": guide_parameters, "lr": guide_lr, "weight_decay": 0.0}]
+    groups = [{"params": guide_parameters, "lr": guide_lr, "weight_decay": 0.0}] if guide_parameters else []
     if trainable:
         lr = config.lora_lr if config.weights == "lora" else config.weight_lr
         groups.append({"params": trainable, "lr": lr, "weight_decay": config.weight_decay})
@@ -164,14 +164,34 @@ def load_checkpoint(path: Path, guide, optimizer, gated, identity: str) -> tuple
     return int(meta["step"]), list(meta["history"])
 
 
-def optimise(step_loss, guide, optimizer, gated: GatedModel, config: FitConfig, checkpoint: Path | None,
-             identity: str, description: str, progress: bool = True) -> list:
-    """The loop every fit shares: resume from ``checkpoint`` if there, then per step
-    ``step_loss(step) -> (loss, record, shown)``, clip, schedule, step; a checkpoint every
-    ``checkpoint_every`` steps, on an interrupt and at the end. Returns the records."""
+@dataclass
+class Checkpoint:
+    """Where a fit keeps its resumable state (the guide, the optimiser, trained weights, the history), and the
+    identity a checkpoint must carry to be resumed."""
+
+    path: Path
+    guide: torch.nn.Module
+    gated: GatedModel
+    identity: str
+
+    def save(self, step: int, optimizer, history: list) -> None:
+        save_checkpoint(self.path, step, self.guide, optimizer, self.gated, history, self.identity)
+
+    def load(self, optimizer) -> tuple[int, list]:
+        return load_checkpoint(self.path, self.guide, optimizer, self.gated, self.identity)
+
+
+def optimise(step_loss, optimizer, config: FitConfig, description: str, progress: bool = True,
+             checkpoint: Checkpoint | None = None) -> list:
+    """The one training loop: resume from ``checkpoint`` if there, then per step
+    ``step_loss(step) -> (loss, record, shown)``, clip, schedule (:func:`schedule`), step; a checkpoint every
+    ``checkpoint_every`` steps, on an interrupt and at the end. Returns the records.
+
+    The fit runs it on the ELBO; recovery fine-tuning (:mod:`bayesprune.baselines.recovery`) on a pruned
+    model's NLL."""
     start, history = 0, []
-    if checkpoint is not None and checkpoint.exists():
-        start, history = load_checkpoint(checkpoint, guide, optimizer, gated, identity)
+    if checkpoint is not None and checkpoint.path.exists():
+        start, history = checkpoint.load(optimizer)
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=description,
                disable=not progress)
     completed = start
@@ -187,15 +207,13 @@ def optimise(step_loss, guide, optimizer, gated: GatedModel, config: FitConfig, 
             completed = step + 1
             bar.set_postfix(shown)
             if checkpoint is not None and completed % config.checkpoint_every == 0:
-                save_checkpoint(checkpoint, completed, guide, optimizer, gated, history, identity)
+                checkpoint.save(completed, optimizer, history)
     except KeyboardInterrupt:
         if checkpoint is not None:
-            save_checkpoint(checkpoint, completed, guide, optimizer, gated, history, identity)
+            checkpoint.save(completed, optimizer, history)
         raise
-    finally:
-        gated.values.clear()
     if checkpoint is not None:
-        save_checkpoint(checkpoint, completed, guide, optimizer, gated, history, identity)
+        checkpoint.save(completed, optimizer, history)
     return history
 
 
@@ -250,9 +268,13 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
         return loss, record, {"cost": f"{step_cost:.2f}", "nll": f"{record['nll']:.3f}",
                               "kept": f"{record['expected_kept']:.2f}"}
 
+    saved = None if checkpoint is None else \
+        Checkpoint(checkpoint, guide, gated, fit_identity(model, sequences, config, cost))
     with gated.checkpointed() if config.gradient_checkpointing else contextlib.nullcontext():
-        history = optimise(step_loss, guide, optimizer, gated, config, checkpoint,
-                           fit_identity(model, sequences, config, cost), "SVI", progress and distributed.is_main())
+        try:
+            history = optimise(step_loss, optimizer, config, "SVI", progress and distributed.is_main(), saved)
+        finally:
+            gated.values.clear()
     if config.weights == "joint":
         model.refresh_importance()  # constants of the trained weights
     elif config.weights == "lora":
