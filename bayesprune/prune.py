@@ -78,7 +78,7 @@ def prune(model: torch.nn.Module, data, target: Target | str | float = "0.75", *
     """Fit the gate posterior of ``model`` to ``data`` and cut the sub-network of size ``target`` from it.
 
     ``data`` is token windows, a token stream, or text with ``tokenizer``; ``target`` any size
-    :class:`~bayesprune.Target` reads (``0.5``, ``"12layers"``, ``"80M"``, ``"300MB"``,
+    :class:`~bayesprune.core.targets.Target` reads (``0.5``, ``"12layers"``, ``"80M"``, ``"300MB"``,
     ``"40%flops"``). The target is checked against the model before anything is fitted.
     ``model`` is gated in place and handed back as ``result.network``.
     """

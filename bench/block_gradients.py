@@ -55,7 +55,7 @@ def main() -> None:
         model, tokenizer = bp.load_model(dtype=dtype)
         gated = bp.gate(model, bp.GateConfig(units=("block",)))
         for domain in args.domains:
-            tokens = bp.tokenize(tokenizer, bp.split_documents(domain_documents(domain))["fit"])
+            tokens = bp.tokenize(tokenizer, bp.inputs.data.split_documents(domain_documents(domain))["fit"])
             windows = bp.windows(tokens, 128)[:args.windows]
             slopes[dtype, domain] = open_gate_slopes(gated, windows)
             if dtype == "float32":

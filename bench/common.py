@@ -70,7 +70,7 @@ def default_model_and_corpora(seq_len: int = 128):
 
     model, tokenizer = bp.load_model()
     splits = bp.load_splits(tokenizer, bp.DataConfig())
-    bible = bp.split_documents(bp.load_documents(bible_path()))["test"]
+    bible = bp.inputs.data.split_documents(bp.inputs.data.load_documents(bible_path()))["test"]
     corpora = {"shakespeare": splits["test"], "kjv": bp.tokenize(tokenizer, bible)}
     fit_windows = bp.windows(splits["fit"], seq_len)
     shuffled = fit_windows[torch.randperm(fit_windows.shape[0], generator=torch.Generator().manual_seed(0))]

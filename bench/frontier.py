@@ -224,7 +224,7 @@ def main() -> None:
     fit_tokens = config.fit.steps * config.fit.batch_size * config.fit.seq_len
     model, tokenizer = bp.load_model(config.model)
     splits = bp.load_splits(tokenizer, config.data)
-    tests = {name: bp.split_documents(bp.domain_documents(name))["test"] for name in args.corpora}
+    tests = {name: bp.inputs.data.split_documents(bp.inputs.data.domain_documents(name))["test"] for name in args.corpora}
     corpora = {name: bp.tokenize(tokenizer, documents) for name, documents in tests.items()}
     fit_windows = bp.windows(splits["fit"], args.seq_len)
     pick = torch.randperm(fit_windows.shape[0], generator=torch.Generator().manual_seed(0))

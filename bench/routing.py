@@ -230,7 +230,7 @@ def main() -> None:
     stages = Stages(Path(args.cache) / f"k{args.skipped}")
     model, tokenizer = bp.load_model(args.model, dtype="bfloat16")
     gated = bp.gate(model, bp.GateConfig(units=("block",)))
-    splits = {d: bp.split_documents(domain_documents(d)) for d in DOMAINS}
+    splits = {d: bp.inputs.data.split_documents(domain_documents(d)) for d in DOMAINS}
     fit = {d: shuffled_windows(bp.tokenize(tokenizer, s["fit"]), SEQ) for d, s in splits.items()}
     test = {d: shuffled_windows(bp.tokenize(tokenizer, s["test"]), SEQ)[:args.test] for d, s in splits.items()}
     k = args.skipped
@@ -466,7 +466,7 @@ def check_generation(gated, router, sets, prompt, routing: dict, new_tokens: int
     route = model.last_route
     model.remove()
     with gated.unwrapped() as plain:
-        static = bp.skip_blocks(plain, route.skipped).generate(prompt, max_new_tokens=new_tokens, do_sample=False)
+        static = bp.speculative.skip_blocks(plain, route.skipped).generate(prompt, max_new_tokens=new_tokens, do_sample=False)
     return {"new_tokens": new_tokens, "skipped": list(route.skipped), "identical": bool(torch.equal(routed, static))}
 
 

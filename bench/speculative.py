@@ -27,7 +27,7 @@ from common import pyplot, save_figure, write_results
 import bayesprune as bp
 from bayesprune.speculative import decoding as sp
 from bayesprune.inputs.data import bible_path, load_splits, split_corpus, tokenize
-from bayesprune.run.drafts import prediction, rank_drafts, target_continuations
+from bayesprune.run.drafts import prediction, rank_drafts, self_draft, target_continuations
 from bayesprune.run.rundir import load_fitted, load_fitted_model
 from bayesprune.run.rundir import read_config
 
@@ -123,7 +123,7 @@ def bench_dtype(args, dtype: str) -> tuple[list[dict], dict]:
                                 4, 32, 48)
     dense_logits = target(text).logits[:, 31:-1]
     for blocks in args.blocks:
-        draft = bp.self_draft(target, depth, blocks)
+        draft = self_draft(target, depth, blocks)
         alpha = sp.acceptance(dense_logits, draft(text).logits[:, 31:-1])
         predicted = prediction(alpha, sp.decode_ms(draft)[1], ranking["target_ms"],
                                {int(g): v for g, v in ranking["verify_ratio"].items()})

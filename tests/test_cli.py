@@ -149,7 +149,7 @@ def test_the_default_run_resizes_to_any_target_without_refitting(tiny_model_dir,
 
 
 def bp_target(text: str) -> float:
-    from bayesprune import Target
+    from bayesprune.core.targets import Target
 
     return Target.parse(text).value
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from bayesprune import ExtractionPlan, GateConfig, LayerPlan, extract_model, gate, load_model, save_extracted
+from bayesprune import GateConfig, extract_model, gate, load_model, save_extracted
+from bayesprune.core.plan import ExtractionPlan, LayerPlan
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,8 @@ def test_gates_and_extraction_are_exact_on_the_real_model(smollm, tmp_path):
 
 
 def test_width_extraction_on_the_real_model_streams_what_memory_builds(smollm, tmp_path):
-    from bayesprune import extract_streaming, load_pruned
+    from bayesprune import load_pruned
+    from bayesprune.cut.extraction import extract_streaming
     from bayesprune.inputs.pretrained import default_model_dir
 
     model, tokenizer = smollm

@@ -145,7 +145,7 @@ def test_a_hard_zero_block_gate_under_a_kv_cache_generates_what_the_model_withou
         with gated.gates_set({"block": off}):
             routed = gated.model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
         with gated.unwrapped() as plain:
-            view = bp.skip_blocks(plain, [2]).generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+            view = bp.speculative.skip_blocks(plain, [2]).generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(routed, view)
 
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from bayesprune import CostConfig, FitConfig, GateConfig, NonFiniteLossError, fit, gate
+from bayesprune import CostConfig, FitConfig, GateConfig, fit, gate
+from bayesprune.core.model import NonFiniteLossError
 from bayesprune.run.rundir import RunDir
 from tests.conftest import TINY_CONFIGS, VOCAB, tiny_model
 

@@ -3,11 +3,12 @@ import pytest
 import torch
 from pyro import poutine
 
-from bayesprune import CostConfig, GateConfig, PriorConfig, ShrinkagePrior, UnitSizes, gate
+from bayesprune import CostConfig, GateConfig, PriorConfig, gate
 from bayesprune.core import inclusion
 from bayesprune.core.fit import draw_cost
 from bayesprune.core.guide import CostConditionedGuide
-from bayesprune.core.model import PruningModel
+from bayesprune.core.model import PruningModel, ShrinkagePrior
+from bayesprune.core.sizes import UnitSizes
 from tests.conftest import VOCAB, tiny_model
 
 SEQUENCES = torch.randint(0, VOCAB, (10, 8), generator=torch.Generator().manual_seed(0))

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from bayesprune import (CostConfig, FitConfig, GateConfig, GatePosterior, ModelTotals, TargetError, cost_grid, fit,
-                        gate)
+from bayesprune import CostConfig, FitConfig, GateConfig, GatePosterior, ModelTotals, fit, gate
+from bayesprune.core.posterior import cost_grid
+from bayesprune.core.targets import TargetError
 from tests.conftest import VOCAB, posterior_for, tiny_model
 
 SEQUENCES = torch.randint(0, VOCAB, (16, 12), generator=torch.Generator().manual_seed(0))

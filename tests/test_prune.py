@@ -40,7 +40,7 @@ def test_prune_takes_windows_and_refuses_what_it_cannot_do_before_fitting(tokeni
     assert result.model.config.num_hidden_layers == 3
 
     model = tiny_model("llama")
-    with pytest.raises(bp.TargetError, match="needs block, attn or mlp gates"):
+    with pytest.raises(bp.core.targets.TargetError, match="needs block, attn or mlp gates"):
         bp.prune(model, windows, "3layers", units=["head", "neuron"], config=CONFIG)
     with pytest.raises(ValueError, match="tokenizer"):
         bp.prune(model, "To be, or not to be", "0.5", config=CONFIG)

@@ -161,7 +161,7 @@ def test_a_routed_model_generates_what_its_route_s_sub_network_does_and_never_ru
     assert calls[route.skipped[0]] == 0 and all(calls[i] == 6 for i in range(4) if i not in route.skipped)
     routed.remove()
     with torch.no_grad(), gated.unwrapped() as plain:
-        assert torch.equal(out, bp.skip_blocks(plain, route.skipped).generate(ids, max_new_tokens=6, do_sample=False,
+        assert torch.equal(out, bp.speculative.skip_blocks(plain, route.skipped).generate(ids, max_new_tokens=6, do_sample=False,
                                                                               pad_token_id=0))
 
 
@@ -241,7 +241,7 @@ def test_block_posteriors_per_domain_propose_the_blocks_each_domain_s_search_wei
     expected = model(input_ids=ids).logits
     gated = bp.gate(model, bp.GateConfig(units=("block",)))
     domains = {"low": _windows(6, low=0, high=VOCAB // 2), "high": _windows(6, low=VOCAB // 2, seed=1)}
-    posteriors = bp.domain_block_posteriors(gated, domains, steps=3, progress=False)
+    posteriors = bp.routing.domain_block_posteriors(gated, domains, steps=3, progress=False)
     assert set(posteriors) == set(domains)
     torch.testing.assert_close(gated(input_ids=ids).logits, expected)  # the fits leave the gates open
     from bayesprune.routing.routed import block_proposal
@@ -256,17 +256,17 @@ def test_block_posteriors_per_domain_propose_the_blocks_each_domain_s_search_wei
     with pytest.raises(ValueError, match="a posterior for every domain"):
         candidate_sets(gated, domains, 1, route_after=1, posteriors={"low": posteriors["low"]}, progress=False)
     with pytest.raises(ValueError, match="block gates only"):
-        bp.domain_block_posteriors(bp.gate(tiny_model("llama"), bp.GateConfig(units=("block", "head"))), domains)
+        bp.routing.domain_block_posteriors(bp.gate(tiny_model("llama"), bp.GateConfig(units=("block", "head"))), domains)
 
 
 def test_fit_routed_model_and_its_held_out_check_score_every_set_unrouted():
     gated = bp.gate(tiny_model("llama"), bp.GateConfig(units=("block",)))
     domains = {"low": _windows(10, low=0, high=VOCAB // 2), "high": _windows(10, low=VOCAB // 2, seed=1)}
-    routed = bp.fit_routed_model(gated, domains, skipped=1, route_after=1, prompt_tokens=6, search_windows=4,
+    routed = bp.routing.fit_routed_model(gated, domains, skipped=1, route_after=1, prompt_tokens=6, search_windows=4,
                                  train_windows=6, chunk=2, progress=False)
     assert all(len(blocks) == 1 and blocks[0] in (1, 2) for blocks in routed.sets.values())
     held_out = {"low": _windows(4, low=0, high=VOCAB // 2, seed=5)}
-    report = bp.held_out_check(routed, held_out, prompt_tokens=6, progress=False)["low"]
+    report = bp.routing.held_out_check(routed, held_out, prompt_tokens=6, progress=False)["low"]
     with routed.paused():
         _, losses = candidate_losses(gated, held_out["low"], {**routed.sets, "one": [1], "two": [2]}, 1, 6,
                                      progress=False)
@@ -281,4 +281,4 @@ def test_fit_routed_model_and_its_held_out_check_score_every_set_unrouted():
     by_set = {(): losses[DENSE], (1,): losses["one"], (2,): losses["two"]}
     assert report["routed"] == pytest.approx(float(torch.stack([by_set[r.skipped][i] for i, r in enumerate(routes)]).mean()))
     with pytest.raises(ValueError, match="more than search_windows=10"):
-        bp.fit_routed_model(gated, domains, skipped=1, route_after=1, prompt_tokens=6, search_windows=10, progress=False)
+        bp.routing.fit_routed_model(gated, domains, skipped=1, route_after=1, prompt_tokens=6, search_windows=10, progress=False)

@@ -8,8 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bayesprune import (ExtractionPlan, GateConfig, LayerPlan, ModelTotals, Target, TargetError,
-                        extract_model, extract_streaming, gate, load_pruned, save_extracted)
+from bayesprune import GateConfig, ModelTotals, extract_model, gate, load_pruned, save_extracted
+from bayesprune.core.plan import ExtractionPlan, LayerPlan
+from bayesprune.core.targets import Target, TargetError
+from bayesprune.cut.extraction import extract_streaming
 from bayesprune.core.architectures import count_parameters, decoder_layers
 from tests.conftest import VOCAB, posterior_for, tiny_model
 

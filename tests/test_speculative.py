@@ -9,6 +9,7 @@ import bayesprune as bp
 from bayesprune.speculative import decoding as sp
 from bayesprune.core.architectures import decoder_layers
 from bayesprune.run.cli import main
+from bayesprune.run.drafts import load_draft, write_draft
 from bayesprune.cut.extraction import EXTRACTION_FILE
 
 from .conftest import VOCAB, tiny_model
@@ -140,10 +141,10 @@ def test_draft_command_writes_the_predicted_best_draft_for_plain_transformers(ti
     ids = _prompt()
     plain = _greedy(target, ids)
     assert torch.equal(_greedy(target, ids, assistant_model=plain_draft), plain)
-    draft = bp.load_draft(out)
+    draft = load_draft(out)
     assert isinstance(draft.get_output_embeddings(), sp.TrimmedHead)
     assert draft.get_output_embeddings().vocabulary.tolist() == record["vocabulary"]
-    with bp.direct_drafting(target):
+    with bp.speculative.direct_drafting(target):
         assert torch.equal(_greedy(target, ids, assistant_model=draft), plain)
 
     assert main(["draft", str(run), "--out", str(out)]) == 2
@@ -185,6 +186,6 @@ def test_a_depth_ranked_draft_is_the_sub_network_whose_speed_up_was_predicted(ti
     (run / "depth.json").write_text(json.dumps(depth))
     capsys.readouterr()
 
-    record = bp.write_draft(run, tmp_path / "draft", sizes=("2layers",), progress=False)
+    record = write_draft(run, tmp_path / "draft", sizes=("2layers",), progress=False)
     predicted, written = record["chosen"], json.loads((tmp_path / "draft" / EXTRACTION_FILE).read_text())
     assert predicted["removed_layers"] == written["removed_layers"] == sorted(depth["order"])

@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             chosen = record["chosen"]
             print(f"wrote {args.out}: {chosen['described']}, γ = {chosen['gamma']}, predicted speed-up "
                   f"{chosen['predicted_speedup']:.2f}× (α {chosen['alpha_' + args.decoding]:.3f}, "
-                  f"c {chosen['cost_ratio']:.3f}); load it with bayesprune.load_draft")
+                  f"c {chosen['cost_ratio']:.3f}); load it with bayesprune.run.drafts.load_draft")
             if chosen["predicted_speedup"] < 1:
                 print("no candidate is predicted to beat plain decoding of the target on this machine "
                       "(see the table: acceptance too low for its cost)")
