@@ -1,9 +1,14 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from bayesprune import CostConfig, FitConfig, GateConfig, fit, gate
 from bayesprune.core.fit import make_optimizer, schedule
-from bayesprune.inputs.scratch import gpt2_tokenizer, scratch_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from scratch import gpt2_tokenizer, scratch_model  # noqa: E402  (the benchmark's own model and tokenizer)
 
 
 def test_the_gpt2_bpe_encodes_as_gpt2_does():
