@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import arviz as az
+import bayesprune as bp
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -268,14 +269,15 @@ def test_a_recipe_sets_the_fit_options_and_options_beside_it_override_it(tiny_mo
     assert main(["fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir), "--out", str(run),
                  "--units", "block", "--target", "none", *FIT_ARGS]) == 0
     recipe = json.loads((run / "config.json").read_text())
-    recipe["fit"]["seed"] = 3
+    recipe["fit"] |= {"seed": 3, "guide_lr": 0.07, "schedule": "cosine"}  # settings beyond the README's options too
+    recipe["prior"]["temperature"] = 0.4
     recipe["extraction"] = {"target": "2layers"}
     (tmp_path / "recipe.json").write_text(json.dumps(recipe))
     again = tmp_path / "again"
     assert main(["fit", "--recipe", str(tmp_path / "recipe.json"), "--out", str(again), "--steps", "2"]) == 0
     made = json.loads((again / "config.json").read_text())
     assert made["fit"] == {**recipe["fit"], "steps": 2} and made["gate"]["units"] == ["block"]
-    assert made["model"] == recipe["model"] and made["data"] == recipe["data"]
+    assert made["model"] == recipe["model"] and made["data"] == recipe["data"] and made["prior"] == recipe["prior"]
     assert json.loads((again / "extracted" / EXTRACTION_FILE).read_text())["target"] == "2 layers"
 
     for text, message in (('{"fit": {"stpes": 3}}', "stpes"), ("{fit", "not valid JSON"),
@@ -283,3 +285,23 @@ def test_a_recipe_sets_the_fit_options_and_options_beside_it_override_it(tiny_mo
         (tmp_path / "bad.json").write_text(text)
         assert main(["fit", "--recipe", str(tmp_path / "bad.json"), "--out", str(tmp_path / "bad")]) == 2
         assert message in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_the_options_are_the_config_fields_with_their_defaults():
+    from bayesprune import DataConfig, ExtractionConfig, RunConfig
+    from bayesprune.core.config import DepthConfig, DraftConfig, RouterConfig
+    from bayesprune.run.cli import _config, _run_config, build_parser
+
+    parser = build_parser()
+    fit = parser.parse_args(["fit", "--out", "x"])
+    assert _run_config(fit) == RunConfig() and _config(ExtractionConfig, fit) == ExtractionConfig()
+    assert _run_config(parser.parse_args(["fit", "--out", "x", "--units", "block,mlp", "--cost", "0.5",
+                                          "--temperature", "0.3", "--gradient-checkpointing"])) == RunConfig(
+        gate=bp.GateConfig(units=("block", "mlp")), cost=bp.CostConfig(fixed=0.5),
+        prior=bp.PriorConfig(temperature=0.3), fit=bp.FitConfig(gradient_checkpointing=True))
+    for argv, kind in ((["depth", "RUN"], DepthConfig), (["draft", "RUN", "--out", "x"], DraftConfig),
+                       (["router", "--out", "x"], RouterConfig)):
+        assert _config(kind, parser.parse_args(argv)) == kind()
+    assert _config(DraftConfig, parser.parse_args(["draft", "RUN", "--out", "x", "--sizes", "0.5, 12layers"])).sizes \
+        == ("0.5", "12layers")
+    assert DataConfig().eval_tokens == parser.parse_args(["evaluate"]).eval_tokens

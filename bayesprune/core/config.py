@@ -1,4 +1,8 @@
-"""Configuration dataclasses, one per concern, each validated and saved as JSON."""
+"""Configuration dataclasses, one per concern, each validated and saved as JSON.
+
+Every field is an option of the command line, named after it (``--batch-size``); a field made
+with :func:`option` carries its help text and choices, which the CLI reads (:mod:`bayesprune.run.cli`).
+"""
 
 from __future__ import annotations
 
@@ -14,8 +18,14 @@ FORMS = ("per-layer", "uniform")
 DRAFT_SIZES = ("0.2", "0.35", "0.5", "0.65", "0.8")  # candidate draft sizes, fractions of decoder parameters
 DECODINGS = ("greedy", "sampling")
 DEPTH_SCORES = ("nll", "distillation")  # what a conditional depth search scores removals by
+LIKELIHOODS = ("nll", "distillation")  # what a fit scores the gated network by
 WEIGHTS = ("frozen", "joint", "lora")  # what a fit does with the network's weights
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # compute dtypes of the network, by torch name
+
+
+def option(default, help: str = "", choices=None, **values):
+    """A config field with the help text and choices its command-line option shows."""
+    return field(default=default, metadata={"help": help, "choices": choices}, **values)
 
 
 class _JsonConfig:
@@ -43,7 +53,8 @@ class GateConfig(_JsonConfig):
     """Which units carry gates: names of :mod:`bayesprune.core.kinds` (``block``, ``attn``, ``mlp``, ``head``,
     ``neuron``), each nested under the kinds above it; at most one width kind per branch."""
 
-    units: tuple[str, ...] = ("head", "neuron")
+    units: tuple[str, ...] = option(("head", "neuron"), "comma-separated gate kinds: " + "; ".join(
+        f"{k} ({v.description})" for k, v in KINDS.items()))
 
     def __post_init__(self):
         self.units = tuple(self.units)
@@ -82,14 +93,15 @@ class PriorConfig(_JsonConfig):
     ``amplitude_scale`` that of the log-amplitudes.
     """
 
-    control_points: int = 10
-    temperature: float = 0.5
-    threshold_start: float = -2.0
-    threshold_rise: float = 4.0
-    shared_curve_scale: float = 1.0
-    curve_scale: float = 1.0
-    offset_scale: float = 0.5
-    amplitude_scale: float = 1.0
+    control_points: int = option(10, "spline control points of every threshold and amplitude curve")
+    temperature: float = option(0.5, "T: inclusion logits are divided by it")
+    threshold_start: float = option(-2.0, "every threshold curve's value at cost 0")
+    threshold_rise: float = option(4.0, "the prior's centre of each threshold curve's rise")
+    shared_curve_scale: float = option(1.0, "prior scale of a kind's shared curve around that rise")
+    curve_scale: float = option(1.0, "HalfCauchy scale of the layer deviations' global scale")
+    offset_scale: float = option(0.5, "prior scale of the per-unit importance offsets (0: none, the paper's "
+                                      "norm-only ranking)")
+    amplitude_scale: float = option(1.0, "prior scale of the per-unit log-amplitudes")
 
     def __post_init__(self):
         _finite(self, "temperature", "threshold_start", "threshold_rise", "shared_curve_scale", "curve_scale",
@@ -112,9 +124,11 @@ class CostConfig(_JsonConfig):
     cost. A number fixes the cost: the same model and guide, read at that cost only.
     """
 
-    fixed: float | None = None
-    zero_probability: float = 1 / 3
-    rate: float = 0.3
+    fixed: float | None = option(None, "fit at this one cost (nats of loss per token traded for the whole network) "
+                                       "instead of drawing a cost every step so that one fit answers for every size")
+    zero_probability: float = option(1 / 3, "probability that a step fits the dense model, at cost 0 (unless a fixed "
+                                            "cost)")
+    rate: float = option(0.3, "costs are drawn from Exponential(rate) (unless a fixed cost)")
 
     def __post_init__(self):
         _finite(self, "zero_probability", "rate")
@@ -132,29 +146,35 @@ class CostConfig(_JsonConfig):
 class FitConfig(_JsonConfig):
     """Stochastic variational inference settings."""
 
-    steps: int = 200
-    batch_size: int = 4
-    seq_len: int = 128
-    weights: str = "lora"  # "frozen", "joint" or "lora" (low-rank adapters, merged when the fit ends)
-    guide_lr: float = 0.05
-    guide_init_scale: float = 0.01
-    weight_lr: float = 1e-5
-    clip_norm: float = 1.0
-    seed: int = 0
-    checkpoint_every: int = 25
-    posterior_draws: int = 100
-    weight_decay: float = 0.0  # network weights only (decoupled); never the guide's parameters
-    warmup_steps: int = 0
-    schedule: str = "constant"  # or "cosine": from the full rate after warm-up down to 0.1×
-    dtype: str = "float32"  # the network's compute dtype; gates and the guide are float32 whatever it is
-    gradient_checkpointing: bool = False  # recompute block activations in the backward pass (memory for time)
-    two_point_blocks: int = 0  # blocks per step whose gate gradient is the exact on/off difference (0: straight through)
-    block_importance: str = "ones"  # or "removal": each block's NLL rise when removed alone, on 8 fit windows
-    lora_rank: int = 8
-    lora_alpha: float = 16.0  # adapters add (lora_alpha / lora_rank) · B A
-    lora_lr: float = 5e-4
-    likelihood: str = "nll"  # or "distillation": KL(p_dense ‖ p_gated) per token, mixed with nll_weight × NLL
-    nll_weight: float = 0.0  # the NLL's share in a distillation likelihood
+    steps: int = option(200, "SVI steps")
+    batch_size: int = option(4, "token windows per step")
+    seq_len: int = option(128, "tokens per window")
+    weights: str = option("lora", "frozen, trained jointly with the gates, or lora: low-rank adapters fitted with the "
+                                  "gates and merged into the extracted model", WEIGHTS)
+    guide_lr: float = option(0.05, "the guide's learning rate")
+    guide_init_scale: float = option(0.01, "the guide's starting scale")
+    weight_lr: float = option(1e-5, "the network's learning rate (joint weights)")
+    clip_norm: float = option(1.0, "gradient norm clipping")
+    seed: int = option(0, "seed of costs, mini-batches, gates and adapters")
+    checkpoint_every: int = option(25, "steps between checkpoints")
+    posterior_draws: int = option(100, "draws of the posterior its summaries read")
+    weight_decay: float = option(0.0, "decoupled weight decay of the network's weights (never the guide's)")
+    warmup_steps: int = option(0, "steps of linear learning-rate warm-up")
+    schedule: str = option("constant", "after warm-up: constant, or cosine down to 0.1x", ("constant", "cosine"))
+    dtype: str = option("float32", "the network's compute dtype (gates and guide stay float32; written checkpoints "
+                                   "keep the source model's dtype)", DTYPES)
+    gradient_checkpointing: bool = option(False, "recompute block activations in the backward pass: less memory, "
+                                                 "more time")
+    two_point_blocks: int = option(0, "blocks per step whose gate gradient is the exact on/off difference of the "
+                                      "loss (one extra forward each; 0: straight-through gradients)")
+    block_importance: str = option("ones", "block gates' importance: ones, or removal (each block's NLL rise when "
+                                           "removed alone, on 8 fit windows)", ("ones", "removal"))
+    lora_rank: int = option(8, "rank of the adapters")
+    lora_alpha: float = option(16.0, "adapters add (lora_alpha / lora_rank) · B A")
+    lora_lr: float = option(5e-4, "the adapters' learning rate")
+    likelihood: str = option("nll", "score the gated network by next-token NLL of the corpus, or by KL from the "
+                                    "dense network", LIKELIHOODS)
+    nll_weight: float = option(0.0, "the NLL's share in a distillation likelihood (0: pure KL)")
 
     @property
     def lora_scale(self) -> float:
@@ -173,8 +193,8 @@ class FitConfig(_JsonConfig):
             raise ValueError("FitConfig.weight_decay and warmup_steps must be >= 0")
         if self.block_importance not in ("ones", "removal"):
             raise ValueError(f"FitConfig.block_importance must be 'ones' or 'removal', got {self.block_importance!r}")
-        if self.likelihood not in ("nll", "distillation"):
-            raise ValueError(f"FitConfig.likelihood must be 'nll' or 'distillation', got {self.likelihood!r}")
+        if self.likelihood not in LIKELIHOODS:
+            raise ValueError(f"FitConfig.likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
         _finite(self, "nll_weight")
         if not 0 <= self.nll_weight <= 1:
             raise ValueError(f"FitConfig.nll_weight must be in [0, 1], got {self.nll_weight}")
@@ -196,11 +216,11 @@ class FitConfig(_JsonConfig):
 class DataConfig(_JsonConfig):
     """Corpus and split settings. ``path=None`` means the Shakespeare corpus."""
 
-    path: str | None = None
-    validation_fraction: float = 0.1
-    test_fraction: float = 0.1
-    eval_tokens: int = 16384
-    eval_window: int = 256
+    path: str | None = option(None, "text file, folder or .jsonl (default: the Shakespeare corpus)")
+    validation_fraction: float = option(0.1, "share of documents held out for validation")
+    test_fraction: float = option(0.1, "share of documents held out for test")
+    eval_tokens: int = option(16384, "test tokens perplexity is measured on")
+    eval_window: int = option(256, "tokens per perplexity window")
 
     def __post_init__(self):
         if not (0 <= self.validation_fraction < 1 and 0 < self.test_fraction < 1):
@@ -221,10 +241,11 @@ class DepthConfig(_JsonConfig):
     on ``chunk`` of them first and on more where the choice is uncertain, by ``score`` (``nll`` of
     the corpus, or ``distillation``: KL from the dense network)."""
 
-    removals: int | None = None
-    windows: int = 32
-    chunk: int = 8
-    score: str = "nll"
+    removals: int | None = option(None, "how many blocks to rank for removal (default: half)")
+    windows: int = option(32, "fit-split windows the search may score (seeded; spent where a choice is uncertain)")
+    chunk: int = option(8, "windows every candidate is scored on first")
+    score: str = option("nll", "nll (next-token NLL of the corpus) or distillation (KL from the dense network)",
+                        DEPTH_SCORES)
 
     def __post_init__(self):
         if self.score not in DEPTH_SCORES:
@@ -242,15 +263,18 @@ class DraftConfig(_JsonConfig):
     ``max_gamma`` are weighed. ``vocab_share`` trims the draft's head to the tokens covering that share
     of the fitting corpus; ``draft_dtype`` is the dtype the draft will decode in."""
 
-    sizes: tuple[str, ...] = DRAFT_SIZES
-    form: str = "uniform"
-    vocab_share: float | None = None
-    decoding: str = "greedy"
-    num_prompts: int = 8
-    prompt_tokens: int = 32
-    new_tokens: int = 48
-    max_gamma: int = 8
-    draft_dtype: str | None = None
+    sizes: tuple[str, ...] = option(DRAFT_SIZES, "candidate sizes, comma-separated (any extraction target: 0.5, "
+                                                 "12layers, 80M …)")
+    form: str = option("uniform", "uniform (loads with plain transformers) or per-layer widths", FORMS)
+    vocab_share: float | None = option(None, "draft head over the tokens covering this share of the fitting corpus "
+                                             "(default: all)")
+    decoding: str = option("greedy", "which acceptance the prediction uses: greedy (argmax agreement) or sampling",
+                           DECODINGS)
+    num_prompts: int = option(8, "validation prompts the acceptance is read on")
+    prompt_tokens: int = option(32, "tokens of each prompt")
+    new_tokens: int = option(48, "target tokens continued after each prompt")
+    max_gamma: int = option(8, "the longest draft length weighed")
+    draft_dtype: str | None = option(None, "dtype the draft decodes in (default: --dtype)", DTYPES)
 
     def __post_init__(self):
         self.sizes = tuple(str(size) for size in self.sizes)
@@ -290,19 +314,24 @@ class RouterConfig(_JsonConfig):
     (validation windows scored per domain) and ``seed`` (the window order) are the job's.
     """
 
-    skipped: int | None = None
-    route_after: int = 2
-    prompt_tokens: int = 32
-    seq_len: int = 128
-    search_windows: int = 32
-    train_windows: int = 128
-    check_windows: int = 32
-    confidence: float = 0.9
-    tolerance: float = 0.02
-    posterior_steps: int = 0
-    candidates: int = 8
-    max_swaps: int = 0
-    seed: int = 0
+    skipped: int | None = option(None, "blocks each candidate set skips (default: 20 %)")
+    route_after: int = option(2, "the router reads the hidden state entering this block; no set skips the blocks "
+                                 "before it")
+    prompt_tokens: int = option(32, "prompt tokens the router reads in training")
+    seq_len: int = option(128, "tokens per window")
+    search_windows: int = option(32, "fit windows per domain its depth search may score")
+    train_windows: int = option(128, "further fit windows per domain that train the router")
+    check_windows: int = option(32, "validation windows per domain on which the router is checked (0: none)")
+    confidence: float = option(0.9, "P(best) a route needs")
+    tolerance: float = option(0.02, "or the expected regret (nats per token) it may carry; otherwise only the blocks "
+                                    "the likely sets share are skipped")
+    posterior_steps: int = option(0, "fit each domain's block posterior (frozen weights, SVI steps) and let each "
+                                      "search step weigh only its --candidates least-needed blocks (0: the search "
+                                      "weighs every block)")
+    candidates: int = option(8, "blocks each search step weighs, with a posterior")
+    max_swaps: int = option(0, "then refine each domain's set by up to this many single swaps (a skipped block for a "
+                               "kept one), each only if it lowers the loss on the search windows (0: the greedy set)")
+    seed: int = option(0, "seed of the window order")
 
     def __post_init__(self):
         if not 1 <= self.prompt_tokens < self.seq_len:
@@ -326,9 +355,10 @@ class ExtractionConfig(_JsonConfig):
     ``transformers`` loads it); ``multiple`` rounds kept neurons per block.
     """
 
-    target: str | None = "0.75"
-    form: str = "per-layer"
-    multiple: int = 1
+    target: str | None = option("0.75", "size to extract: 0.75, 75%, 12layers, 80M, 300MB, 40%flops, or 'none'")
+    form: str = option("per-layer", "per-layer widths (load with bayesprune.load_pruned) or the same widths in every "
+                                    "block (loads in plain transformers)", FORMS)
+    multiple: int = option(1, "round kept neurons per block to a multiple of this")
 
     def __post_init__(self):
         from .targets import Target, TargetError

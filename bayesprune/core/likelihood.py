@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import adapters_disabled
+from .config import LIKELIHOODS
 from .gates import GatedModel
 
-LIKELIHOODS = ("nll", "distillation")
 
 
 def token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
