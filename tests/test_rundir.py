@@ -210,3 +210,67 @@ def test_every_file_carries_one_marker_and_foreign_or_newer_ones_are_refused(tmp
     assert load_tensors(tmp_path / "t.safetensors", form)[1]["y"] == 2
     with pytest.raises(ValueError, match="t.safetensors is not a bayesprune posterior"):
         load_tensors(tmp_path / "t.safetensors", POSTERIOR_FORMAT)
+
+
+def _holder(run, job: str, exclusive: bool = True):
+    """A real process that holds ``run`` for ``job`` until it is killed; returns it once it holds it."""
+    code = ("import sys, time\nfrom bayesprune.run.rundir import holding\n"
+            f"with holding({str(run)!r}, {job!r}, exclusive={exclusive}):\n    print('held', flush=True)\n"
+            "    time.sleep(600)\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "held"
+    return child
+
+
+def test_a_run_has_one_writer_and_a_dead_writers_lock_is_taken(fitted, tiny_model_dir, corpus_dir, tmp_path):
+    before = {p.name: p.read_bytes() for p in fitted.iterdir() if p.is_file()}
+    holder = _holder(fitted, "fit")
+    try:
+        for args in (fit_args(tiny_model_dir, corpus_dir, fitted), ["depth", str(fitted)]):
+            done = subprocess.run([sys.executable, "-m", "bayesprune", *args], capture_output=True, text=True,
+                                  timeout=300)
+            assert done.returncode == 2 and f"process {holder.pid} is running bayesprune fit" in done.stderr
+        # readers are refused while a writer holds the run, and nothing was written
+        done = subprocess.run([sys.executable, "-m", "bayesprune", "extract", str(fitted), "--target", "0.5",
+                               "--out", str(tmp_path / "small")], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and "is in use" in done.stderr and not (tmp_path / "small").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert {p.name: p.read_bytes() for p in fitted.iterdir() if p.is_file() and p.name != "run.lock"} == \
+        {k: v for k, v in before.items() if k != "run.lock"}
+    assert main(["depth", str(fitted), "--removals", "1", "--windows", "2", "--chunk", "2"]) == 0  # taken over
+
+
+def test_readers_share_a_run_and_keep_writers_out(fitted, tiny_model_dir, corpus_dir, tmp_path, capsys):
+    reader = _holder(fitted, "extract", exclusive=False)
+    try:
+        assert main(["extract", str(fitted), "--target", "0.5", "--out", str(tmp_path / "small")]) == 0
+        assert main(["depth", str(fitted), "--removals", "1", "--windows", "2", "--chunk", "2"]) == 2
+        assert "a bayesprune extract or draft is reading it" in error_of(capsys)
+    finally:
+        reader.kill()
+        reader.wait()
+
+
+def test_two_extractions_into_one_folder_leave_one_model(fitted, tmp_path):
+    out = tmp_path / "small"
+    command = [sys.executable, "-m", "bayesprune", "extract", str(fitted), "--target", "0.5", "--out", str(out)]
+    children = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for _ in range(2)]
+    results = [(child.wait(timeout=300), child.stderr.read()) for child in children]
+    assert sorted(code for code, _ in results) == [0, 2]
+    assert "already exists" in next(err for code, err in results if code == 2)
+    assert (out / "model.safetensors").is_file() and json.loads((out / "bayesprune_extraction.json").read_text())
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_a_fit_refused_before_it_wrote_leaves_no_folder(tiny_model_dir, corpus_dir, tmp_path):
+    holder = _holder(tmp_path / "new", "fit")
+    try:
+        assert main(fit_args(tiny_model_dir, corpus_dir, tmp_path / "new")) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["run.lock"]  # the holder's, left by a killed process
+    assert main(fit_args(tiny_model_dir, corpus_dir, tmp_path / "new")) == 0

@@ -164,18 +164,49 @@ def load_tensors(path: str | Path, form: FileFormat) -> tuple[dict[str, torch.Te
 
 @contextlib.contextmanager
 def atomic_directory(path: str | Path, overwrite: bool = False):
-    """Yield a temporary directory that replaces ``path`` only if the block succeeds."""
+    """Yield a temporary directory that replaces ``path`` only if the block succeeds.
+
+    Without ``overwrite``, ``path`` is claimed at once (an empty folder made in its place): a second
+    writer is refused when it starts, and nothing that exists is ever replaced.
+    """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; choose another --out or remove it")
     path.parent.mkdir(parents=True, exist_ok=True)
+    if not overwrite:
+        try:
+            path.mkdir()
+        except FileExistsError:
+            raise FileExistsError(f"{path} already exists; choose another --out or remove it") from None
     remove_stale_partials(path)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{_partial_prefix(path)}{os.getpid()}-"))
     try:
-        yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{_partial_prefix(path)}{os.getpid()}-"))
+        try:
+            yield tmp
+            if overwrite and path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)  # onto the empty claim
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not overwrite:
+            with contextlib.suppress(OSError):
+                path.rmdir()  # the claim, if nothing else came of it
+        raise
+
+
+@contextlib.contextmanager
+def claimed_file(path: str | Path):
+    """Claim ``path`` for a file written later (an empty file made in its place at once, so that a second
+    writer is refused when it starts); the claim is removed if the block fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        raise FileExistsError(f"{path} already exists; choose another path or remove it") from None
+    try:
+        yield path
+    except BaseException:
+        if path.is_file() and path.stat().st_size == 0:
+            path.unlink()
         raise

@@ -385,11 +385,11 @@ class RoutedModel:
                              "probability": route.probability}, "plan": plan.record()}
         return save_extracted(small, tokenizer, out, record)
 
-    def save(self, path: str | Path, made: dict | None = None) -> Path:
+    def save(self, path: str | Path, made: dict | None = None, overwrite: bool = False) -> Path:
         """The router, its candidate sets and the routing settings, as one safetensors file (not the network);
         ``made`` (JSON: how the router was built) is kept beside them and read back by :func:`router_record`."""
         path = Path(path)
-        if path.exists():
+        if path.exists() and not overwrite:
             raise FileExistsError(f"{path} already exists; choose another path or remove it")
         tensors, settings = self.router.state()
         save_tensors(path, tensors, ROUTER_FORMAT, {"router": settings, "sets": self.sets,

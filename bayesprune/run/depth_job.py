@@ -15,7 +15,7 @@ from ..inputs.data import load_splits, windows
 from ..core.removal import DepthSearch, conditional_depth_search
 from ..core.gates import gate
 from ..core.io import read_json, write_json
-from .rundir import DEPTH_FORMAT, RunDir, load_fitted, load_fitted_model, read_config
+from .rundir import DEPTH_FORMAT, RunDir, holding, load_fitted, load_fitted_model, read_config
 
 
 def run_depth_search(run_dir: str | Path, depth: DepthConfig | None = None, device: str | None = None,
@@ -34,13 +34,14 @@ def run_depth_search(run_dir: str | Path, depth: DepthConfig | None = None, devi
     removals = num_layers // 2 if depth.removals is None else depth.removals
     if not 0 < removals < num_layers:
         raise ValueError(f"removals must be in [1, {num_layers - 1}] for this {num_layers}-block model, got {removals}")
-    model, tokenizer = load_fitted_model(run_dir, device, dtype)
-    fit_windows = windows(load_splits(tokenizer, config.data)["fit"], config.fit.seq_len)
-    order = torch.randperm(fit_windows.shape[0], generator=torch.Generator().manual_seed(config.fit.seed))
-    gated = gate(model, GateConfig(units=("block",)))
-    search = conditional_depth_search(gated, fit_windows[order[:depth.windows]], removals, depth.score,
-                                      chunk=depth.chunk, progress=progress)
-    write_json(RunDir(run_dir).depth, DEPTH_FORMAT, {"dtype": dtype, **search.record()})
+    with holding(run_dir, "depth") as run:
+        model, tokenizer = load_fitted_model(run_dir, device, dtype)
+        fit_windows = windows(load_splits(tokenizer, config.data)["fit"], config.fit.seq_len)
+        order = torch.randperm(fit_windows.shape[0], generator=torch.Generator().manual_seed(config.fit.seed))
+        gated = gate(model, GateConfig(units=("block",)))
+        search = conditional_depth_search(gated, fit_windows[order[:depth.windows]], removals, depth.score,
+                                          chunk=depth.chunk, progress=progress)
+        write_json(run.depth, DEPTH_FORMAT, {"dtype": dtype, **search.record()})
     return search
 
 

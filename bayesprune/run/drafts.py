@@ -25,7 +25,7 @@ from ..core.gates import gate
 from ..core.io import FileFormat, atomic_directory, read_json, write_json
 from .extract_job import run_extract, run_plan
 from ..inputs.pretrained import compute_dtype, load_config, load_model, source_dtype
-from .rundir import fitted_model_path, load_fitted, load_fitted_model, read_config
+from .rundir import fitted_model_path, holding, load_fitted, load_fitted_model, read_config
 from ..speculative.decoding import (acceptance, best_gamma, configure_draft, decode_ms, set_draft_length, skip_blocks,
                           trim_vocabulary, vocabulary_for_share)
 from ..core.targets import ModelTotals, Target, check_feasible
@@ -133,13 +133,11 @@ def write_draft(run_dir: str | Path, out: str | Path, size: str | None = None, p
     ``generation_config`` and the prediction in ``draft.json``; nothing is written on error."""
     from transformers import GenerationConfig
 
-    if Path(out).exists():
-        raise FileExistsError(f"{out} already exists; choose another --out or remove it")
     if size is not None:
         ranking["sizes"] = (size,)
-    ranked = rank_drafts(run_dir, progress=progress, **ranking)
-    chosen = ranked["candidates"][0]
-    with atomic_directory(out) as tmp:
+    with holding(run_dir, "draft", exclusive=False), atomic_directory(out) as tmp:  # claimed before the ranking
+        ranked = rank_drafts(run_dir, progress=progress, **ranking)
+        chosen = ranked["candidates"][0]
         extracted = run_extract(run_dir, ExtractionConfig(target=chosen["target"], form=ranked["form"]), tmp,
                                 overwrite=True)
         generation = (GenerationConfig.from_pretrained(tmp) if (tmp / "generation_config.json").is_file()

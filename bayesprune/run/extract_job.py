@@ -18,7 +18,7 @@ from ..core.io import load_tensors
 from ..inputs.pretrained import load_config, source_dtype
 from ..core.plan import ExtractionPlan
 from ..core.posterior import GatePosterior
-from .rundir import RunDir, fitted_model_path, load_fitted, load_fitted_model, read_config
+from .rundir import RunDir, fitted_model_path, holding, load_fitted, load_fitted_model, read_config
 from ..core.selection import choose_blocks
 from ..core.targets import ModelTotals, Target, TargetError
 from ..cut.extraction import CheckpointFiles, extract_model, extract_streaming, save_extracted
@@ -76,9 +76,16 @@ def run_extract(run_dir: str | Path, extraction: ExtractionConfig, out: str | Pa
     is cut in memory.
     """
     run_dir = Path(run_dir)
-    parsed, form, multiple = extraction.parsed, extraction.form, extraction.multiple
-    if parsed is None:
+    if extraction.parsed is None:
         raise TargetError("extraction needs a target")
+    with holding(run_dir, "extract", exclusive=False):
+        return _extract_from(run_dir, extraction, out, overwrite, streaming, device, dtype)
+
+
+def _extract_from(run_dir: Path, extraction: ExtractionConfig, out: str | Path, overwrite: bool,
+                  streaming: bool | None, device: str | None, dtype: str | None) -> dict:
+    """:func:`run_extract` while the run is held for reading."""
+    parsed, form, multiple = extraction.parsed, extraction.form, extraction.multiple
     fitted = load_fitted(run_dir)
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another --out or remove it")

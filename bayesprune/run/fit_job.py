@@ -16,6 +16,7 @@ with a target, ``extracted/`` (a Hugging Face folder with the tokenizer).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from ..core.io import atomic_path, atomic_write_json, atomic_write_text
 from ..inputs.pretrained import load_config, load_model, resolve_model, source_dtype
 from .plots import plot_block_forest, plot_inclusion_over_cost, plot_size_curve, plot_thresholds, plot_width
 from ..core.posterior import GatePosterior, cost_grid
-from .rundir import RunDir, check_output, claim, data_fingerprint, model_fingerprint
+from .rundir import RunDir, check_output, claim, data_fingerprint, holding, model_fingerprint
 from ..core.targets import ModelTotals, Target
 from ..cut.extraction import extract_model, save_extracted
 from .extract_job import extraction_record
@@ -117,6 +118,13 @@ def run_fit(config: RunConfig, run_dir: str | Path, extraction: ExtractionConfig
     config = config.resolved()
     extraction = extraction or ExtractionConfig()
     parsed_target = validate(config, extraction, run.path)
+    with holding(run.path, "fit") if distributed.is_main() else contextlib.nullcontext():
+        return _fit_in(run, config, extraction, parsed_target, started, progress, log, device)
+
+
+def _fit_in(run: RunDir, config: RunConfig, extraction: ExtractionConfig, parsed_target: Target | None,
+            started: float, progress: bool, log, device) -> dict:
+    """:func:`run_fit` once the run directory is held."""
     corpus = split_corpus(config.data)  # the text is read and checked before any weights
     model, tokenizer = load_model(config.model, device, config.fit.dtype)
     splits = {name: tokenize(tokenizer, documents) for name, documents in corpus.items()}

@@ -17,6 +17,7 @@ import torch
 from ..inputs.data import corpus_documents, split_documents, tokenize, windows
 from ..core.gates import gate
 from ..core.config import GateConfig, RouterConfig
+from ..core.io import claimed_file
 from ..inputs.pretrained import load_config, load_model, resolve_model
 from ..routing.routed import RoutedModel, fit_routed_model, held_out_check, protected_blocks, router_record
 
@@ -47,15 +48,16 @@ def build_router(out: str | Path, sources: list[str], model: str | None = None, 
     if len(named) != len(sources):
         raise ValueError(f"two domains share a name: {sources}")
     splits = {name: split_documents(documents) for name, documents in named.items()}
-    network, tokenizer = load_model(model, device, dtype)
-    fit = {name: _shuffled(tokenize(tokenizer, s["fit"]), seq_len, seed) for name, s in splits.items()}
-    check = {name: _shuffled(tokenize(tokenizer, s["validation"]), seq_len, seed)[:config.check_windows]
-             for name, s in splits.items()}
-    routed = fit_routed_model(gate(network, GateConfig(units=("block",))), fit, config, progress)
-    report = held_out_check(routed, check, config.prompt_tokens, progress) if config.check_windows else {}
-    made = {"model": str(resolve_model(model)), "dtype": dtype, "domains": sources, **config.to_dict(),
-            "validation": report}
-    routed.save(out, made)
+    with claimed_file(out):  # a second writer of the same file is refused before its search, not after
+        network, tokenizer = load_model(model, device, dtype)
+        fit = {name: _shuffled(tokenize(tokenizer, s["fit"]), seq_len, seed) for name, s in splits.items()}
+        check = {name: _shuffled(tokenize(tokenizer, s["validation"]), seq_len, seed)[:config.check_windows]
+                 for name, s in splits.items()}
+        routed = fit_routed_model(gate(network, GateConfig(units=("block",))), fit, config, progress)
+        report = held_out_check(routed, check, config.prompt_tokens, progress) if config.check_windows else {}
+        made = {"model": str(resolve_model(model)), "dtype": dtype, "domains": sources, **config.to_dict(),
+                "validation": report}
+        routed.save(out, made, overwrite=True)
     return router_record(out)
 
 

@@ -9,8 +9,11 @@ and data, and extraction refuses a model that no longer matches its fingerprint.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -38,6 +41,7 @@ class RunDir:
     SUMMARY = "summary.csv"                   # az.summary of the per-layer variables
     REPORT = "report.json"                    # what the fit job measured and wrote
     DEPTH = "depth.json"                      # the conditional depth ranking (DEPTH_FORMAT)
+    LOCK = "run.lock"                         # held by the job using the run (see holding)
     EXTRACTED = "extracted"                   # the model the fit job extracted
     PLOTS = {"inclusion_plot": "inclusion.png", "threshold_plot": "thresholds.png",
              "size_curve_plot": "size_curve.png", "forest_plot": "forest.png", "width_plot": "width.png"}
@@ -72,12 +76,58 @@ class RunDir:
         return self.path / self.DEPTH
 
     @property
+    def lock(self) -> Path:
+        return self.path / self.LOCK
+
+    @property
     def report(self) -> Path:
         return self.path / self.REPORT
 
     @property
     def extracted(self) -> Path:
         return self.path / self.EXTRACTED
+
+
+class RunBusyError(OSError):
+    """Another process is using the run directory."""
+
+
+@contextlib.contextmanager
+def holding(run_dir: str | Path, job: str, exclusive: bool = True):
+    """Hold the run directory for ``job``: one writer (``fit``, ``depth``) or any number of readers
+    (``extract``, ``draft``) at a time, refused at once otherwise, naming the writer's process.
+
+    An advisory ``flock`` on ``run.lock``: the kernel drops it when its process ends, however it ends,
+    so the lock of a process that died is simply taken. A folder made here and left with nothing but
+    the lock (a job refused or failed before writing) is removed again.
+    """
+    run = RunDir(run_dir)
+    if not exclusive and not run.path.is_dir():
+        yield run  # nothing to read: the job itself says so
+        return
+    created = not run.path.exists()
+    run.path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run.lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            raise RunBusyError(f"{run} is in use: {holder or 'a bayesprune extract or draft is reading it'}; "
+                               f"wait for it to finish, or choose another folder") from None
+        if exclusive:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"process {os.getpid()} is running bayesprune {job}".encode(), 0)
+        try:
+            yield run
+        finally:
+            if exclusive:
+                os.ftruncate(fd, 0)
+            if created and {p.name for p in run.path.iterdir()} <= {RunDir.LOCK}:
+                run.lock.unlink()
+                run.path.rmdir()
+    finally:
+        os.close(fd)
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
@@ -163,8 +213,8 @@ def check_output(run_dir: str | Path, config: RunConfig) -> None:
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise FileExistsError(f"{run_dir} is a file, not a run directory; choose another --out")
-    if not run_dir.exists() or not any(run_dir.iterdir()):
-        return
+    if not run_dir.exists() or not [p for p in run_dir.iterdir() if p.name != RunDir.LOCK and ".partial-" not in p.name]:
+        return  # empty, or only what a starting job of bayesprune's holds
     try:
         read_identity(run_dir)
     except FileNotFoundError:
