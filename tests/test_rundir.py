@@ -176,7 +176,10 @@ def test_what_a_killed_write_left_is_removed_by_the_next(fitted, tmp_path, capsy
     assert not [p for p in fitted.iterdir() if ".partial-" in p.name]
 
 
-def test_ctrl_c_during_fit_keeps_a_resumable_checkpoint(tiny_model_dir, corpus_dir, tmp_path):
+@pytest.mark.parametrize("signum, code, said", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
+                         ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_during_fit_keeps_a_resumable_checkpoint(tiny_model_dir, corpus_dir, tmp_path, signum, code,
+                                                                   said):
     run = tmp_path / "run"
     args = fit_args(tiny_model_dir, corpus_dir, run)
     args[args.index("--steps") + 1] = "100000"
@@ -184,10 +187,10 @@ def test_ctrl_c_during_fit_keeps_a_resumable_checkpoint(tiny_model_dir, corpus_d
     seen = ""
     while "SVI" not in seen or "nll=" not in seen:  # a step has been taken
         seen += child.stderr.read(1) or pytest.fail(f"the fit ended early: {seen}")
-    child.send_signal(signal.SIGINT)
+    child.send_signal(signum)
     err = child.stderr.read()
-    assert child.wait() == 130
-    assert "interrupted; the fit's checkpoint is in" in err and "Traceback" not in err
+    assert child.wait() == code
+    assert f"{said}; the fit's checkpoint is in" in err and "Traceback" not in err
     step = load_tensors(run / RunDir.CHECKPOINT, CHECKPOINT_FORMAT)[1]["step"]
     assert step >= 0 and not (run / RunDir.POSTERIOR).exists()
 
@@ -274,3 +277,34 @@ def test_a_fit_refused_before_it_wrote_leaves_no_folder(tiny_model_dir, corpus_d
         holder.wait()
     assert [p.name for p in (tmp_path / "new").iterdir()] == ["run.lock"]  # the holder's, left by a killed process
     assert main(fit_args(tiny_model_dir, corpus_dir, tmp_path / "new")) == 0
+
+
+def test_damaged_weights_and_a_full_disk_give_one_line_and_no_traceback(fitted, tiny_model_dir, tmp_path):
+    import shutil
+
+    truncated, pickled = tmp_path / "truncated", tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, truncated)
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    shutil.copytree(tiny_model_dir, pickled)
+    (pickled / "model.safetensors").unlink()
+    code = "import torch, sys\nclass Payload:\n    def __reduce__(self): return (print, ('ran',))\n" \
+           "torch.save({'w': Payload()}, sys.argv[1])\n"
+    subprocess.run([sys.executable, "-c", code, str(pickled / "pytorch_model.bin")], check=True)
+    for model, message in ((truncated, "not a readable safetensors file"), (pickled, "does not unpickle code")):
+        done = subprocess.run([sys.executable, "-m", "bayesprune", "evaluate", str(model), "--eval-tokens", "64",
+                               "--eval-window", "32"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr and "ran" not in done.stdout
+    # A disk that fills while the model is written: the write fails, nothing half-written is left.
+    limit = "import resource, signal, sys\nsignal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n" \
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))\n" \
+            "from bayesprune.run.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    out = tmp_path / "small"
+    done = subprocess.run([sys.executable, "-c", limit, "extract", str(fitted), "--target", "0.5", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "nothing was half-written" in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+    debug = subprocess.run([sys.executable, "-m", "bayesprune", "evaluate", str(truncated), "--debug"],
+                           capture_output=True, text=True, timeout=300)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from ..core.config import (DTYPES, CostConfig, DataConfig, DepthConfig, DraftConfig, ExtractionConfig, FitConfig,
@@ -176,101 +178,153 @@ def build_parser(recipe: dict | None = None) -> argparse.ArgumentParser:
                                    "(built from the corpus's test split, no network) or lm-eval registry names")
     p.add_argument("--task-limit", type=int, default=200, help="items per task")
     _device_options(p)
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser
+
+
+def _run(args, argv) -> None:
+    """Carry out the command ``args`` names."""
+    if args.command == "fit":
+        if args.recipe is not None:
+            args = build_parser(_recipe(args.recipe)).parse_args(argv)
+        config = _run_config(args)
+        from .fit_job import run_fit
+
+        target = None if args.target.lower() == "none" else args.target
+        extraction = ExtractionConfig(target, args.form, args.multiple)
+        from ..core.distributed import finish, is_main
+
+        try:
+            run_fit(config, args.out, extraction, log=lambda s: print(s, flush=True) if is_main() else None,
+                    device=args.device)
+        finally:
+            finish()
+    elif args.command == "extract":
+        from .extract_job import run_extract
+
+        streaming = False if args.in_memory else None
+        extraction = ExtractionConfig(args.target, args.form, args.multiple)
+        print(json.dumps(run_extract(args.run, extraction, args.out, streaming=streaming, device=args.device,
+                                     dtype=args.dtype), indent=2))
+    elif args.command == "depth":
+        from .depth_job import format_depth, run_depth_search
+        from .rundir import RunDir
+
+        search = run_depth_search(args.run, _config(DepthConfig, args), args.device, args.dtype)
+        print(format_depth(search))
+        print(f"wrote {RunDir(args.run).depth}: {len(search.order)} removals, {search.tokens:,} tokens, "
+              f"{search.evaluations} evaluations, {search.seconds:.0f} s; 'bayesprune extract "
+              f"{args.run} --target Nlayers' now cuts by it")
+    elif args.command == "draft":
+        from .drafts import format_candidates, write_draft
+
+        record = write_draft(args.run, args.out, config=_config(DraftConfig, args), device=args.device,
+                             dtype=args.dtype)
+        print(format_candidates(record))
+        chosen = record["chosen"]
+        print(f"wrote {args.out}: {chosen['described']}, γ = {chosen['gamma']}, predicted speed-up "
+              f"{chosen['predicted_speedup']:.2f}× (α {chosen['alpha_' + args.decoding]:.3f}, "
+              f"c {chosen['cost_ratio']:.3f}); load it with bayesprune.run.drafts.load_draft")
+        if chosen["predicted_speedup"] < 1:
+            print("no candidate is predicted to beat plain decoding of the target on this machine "
+                  "(see the table: acceptance too low for its cost)")
+    elif args.command == "router":
+        from .router_job import build_router, format_check
+
+        record = build_router(args.out, [d.strip() for d in args.domains.split(",") if d.strip()], args.model,
+                              _config(RouterConfig, args), args.device, args.dtype)
+        for name, blocks in record["sets"].items():
+            print(f"{name}: skips blocks {blocks}")
+        print(format_check(record))
+        print(f"wrote {args.out}; 'bayesprune route {args.out} --prompt TEXT' routes with it")
+    elif args.command == "route":
+        from .router_job import route_prompt
+
+        print(json.dumps(route_prompt(args.router, args.prompt, args.model, args.max_new_tokens, args.out,
+                                      args.device, args.dtype), indent=2))
+    else:
+        from ..inputs.data import split_corpus, tokenize
+        from ..evaluation.perplexity import model_size, perplexity
+        from ..inputs.pretrained import load_model, resolve_model
+        from ..evaluation.tasks import check_tasks, run_tasks
+
+        data = DataConfig(path=args.data, eval_tokens=args.eval_tokens, eval_window=args.eval_window)
+        tasks = None if args.tasks is None else [t.strip() for t in args.tasks.split(",")]
+        if tasks is not None:
+            check_tasks(tasks)
+            if args.task_limit < 1:
+                raise ValueError(f"--task-limit must be >= 1, got {args.task_limit}")
+        resolve_model(args.model)
+        test = split_corpus(data)["test"]
+        model, tokenizer = load_model(args.model, args.device, args.dtype)
+        result = {**perplexity(model, tokenize(tokenizer, test), data.eval_window, data.eval_tokens),
+                  **model_size(model, resolve_model(args.model) if args.model else None)}
+        if tasks is not None:
+            result["tasks"] = run_tasks(model, tokenizer, tasks, test, args.task_limit)
+        print(json.dumps({"model": args.model, **result}, indent=2))
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, taken as Ctrl-C is: a fit checkpoints before it stops."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def explain(err: BaseException) -> str | None:
+    """One line for a fault of the input or the environment (``None``: not one of those, a bug)."""
+    import errno
+    import pickle
+
+    from safetensors import SafetensorError
+
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return f"no room to write {err.filename or 'a file'} ({err.strerror}); nothing was half-written: " \
+               f"free some space and rerun"
+    if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"not allowed to write or read {err.filename or 'a file'} ({err.strerror})"
+    if isinstance(err, SafetensorError):
+        return f"a weight file is not a readable safetensors file ({err})"
+    if isinstance(err, pickle.UnpicklingError):
+        return "a weight file holds a pickle that is not plain tensors, and bayesprune does not unpickle code " \
+               "(torch refused it: weights-only load failed); convert the model to safetensors"
+    if isinstance(err, OverflowError):
+        return f"a number is out of range ({err})"
+    if isinstance(err, (ValueError, OSError, FloatingPointError, ImportError)):
+        return str(err)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
-        if args.command == "fit":
-            if args.recipe is not None:
-                args = build_parser(_recipe(args.recipe)).parse_args(argv)
-            config = _run_config(args)
-            from .fit_job import run_fit
-
-            target = None if args.target.lower() == "none" else args.target
-            extraction = ExtractionConfig(target, args.form, args.multiple)
-            from ..core.distributed import finish, is_main
-
-            try:
-                run_fit(config, args.out, extraction, log=lambda s: print(s, flush=True) if is_main() else None,
-                        device=args.device)
-            finally:
-                finish()
-        elif args.command == "extract":
-            from .extract_job import run_extract
-
-            streaming = False if args.in_memory else None
-            extraction = ExtractionConfig(args.target, args.form, args.multiple)
-            print(json.dumps(run_extract(args.run, extraction, args.out, streaming=streaming, device=args.device,
-                                         dtype=args.dtype), indent=2))
-        elif args.command == "depth":
-            from .depth_job import format_depth, run_depth_search
-            from .rundir import RunDir
-
-            search = run_depth_search(args.run, _config(DepthConfig, args), args.device, args.dtype)
-            print(format_depth(search))
-            print(f"wrote {RunDir(args.run).depth}: {len(search.order)} removals, {search.tokens:,} tokens, "
-                  f"{search.evaluations} evaluations, {search.seconds:.0f} s; 'bayesprune extract "
-                  f"{args.run} --target Nlayers' now cuts by it")
-        elif args.command == "draft":
-            from .drafts import format_candidates, write_draft
-
-            record = write_draft(args.run, args.out, config=_config(DraftConfig, args), device=args.device,
-                                 dtype=args.dtype)
-            print(format_candidates(record))
-            chosen = record["chosen"]
-            print(f"wrote {args.out}: {chosen['described']}, γ = {chosen['gamma']}, predicted speed-up "
-                  f"{chosen['predicted_speedup']:.2f}× (α {chosen['alpha_' + args.decoding]:.3f}, "
-                  f"c {chosen['cost_ratio']:.3f}); load it with bayesprune.run.drafts.load_draft")
-            if chosen["predicted_speedup"] < 1:
-                print("no candidate is predicted to beat plain decoding of the target on this machine "
-                      "(see the table: acceptance too low for its cost)")
-        elif args.command == "router":
-            from .router_job import build_router, format_check
-
-            record = build_router(args.out, [d.strip() for d in args.domains.split(",") if d.strip()], args.model,
-                                  _config(RouterConfig, args), args.device, args.dtype)
-            for name, blocks in record["sets"].items():
-                print(f"{name}: skips blocks {blocks}")
-            print(format_check(record))
-            print(f"wrote {args.out}; 'bayesprune route {args.out} --prompt TEXT' routes with it")
-        elif args.command == "route":
-            from .router_job import route_prompt
-
-            print(json.dumps(route_prompt(args.router, args.prompt, args.model, args.max_new_tokens, args.out,
-                                          args.device, args.dtype), indent=2))
-        else:
-            from ..inputs.data import split_corpus, tokenize
-            from ..evaluation.perplexity import model_size, perplexity
-            from ..inputs.pretrained import load_model, resolve_model
-            from ..evaluation.tasks import check_tasks, run_tasks
-
-            data = DataConfig(path=args.data, eval_tokens=args.eval_tokens, eval_window=args.eval_window)
-            tasks = None if args.tasks is None else [t.strip() for t in args.tasks.split(",")]
-            if tasks is not None:
-                check_tasks(tasks)
-                if args.task_limit < 1:
-                    raise ValueError(f"--task-limit must be >= 1, got {args.task_limit}")
-            resolve_model(args.model)
-            test = split_corpus(data)["test"]
-            model, tokenizer = load_model(args.model, args.device, args.dtype)
-            result = {**perplexity(model, tokenize(tokenizer, test), data.eval_window, data.eval_tokens),
-                      **model_size(model, resolve_model(args.model) if args.model else None)}
-            if tasks is not None:
-                result["tasks"] = run_tasks(model, tokenizer, tasks, test, args.task_limit)
-            print(json.dumps({"model": args.model, **result}, indent=2))
-    except (ValueError, OSError, FloatingPointError, ImportError) as err:
-        print(f"bayesprune {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
+        _run(args, argv)
+    except KeyboardInterrupt as err:
         from .rundir import RunDir
 
         resumable = args.command == "fit" and RunDir(args.out).checkpoint.is_file()
         kept = (f"; the fit's checkpoint is in {args.out}: rerun the same command to resume" if resumable
                 else "; nothing was fitted" if args.command == "fit" else "; nothing was written")
-        print(f"bayesprune {args.command}: interrupted{kept}", file=sys.stderr)
-        return 130
+        print(f"bayesprune {args.command}: {'terminated' if isinstance(err, Terminated) else 'interrupted'}{kept}",
+              file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
+    except Exception as err:
+        if args.debug:
+            raise
+        message = explain(err)
+        if message is None:
+            print(f"bayesprune {args.command}: internal error: {type(err).__name__}: {err} (a bug: rerun with "
+                  f"--debug for the traceback)", file=sys.stderr)
+            return 1
+        print(f"bayesprune {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 
