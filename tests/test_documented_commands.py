@@ -42,7 +42,8 @@ TINY = {
     "fit": FIT_ARGS,
     "extract": [],
     "evaluate": ["--eval-tokens", "256", "--eval-window", "64"],
-    "depth": ["--removals", "2", "--windows", "6", "--chunk", "3", "--dtype", "float32"],
+    "depth": ["--removals", "2", "--windows", "6", "--chunk", "3", "--dtype", "float32",
+              "--force"],  # the documents rank one RUN more than once
     "draft": ["--sizes", "0.5,0.8"],
     "router": ["--skipped", "1", "--route-after", "1", "--seq-len", "16", "--prompt-tokens", "4",
                "--search-windows", "4", "--train-windows", "8", "--check-windows", "4", "--dtype", "float32"],

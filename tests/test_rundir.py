@@ -308,3 +308,33 @@ def test_damaged_weights_and_a_full_disk_give_one_line_and_no_traceback(fitted, 
     debug = subprocess.run([sys.executable, "-m", "bayesprune", "evaluate", str(truncated), "--debug"],
                            capture_output=True, text=True, timeout=300)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_rerunning_a_finished_fit_rewrites_nothing_unless_asked(tiny_model_dir, corpus_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir), "--out", str(run), "--target", "0.5",
+            *FIT_ARGS]
+    assert main(args) == 0
+    (run / "extracted" / "notes.txt").write_text("mine")
+    def written():  # what the run holds, but the lock its jobs take
+        return {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != RunDir.LOCK}
+
+    before = written()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "already holds this fit and its extraction" in capsys.readouterr().out
+    assert written() == before
+    assert main([*args, "--force"]) == 0
+    assert not (run / "extracted" / "notes.txt").exists()  # asked for
+    assert main([*args[:args.index("0.5")], "0.6", *args[args.index("0.5") + 1:]]) == 0  # a new target extracts
+    assert json.loads((run / "report.json").read_text())["extraction"]["target"] == "0.6"
+
+
+def test_a_depth_ranking_is_replaced_only_when_asked(fitted, capsys):
+    depth = ["depth", str(fitted), "--windows", "2", "--chunk", "2"]
+    assert main([*depth, "--removals", "2"]) == 0
+    held = (fitted / RunDir.DEPTH).read_bytes()
+    assert main([*depth, "--removals", "1"]) == 2
+    assert "already ranks 2 removals" in error_of(capsys) and (fitted / RunDir.DEPTH).read_bytes() == held
+    assert main([*depth, "--removals", "1", "--force"]) == 0
+    assert len(json.loads((fitted / RunDir.DEPTH).read_text())["order"]) == 1

@@ -85,6 +85,8 @@ def _fit_parser(sub, recipe: dict | None = None) -> None:
     p.add_argument("--recipe", help="a JSON file of settings: a run's config.json, optionally with an \"extraction\" "
                                     "object (target, form, multiple); options given beside it override it")
     p.add_argument("--device", help="cpu (default), cuda or cuda:N: where the network runs")
+    p.add_argument("--force", action="store_true", help="on a run that already holds this fit and extraction, "
+                                                        "write its summaries, plots and extraction again")
     if recipe:
         p.set_defaults(**recipe)
 
@@ -153,6 +155,7 @@ def build_parser(recipe: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory written by 'bayesprune fit'")
     _options(p, DepthConfig)
     _device_options(p, "bfloat16", "the dtype the search runs in")
+    p.add_argument("--force", action="store_true", help="replace the run's depth ranking if it has one")
     p = sub.add_parser("router", help="build a prompt router: one set of blocks to skip per domain of text, and a "
                                       "Bayesian router that picks one per prompt (or skips fewer when unsure)")
     p.add_argument("--out", required=True, help="router file to write (.safetensors; must not exist)")
@@ -197,7 +200,7 @@ def _run(args, argv) -> None:
 
         try:
             run_fit(config, args.out, extraction, log=lambda s: print(s, flush=True) if is_main() else None,
-                    device=args.device)
+                    device=args.device, force=args.force)
         finally:
             finish()
     elif args.command == "extract":
@@ -211,7 +214,7 @@ def _run(args, argv) -> None:
         from .depth_job import format_depth, run_depth_search
         from .rundir import RunDir
 
-        search = run_depth_search(args.run, _config(DepthConfig, args), args.device, args.dtype)
+        search = run_depth_search(args.run, _config(DepthConfig, args), args.device, args.dtype, force=args.force)
         print(format_depth(search))
         print(f"wrote {RunDir(args.run).depth}: {len(search.order)} removals, {search.tokens:,} tokens, "
               f"{search.evaluations} evaluations, {search.seconds:.0f} s; 'bayesprune extract "

@@ -19,7 +19,7 @@ from .rundir import DEPTH_FORMAT, RunDir, holding, load_fitted, load_fitted_mode
 
 
 def run_depth_search(run_dir: str | Path, depth: DepthConfig | None = None, device: str | None = None,
-                     dtype: str | None = "bfloat16", progress: bool = True) -> DepthSearch:
+                     dtype: str | None = "bfloat16", progress: bool = True, force: bool = False) -> DepthSearch:
     """Re-score a fitted run's depth ranking conditionally on seeded fit-split windows, as ``depth`` says;
     writes ``depth.json``.
 
@@ -34,6 +34,10 @@ def run_depth_search(run_dir: str | Path, depth: DepthConfig | None = None, devi
     removals = num_layers // 2 if depth.removals is None else depth.removals
     if not 0 < removals < num_layers:
         raise ValueError(f"removals must be in [1, {num_layers - 1}] for this {num_layers}-block model, got {removals}")
+    held = read_depth(run_dir)
+    if held is not None and not force:
+        raise FileExistsError(f"{RunDir(run_dir).depth} already ranks {len(held.order)} removals ({held.score}, "
+                              f"{held.tokens:,} tokens); --force replaces it")
     with holding(run_dir, "depth") as run:
         model, tokenizer = load_fitted_model(run_dir, device, dtype)
         fit_windows = windows(load_splits(tokenizer, config.data)["fit"], config.fit.seq_len)

@@ -17,6 +17,7 @@ with a target, ``extracted/`` (a Hugging Face folder with the tokenizer).
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from pathlib import Path
 
@@ -103,14 +104,26 @@ def format_widths(rows: list[dict]) -> str:
                    ("P>1/2", ">10", lambda r: f"{r['units_above_half']}/{r['units']}")], rows)
 
 
+def finished(run: RunDir, config: RunConfig, extraction: ExtractionConfig) -> dict | None:
+    """The report of a run that already holds this fit and this extraction (``None``: it does not)."""
+    try:
+        report = json.loads(run.report.read_text())
+    except (OSError, ValueError):
+        return None
+    asked = json.loads(json.dumps({"config": config.to_dict(), "extraction": extraction.to_dict()}))
+    same = isinstance(report, dict) and all(report.get(key) == value for key, value in asked.items())
+    return report if same and run.posterior.is_file() else None
+
+
 def run_fit(config: RunConfig, run_dir: str | Path, extraction: ExtractionConfig | None = None,
-            progress: bool = True, log=print, device: str | None = None) -> dict:
+            progress: bool = True, log=print, device: str | None = None, force: bool = False) -> dict:
     """Fit the cost-conditioned gate posterior, summarise it, and (with a target) extract and evaluate.
 
     The network runs on ``device`` in ``config.fit.dtype``; the extracted model is written in
     the dtype the source model is stored in, and byte targets count that dtype's bytes.
     Launched on several processes (``torchrun``, ``accelerate launch``), they fit together
-    and only the first writes and reports; the others return ``{}``.
+    and only the first writes and reports; the others return ``{}``. A run that already holds this
+    fit and this extraction is left as it is (its report is returned) unless ``force``.
     """
     started = time.time()
     device = distributed.initialise(device)
@@ -119,17 +132,23 @@ def run_fit(config: RunConfig, run_dir: str | Path, extraction: ExtractionConfig
     extraction = extraction or ExtractionConfig()
     parsed_target = validate(config, extraction, run.path)
     with holding(run.path, "fit") if distributed.is_main() else contextlib.nullcontext():
-        return _fit_in(run, config, extraction, parsed_target, started, progress, log, device)
+        return _fit_in(run, config, extraction, parsed_target, started, progress, log, device, force)
 
 
 def _fit_in(run: RunDir, config: RunConfig, extraction: ExtractionConfig, parsed_target: Target | None,
-            started: float, progress: bool, log, device) -> dict:
+            started: float, progress: bool, log, device, force: bool) -> dict:
     """:func:`run_fit` once the run directory is held."""
     corpus = split_corpus(config.data)  # the text is read and checked before any weights
     model, tokenizer = load_model(config.model, device, config.fit.dtype)
     splits = {name: tokenize(tokenizer, documents) for name, documents in corpus.items()}
+    done = None if force else finished(run, config, extraction)
     claim(run.path, config, model_fingerprint(resolve_model(config.model)), data_fingerprint(splits),
-          write=distributed.is_main())
+          write=distributed.is_main() and done is None)  # a finished run is checked against its model and data
+    if done is not None:
+        log(f"{run} already holds this fit" + (f" and its extraction ({done['extracted']['path']}: test perplexity "
+                                                f"{done['extracted']['perplexity']:.3f})" if "extracted" in done else "")
+            + "; nothing was rewritten (--force redoes the summaries, plots and extraction)")
+        return done if distributed.is_main() else {}
 
     def evaluate(model) -> dict:
         return perplexity(model, splits["test"], config.data.eval_window, config.data.eval_tokens,
@@ -157,7 +176,7 @@ def _fit_in(run: RunDir, config: RunConfig, extraction: ExtractionConfig, parsed
     costs = [posterior.fixed_cost] if posterior.fixed_cost is not None else cost_grid()
     size_rows = posterior.size_curve(costs, totals)
     files = _write_plots_and_tables(run, posterior, cost, size_rows)
-    report = {"config": config.to_dict(), "dense": dense, **_summaries(posterior, cost, size_rows, log),
+    report = {"config": config.to_dict(), "extraction": extraction.to_dict(), "dense": dense, **_summaries(posterior, cost, size_rows, log),
               "loss": {"first": result.history[0] if result.history else None,
                        "last": result.history[-10:]}}
     if plan is not None:
