@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .core.architectures import architecture_for_config, max_positions
+from .core.architectures import architecture_for_config, max_positions, widths_of
 from .core.config import CostConfig, FitConfig, GateConfig, PriorConfig
-from .core.kinds import check_gateable, layer_kinds
+from .core.kinds import KINDS, check_gateable, layer_kinds, width_kinds
 from .inputs.data import Document, tokenize, windows
 from .cut.extraction import extract
 from .core.fit import Fit, fit
@@ -36,11 +36,17 @@ class Pruned:
     fit: Fit  # the fit itself: history, guide, InferenceData
 
 
-def check_request(model_config, units, target: Target | None, lengths: dict[str, int]) -> None:
+def check_request(model_config, units, target: Target | None, lengths: dict[str, int], multiple: int = 1) -> None:
     """Refuse, from the model's config alone (no weights), what a fit and cut could not do: gate kinds the
     family lacks, ``lengths`` (by the option that set them) beyond its positions, a block count without
-    block-level gates, a size the model cannot meet."""
-    check_gateable(architecture_for_config(model_config), units)
+    block-level gates, a size the model cannot meet, a ``multiple`` wider than a block."""
+    arch = architecture_for_config(model_config)
+    check_gateable(arch, units)
+    widths = widths_of(model_config, arch)
+    for name in width_kinds(units):
+        if KINDS[name].fills and multiple > KINDS[name].count(widths):
+            raise ValueError(f"--multiple {multiple} is more than the {KINDS[name].count(widths)} "
+                             f"{KINDS[name].plural} a block has")
     limit = max_positions(model_config)
     for option, length in lengths.items():
         if limit is not None and length > limit:
@@ -86,7 +92,7 @@ def prune(model: torch.nn.Module, data, target: Target | str | float = "0.75", *
     config = config or FitConfig()
     parsed = target if isinstance(target, Target) else Target.parse(target)
     sequences = fitting_windows(data, config.seq_len, tokenizer)
-    check_request(model.config, gates.units, parsed, {"the windows' length": sequences.shape[1]})
+    check_request(model.config, gates.units, parsed, {"the windows' length": sequences.shape[1]}, multiple)
     gated = gate(model, gates)
     result = fit(gated, sequences, config, prior, cost, progress=progress)
     posterior = result.posterior()

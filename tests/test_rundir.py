@@ -338,3 +338,21 @@ def test_a_depth_ranking_is_replaced_only_when_asked(fitted, capsys):
     assert "already ranks 2 removals" in error_of(capsys) and (fitted / RunDir.DEPTH).read_bytes() == held
     assert main([*depth, "--removals", "1", "--force"]) == 0
     assert len(json.loads((fitted / RunDir.DEPTH).read_text())["order"]) == 1
+
+
+def test_options_that_would_do_nothing_or_overflow_and_damaged_rankings_are_refused(fitted, tiny_model_dir, corpus_dir,
+                                                                                    tmp_path, capsys):
+    new = tmp_path / "new"
+    for extra, message in ((["--seed", str(2 ** 64)], "seed must be an integer in [0, 2**63)"),
+                           (["--units", "head,neuron", "--two-point-blocks", "2"], "--two-point-blocks 2 acts on block"),
+                           (["--units", "head,neuron", "--block-importance", "removal"], "acts on block gates"),
+                           (["--units", "neuron", "--multiple", "64"], "--multiple 64 is more than the 48 neurons")):
+        assert main(fit_args(tiny_model_dir, corpus_dir, new, *extra)) == 2
+        assert message in error_of(capsys) and not new.exists()
+    assert main(["evaluate", str(fitted)]) == 2 and "is a bayesprune run directory, not a model" in error_of(capsys)
+    assert main(["depth", str(fitted), "--removals", "2", "--windows", "2", "--chunk", "2"]) == 0
+    record = json.loads((fitted / RunDir.DEPTH).read_text())
+    for order in ([1, 1], [0, 7]):
+        (fitted / RunDir.DEPTH).write_text(json.dumps({**record, "order": order}))
+        assert main(["extract", str(fitted), "--target", "2layers", "--out", str(tmp_path / "s")]) == 2
+        assert "must name distinct blocks of 0..3" in error_of(capsys) and not (tmp_path / "s").exists()

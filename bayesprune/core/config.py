@@ -71,6 +71,11 @@ class GateConfig(_JsonConfig):
             raise ValueError(f"GateConfig.units gates one branch's units two ways: {list(width_kinds(self.units))}")
 
 
+def _seed(config) -> None:
+    if not isinstance(config.seed, int) or not 0 <= config.seed < 2 ** 63:
+        raise ValueError(f"{type(config).__name__}.seed must be an integer in [0, 2**63), got {config.seed!r}")
+
+
 def _finite(config, *names: str) -> None:
     for name in names:
         value = getattr(config, name)
@@ -208,6 +213,7 @@ class FitConfig(_JsonConfig):
                 raise ValueError(f"FitConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.seq_len < 2:
             raise ValueError("FitConfig.seq_len must be >= 2 (one token predicts the next)")
+        _seed(self)
         if min(self.guide_lr, self.guide_init_scale, self.weight_lr, self.clip_norm) <= 0:
             raise ValueError("FitConfig learning rates, guide_init_scale and clip_norm must be positive")
 
@@ -341,6 +347,7 @@ class RouterConfig(_JsonConfig):
         if self.posterior_steps < 0 or self.candidates < 1 or self.max_swaps < 0:
             raise ValueError(f"posterior steps and max swaps must be at least 0 and candidates at least 1, not "
                              f"{self.posterior_steps}, {self.max_swaps} and {self.candidates}")
+        _seed(self)
         if not 0 < self.confidence <= 1 or self.tolerance < 0:
             raise ValueError(f"confidence must be in (0, 1] and tolerance at least 0, not {self.confidence} and "
                              f"{self.tolerance}")

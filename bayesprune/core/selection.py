@@ -97,6 +97,10 @@ def choose_by_probability(sizes: UnitSizes, totals: ModelTotals, layer_p: dict[s
         raise TargetError(f"unknown form {form!r}; choose one of {list(FORMS)}")
     if multiple < 1:
         raise TargetError(f"multiple must be >= 1, got {multiple}")
+    for kind in width_kinds(unit_p):
+        if KINDS[kind].fills and multiple > unit_p[kind].shape[-1]:
+            raise TargetError(f"multiple {multiple} is more than the {unit_p[kind].shape[-1]} {KINDS[kind].plural} "
+                              f"a block has")
     return _choose(_Scorer(sizes, totals, layer_p, unit_p, keep_p, target), target, form, multiple)
 
 

@@ -258,6 +258,9 @@ def _run(args, argv) -> None:
             check_tasks(tasks)
             if args.task_limit < 1:
                 raise ValueError(f"--task-limit must be >= 1, got {args.task_limit}")
+        if args.model is not None and (Path(args.model) / "run.json").is_file():
+            raise ValueError(f"{args.model} is a bayesprune run directory, not a model: evaluate the model it "
+                             f"extracted ({Path(args.model) / 'extracted'}) or 'bayesprune extract' one")
         resolve_model(args.model)
         test = split_corpus(data)["test"]
         model, tokenizer = load_model(args.model, args.device, args.dtype)

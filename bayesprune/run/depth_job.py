@@ -34,7 +34,7 @@ def run_depth_search(run_dir: str | Path, depth: DepthConfig | None = None, devi
     removals = num_layers // 2 if depth.removals is None else depth.removals
     if not 0 < removals < num_layers:
         raise ValueError(f"removals must be in [1, {num_layers - 1}] for this {num_layers}-block model, got {removals}")
-    held = read_depth(run_dir)
+    held = read_depth(run_dir, num_layers)
     if held is not None and not force:
         raise FileExistsError(f"{RunDir(run_dir).depth} already ranks {len(held.order)} removals ({held.score}, "
                               f"{held.tokens:,} tokens); --force replaces it")
@@ -49,13 +49,17 @@ def run_depth_search(run_dir: str | Path, depth: DepthConfig | None = None, devi
     return search
 
 
-def read_depth(run_dir: str | Path) -> DepthSearch | None:
-    """The run's conditional depth ranking, if ``bayesprune depth`` wrote one."""
+def read_depth(run_dir: str | Path, num_layers: int) -> DepthSearch | None:
+    """The run's conditional depth ranking of its ``num_layers`` blocks, if ``bayesprune depth`` wrote one."""
     path = RunDir(run_dir).depth
     if not path.is_file():
         return None
     try:
-        return DepthSearch.from_record(read_json(path, DEPTH_FORMAT))
+        search = DepthSearch.from_record(read_json(path, DEPTH_FORMAT))
+        order = search.order
+        if not all(isinstance(b, int) and 0 <= b < num_layers for b in order) or len(set(order)) != len(order):
+            raise ValueError(f"its order {order} must name distinct blocks of 0..{num_layers - 1}")
+        return search
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path} is not a bayesprune depth ranking ({error}); rerun 'bayesprune depth'") from None
 

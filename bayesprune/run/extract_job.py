@@ -30,10 +30,10 @@ def run_plan(run_dir: str | Path, posterior: GatePosterior, totals: ModelTotals,
     """The sub-network a run cuts for ``target``, and the depth ranking that chose it (if one did): a block
     count is cut by the run's ``depth.json`` where ``bayesprune depth`` wrote one, any other target by the
     posterior. Everything that cuts a run (extraction, drafts) plans through here."""
-    depth = read_depth(run_dir) if target.kind == "layers" else None
+    num_layers = len(posterior.layer_names)
+    depth = read_depth(run_dir, num_layers) if target.kind == "layers" else None
     if depth is None:
         return posterior.plan(target, totals, form, multiple), None
-    num_layers = len(posterior.layer_names)
     needed = num_layers - int(target.value)
     if needed > len(depth.order):
         raise TargetError(f"the run's {RunDir.DEPTH} ranks only {len(depth.order)} removals and {target} needs "

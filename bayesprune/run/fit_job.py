@@ -50,7 +50,13 @@ def validate(config: RunConfig, extraction: ExtractionConfig, run_dir: str | Pat
     distributed.check_batch(config.fit.batch_size)
     model_config = load_config(config.model)
     check_request(model_config, config.gate.units, parsed,
-                  {"--seq-len": config.fit.seq_len, "--eval-window": config.data.eval_window})
+                  {"--seq-len": config.fit.seq_len, "--eval-window": config.data.eval_window}, extraction.multiple)
+    if "block" not in config.gate.units:
+        for option, value, idle in (("--two-point-blocks", config.fit.two_point_blocks, 0),
+                                    ("--block-importance", config.fit.block_importance, "ones")):
+            if value != idle:
+                raise ValueError(f"{option} {value} acts on block gates, and this run gates "
+                                 f"{list(config.gate.units)}: add block to --units or leave it out")
     return parsed
 
 
