@@ -356,3 +356,19 @@ def test_options_that_would_do_nothing_or_overflow_and_damaged_rankings_are_refu
         (fitted / RunDir.DEPTH).write_text(json.dumps({**record, "order": order}))
         assert main(["extract", str(fitted), "--target", "2layers", "--out", str(tmp_path / "s")]) == 2
         assert "must name distinct blocks of 0..3" in error_of(capsys) and not (tmp_path / "s").exists()
+
+
+def test_a_model_without_a_tokenizer_or_a_damaged_gguf_is_refused_by_name(tiny_model_dir, corpus_dir, tmp_path,
+                                                                         capsys):
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model_dir / name, bare / name)
+    assert main(fit_args(bare, corpus_dir, tmp_path / "run")) == 2
+    assert f"{bare} has no tokenizer" in error_of(capsys) and not (tmp_path / "run").exists()
+    damaged = tmp_path / "model.gguf"
+    damaged.write_bytes(b"GGUF\x03\x00\x00\x00" + b"garbage" * 3)
+    assert main(["evaluate", str(damaged)]) == 2
+    assert f"{damaged} is not a readable GGUF file" in error_of(capsys)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import re
@@ -131,7 +132,22 @@ def resolve_model(source: str | None) -> Path:
         raise ValueError(f"{path} is a file but not a .gguf; give a Hugging Face folder or a .gguf file")
     if path.is_dir() and not (path / "config.json").is_file():
         raise ValueError(f"{path} has no config.json: not a Hugging Face model folder")
+    if path.suffix == ".gguf":
+        stat = path.stat()
+        _check_gguf(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     return path
+
+
+@functools.lru_cache(maxsize=8)
+def _check_gguf(path: str, size: int, modified: int) -> None:
+    """Refuse a ``.gguf`` file whose header and tensor table do not parse (once per file version; the reader
+    maps the file and reads no weights)."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(path)
+    except Exception as err:  # the reader raises whatever the damaged bytes lead to (struct, value, key errors)
+        raise ValueError(f"{path} is not a readable GGUF file ({type(err).__name__}: {err})") from None
 
 
 def load_config(source: str | None = None):
@@ -157,12 +173,18 @@ def _has_per_layer_widths(path: Path) -> bool:
         raise ValueError(f"{path / 'config.json'} is not valid JSON ({err})") from err
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_model(source: str | None = None, device: str | torch.device | None = None,
                dtype: str | torch.dtype | None = None):
     """``(model, tokenizer)`` in eval mode, on ``device`` (default: CPU) in ``dtype`` (default: float32);
     per-layer checkpoints bayesprune wrote load too."""
     path = resolve_model(source)
     device, dtype = check_device(device), compute_dtype(dtype)
+    if path.is_dir() and not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise ValueError(f"{path} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}): save one beside the "
+                         f"model (tokenizer.save_pretrained({str(path)!r}))")
     if path.suffix == ".gguf":
         model, tokenizer = _load_gguf(path, dtype)
     elif _has_per_layer_widths(path):
