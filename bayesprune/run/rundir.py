@@ -30,8 +30,19 @@ DEPTH_FORMAT = FileFormat("bayesprune-depth", "a bayesprune depth ranking",
                           legacy=("bayesprune conditional depth search",))
 
 
+class _File:
+    """A file of a run directory by name: on a :class:`RunDir` its path, on the class its name."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, run, owner) -> Path | str:
+        return self.name if run is None else run.path / self.name
+
+
 class RunDir:
-    """A run directory and every file bayesprune keeps in it."""
+    """A run directory and every file bayesprune keeps in it (``RunDir(path).posterior`` is a path,
+    ``RunDir.POSTERIOR`` the name)."""
 
     RUN = "run.json"                          # the marker: model and data fingerprints (RUN_FORMAT)
     CONFIG = "config.json"                    # every setting (RunConfig)
@@ -45,6 +56,8 @@ class RunDir:
     EXTRACTED = "extracted"                   # the model the fit job extracted
     PLOTS = {"inclusion_plot": "inclusion.png", "threshold_plot": "thresholds.png",
              "size_curve_plot": "size_curve.png", "forest_plot": "forest.png", "width_plot": "width.png"}
+    run, config, checkpoint, posterior = _File(RUN), _File(CONFIG), _File(CHECKPOINT), _File(POSTERIOR)
+    report, depth, lock, extracted = _File(REPORT), _File(DEPTH), _File(LOCK), _File(EXTRACTED)
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -54,38 +67,6 @@ class RunDir:
 
     def __str__(self) -> str:
         return str(self.path)
-
-    @property
-    def run(self) -> Path:
-        return self.path / self.RUN
-
-    @property
-    def config(self) -> Path:
-        return self.path / self.CONFIG
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.path / self.CHECKPOINT
-
-    @property
-    def posterior(self) -> Path:
-        return self.path / self.POSTERIOR
-
-    @property
-    def depth(self) -> Path:
-        return self.path / self.DEPTH
-
-    @property
-    def lock(self) -> Path:
-        return self.path / self.LOCK
-
-    @property
-    def report(self) -> Path:
-        return self.path / self.REPORT
-
-    @property
-    def extracted(self) -> Path:
-        return self.path / self.EXTRACTED
 
 
 class RunBusyError(OSError):
