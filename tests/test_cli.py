@@ -7,6 +7,7 @@ import arviz as az
 import bayesprune as bp
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from bayesprune.cut.extraction import EXTRACTION_FILE
@@ -238,6 +239,13 @@ def test_router_builds_checks_and_routes_a_prompt_to_a_checkpoint_that_generates
     ids = tokenizer("To be, or not to be", return_tensors="pt", add_special_tokens=False)["input_ids"]
     generated = small.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
     assert tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True) == routed["text"]
+
+    weights = tiny_model_dir / "model.safetensors"  # the model the router records changes under it
+    save_file({k: v * 1.01 for k, v in load_file(weights).items()}, weights)
+    assert main(["route", str(router), "--prompt", "hello", "--max-new-tokens", "0"]) == 2
+    assert "has changed since" in capsys.readouterr().err
+    assert main(["route", str(router), "--prompt", "hello", "--max-new-tokens", "0", "--model",
+                 str(tiny_model_dir)]) == 0  # named on purpose
 
 
 def test_router_inputs_get_clear_errors_and_nothing_is_written(tiny_model_dir, corpus_dir, tmp_path, capsys):

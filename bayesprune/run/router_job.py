@@ -20,6 +20,7 @@ from ..core.config import GateConfig, RouterConfig
 from ..core.io import claimed_file
 from ..inputs.pretrained import load_config, load_model, resolve_model
 from ..routing.routed import RoutedModel, fit_routed_model, held_out_check, protected_blocks, router_record
+from .rundir import differences, model_fingerprint
 
 
 def _shuffled(tokens: torch.Tensor, length: int, seed: int) -> torch.Tensor:
@@ -55,8 +56,9 @@ def build_router(out: str | Path, sources: list[str], model: str | None = None, 
                  for name, s in splits.items()}
         routed = fit_routed_model(gate(network, GateConfig(units=("block",))), fit, config, progress)
         report = held_out_check(routed, check, config.prompt_tokens, progress) if config.check_windows else {}
-        made = {"model": str(resolve_model(model)), "dtype": dtype, "domains": sources, **config.to_dict(),
-                "validation": report}
+        source = resolve_model(model).resolve()
+        made = {"model": str(source), "model_fingerprint": model_fingerprint(source), "dtype": dtype,
+                "domains": sources, **config.to_dict(), "validation": report}
         routed.save(out, made, overwrite=True)
     return router_record(out)
 
@@ -76,6 +78,20 @@ def format_check(record: dict) -> str:
     return "\n".join(lines)
 
 
+def _recorded_model(router: str | Path, made: dict) -> str:
+    """The model a router was built on, checked against its fingerprint (files written before it had one:
+    the path alone)."""
+    path = Path(made["model"])
+    if not path.exists():
+        raise FileNotFoundError(f"the model {router} was built on is gone from {path}; give --model")
+    recorded = made.get("model_fingerprint")
+    changed = differences(recorded, model_fingerprint(path)) if recorded is not None else []
+    if changed:
+        raise ValueError(f"the model at {path} has changed since {router} was built ({'; '.join(changed)}); "
+                         f"give --model to route on another model")
+    return str(path)
+
+
 def route_prompt(router: str | Path, prompt: str, model: str | None = None, max_new_tokens: int = 32,
                  out: str | Path | None = None, device: str | None = None, dtype: str | None = None) -> dict:
     """Route ``prompt`` with a router file (on the model it records, unless ``model``); generate greedily
@@ -87,8 +103,9 @@ def route_prompt(router: str | Path, prompt: str, model: str | None = None, max_
         raise FileExistsError(f"{out} already exists; choose another --out")
     if not prompt:
         raise ValueError("give a non-empty prompt")
-    network, tokenizer = load_model(model or record["made"].get("model"), device,
-                                    dtype or record["made"].get("dtype"))
+    if model is None:
+        model = _recorded_model(router, record["made"])
+    network, tokenizer = load_model(model, device, dtype or record["made"].get("dtype"))
     routed = RoutedModel.load(router, gate(network, GateConfig(units=("block",))))
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     if ids.shape[1] == 0:
