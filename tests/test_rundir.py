@@ -324,9 +324,13 @@ def test_rerunning_a_finished_fit_rewrites_nothing_unless_asked(tiny_model_dir, 
     assert main(args) == 0
     assert "already holds this fit and its extraction" in capsys.readouterr().out
     assert written() == before
+    other_target = [*args[:args.index("0.5")], "0.6", *args[args.index("0.5") + 1:]]
+    assert main(other_target) == 2  # a new target would replace the folder holding the user's file
+    assert "holds files the fit did not write (notes.txt)" in capsys.readouterr().err
+    assert (run / "extracted" / "notes.txt").read_text() == "mine"
     assert main([*args, "--force"]) == 0
     assert not (run / "extracted" / "notes.txt").exists()  # asked for
-    assert main([*args[:args.index("0.5")], "0.6", *args[args.index("0.5") + 1:]]) == 0  # a new target extracts
+    assert main(other_target) == 0  # a new target extracts again
     assert json.loads((run / "report.json").read_text())["extraction"]["target"] == "0.6"
 
 

@@ -121,6 +121,21 @@ def finished(run: RunDir, config: RunConfig, extraction: ExtractionConfig) -> di
     return report if same and run.posterior.is_file() else None
 
 
+def check_extracted(run: RunDir) -> None:
+    """Refuse to replace ``RUN/extracted`` while it holds files the fit job did not write there (``--force``
+    replaces it all the same)."""
+    if not run.extracted.is_dir():
+        return
+    try:
+        written = set(json.loads(run.report.read_text())["extracted"]["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        written = None  # a report from before the file list: nothing to tell the user's files by
+    extra = sorted(p.name for p in run.extracted.iterdir() if written is not None and p.name not in written)
+    if extra:
+        raise FileExistsError(f"{run.extracted} holds files the fit did not write ({', '.join(extra[:5])}); move "
+                              f"them out, or pass --force to replace the folder with them")
+
+
 def run_fit(config: RunConfig, run_dir: str | Path, extraction: ExtractionConfig | None = None,
             progress: bool = True, log=print, device: str | None = None, force: bool = False) -> dict:
     """Fit the cost-conditioned gate posterior, summarise it, and (with a target) extract and evaluate.
@@ -155,6 +170,8 @@ def _fit_in(run: RunDir, config: RunConfig, extraction: ExtractionConfig, parsed
                                                 f"{done['extracted']['perplexity']:.3f})" if "extracted" in done else "")
             + "; nothing was rewritten (--force redoes the summaries, plots and extraction)")
         return done if distributed.is_main() else {}
+    if parsed_target is not None and not force:
+        check_extracted(run)
 
     def evaluate(model) -> dict:
         return perplexity(model, splits["test"], config.data.eval_window, config.data.eval_tokens,
@@ -190,7 +207,8 @@ def _fit_in(run: RunDir, config: RunConfig, extraction: ExtractionConfig, parsed
         small = extract_model(model, plan).to(stored)
         record = extraction_record(run.path, extraction, plan, posterior)
         save_extracted(small, tokenizer, out, record, overwrite=True)
-        extracted = {**evaluate(small), **record, **model_size(small, out), "path": str(out)}
+        extracted = {**evaluate(small), **record, **model_size(small, out), "path": str(out),
+                     "files": sorted(p.name for p in out.iterdir())}
         report["extracted"] = extracted
         files["extracted_model"] = str(out)
         log(f"extracted ({parsed_target}, {extraction.form}) at cost {plan.cost:.3f}: kept {len(plan.layers)}/"
