@@ -1,8 +1,11 @@
 import math
+import re
+import shutil
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import bayesprune as bp
@@ -14,6 +17,7 @@ from bayesprune.routing.routed import (DENSE, RoutedModel, candidate_choice_scor
 
 from .conftest import VOCAB, tiny_model
 from .test_depth import _nll_without, _six_blocks
+from .test_rundir import _rewrite_metadata
 
 
 def _windows(count: int, length: int = 16, low: int = 0, high: int = VOCAB, seed: int = 0) -> torch.Tensor:
@@ -229,6 +233,19 @@ def test_a_saved_router_routes_as_before_and_foreign_or_mismatched_files_are_ref
     save_file({"x": torch.zeros(1)}, str(foreign))
     with pytest.raises(ValueError, match="not written by bayesprune"):
         RoutedModel.load(foreign, gated)
+    for damage, message in (({"confidence": 1.5}, "confidence must be a finite number in [0, 1], got 1.5"),
+                            ({"sets": {"a": ["x"]}}, "sets['a'][0] must be an integer ≥ 0"),
+                            ({"router": {"names": ["a"]}}, "router lacks 'level'")):
+        damaged = tmp_path / "damaged.safetensors"
+        shutil.copy(path, damaged)
+        _rewrite_metadata(damaged, **damage)
+        with pytest.raises(ValueError, match=re.escape(f"{damaged} is a damaged bayesprune router file: {message}")):
+            RoutedModel.load(damaged, gated)
+    tensors = load_file(str(path))
+    save_file(tensors | {"coefficients": tensors["coefficients"][:-1]}, str(damaged),
+              metadata=safe_open(str(path), "pt").metadata())
+    with pytest.raises(ValueError, match="router's coefficients should be finite of shape"):
+        RoutedModel.load(damaged, gated)
     config = type(gated.model.config)(**{**gated.model.config.to_dict(), "hidden_size": 64})
     wider = bp.gate(AutoModelForCausalLM.from_config(config), bp.GateConfig(units=("block",)))
     with pytest.raises(ValueError, match="routes on 32 features"):

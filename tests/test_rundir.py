@@ -279,6 +279,62 @@ def test_a_fit_refused_before_it_wrote_leaves_no_folder(tiny_model_dir, corpus_d
     assert main(fit_args(tiny_model_dir, corpus_dir, tmp_path / "new")) == 0
 
 
+def _rewrite_metadata(path, drop=(), **changes):
+    """Rewrite a bayesprune safetensors file with some fields of its metadata changed and those in ``drop`` gone."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        meta = json.loads(handle.metadata()["bayesprune"])
+    meta = {k: v for k, v in (meta | changes).items() if k not in drop}
+    save_file(load_file(str(path)), str(path), metadata={"bayesprune": json.dumps(meta)})
+
+
+def _rewrite_json(path, **changes):
+    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+
+
+@pytest.mark.parametrize("file, damage, message", [
+    (RunDir.RUN, lambda p: _rewrite_json(p, model={"path": 3}), "run.json is a damaged bayesprune run marker: "
+                                                                "model.path must be a string, got 3"),
+    (RunDir.RUN, lambda p: _rewrite_json(p, data=None), "data must be an object, got None"),
+    (RunDir.CONFIG, lambda p: _rewrite_json(p, fit={"likelihood": "joy"}),
+     "FitConfig.likelihood must be one of 'nll', 'distillation', got 'joy'"),
+    (RunDir.POSTERIOR, lambda p: _rewrite_metadata(p, num_draws=0),
+     "posterior.safetensors is a damaged bayesprune posterior: num_draws must be an integer ≥ 1, got 0"),
+    (RunDir.POSTERIOR, lambda p: _rewrite_metadata(p, units={"head": "4"}), "units['head'] must be an integer ≥ 1"),
+    (RunDir.POSTERIOR, lambda p: _rewrite_metadata(p, kinds=["wings"]), "gates unit kinds ['wings']"),
+    (RunDir.POSTERIOR, lambda p: _rewrite_metadata(p, drop=("layer_names",)), "it lacks 'layer_names'"),
+    (RunDir.DEPTH, lambda p: _rewrite_json(p, steps=[{"removed": 1, "scores": {"1": "low"}, "choice_probability": 2}]),
+     "depth.json is a damaged bayesprune depth ranking: steps[0].scores['1'] must be a finite number, got 'low'"),
+    (RunDir.DEPTH, lambda p: _rewrite_json(p, order=["first"]), "order[0] must be an integer ≥ 0, got 'first'"),
+])
+def test_a_damaged_run_file_is_named_with_what_is_wrong_before_anything_is_written(fitted, tmp_path, capsys, file,
+                                                                                   damage, message):
+    if file == RunDir.DEPTH:
+        assert main(["depth", str(fitted), "--removals", "2", "--windows", "2", "--chunk", "2"]) == 0
+    damage(fitted / file)
+    out = tmp_path / "small"
+    target = "2layers" if file == RunDir.DEPTH else "0.5"
+    assert main(["extract", str(fitted), "--target", target, "--out", str(out)]) == 2
+    assert message in error_of(capsys) and not out.exists()
+
+
+@pytest.mark.parametrize("changes, message", [({"step": -1}, "step must be an integer ≥ 0, got -1"),
+                                              ({"history": "long"}, "history must be a list"),
+                                              ({"drop": ("fit",)}, "it lacks 'fit'")])
+def test_a_damaged_checkpoint_is_named_and_kept(tiny_model_dir, corpus_dir, tmp_path, capsys, changes, message):
+    run = tmp_path / "run"
+    assert main(fit_args(tiny_model_dir, corpus_dir, run, "--steps", "2")) == 0
+    checkpoint = RunDir(run).checkpoint
+    _rewrite_metadata(checkpoint, **changes)
+    held = checkpoint.read_bytes()
+    capsys.readouterr()
+    assert main(fit_args(tiny_model_dir, corpus_dir, run, "--steps", "2", "--force")) == 2
+    said = error_of(capsys)
+    assert f"{checkpoint} is a damaged bayesprune fit checkpoint: {message}" in said, said
+    assert checkpoint.read_bytes() == held
+
+
 def test_damaged_weights_and_a_full_disk_give_one_line_and_no_traceback(fitted, tiny_model_dir, tmp_path):
     import shutil
 
@@ -360,6 +416,18 @@ def test_options_that_would_do_nothing_or_overflow_and_damaged_rankings_are_refu
         (fitted / RunDir.DEPTH).write_text(json.dumps({**record, "order": order}))
         assert main(["extract", str(fitted), "--target", "2layers", "--out", str(tmp_path / "s")]) == 2
         assert "must name distinct blocks of 0..3" in error_of(capsys) and not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("command", ["fit", "extract", "depth", "draft", "router", "route", "evaluate"])
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of a device this machine lacks")
+def test_a_device_that_is_not_here_is_refused_before_any_file_is_read(tmp_path, capsys, command):
+    missing = str(tmp_path / "missing")
+    args = {"fit": ["--out", missing], "extract": [missing, "--target", "0.5", "--out", missing], "depth": [missing],
+            "draft": [missing, "--out", missing], "router": ["--domains", "a,b", "--out", missing],
+            "route": [missing, "--prompt", "x"], "evaluate": [missing]}[command]
+    for device, message in (("cuda", "torch sees no CUDA device here"), ("tpu9", "unknown device 'tpu9'")):
+        assert main([command, *args, "--device", device]) == 2
+        assert message in error_of(capsys) and not os.path.exists(missing)
 
 
 def test_a_model_without_a_tokenizer_or_a_damaged_gguf_is_refused_by_name(tiny_model_dir, corpus_dir, tmp_path,

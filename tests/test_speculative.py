@@ -1,5 +1,6 @@
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -146,6 +147,15 @@ def test_draft_command_writes_the_predicted_best_draft_for_plain_transformers(ti
     assert draft.get_output_embeddings().vocabulary.tolist() == record["vocabulary"]
     with bp.speculative.direct_drafting(target):
         assert torch.equal(_greedy(target, ids, assistant_model=draft), plain)
+    written = (out / "draft.json").read_text()
+    for damage, message in (({"chosen": {"target": "0.5", "gamma": 0}}, "chosen.gamma must be an integer ≥ 1, got 0"),
+                            ({"vocabulary": [3, -1]}, "vocabulary must be a list of items each an integer ≥ 0 or null"),
+                            ({"draft_dtype": "int4"}, "draft_dtype must be one of 'float32'")):
+        (out / "draft.json").write_text(json.dumps(record | damage))
+        with pytest.raises(ValueError, match=re.escape(f"{out / 'draft.json'} is a damaged bayesprune draft record: "
+                                                       f"{message}")):
+            load_draft(out)
+    (out / "draft.json").write_text(written)
 
     assert main(["draft", str(run), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err

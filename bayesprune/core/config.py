@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .kinds import KINDS, width_kinds
+from .schema import of_annotation, validate
 
 FORMS = ("per-layer", "uniform")
 DRAFT_SIZES = ("0.2", "0.35", "0.5", "0.65", "0.8")  # candidate draft sizes, fractions of decoder parameters
@@ -42,10 +44,12 @@ class _JsonConfig:
         unknown = sorted(set(values) - names)
         if unknown:
             raise ValueError(f"{cls.__name__} has no field(s) {unknown}; known: {sorted(names)}")
-        try:
-            return cls(**values)
-        except TypeError as err:  # a value of the wrong type, e.g. a string where a number belongs
-            raise ValueError(f"{cls.__name__}: {err}") from err
+        hints = typing.get_type_hints(cls)
+        for item in dataclasses.fields(cls):
+            if item.name in values:
+                validate(values[item.name], of_annotation(hints[item.name], item.metadata.get("choices")),
+                         f"{cls.__name__}.{item.name}")
+        return cls(**values)
 
 
 @dataclass

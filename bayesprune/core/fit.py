@@ -33,8 +33,10 @@ from .likelihood import likelihood_for
 from .io import FileFormat, load_tensors, save_tensors
 from .model import NonFiniteLossError, PruningModel, ShrinkagePrior
 from .posterior import GatePosterior
+from .schema import Integer
 
-CHECKPOINT_FORMAT = FileFormat("bayesprune-checkpoint", "a bayesprune fit checkpoint", legacy=(None,))
+CHECKPOINT_FORMAT = FileFormat("bayesprune-checkpoint", "a bayesprune fit checkpoint", legacy=(None,),
+                               schema={"fit": str, "step": Integer(0), "history": [dict], "param_groups": [dict]})
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -160,7 +162,10 @@ def load_checkpoint(path: Path, guide, optimizer, gated, identity: str) -> tuple
         if key.startswith("optim."):
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"the checkpoint {path} does not fit this fit's optimiser ({err})") from err
     return int(meta["step"]), list(meta["history"])
 
 

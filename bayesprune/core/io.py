@@ -23,6 +23,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .schema import SchemaError, validate
+
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
@@ -90,29 +92,39 @@ def atomic_write_json(path: str | Path, value) -> None:
 
 @dataclass(frozen=True)
 class FileFormat:
-    """The marker of one kind of file: ``name`` and ``version``, what the file is (for messages), and the
-    ``legacy`` markers of files written before this convention (``None``: no marker), read as version 1."""
+    """The marker of one kind of file: ``name`` and ``version``, what the file is (for messages), the
+    ``legacy`` markers of files written before this convention (``None``: no marker), read as version 1,
+    and the ``schema`` (:mod:`bayesprune.core.schema`) its JSON or metadata must meet."""
 
     name: str
     what: str
     version: int = 1
     legacy: tuple[str | None, ...] = ()
+    schema: dict | None = None
 
     def stamp(self) -> dict:
         return {"format": self.name, "version": self.version}
 
     def check(self, values, path: str | Path) -> None:
-        """Refuse ``values`` (a file's JSON or metadata) unless it carries this marker at this version."""
+        """Refuse ``values`` (a file's JSON or metadata) unless it carries this marker at this version and meets
+        the schema."""
         if not isinstance(values, dict):
             raise ValueError(f"{path} is not {self.what} (it holds a {type(values).__name__}, not an object)")
         found = values.get("format")
-        if found in self.legacy:
-            return
-        if found != self.name:
-            raise ValueError(f"{path} is not {self.what} (format marker {found!r}, expected {self.name!r})")
-        if values.get("version") != self.version:
-            raise ValueError(f"{path} is {self.what} of format version {values.get('version')!r}; this bayesprune "
-                             f"reads version {self.version}")
+        if found not in self.legacy:
+            if found != self.name:
+                raise ValueError(f"{path} is not {self.what} (format marker {found!r}, expected {self.name!r})")
+            if values.get("version") != self.version:
+                raise ValueError(f"{path} is {self.what} of format version {values.get('version')!r}; this "
+                                 f"bayesprune reads version {self.version}")
+        try:
+            validate(values, self.schema or {})
+        except SchemaError as err:
+            raise self.damaged(path, err) from None
+
+    def damaged(self, path: str | Path, what_is_wrong) -> ValueError:
+        """The error for a file of this format that holds something it should not."""
+        return ValueError(f"{path} is a damaged {self.what.removeprefix('a ')}: {what_is_wrong}")
 
 
 def write_json(path: str | Path, form: FileFormat, values: dict) -> None:
@@ -141,13 +153,13 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], form: FileF
         save_file(tensors, tmp, metadata={"bayesprune": json.dumps(form.stamp() | (metadata or {}))})
 
 
-def load_tensors(path: str | Path, form: FileFormat) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a file :func:`save_tensors` wrote with ``form``; a foreign or corrupt file raises ValueError."""
+def read_metadata(path: str | Path, form: FileFormat) -> dict:
+    """The checked metadata of a file :func:`save_tensors` wrote with ``form``, from its header alone; a foreign
+    or damaged file raises ValueError naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     try:
-        tensors = load_file(path)
         with safe_open(path, "pt") as handle:
             header = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
@@ -159,7 +171,16 @@ def load_tensors(path: str | Path, form: FileFormat) -> tuple[dict[str, torch.Te
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} has damaged bayesprune metadata ({err})") from err
     form.check(metadata, path)
-    return tensors, metadata
+    return metadata
+
+
+def load_tensors(path: str | Path, form: FileFormat) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a file :func:`save_tensors` wrote with ``form``; a foreign or corrupt file raises ValueError."""
+    metadata = read_metadata(path, form)
+    try:
+        return load_file(path), metadata
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({err})") from err
 
 
 @contextlib.contextmanager

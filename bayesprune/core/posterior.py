@@ -31,16 +31,20 @@ import torch
 
 from . import inclusion
 from .config import PriorConfig
-from .kinds import layer_kinds, width_kinds
+from .kinds import KINDS, layer_kinds, width_kinds
 from .io import FileFormat, load_tensors, save_tensors
 from .model import ShrinkagePrior
 from .plan import ExtractionPlan
+from .schema import Integer, Number
 from .selection import choose_by_probability
 from .sizes import UnitSizes
 from .targets import ModelTotals, Target, TargetError
 
 POSTERIOR_FORMAT = FileFormat("bayesprune-posterior", "a bayesprune posterior",
-                              legacy=("bayesprune cost-conditioned posterior",))
+                              legacy=("bayesprune cost-conditioned posterior",),
+                              schema={"kinds": [str], "layer_names": [str], "units": {str: Integer(1)},
+                                      "prior": dict, "fixed_cost": (Number(0), None), "num_draws": Integer(1),
+                                      "seed": Integer(0)})
 _MAX_POSITION = 1 - 1e-6  # t = λ / (1 + λ) of the largest cost the solver tries (λ ≈ 10⁶)
 
 
@@ -332,6 +336,9 @@ class GatePosterior:
             return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
 
         try:
+            unknown = [kind for kind in meta["kinds"] if kind not in KINDS]
+            if unknown:
+                raise ValueError(f"it gates unit kinds {unknown} this bayesprune does not know")
             fixed = meta["fixed_cost"]
             posterior = cls(PriorConfig.from_dict(meta["prior"]), tuple(meta["kinds"]), list(meta["layer_names"]),
                             {k: int(v) for k, v in meta["units"].items()}, part("importance."),
@@ -349,5 +356,5 @@ class GatePosterior:
             if posterior.sizes.num_layers != len(posterior.layer_names):
                 raise ValueError("the unit sizes do not match the layer names")
         except (KeyError, ValueError, TypeError, RuntimeError) as err:
-            raise ValueError(f"{path} is not a bayesprune posterior ({err})") from err
+            raise POSTERIOR_FORMAT.damaged(path, err) from err
         return posterior

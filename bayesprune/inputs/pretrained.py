@@ -45,8 +45,8 @@ def compute_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def check_device(device: str | torch.device | None) -> torch.device:
-    """A device that exists here (``None``: the CPU)."""
+def check_device(device: str | torch.device | None, dtype: str | torch.dtype | None = None) -> torch.device:
+    """A device that exists here (``None``: the CPU) and computes in ``dtype`` (if given)."""
     try:
         device = torch.device("cpu" if device is None else device)
     except RuntimeError as err:
@@ -55,6 +55,13 @@ def check_device(device: str | torch.device | None) -> torch.device:
         raise ValueError(f"device {device} asked for, but torch sees no CUDA device here")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"device {device} asked for, but torch sees {torch.cuda.device_count()} CUDA devices")
+    dtype = None if dtype is None else compute_dtype(dtype)
+    if (device.type == "cuda" and dtype == torch.bfloat16
+            and not torch.cuda.is_bf16_supported(including_emulation=False)):
+        raise ValueError(f"{torch.cuda.get_device_name(device)} has no bfloat16 arithmetic; use --dtype float16 "
+                         f"or float32")
+    if device.type == "mps" and dtype == torch.float64:
+        raise ValueError("Apple's mps device has no float64; use --dtype float32")
     return device
 
 

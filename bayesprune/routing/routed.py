@@ -32,10 +32,17 @@ from ..core.fit import fit
 from ..core.gates import GatedModel
 from ..core.posterior import GatePosterior
 from ..core.io import FileFormat, load_tensors, save_tensors
+from ..core.schema import Integer, Number
 from .router import BayesianRouter, Prediction
 
 DENSE = "dense"
-ROUTER_FORMAT = FileFormat("bayesprune-router", "a bayesprune router file", legacy=("bayesprune-router/1",))
+ROUTER_FORMAT = FileFormat(
+    "bayesprune-router", "a bayesprune router file", legacy=("bayesprune-router/1",),
+    schema={"router": {"names": [str], "level": Number(0, 1), "draws": Integer(1), "seed": Integer(0),
+                       "alpha": Number(0), "n": Integer(2), "dof": Number(0), "prior_dof": Number(0),
+                       "evidence": {str: float}},
+            "sets": {str: [Integer(0)]}, "route_after": Integer(0), "confidence": Number(0, 1),
+            "tolerance": Number(0), "made": dict})
 
 
 def protected_blocks(num_layers: int, route_after: int, keep_last: bool = True) -> tuple[int, ...]:
@@ -401,7 +408,10 @@ class RoutedModel:
     def load(cls, path: str | Path, gated: GatedModel) -> "RoutedModel":
         """A routed model from a file :meth:`save` wrote, over ``gated`` (the same network, gated with blocks)."""
         tensors, meta = _read_router(path)
-        router = BayesianRouter.from_state(tensors, meta["router"])
+        try:
+            router = BayesianRouter.from_state(tensors, meta["router"])
+        except ValueError as err:
+            raise ROUTER_FORMAT.damaged(path, err) from None
         if router.feature_mean.numel() != gated.model.config.hidden_size:
             raise ValueError(f"{path} routes on {router.feature_mean.numel()} features; this model's hidden size is "
                              f"{gated.model.config.hidden_size}")

@@ -118,6 +118,14 @@ class BayesianRouter:
         missing = [name for name in _FITTED if name.lstrip("_") not in tensors]
         if missing:
             raise ValueError(f"the router state lacks {missing}")
+        d, c = tensors["feature_mean"].numel(), len(router.names)
+        shapes = {"feature_mean": (d,), "feature_scale": (d,), "loss_mean": (c,), "precision_inverse": (d, d),
+                  "coefficients": (d, c), "scale": (c, c), "_standard_draws": (router.draws, c)}
+        for name, shape in shapes.items():
+            tensor = tensors[name.lstrip("_")]
+            if tuple(tensor.shape) != shape or not torch.isfinite(tensor).all():
+                raise ValueError(f"the router's {name.lstrip('_')} should be finite of shape {shape}, "
+                                 f"not {tuple(tensor.shape)}")
         for name in _FITTED:
             setattr(router, name, tensors[name.lstrip("_")].double())
         router.alpha, router.n, router.dof, router.prior_dof = (settings[k] for k in ("alpha", "n", "dof", "prior_dof"))

@@ -188,9 +188,12 @@ def build_parser(recipe: dict | None = None) -> argparse.ArgumentParser:
 
 def _run(args, argv) -> None:
     """Carry out the command ``args`` names."""
+    from ..inputs.pretrained import check_device
+
+    if args.command == "fit" and args.recipe is not None:
+        args = build_parser(_recipe(args.recipe)).parse_args(argv)
+    check_device(args.device, args.dtype)  # before any file is read
     if args.command == "fit":
-        if args.recipe is not None:
-            args = build_parser(_recipe(args.recipe)).parse_args(argv)
         config = _run_config(args)
         from .fit_job import run_fit
 

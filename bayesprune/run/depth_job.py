@@ -54,14 +54,12 @@ def read_depth(run_dir: str | Path, num_layers: int) -> DepthSearch | None:
     path = RunDir(run_dir).depth
     if not path.is_file():
         return None
-    try:
-        search = DepthSearch.from_record(read_json(path, DEPTH_FORMAT))
-        order = search.order
-        if not all(isinstance(b, int) and 0 <= b < num_layers for b in order) or len(set(order)) != len(order):
-            raise ValueError(f"its order {order} must name distinct blocks of 0..{num_layers - 1}")
-        return search
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{path} is not a bayesprune depth ranking ({error}); rerun 'bayesprune depth'") from None
+    search = DepthSearch.from_record(read_json(path, DEPTH_FORMAT))
+    order = search.order
+    if not all(0 <= b < num_layers for b in order) or len(set(order)) != len(order):
+        raise DEPTH_FORMAT.damaged(path, f"its order {order} must name distinct blocks of 0..{num_layers - 1}; "
+                                         f"rerun 'bayesprune depth'")
+    return search
 
 
 def format_depth(search: DepthSearch) -> str:

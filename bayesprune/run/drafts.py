@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..core.config import DraftConfig, ExtractionConfig, GateConfig
+from ..core.config import DECODINGS, DTYPES, FORMS, DraftConfig, ExtractionConfig, GateConfig
 from ..inputs.data import load_splits
 from ..cut.extraction import extract_model
 from ..core.gates import gate
 from ..core.io import FileFormat, atomic_directory, read_json, write_json
+from ..core.schema import Integer, OneOf
 from .extract_job import run_extract, run_plan
 from ..inputs.pretrained import compute_dtype, load_config, load_model, source_dtype
 from .rundir import fitted_model_path, holding, load_fitted, load_fitted_model, read_config
@@ -31,7 +32,10 @@ from ..speculative.decoding import (acceptance, best_gamma, configure_draft, dec
 from ..core.targets import ModelTotals, Target, check_feasible
 
 DRAFT_FILE = "draft.json"  # beside the draft model in the folder 'bayesprune draft' writes
-DRAFT_FORMAT = FileFormat("bayesprune-draft", "a bayesprune draft record", legacy=(None,))
+DRAFT_FORMAT = FileFormat("bayesprune-draft", "a bayesprune draft record", legacy=(None,),
+                          schema={"draft_dtype": OneOf(DTYPES), "vocabulary?": ([Integer(0)], None),
+                                  "form": OneOf(FORMS), "decoding": OneOf(DECODINGS), "candidates": [dict],
+                                  "chosen": {"target": str, "gamma": Integer(1)}})
 
 
 def _vocabulary(tokens: torch.Tensor, share: float | None, tokenizer, vocab_size: int) -> torch.Tensor | None:

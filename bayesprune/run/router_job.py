@@ -16,11 +16,14 @@ import torch
 
 from ..inputs.data import corpus_documents, split_documents, tokenize, windows
 from ..core.gates import gate
-from ..core.config import GateConfig, RouterConfig
+from ..core.config import DTYPES, GateConfig, RouterConfig
 from ..core.io import claimed_file
+from ..core.schema import OneOf, SchemaError, validate
 from ..inputs.pretrained import load_config, load_model, resolve_model
-from ..routing.routed import RoutedModel, fit_routed_model, held_out_check, protected_blocks, router_record
+from ..routing.routed import ROUTER_FORMAT, RoutedModel, fit_routed_model, held_out_check, protected_blocks, router_record
 from .rundir import differences, model_fingerprint
+
+_MADE = {"model?": str, "model_fingerprint?": (dict, None), "dtype?": (OneOf(DTYPES), None)}  # what route reads
 
 
 def _shuffled(tokens: torch.Tensor, length: int, seed: int) -> torch.Tensor:
@@ -81,6 +84,8 @@ def format_check(record: dict) -> str:
 def _recorded_model(router: str | Path, made: dict) -> str:
     """The model a router was built on, checked against its fingerprint (files written before it had one:
     the path alone)."""
+    if "model" not in made:
+        raise ValueError(f"{router} does not record the model it was built on; give --model")
     path = Path(made["model"])
     if not path.exists():
         raise FileNotFoundError(f"the model {router} was built on is gone from {path}; give --model")
@@ -97,6 +102,10 @@ def route_prompt(router: str | Path, prompt: str, model: str | None = None, max_
     """Route ``prompt`` with a router file (on the model it records, unless ``model``); generate greedily
     ``max_new_tokens`` with the route, and with ``out`` write the prompt's sub-network there."""
     record = router_record(router)
+    try:
+        validate(record["made"], _MADE, "made")
+    except SchemaError as err:
+        raise ROUTER_FORMAT.damaged(router, err) from None
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be at least 0, got {max_new_tokens}")
     if out is not None and Path(out).exists():

@@ -19,15 +19,21 @@ from pathlib import Path
 import torch
 
 from ..core.adapters import merge_checkpoint_adapters
-from ..core.config import RunConfig
+from ..core.config import DEPTH_SCORES, RunConfig
 from ..core.fit import CHECKPOINT_FORMAT, load_network
-from ..core.io import FileFormat, load_tensors, read_json, write_json
-from ..core.posterior import GatePosterior
+from ..core.io import FileFormat, load_tensors, read_json, read_metadata, write_json
+from ..core.posterior import POSTERIOR_FORMAT, GatePosterior
+from ..core.schema import Integer, Number, OneOf
 from ..inputs.pretrained import load_model
 
-RUN_FORMAT = FileFormat("bayesprune-run", "a bayesprune run marker")
+RUN_FORMAT = FileFormat("bayesprune-run", "a bayesprune run marker",
+                        schema={"model": {"path": str, "files": {str: str}}, "data": dict})
 DEPTH_FORMAT = FileFormat("bayesprune-depth", "a bayesprune depth ranking",
-                          legacy=("bayesprune conditional depth search",))
+                          legacy=("bayesprune conditional depth search",),
+                          schema={"order": [Integer(0)], "score": OneOf(DEPTH_SCORES), "tokens": Integer(0),
+                                  "evaluations": Integer(0), "seconds": Number(0),
+                                  "steps": [{"removed": Integer(0), "scores": {str: float},
+                                             "choice_probability": Number(0, 1)}]})
 
 
 class _File:
@@ -206,6 +212,10 @@ def check_output(run_dir: str | Path, config: RunConfig) -> None:
         if changed:
             raise FileExistsError(f"{run_dir} holds a run fitted with other settings ({'; '.join(changed)}); "
                                   f"the same settings resume it, or choose another --out")
+        run = RunDir(run_dir)
+        for path, form in ((run.checkpoint, CHECKPOINT_FORMAT), (run.posterior, POSTERIOR_FORMAT)):
+            if path.exists():
+                read_metadata(path, form)
 
 
 def claim(run_dir: str | Path, config: RunConfig, model: dict, data: dict, write: bool = True) -> None:
