@@ -366,6 +366,21 @@ def test_damaged_weights_and_a_full_disk_give_one_line_and_no_traceback(fitted, 
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 
+def test_a_folder_that_may_not_be_written_gives_one_line_and_loses_nothing(fitted, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode != 0:
+        pytest.skip("this filesystem or user cannot make a folder immutable (chattr +i)")
+    try:
+        done = subprocess.run([sys.executable, "-m", "bayesprune", "extract", str(fitted), "--target", "0.5",
+                               "--out", str(locked / "small")], capture_output=True, text=True, timeout=300)
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"not allowed to write or read {locked / 'small'} (Operation not permitted)" in done.stderr
+    assert list(locked.iterdir()) == []
+
+
 def test_rerunning_a_finished_fit_rewrites_nothing_unless_asked(tiny_model_dir, corpus_dir, tmp_path, capsys):
     run = tmp_path / "run"
     args = ["fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir), "--out", str(run), "--target", "0.5",
