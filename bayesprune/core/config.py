@@ -22,6 +22,7 @@ DECODINGS = ("greedy", "sampling")
 DEPTH_SCORES = ("nll", "distillation")  # what a conditional depth search scores removals by
 LIKELIHOODS = ("nll", "distillation")  # what a fit scores the gated network by
 WEIGHTS = ("frozen", "joint", "lora")  # what a fit does with the network's weights
+RECONSTRUCTIONS = ("none", "least-squares")  # what an extraction does to the weights it keeps
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # compute dtypes of the network, by torch name
 
 
@@ -370,6 +371,10 @@ class ExtractionConfig(_JsonConfig):
     form: str = option("per-layer", "per-layer widths (load with bayesprune.load_pruned) or the same widths in every "
                                     "block (loads in plain transformers)", FORMS)
     multiple: int = option(1, "round kept neurons per block to a multiple of this")
+    reconstruction: str = option("none", "refit each narrowed output projection to reproduce the dense one on "
+                                         "calibration text (least-squares; needs the model in memory)",
+                                 RECONSTRUCTIONS)
+    calibration_tokens: int = option(32768, "tokens of the run's fit split the reconstruction refits on")
 
     def __post_init__(self):
         from .targets import Target, TargetError
@@ -381,6 +386,10 @@ class ExtractionConfig(_JsonConfig):
             raise TargetError(f"unknown form {self.form!r}; choose one of {list(FORMS)}")
         if not isinstance(self.multiple, int) or self.multiple < 1:
             raise TargetError(f"multiple must be an integer >= 1, got {self.multiple!r}")
+        if self.reconstruction not in RECONSTRUCTIONS:
+            raise ValueError(f"reconstruction must be one of {RECONSTRUCTIONS}, not {self.reconstruction!r}")
+        if self.calibration_tokens < 1:
+            raise ValueError(f"calibration_tokens must be at least 1, got {self.calibration_tokens}")
 
     @property
     def parsed(self):

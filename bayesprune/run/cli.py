@@ -81,7 +81,7 @@ def _fit_parser(sub, recipe: dict | None = None) -> None:
         _add_option(groups[section], _field(_SECTIONS[section], field_name), "--" + name.replace("_", "-"))
     _add_option(p, _field(ExtractionConfig, "target"), help="size to extract after fitting: 0.75, 75%, 12layers, "
                                                             "80M, 300MB, 40%flops, or 'none'")
-    _options(p, ExtractionConfig, ("form", "multiple"))
+    _options(p, ExtractionConfig, _EXTRACTION_OPTIONS)
     p.add_argument("--recipe", help="a JSON file of settings: a run's config.json, optionally with an \"extraction\" "
                                     "object (target, form, multiple); options given beside it override it")
     p.add_argument("--device", help="cpu (default), cuda or cuda:N: where the network runs")
@@ -123,6 +123,9 @@ def _recipe(path: str) -> dict:
     return options | {k: ("none" if k == "target" and v is None else v) for k, v in extraction.items()}
 
 
+_EXTRACTION_OPTIONS = ("form", "multiple", "reconstruction", "calibration_tokens")  # beside --target
+
+
 def _config(kind, args):
     """A job's config dataclass from the options of the same names (each option's default is the field's)."""
     return kind(**{f.name: _value(f, getattr(args, f.name)) for f in dataclasses.fields(kind) if hasattr(args, f.name)})
@@ -140,7 +143,7 @@ def build_parser(recipe: dict | None = None) -> argparse.ArgumentParser:
     _add_option(p, _field(ExtractionConfig, "target"), required=True,
                 help="0.5, 50%, 12layers, 80M, 300MB or 40%flops")
     p.add_argument("--out", required=True, help="output folder (must not exist)")
-    _options(p, ExtractionConfig, ("form", "multiple"))
+    _options(p, ExtractionConfig, _EXTRACTION_OPTIONS)
     p.add_argument("--in-memory", action="store_true",
                    help="load the whole model and cut it in memory (default for joint fits; frozen fits "
                         "are cut from the original files, slice by slice)")
@@ -197,8 +200,9 @@ def _run(args, argv) -> None:
         config = _run_config(args)
         from .fit_job import run_fit
 
-        target = None if args.target.lower() == "none" else args.target
-        extraction = ExtractionConfig(target, args.form, args.multiple)
+        if args.target.lower() == "none":
+            args.target = None
+        extraction = _config(ExtractionConfig, args)
         from ..core.distributed import finish, is_main
 
         try:
@@ -210,7 +214,7 @@ def _run(args, argv) -> None:
         from .extract_job import run_extract
 
         streaming = False if args.in_memory else None
-        extraction = ExtractionConfig(args.target, args.form, args.multiple)
+        extraction = _config(ExtractionConfig, args)
         print(json.dumps(run_extract(args.run, extraction, args.out, streaming=streaming, device=args.device,
                                      dtype=args.dtype), indent=2))
     elif args.command == "depth":

@@ -22,6 +22,8 @@ from .rundir import RunDir, fitted_model_path, holding, load_fitted, load_fitted
 from ..core.selection import choose_blocks
 from ..core.targets import ModelTotals, Target, TargetError
 from ..cut.extraction import CheckpointFiles, extract_model, extract_streaming, save_extracted
+from ..cut.reconstruction import reconstruct
+from ..inputs.data import split_corpus, tokenize, windows
 from .depth_job import read_depth
 
 
@@ -42,13 +44,15 @@ def run_plan(run_dir: str | Path, posterior: GatePosterior, totals: ModelTotals,
 
 
 def extraction_record(run_dir: Path, extraction: ExtractionConfig, plan, posterior: GatePosterior,
-                      depth: DepthSearch | None = None) -> dict:
-    """What an extracted model records of how it was cut: the run, the target, the plan, and what was removed
-    with the posterior's inclusion of it (or the depth ranking that chose it)."""
+                      depth: DepthSearch | None = None, refit: dict | None = None) -> dict:
+    """What an extracted model records of how it was cut: the run, the target, the plan, what was removed
+    with the posterior's inclusion of it (or the depth ranking that chose it), and what a reconstruction did."""
     removed = [i for i in range(plan.num_layers) if i not in plan.kept_layers]
     record = {"source_run": str(run_dir.resolve()), "target": str(extraction.parsed),
               "extraction": extraction.to_dict(), **plan.record(),
               "removed_layer_names": [posterior.layer_names[i] for i in removed]}
+    if refit is not None:
+        record["reconstruction"] = refit
     if depth is None:
         keep_p = posterior.block_keep_probability(plan.cost).mean(0)
         return {**record, "removed_inclusion": [keep_p[i].item() for i in removed]}
@@ -56,6 +60,23 @@ def extraction_record(run_dir: Path, extraction: ExtractionConfig, plan, posteri
     return {**record, "depth_ranking": {"file": RunDir.DEPTH, "score": depth.score, "tokens": depth.tokens,
                                         "removed_in_order": [s.removed for s in steps],
                                         "choice_probability": [s.choice_probability for s in steps]}}
+
+
+def calibration_windows(tokens, seq_len: int, count: int):
+    """The first ``count`` tokens (at least one window) of a token stream, as windows of ``seq_len``."""
+    return windows(tokens, seq_len)[:max(1, count // seq_len)]
+
+
+def cut_in_memory(model, plan: ExtractionPlan, extraction: ExtractionConfig, fit_tokens, seq_len: int,
+                  stored, progress: bool = True) -> tuple:
+    """The extracted model cut from ``model`` in memory, in the ``stored`` dtype, refitted as ``extraction`` asks
+    on the run's fit tokens; and what the refit did (``None``: no reconstruction)."""
+    small = extract_model(model, plan)
+    refit = None
+    if extraction.reconstruction == "least-squares":
+        refit = reconstruct(model, small, plan, calibration_windows(fit_tokens(), seq_len,
+                                                                    extraction.calibration_tokens), progress=progress)
+    return small.to(stored), refit
 
 
 def _adapter_deltas(run_dir: Path, config, model_config) -> dict | None:
@@ -67,23 +88,24 @@ def _adapter_deltas(run_dir: Path, config, model_config) -> dict | None:
 
 
 def run_extract(run_dir: str | Path, extraction: ExtractionConfig, out: str | Path, overwrite: bool = False,
-                streaming: bool | None = None, device: str | None = None, dtype: str | None = None) -> dict:
+                streaming: bool | None = None, device: str | None = None, dtype: str | None = None,
+                progress: bool = True) -> dict:
     """Extract the sub-network ``extraction`` asks for from a fitted run; nothing is written on error.
 
     A frozen-weight or adapter fit is cut straight from the original safetensors files
     (``streaming``, the default there), reading only the kept slices (and adding the
     adapters' share of each); a joint fit, whose weights live in the run's checkpoint,
-    is cut in memory.
+    and any extraction with a reconstruction (which reads the model's activations) are cut in memory.
     """
     run_dir = Path(run_dir)
     if extraction.parsed is None:
         raise TargetError("extraction needs a target")
     with holding(run_dir, "extract", exclusive=False):
-        return _extract_from(run_dir, extraction, out, overwrite, streaming, device, dtype)
+        return _extract_from(run_dir, extraction, out, overwrite, streaming, device, dtype, progress)
 
 
 def _extract_from(run_dir: Path, extraction: ExtractionConfig, out: str | Path, overwrite: bool,
-                  streaming: bool | None, device: str | None, dtype: str | None) -> dict:
+                  streaming: bool | None, device: str | None, dtype: str | None, progress: bool) -> dict:
     """:func:`run_extract` while the run is held for reading."""
     parsed, form, multiple = extraction.parsed, extraction.form, extraction.multiple
     fitted = load_fitted(run_dir)
@@ -91,11 +113,15 @@ def _extract_from(run_dir: Path, extraction: ExtractionConfig, out: str | Path, 
         raise FileExistsError(f"{out} already exists; choose another --out or remove it")
     config = read_config(run_dir)
     source = fitted_model_path(run_dir)
+    refits = extraction.reconstruction != "none"
     if streaming is None:
-        streaming = config.fit.weights != "joint"
+        streaming = config.fit.weights != "joint" and not refits
     if streaming:
         if config.fit.weights == "joint":
             raise ValueError("a joint fit changed the weights: extract it in memory (streaming=False)")
+        if refits:
+            raise ValueError(f"reconstruction ({extraction.reconstruction}) refits on the model's activations and "
+                             f"needs it in memory: extract in memory (streaming=False)")
         model_config = load_config(str(source))
         files = CheckpointFiles(source, _adapter_deltas(run_dir, config, model_config))
         totals = files.totals(architecture_for_config(model_config))
@@ -107,8 +133,12 @@ def _extract_from(run_dir: Path, extraction: ExtractionConfig, out: str | Path, 
         stored = source_dtype(str(source))
         totals = ModelTotals.of(model, stored)
         plan, depth = run_plan(run_dir, fitted, totals, parsed, form, multiple)
-        small = extract_model(model, plan).to(stored)
-        record = extraction_record(run_dir, extraction, plan, fitted, depth)
+
+        def fit_tokens():
+            return tokenize(tokenizer, split_corpus(config.data)["fit"])
+
+        small, refit = cut_in_memory(model, plan, extraction, fit_tokens, config.fit.seq_len, stored, progress)
+        record = extraction_record(run_dir, extraction, plan, fitted, depth, refit)
         save_extracted(small, tokenizer, out, record, overwrite)
     files_bytes = sum(p.stat().st_size for p in Path(out).glob("*.safetensors"))
     return {**record, "file_bytes": files_bytes, "path": str(out)}

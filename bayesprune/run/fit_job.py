@@ -35,8 +35,8 @@ from .plots import plot_block_forest, plot_inclusion_over_cost, plot_size_curve,
 from ..core.posterior import GatePosterior, cost_grid
 from .rundir import RunDir, check_output, claim, data_fingerprint, holding, model_fingerprint
 from ..core.targets import ModelTotals, Target
-from ..cut.extraction import extract_model, save_extracted
-from .extract_job import extraction_record
+from ..cut.extraction import save_extracted
+from .extract_job import cut_in_memory, extraction_record
 
 UNIT_LEVEL_DRAWS = 20
 SUMMARY_TARGET = "0.75"  # where a run without a target shows its ranking and widths
@@ -204,8 +204,9 @@ def _fit_in(run: RunDir, config: RunConfig, extraction: ExtractionConfig, parsed
                        "last": result.history[-10:]}}
     if plan is not None:
         out = run.extracted
-        small = extract_model(model, plan).to(stored)
-        record = extraction_record(run.path, extraction, plan, posterior)
+        small, refit = cut_in_memory(model, plan, extraction, lambda: splits["fit"], config.fit.seq_len, stored,
+                                     progress)
+        record = extraction_record(run.path, extraction, plan, posterior, refit=refit)
         save_extracted(small, tokenizer, out, record, overwrite=True)
         extracted = {**evaluate(small), **record, **model_size(small, out), "path": str(out),
                      "files": sorted(p.name for p in out.iterdir())}

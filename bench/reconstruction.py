@@ -1,0 +1,113 @@
+"""Reconstruction at extraction, in domain and on text the fit never saw.
+
+Reads one fitted run (the README's main job by default: adapters fitted with the gates), plans each
+target from its posterior, and cuts the plan four ways: the fitted (adapter-merged) network as
+``bayesprune extract`` does, that cut refitted (``--reconstruction least-squares``, calibrated on the run's
+own fit split) to reproduce the fitted network or the original one, and the original network cut and
+refitted to itself. Each is scored on the test split of every domain the project has offline (the run's
+own corpus is the in-domain one), beside both dense networks. Writes
+``bench/results/reconstruction.json`` and a plot of perplexity per domain.
+
+    .venv/bin/python bench/reconstruction.py --run runs/main     # ≈ 6 min on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+from common import pyplot, save_figure, write_results
+
+import bayesprune as bp
+from bayesprune.core.config import ExtractionConfig
+from bayesprune.core.targets import Target
+from bayesprune.cut.reconstruction import reconstruct
+from bayesprune.inputs.data import DOMAINS, domain_documents, split_corpus, split_documents
+from bayesprune.inputs.pretrained import source_dtype
+from bayesprune.run.extract_job import calibration_windows, run_plan
+from bayesprune.run.rundir import fitted_model_path, load_fitted, load_fitted_model, read_config
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    plt = pyplot()
+    domains = list(rows[0]["perplexity"])
+    fig, axes = plt.subplots(1, len(domains), figsize=(3.2 * len(domains), 3.6))
+    for ax, domain in zip(axes, domains):
+        for label in VARIANTS:
+            members = sorted((r for r in rows if r["variant"] == label), key=lambda r: r["fraction"])
+            ax.plot([r["fraction"] for r in members], [r["perplexity"][domain] for r in members], "o-",
+                    label=label)
+        for r, style in zip((r for r in rows if r["target"] == "dense"), (":", "--")):
+            ax.axhline(r["perplexity"][domain], color="k", ls=style, lw=0.8, label=f"dense ({r['variant']})")
+        ax.set(title=domain, xlabel="fraction kept", yscale="log")
+    axes[0].set_ylabel("test perplexity (log scale)")
+    axes[0].legend(fontsize=6)
+    save_figure(fig, path)
+
+
+VARIANTS = {  # label: (weights cut, reference the kept columns are refitted to; None: no refit)
+    "fitted cut": ("fitted", None),
+    "fitted cut, refit to fitted": ("fitted", "fitted"),
+    "fitted cut, refit to original": ("fitted", "original"),
+    "original cut, refit to original": ("original", "original"),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", default="runs/main")
+    parser.add_argument("--targets", nargs="+", default=["0.75", "0.5"])
+    parser.add_argument("--calibration-tokens", type=int, default=ExtractionConfig.calibration_tokens)
+    parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--damping", type=float, default=0.01)
+    parser.add_argument("--out", default="bench/results/reconstruction.json")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    config = read_config(args.run)
+    networks = dict(zip(("fitted", "original"), (load_fitted_model(args.run)[0],
+                                                  bp.load_model(str(fitted_model_path(args.run)))[0])))
+    tokenizer = bp.load_model(str(fitted_model_path(args.run)))[1]
+    posterior = load_fitted(args.run)
+    totals = bp.ModelTotals.of(networks["original"], source_dtype(str(fitted_model_path(args.run))))
+    fitted_on = Path(config.data.path).name if config.data.path else "shakespeare"
+    tests = {name: bp.tokenize(tokenizer, split_documents(domain_documents(name))["test"]) for name in sorted(DOMAINS)}
+    fit_tokens = bp.tokenize(tokenizer, split_corpus(config.data)["fit"])
+    calibration = calibration_windows(fit_tokens, config.fit.seq_len, args.calibration_tokens)
+
+    def score(network) -> dict:
+        return {name: bp.perplexity(network, tokens, 256, args.eval_tokens, progress=False)["perplexity"]
+                for name, tokens in tests.items()}
+
+    rows = [{"target": "dense", "variant": name, "fraction": 1.0, "perplexity": score(network)}
+            for name, network in networks.items()]
+    print(rows, flush=True)
+    for target in args.targets:
+        plan, _ = run_plan(args.run, posterior, totals, Target.parse(target))
+        for label in args.variants:
+            cut_from, reference = VARIANTS[label]
+            started = time.time()
+            small = bp.extract_model(networks[cut_from], plan)
+            refit = None if reference is None else reconstruct(networks[reference], small, plan, calibration,
+                                                               args.damping, progress=False)
+            rows.append({"target": target, "variant": label, "fraction": plan.fraction,
+                         "seconds": time.time() - started, "refit": refit, "perplexity": score(small)})
+            print(rows[-1], flush=True)
+    original = rows[1]["perplexity"]
+    for row in rows:
+        held_out = [row["perplexity"][d] / original[d] for d in tests if d != fitted_on]
+        row["held_out_geomean_ratio_to_original"] = math.exp(sum(map(math.log, held_out)) / len(held_out))
+    write_results({"run": str(Path(args.run).resolve()), "fitted_on": fitted_on, "eval_tokens": args.eval_tokens,
+                   "calibration_tokens": int(calibration.numel()), "damping": args.damping,
+                   "how": f"one process, {torch.get_num_threads()} threads, {platform.processor() or 'cpu'}; "
+                          f"perplexity over 256-token windows of each domain's test split",
+                   "rows": rows}, args.out, plot)
+
+
+if __name__ == "__main__":
+    main()
