@@ -32,15 +32,25 @@ from bayesprune.run.extract_job import calibration_windows, run_plan
 from bayesprune.run.rundir import fitted_model_path, load_fitted, load_fitted_model, read_config
 
 
+STARS = {0.01: "k*", 0.1: "m*", 1.0: "c*"}  # a leave-one-domain-out refit, by damping
+
+
 def plot(rows: list[dict], path: Path) -> None:
     plt = pyplot()
     domains = list(rows[0]["perplexity"])
     fig, axes = plt.subplots(1, len(domains), figsize=(3.2 * len(domains), 3.6))
     for ax, domain in zip(axes, domains):
-        for label in VARIANTS:
-            members = sorted((r for r in rows if r["variant"] == label), key=lambda r: r["fraction"])
+        for label, damping in sorted({(r["variant"], r.get("damping")) for r in rows if r["target"] != "dense"
+                                      and "left_out" not in r}, key=str):
+            members = sorted((r for r in rows if (r["variant"], r.get("damping")) == (label, damping)
+                              and "left_out" not in r), key=lambda r: r["fraction"])
             ax.plot([r["fraction"] for r in members], [r["perplexity"][domain] for r in members], "o-",
-                    label=label)
+                    label=label + ("" if damping is None else f", damping {damping}"))
+        for r in rows:
+            if r.get("left_out") == domain:
+                marker = STARS.get(r.get("damping"), "k*")
+                ax.plot(r["fraction"], r["perplexity"][domain], marker, ms=9,
+                        label="refit on the other domains" + (f", damping {r['damping']}" if "damping" in r else ""))
         for r, style in zip((r for r in rows if r["target"] == "dense"), (":", "--")):
             ax.axhline(r["perplexity"][domain], color="k", ls=style, lw=0.8, label=f"dense ({r['variant']})")
         ax.set(title=domain, xlabel="fraction kept", yscale="log")
@@ -57,6 +67,25 @@ VARIANTS = {  # label: (weights cut, reference the kept columns are refitted to;
 }
 
 
+def leave_one_domain_out(fitted, plan, target: str, tokenizer, fitted_on: str, seq_len: int, args, score) -> list:
+    """The fitted cut refitted on the other domains' fit splits, once per domain the fit never saw."""
+    share = args.calibration_tokens // (len(DOMAINS) - 1)
+    fit_windows = {name: calibration_windows(bp.tokenize(tokenizer, split_documents(domain_documents(name))["fit"]),
+                                             seq_len, share) for name in sorted(DOMAINS)}
+    rows = []
+    for left_out, damping in ((d, damping) for d in sorted(DOMAINS) if d != fitted_on for damping in args.damping):
+        calibration = torch.cat([w for name, w in fit_windows.items() if name != left_out])
+        started = time.time()
+        small = bp.extract_model(fitted, plan)
+        refit = reconstruct(fitted, small, plan, calibration, damping, progress=False)
+        rows.append({"target": target, "variant": "fitted cut, refit to fitted on the other domains",
+                     "damping": damping, "left_out": left_out, "fraction": plan.fraction,
+                     "seconds": time.time() - started, "refit": refit,
+                     "perplexity": score(small, (left_out, fitted_on))})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="runs/main")
@@ -64,7 +93,11 @@ def main() -> None:
     parser.add_argument("--calibration-tokens", type=int, default=ExtractionConfig.calibration_tokens)
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--damping", type=float, default=0.01)
+    parser.add_argument("--damping", type=float, nargs="+", default=[0.01],
+                        help="ridge towards the columns as cut, as a share of the kept inputs' mean second moment")
+    parser.add_argument("--leave-out", action="store_true",
+                        help="also refit the fitted cut calibrated on the other domains' fit splits (equal shares), "
+                             "once per domain the fit never saw, and score that domain")
     parser.add_argument("--out", default="bench/results/reconstruction.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -80,9 +113,9 @@ def main() -> None:
     fit_tokens = bp.tokenize(tokenizer, split_corpus(config.data)["fit"])
     calibration = calibration_windows(fit_tokens, config.fit.seq_len, args.calibration_tokens)
 
-    def score(network) -> dict:
-        return {name: bp.perplexity(network, tokens, 256, args.eval_tokens, progress=False)["perplexity"]
-                for name, tokens in tests.items()}
+    def score(network, domains=tuple(tests)) -> dict:
+        return {name: bp.perplexity(network, tests[name], 256, args.eval_tokens, progress=False)["perplexity"]
+                for name in domains}
 
     rows = [{"target": "dense", "variant": name, "fraction": 1.0, "perplexity": score(network)}
             for name, network in networks.items()]
@@ -91,19 +124,23 @@ def main() -> None:
         plan, _ = run_plan(args.run, posterior, totals, Target.parse(target))
         for label in args.variants:
             cut_from, reference = VARIANTS[label]
-            started = time.time()
-            small = bp.extract_model(networks[cut_from], plan)
-            refit = None if reference is None else reconstruct(networks[reference], small, plan, calibration,
-                                                               args.damping, progress=False)
-            rows.append({"target": target, "variant": label, "fraction": plan.fraction,
-                         "seconds": time.time() - started, "refit": refit, "perplexity": score(small)})
-            print(rows[-1], flush=True)
+            for damping in [None] if reference is None else args.damping:
+                started = time.time()
+                small = bp.extract_model(networks[cut_from], plan)
+                refit = None if reference is None else reconstruct(networks[reference], small, plan, calibration,
+                                                                   damping, progress=False)
+                rows.append({"target": target, "variant": label, "damping": damping, "fraction": plan.fraction,
+                             "seconds": time.time() - started, "refit": refit, "perplexity": score(small)})
+                print(rows[-1], flush=True)
+        if args.leave_out:
+            rows += leave_one_domain_out(networks["fitted"], plan, target, tokenizer, fitted_on, config.fit.seq_len,
+                                         args, score)
     original = rows[1]["perplexity"]
     for row in rows:
-        held_out = [row["perplexity"][d] / original[d] for d in tests if d != fitted_on]
+        held_out = [row["perplexity"][d] / original[d] for d in tests if d != fitted_on and d in row["perplexity"]]
         row["held_out_geomean_ratio_to_original"] = math.exp(sum(map(math.log, held_out)) / len(held_out))
     write_results({"run": str(Path(args.run).resolve()), "fitted_on": fitted_on, "eval_tokens": args.eval_tokens,
-                   "calibration_tokens": int(calibration.numel()), "damping": args.damping,
+                   "calibration_tokens": int(calibration.numel()),
                    "how": f"one process, {torch.get_num_threads()} threads, {platform.processor() or 'cpu'}; "
                           f"perplexity over 256-token windows of each domain's test split",
                    "rows": rows}, args.out, plot)

@@ -374,7 +374,7 @@ class ExtractionConfig(_JsonConfig):
     reconstruction: str = option("none", "refit each narrowed output projection to reproduce the dense one on "
                                          "calibration text (least-squares; needs the model in memory)",
                                  RECONSTRUCTIONS)
-    calibration_tokens: int = option(32768, "tokens of the run's fit split the reconstruction refits on")
+    calibration_tokens: int = option(16384, "tokens of the run's fit split the reconstruction refits on")
 
     def __post_init__(self):
         from .targets import Target, TargetError

@@ -42,7 +42,7 @@ def _projections(model: torch.nn.Module, plan: ExtractionPlan) -> dict[int, list
         index, inner = module[len(prefix):].split(".", 1)
         if inner in arch.outputs:
             found.setdefault(int(index), []).append((inner, recipe.index, recipe.factor))
-    return found
+    return {i: sorted(p, key=lambda item: arch.outputs.index(item[0])) for i, p in found.items()}
 
 
 class _LayerArguments:
@@ -74,11 +74,11 @@ class _LayerArguments:
 
 @contextlib.contextmanager
 def _inputs_of(module: torch.nn.Module):
-    """The latest input ``module`` saw (as rows), in a one-item list."""
+    """Every input ``module`` sees while open (as float32 rows), in a list."""
     seen: list[torch.Tensor] = []
 
     def hook(_module, args):
-        seen[:] = [args[0].reshape(-1, args[0].shape[-1]).float()]
+        seen.append(args[0].reshape(-1, args[0].shape[-1]).float())
 
     handle = module.register_forward_pre_hook(hook)
     try:
@@ -137,18 +137,23 @@ def reconstruct(model: torch.nn.Module, small: torch.nn.Module, plan: Extraction
     for i in tqdm(range(len(dense_blocks)), desc="reconstruction", disable=not progress):
         block, arguments = dense_blocks[i], captured.arguments[i]
         kept_block = small_blocks[small_of[i]] if i in small_of else None
-        for inner, kept, factor in narrowed.get(i, []):
+        projections = narrowed.get(i, [])
+        with contextlib.ExitStack() as stack:  # the dense block once: its projections' inputs and its outputs
+            dense_inputs = {inner: stack.enter_context(_inputs_of(block.get_submodule(inner)))
+                            for inner, _, _ in projections}
+            dense_hidden = [_run(block, h, args) for h, args in zip(dense_hidden, arguments)]
+        for inner, kept, factor in projections:  # in the block's order: attention's, then the MLP's
             dense_module, small_module = block.get_submodule(inner), kept_block.get_submodule(inner)
             weight = dense_module.weight.float()
             weight = weight.T if transposed else weight
             wanted, cross, moment = 0.0, 0, 0
-            with _inputs_of(dense_module) as x, _inputs_of(small_module) as x_kept:
-                for h, h_kept, args in zip(dense_hidden, small_hidden, arguments):
-                    _run(block, h, args)
+            with _inputs_of(small_module) as seen:
+                for h_kept, args in zip(small_hidden, arguments):
                     _run(kept_block, h_kept, args)
-                    wanted += float((x[0] @ weight.T).double().square().sum())
-                    cross = cross + x[0].T @ x_kept[0]
-                    moment = moment + x_kept[0].T @ x_kept[0]
+            for x, x_kept in zip(dense_inputs.pop(inner), seen):
+                wanted += float((x @ weight.T).double().square().sum())
+                cross = cross + x.T @ x_kept
+                moment = moment + x_kept.T @ x_kept
             stored = small_module.weight
             cut = (stored.T if transposed else stored).float() / factor
             columns = least_squares_columns(weight, kept, cross, moment, damping)
@@ -156,7 +161,6 @@ def reconstruct(model: torch.nn.Module, small: torch.nn.Module, plan: Extraction
             after.append(output_error(weight, columns, wanted, cross, moment))
             refitted = columns * factor
             stored.copy_((refitted.T if transposed else refitted).to(stored.dtype))
-        dense_hidden = [_run(block, h, args) for h, args in zip(dense_hidden, arguments)]
         if kept_block is not None:
             small_hidden = [_run(kept_block, h, args) for h, args in zip(small_hidden, arguments)]
     return {"projections": len(before), "tokens": int(windows.numel()), "damping": damping,
