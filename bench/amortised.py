@@ -92,7 +92,7 @@ def main() -> None:
     curve = bp.GatePosterior.load(fit_run(runs / "amortised", args.amortised_steps, args.eval_tokens,
                                           offset_scale=args.offset_scale) / RunDir.POSTERIOR)
     model, tokenizer = bp.load_model()
-    splits = bp.load_splits(tokenizer, bp.DataConfig())
+    splits = bp.load_splits(tokenizer, bp.DataConfig(path="shakespeare"))
     totals = bp.ModelTotals.of(model)
     test = splits["test"]
     held_out = bp.windows(splits["validation"], 256)[:max(1, args.eval_tokens // 256)]

@@ -69,7 +69,7 @@ def default_model_and_corpora(seq_len: int = 128):
     from bayesprune.inputs.data import bible_path
 
     model, tokenizer = bp.load_model()
-    splits = bp.load_splits(tokenizer, bp.DataConfig())
+    splits = bp.load_splits(tokenizer, bp.DataConfig(path="shakespeare"))
     bible = bp.inputs.data.split_documents(bp.inputs.data.load_documents(bible_path()))["test"]
     corpora = {"shakespeare": splits["test"], "kjv": bp.tokenize(tokenizer, bible)}
     fit_windows = bp.windows(splits["fit"], seq_len)

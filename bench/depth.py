@@ -33,7 +33,7 @@ args = parser.parse_args()
 torch.set_num_threads(2)
 
 model, tokenizer = bp.load_model()
-splits = bp.load_splits(tokenizer, bp.DataConfig())
+splits = bp.load_splits(tokenizer, bp.DataConfig(path="shakespeare"))
 bible = bp.inputs.data.split_documents(bp.inputs.data.load_documents(bible_path()))["test"]
 corpora = {"shakespeare": splits["test"], "kjv": bp.tokenize(tokenizer, bible)}
 totals = bp.ModelTotals.of(model)

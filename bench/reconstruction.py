@@ -108,7 +108,7 @@ def main() -> None:
     tokenizer = bp.load_model(str(fitted_model_path(args.run)))[1]
     posterior = load_fitted(args.run)
     totals = bp.ModelTotals.of(networks["original"], source_dtype(str(fitted_model_path(args.run))))
-    fitted_on = Path(config.data.path).name if config.data.path else "shakespeare"
+    fitted_on = Path(config.data.path).name if config.data.path else "mixture"
     tests = {name: bp.tokenize(tokenizer, split_documents(domain_documents(name))["test"]) for name in sorted(DOMAINS)}
     fit_tokens = bp.tokenize(tokenizer, split_corpus(config.data)["fit"])
     calibration = calibration_windows(fit_tokens, config.fit.seq_len, args.calibration_tokens)

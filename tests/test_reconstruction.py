@@ -70,9 +70,12 @@ def test_extract_refits_an_adapter_run_in_memory_and_records_it(tiny_model_dir, 
                  "none", "--units", "head,neuron", "--weights", "lora", *FIT_ARGS]) == 0
     out = tmp_path / "small"
     assert main(["extract", str(run), "--target", "0.6", "--out", str(out), "--reconstruction", "least-squares",
-                 "--calibration-tokens", "256"]) == 0
+                 "--calibration-tokens", "256", "--damping", "0.5"]) == 0
     record = json.loads((out / "bayesprune_extraction.json").read_text())["reconstruction"]
     assert record["tokens"] >= 256 - 64 and record["relative_error_refitted"] < record["relative_error_cut"]
+    assert record["damping"] == 0.5
+    with pytest.raises(ValueError, match="damping must be a finite number >= 0, got -1"):
+        ExtractionConfig("0.6", reconstruction="least-squares", damping=-1.0)
     with pytest.raises(ValueError, match="needs it in memory"):
         run_extract(run, ExtractionConfig("0.6", reconstruction="least-squares"), tmp_path / "s", streaming=True)
     assert not (tmp_path / "s").exists()

@@ -225,9 +225,12 @@ class FitConfig(_JsonConfig):
 
 @dataclass
 class DataConfig(_JsonConfig):
-    """Corpus and split settings. ``path=None`` means the Shakespeare corpus."""
+    """Corpus and split settings. ``path``: a domain (one of ``bayesprune.inputs.data.DOMAINS``), a
+    comma list of them, or a text file, folder or ``.jsonl``; ``None`` means the mixture of every domain."""
 
-    path: str | None = option(None, "text file, folder or .jsonl (default: the Shakespeare corpus)")
+    path: str | None = option(None, "a domain (shakespeare, kjv, python, sotu, sherlock), a comma list of them, or "
+                                    "a text file, folder or .jsonl (default: the mixture of every domain, in equal "
+                                    "shares)")
     validation_fraction: float = option(0.1, "share of documents held out for validation")
     test_fraction: float = option(0.1, "share of documents held out for test")
     eval_tokens: int = option(16384, "test tokens perplexity is measured on")
@@ -375,6 +378,8 @@ class ExtractionConfig(_JsonConfig):
                                          "calibration text (least-squares; needs the model in memory)",
                                  RECONSTRUCTIONS)
     calibration_tokens: int = option(16384, "tokens of the run's fit split the reconstruction refits on")
+    damping: float = option(1.0, "ridge pulling refitted weights towards the cut ones, as a share of the kept "
+                                 "inputs' mean second moment (0: plain least squares)")
 
     def __post_init__(self):
         from .targets import Target, TargetError
@@ -390,6 +395,8 @@ class ExtractionConfig(_JsonConfig):
             raise ValueError(f"reconstruction must be one of {RECONSTRUCTIONS}, not {self.reconstruction!r}")
         if self.calibration_tokens < 1:
             raise ValueError(f"calibration_tokens must be at least 1, got {self.calibration_tokens}")
+        if not 0 <= self.damping < math.inf:
+            raise ValueError(f"damping must be a finite number >= 0, got {self.damping}")
 
     @property
     def parsed(self):
@@ -428,14 +435,12 @@ class RunConfig(_JsonConfig):
             data=DataConfig.from_dict(values.get("data", {})),
         )
 
-    def resolved(self) -> "RunConfig":
-        """The same settings with local model and data paths absolute, so that a run reads the same from anywhere
-        (a model that is not a local path, a hub id, stays as it is)."""
-        def absolute(path: str | None) -> str | None:
-            local = None if path is None else Path(path).expanduser()
-            return str(local.resolve()) if local is not None and local.exists() else path
-        return dataclasses.replace(self, model=absolute(self.model),
-                                   data=dataclasses.replace(self.data, path=absolute(self.data.path)))
+    def resolved(self, data_path: str | None) -> "RunConfig":
+        """The same settings with a local model path absolute and the corpus ``data_path`` (as the corpus
+        reader resolves it), so that a run reads the same from anywhere (a hub id stays as it is)."""
+        local = None if self.model is None else Path(self.model).expanduser()
+        model = str(local.resolve()) if local is not None and local.exists() else self.model
+        return dataclasses.replace(self, model=model, data=dataclasses.replace(self.data, path=data_path))
 
     def save(self, path: str | Path) -> None:
         from .io import atomic_write_text

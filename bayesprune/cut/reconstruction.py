@@ -116,7 +116,7 @@ def output_error(weight: torch.Tensor, columns: torch.Tensor, wanted: float, cro
 
 @torch.no_grad()
 def reconstruct(model: torch.nn.Module, small: torch.nn.Module, plan: ExtractionPlan, windows: torch.Tensor,
-                damping: float = 0.01, batch_size: int = 4, progress: bool = True) -> dict:
+                damping: float = 1.0, batch_size: int = 4, progress: bool = True) -> dict:
     """Refit ``small``'s narrowed output projections in place (``small`` is ``extract_model(model, plan)``), block
     after block, on ``windows`` of calibration text; returns the mean relative output error of the projections
     as cut and as refitted (on the extracted network's own inputs)."""

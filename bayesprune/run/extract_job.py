@@ -74,8 +74,8 @@ def cut_in_memory(model, plan: ExtractionPlan, extraction: ExtractionConfig, fit
     small = extract_model(model, plan)
     refit = None
     if extraction.reconstruction == "least-squares":
-        refit = reconstruct(model, small, plan, calibration_windows(fit_tokens(), seq_len,
-                                                                    extraction.calibration_tokens), progress=progress)
+        windows = calibration_windows(fit_tokens(), seq_len, extraction.calibration_tokens)
+        refit = reconstruct(model, small, plan, windows, extraction.damping, progress=progress)
     return small.to(stored), refit
 
 

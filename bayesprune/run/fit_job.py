@@ -25,7 +25,7 @@ from ..prune import check_request
 from ..core import distributed
 from ..core.config import ExtractionConfig, RunConfig
 from ..core.kinds import layer_kinds, width_kinds
-from ..inputs.data import split_corpus, tokenize, windows
+from ..inputs.data import resolve_corpus, split_corpus, tokenize, windows
 from ..evaluation.perplexity import model_size, perplexity
 from ..core.fit import fit
 from ..core.gates import gate
@@ -149,7 +149,7 @@ def run_fit(config: RunConfig, run_dir: str | Path, extraction: ExtractionConfig
     started = time.time()
     device = distributed.initialise(device)
     run = RunDir(run_dir)
-    config = config.resolved()
+    config = config.resolved(resolve_corpus(config.data.path))
     extraction = extraction or ExtractionConfig()
     parsed_target = validate(config, extraction, run.path)
     with holding(run.path, "fit") if distributed.is_main() else contextlib.nullcontext():

@@ -1,0 +1,241 @@
+"""Leave one domain out: how a pruned general model does on text of a kind it never saw.
+
+For every domain ``d`` of ``--domains`` (default: every packaged domain), each method is fitted or
+calibrated on the mixture of the *other* domains (``--data`` of their names: equal shares, split by
+document) and scored on ``d``'s test split (held out) and on that mixture's test split (in domain),
+at each ``--targets`` share of decoder parameters kept:
+
+* ``bayesprune``: the default fit (adapters with the gates, NLL, 200 steps, ``--seed``) on the mixture,
+  extracted as ``bayesprune extract RUN --in-memory`` does it; ``bayesprune+ls`` the same with
+  ``--reconstruction least-squares`` (calibrated on the mixture's fit split);
+* ``sparsegpt`` and ``wanda``: unstructured, the same share of non-zero decoder parameters;
+* ``shortgpt`` and, asked for with ``--methods``, ``sleb``: whole blocks removed, lowest score first
+  (SLEB's greedy search scores every block at every removal: about 10 minutes per domain here);
+* ``dense``: the original model.
+
+Baselines are calibrated on ``--calibration-windows`` seeded fit windows of the same mixture (SLEB on
+``--sleb-windows``). Every row records its
+calibration and fit tokens and seconds. ``held_out.json`` is written after every row, and a rerun with
+the same measurement settings keeps the rows already there; the summary gives, per method and target,
+the geometric mean of the held-out perplexities, their ratios to dense, and the in-domain figure.
+
+    .venv/bin/python bench/held_out.py                       # every domain: ≈ 20 min per domain on 2 CPU cores
+    .venv/bin/python bench/held_out.py --table               # the tables and the figure of an earlier run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import pyplot, save_figure
+
+import bayesprune as bp
+from bayesprune.baselines import baseline_plan, block_scores, prune_unstructured, sleb_scores, sparsity_for
+from bayesprune.core.architectures import decoder_layers
+from bayesprune.core.config import ExtractionConfig
+from bayesprune.inputs.data import DOMAINS, split_corpus, tokenize
+from bayesprune.run.extract_job import run_extract
+from bayesprune.run.fit_job import run_fit
+from bayesprune.run.rundir import RunDir
+
+METHODS = ["dense", "bayesprune", "bayesprune+ls", "sparsegpt", "wanda", "shortgpt", "sleb"]
+DEFAULT_METHODS = [m for m in METHODS if m != "sleb"]
+_MEASUREMENT = ("eval_tokens", "calibration_windows", "sleb_windows", "seq_len", "seed")
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--domains", nargs="+", choices=list(DOMAINS), default=list(DOMAINS),
+                        help="domains left out, one at a time")
+    parser.add_argument("--targets", nargs="+", default=["0.75", "0.5"])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=DEFAULT_METHODS)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bayesprune fits")
+    parser.add_argument("--eval-tokens", type=int, default=4096, help="tokens scored per test split")
+    parser.add_argument("--calibration-windows", type=int, default=128, help="fit windows the baselines calibrate on")
+    parser.add_argument("--sleb-windows", type=int, default=8, help="fit windows SLEB's search scores")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--runs", default="runs/held-out", help="where the bayesprune fits go (one per domain)")
+    parser.add_argument("--out", default="bench/results/held_out.json")
+    parser.add_argument("--table", action="store_true", help="only print the tables of --out and redraw its figure")
+    return parser.parse_args()
+
+
+class Results:
+    """Rows measured so far (an earlier run's, when its measurement settings match), written after each one."""
+
+    def __init__(self, args, settings: dict):
+        self.out, self.settings, self.rows, self.started = Path(args.out), settings, [], time.time()
+        if self.out.is_file():
+            earlier = json.loads(self.out.read_text())
+            if all(earlier["settings"].get(k) == settings.get(k) for k in _MEASUREMENT):
+                self.rows = earlier["rows"]
+                print(f"keeping {len(self.rows)} rows of {self.out}", flush=True)
+
+    def has(self, left_out: str, method: str, target: str) -> bool:
+        return any((r["left_out"], r["method"], r["target"]) == (left_out, method, target) for r in self.rows)
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        print(f"{row['left_out']:<12} {row['method']:<14} {row['target']:>5} kept {row['fraction']:.3f}  "
+              f"held out {row['held_out']:9.2f}  in domain {row['in_domain']:8.2f}", flush=True)
+        result = {"rows": self.rows, "settings": self.settings, "summary": summary(self.rows),
+                  "machine": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(self.out)
+
+
+def geometric_mean(values: list[float]) -> float:
+    return math.exp(sum(map(math.log, values)) / len(values))
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """Per method and target, over the domains left out: the geometric means and the worst ratio to dense."""
+    dense = {r["left_out"]: r for r in rows if r["method"] == "dense"}
+    out = []
+    for method, target in dict.fromkeys((r["method"], r["target"]) for r in rows):
+        members = [r for r in rows if (r["method"], r["target"]) == (method, target) and r["left_out"] in dense]
+        ratios = {r["left_out"]: r["held_out"] / dense[r["left_out"]]["held_out"] for r in members}
+        out.append({"method": method, "target": target, "domains": sorted(ratios),
+                    "fraction": sum(r["fraction"] for r in members) / len(members),
+                    "held_out_geomean": geometric_mean([r["held_out"] for r in members]),
+                    "in_domain_geomean": geometric_mean([r["in_domain"] for r in members]),
+                    "held_out_ratio_to_dense": ratios, "worst_ratio_to_dense": max(ratios.values())})
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    domains = list(dict.fromkeys(r["left_out"] for r in rows))
+    lines = ["| method | target | " + " | ".join(f"{d} held out" for d in domains)
+             + " | geomean held out | geomean in domain |", "|---|---|" + "---|" * (len(domains) + 2)]
+    for s in summary(rows):
+        cells = {r["left_out"]: r["held_out"] for r in rows if (r["method"], r["target"]) == (s["method"], s["target"])}
+        lines.append(f"| {s['method']} | {s['target']} | " + " | ".join(
+            f"{cells[d]:,.1f}" if d in cells else "" for d in domains)
+            + f" | {s['held_out_geomean']:,.1f} | {s['in_domain_geomean']:,.1f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """One panel per domain left out: held-out perplexity against the share kept, a line per method."""
+    plt = pyplot()
+    domains = list(dict.fromkeys(r["left_out"] for r in rows))
+    fig, axes = plt.subplots(1, len(domains), figsize=(3.6 * len(domains) + 1.5, 3.8), squeeze=False)
+    for ax, domain in zip(axes[0], domains):
+        members = [r for r in rows if r["left_out"] == domain]
+        for method in dict.fromkeys(r["method"] for r in members if r["method"] != "dense"):
+            line = sorted((r for r in members if r["method"] == method), key=lambda r: r["fraction"])
+            ax.plot([r["fraction"] for r in line], [r["held_out"] for r in line], "o-",
+                    lw=2.2 if method.startswith("bayesprune") else 1.0, ms=4, label=method)
+        for r in members:
+            if r["method"] == "dense":
+                ax.axhline(r["held_out"], color="k", lw=0.7, label="dense")
+        ax.set(title=f"{domain} left out", xlabel="share of decoder parameters kept", yscale="log")
+        ax.invert_xaxis()
+    axes[0][0].set_ylabel("held-out test perplexity (log scale)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=7)
+    save_figure(fig, path, rect=(0, 0, 1 - 1.4 / fig.get_figwidth(), 1))
+
+
+def fitted_run(args, mixture: str, left_out: str) -> tuple[Path, dict]:
+    """The default fit on ``mixture`` (fitted now if it is not there) and its report."""
+    path = Path(args.runs) / f"{left_out}-seed{args.seed}"
+    if not (path / RunDir.POSTERIOR).is_file():
+        config = bp.RunConfig()
+        config.data.path, config.fit.seed = mixture, args.seed
+        print(f"fitting the default gates on {mixture} into {path}", flush=True)
+        run_fit(config, path, ExtractionConfig(target=None), progress=True, log=lambda message: None)
+    return path, json.loads((path / "report.json").read_text())
+
+
+def main() -> None:
+    args = parse_args()
+    if args.table:
+        rows = json.loads(Path(args.out).read_text())["rows"]
+        print(markdown(rows))
+        plot(rows, Path(args.out).with_suffix(".png"))
+        return
+    torch.set_num_threads(2)
+    results = Results(args, {**vars(args), "how": "one process, 2 threads; perplexity over non-overlapping "
+                                                 "256-token windows of the first eval_tokens of each test split"})
+    model, tokenizer = bp.load_model(None)
+    totals_params = bp.model_size(model)["parameters"]
+    for left_out in args.domains:
+        mixture = ",".join(d for d in DOMAINS if d != left_out)
+        data = bp.DataConfig(path=mixture)
+        splits = {name: tokenize(tokenizer, docs) for name, docs in split_corpus(data).items()}
+        tests = {"held_out": tokenize(tokenizer, split_corpus(bp.DataConfig(path=left_out))["test"]),
+                 "in_domain": splits["test"]}
+        fit_windows = bp.windows(splits["fit"], args.seq_len)
+        pick = torch.randperm(fit_windows.shape[0], generator=torch.Generator().manual_seed(0))
+        calibration = fit_windows[pick[:args.calibration_windows]]
+
+        def add(method: str, target: str, network, fraction: float, **record) -> None:
+            scores = {name: bp.perplexity(network, tokens, 256, args.eval_tokens, progress=False)["perplexity"]
+                      for name, tokens in tests.items()}
+            results.add({"left_out": left_out, "mixture": mixture, "method": method, "target": target,
+                         "fraction": fraction, **scores, **record})
+
+        def wanted(method: str) -> list[str]:
+            targets = ["1.0"] if method == "dense" else args.targets
+            return [t for t in targets if method in args.methods and not results.has(left_out, method, t)]
+
+        for target in wanted("dense"):
+            add("dense", target, model, 1.0, parameters=totals_params, calibration_tokens=0, fit_tokens=0, seconds=0.0)
+        for method, reconstruction in (("bayesprune", "none"), ("bayesprune+ls", "least-squares")):
+            for target in wanted(method):
+                run, report = fitted_run(args, mixture, left_out)
+                fit = report["config"]["fit"]
+                started = time.time()
+                with tempfile.TemporaryDirectory(dir=Path(args.runs)) as scratch:
+                    extraction = ExtractionConfig(target=target, reconstruction=reconstruction)
+                    record = run_extract(run, extraction, Path(scratch) / "small", streaming=False, progress=False)
+                    small = bp.load_pruned(Path(scratch) / "small")
+                    seconds = time.time() - started
+                    add(method, target, small, record["fraction_of_decoder"], parameters=record["parameters"],
+                        fit_tokens=fit["steps"] * fit["batch_size"] * fit["seq_len"], fit_seconds=report["wall_seconds"],
+                        calibration_tokens=extraction.calibration_tokens if reconstruction != "none" else 0,
+                        seconds=seconds, refit=record.get("reconstruction"))
+        for method in ("sparsegpt", "wanda"):
+            for target in wanted(method):
+                pruned = copy.deepcopy(model)
+                result = prune_unstructured(pruned, calibration, method, sparsity_for(pruned, float(target)),
+                                            progress=False)
+                add(method, target, pruned, result.kept_fraction, calibration_tokens=result.calibration_tokens,
+                    fit_tokens=0, seconds=result.seconds)
+                del pruned
+        for method in ("shortgpt", "sleb"):
+            targets = wanted(method)
+            if not targets:
+                continue
+            started = time.time()
+            if method == "sleb":
+                depth = len(decoder_layers(model)) - min(len(baseline_plan(model, block_scores("drop-last", model),
+                                                                          t).layers) for t in targets)
+                windows = fit_windows[pick[:args.sleb_windows]]
+                scores = sleb_scores(model, windows, num_remove=depth, progress=False)
+            else:
+                windows = calibration
+                scores = block_scores(method, model, windows, progress=False)
+            seconds = time.time() - started
+            for target in targets:
+                plan = baseline_plan(model, scores, target)
+                add(method, target, bp.extract_model(model, plan), plan.fraction, calibration_tokens=windows.numel(),
+                    fit_tokens=0, seconds=seconds, kept_layers=len(plan.layers))
+    print(markdown(results.rows))
+    plot(results.rows, Path(args.out).with_suffix(".png"))
+    print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')} in {time.time() - results.started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
