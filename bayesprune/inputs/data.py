@@ -127,14 +127,11 @@ def load_corpus(source: str | None = None) -> list[Document]:
 
 
 def corpus_documents(source: str) -> tuple[str, list[Document]]:
-    """``(name, documents)`` of a named domain (one of ``DOMAINS``) or of a corpus path (as
-    :func:`load_documents` reads it, named after the file or folder)."""
-    if source in DOMAINS:
-        return source, DOMAINS[source]()
-    path = Path(source)
-    if not path.exists():
+    """``(name, documents)`` of one named domain (one of ``DOMAINS``) or corpus path (as
+    :func:`load_corpus` reads it, named after the file or folder)."""
+    if source not in DOMAINS and not Path(source).exists():
         raise FileNotFoundError(f"{source!r} is neither a domain ({', '.join(sorted(DOMAINS))}) nor a corpus path")
-    return path.stem, load_documents(path)
+    return (source if source in DOMAINS else Path(source).stem), load_corpus(source)
 
 
 def read_text(path: Path) -> str:
