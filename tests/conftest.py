@@ -90,6 +90,6 @@ def posterior_for(model, logits: dict[str, torch.Tensor], cost: float = 1.0):
     for kind, logit in logits.items():
         threshold = posterior.thresholds(kind, cost).mean(0)
         threshold = threshold[:, None] if logit.dim() == 2 else threshold
-        posterior.locs[f"{kind}_offset"] = (temperature * logit - posterior.importance[kind] + threshold).float()
+        posterior.locs[f"{kind}_offset"] = (temperature * logit - posterior.importance[kind] + threshold).float()[None]
     posterior._theta.clear()
     return posterior

@@ -62,8 +62,20 @@ def add_adapters(gated, rank: int, alpha: float, seed: int = 0) -> list[nn.Param
 
 def merge_adapters(model: nn.Module) -> None:
     """Fold every adapter into its base weight and put the base layer back in its place."""
+    _take_out(model, merge=True)
+
+
+def remove_adapters(model: nn.Module) -> None:
+    """Put every base layer back in its place, its adapter dropped unmerged (no adapters: nothing to do)."""
+    _take_out(model, merge=False)
+
+
+def _take_out(model: nn.Module, merge: bool) -> None:
+    if hasattr(model, "peft_config"):  # what injecting left on the model
+        del model.peft_config
     for name, layer in _lora_layers(model):
-        layer.merge(adapter_names=[ADAPTER])
+        if merge:
+            layer.merge(adapter_names=[ADAPTER])
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         setattr(parent, name.rsplit(".", 1)[-1], layer.get_base_layer())
 

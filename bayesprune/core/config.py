@@ -157,6 +157,8 @@ class FitConfig(_JsonConfig):
     """Stochastic variational inference settings."""
 
     steps: int = option(200, "SVI steps")
+    chains: int = option(1, "independent fits from seeds seed, seed+1, … pooled into one posterior: with two or more, "
+                            "R-hat says whether they agree, and the plan reads the chain of best validation ELBO")
     batch_size: int = option(4, "token windows per step")
     seq_len: int = option(128, "tokens per window")
     weights: str = option("lora", "frozen, trained jointly with the gates, or lora: low-rank adapters fitted with the "
@@ -213,7 +215,7 @@ class FitConfig(_JsonConfig):
         _finite(self, "lora_alpha", "lora_lr")
         if self.lora_alpha <= 0 or self.lora_lr <= 0:
             raise ValueError("FitConfig.lora_alpha and lora_lr must be positive")
-        for name in ("steps", "batch_size", "seq_len", "checkpoint_every", "posterior_draws", "lora_rank"):
+        for name in ("steps", "chains", "batch_size", "seq_len", "checkpoint_every", "posterior_draws", "lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"FitConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.seq_len < 2:

@@ -7,11 +7,17 @@ given ``θ``, and differentiates the ELBO per predicted token. Every step reseed
 from ``(seed, step)``, so a fit resumed from a checkpoint draws the same costs,
 mini-batches and gates as one that never stopped. When the weights are trained,
 each step reads the units' importance from the current weights, with its gradient.
+
+A fit of several *chains* runs this from seeds ``seed``, ``seed + 1``, … (each with its
+own guide, adapters or weights, costs and mini-batches, and its own checkpoint file),
+scores each on validation windows by :func:`validation_loss`, and keeps the network of
+the best; the posterior pools every chain's guide, and its point read-outs use the best.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -24,7 +30,7 @@ from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
 from . import distributed
-from .adapters import add_adapters, merge_adapters
+from .adapters import add_adapters, merge_adapters, remove_adapters
 from .config import CostConfig, FitConfig, PriorConfig
 from .gates import GatedModel
 from .guide import CostConditionedGuide
@@ -53,20 +59,40 @@ def draw_cost(config: CostConfig) -> float:
     return float(torch.empty(()).exponential_(config.rate))
 
 
+def cost_quantile(config: CostConfig, level: float) -> float:
+    """The ``level`` quantile of the cost distribution (the fixed cost, if there is one)."""
+    if config.fixed is not None:
+        return float(config.fixed)
+    if level <= config.zero_probability:
+        return 0.0
+    return -math.log1p(-(level - config.zero_probability) / (1 - config.zero_probability)) / config.rate
+
+
+def chain_checkpoint(path: Path, chain: int) -> Path:
+    """Where chain ``chain`` of a fit keeps its state: ``path`` itself for the first."""
+    return path if chain == 0 else path.with_name(f"{path.stem}.chain{chain}{path.suffix}")
+
+
 @dataclass
 class Fit:
-    """A fitted cost-conditioned posterior and the network it belongs to."""
+    """A fitted cost-conditioned posterior (one guide per chain) and the network of the chain it selected."""
 
     gated: GatedModel
     model: PruningModel
-    guide: CostConditionedGuide
+    guides: list[CostConditionedGuide]
     config: FitConfig
     cost: CostConfig
-    history: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)  # the selected chain's steps
+    chains: list[dict] = field(default_factory=list)   # per chain: seed, validation loss, last losses
+    chain: int = 0                                       # the selected chain
+
+    @property
+    def guide(self) -> CostConditionedGuide:
+        return self.guides[self.chain]
 
     def posterior(self, num_draws: int | None = None) -> GatePosterior:
-        return GatePosterior.from_guide(self.guide, self.model, self.cost.fixed,
-                                        num_draws or self.config.posterior_draws, seed=self.config.seed)
+        return GatePosterior.from_guides(self.guides, self.model, self.cost.fixed,
+                                         num_draws or self.config.posterior_draws, self.config.seed, self.chain)
 
     def to_inference_data(self, costs=None, num_draws: int | None = None):
         return self.posterior(num_draws).to_inference_data(costs)
@@ -111,7 +137,7 @@ def fit_identity(model: PruningModel, sequences: torch.Tensor, config: FitConfig
 
     A checkpoint carries it, so that one from another fit is refused instead of resumed.
     """
-    free = ("steps", "checkpoint_every", "posterior_draws", "gradient_checkpointing")
+    free = ("steps", "chains", "checkpoint_every", "posterior_draws", "gradient_checkpointing")
     settings = {k: v for k, v in config.to_dict().items() if k not in free}
     described = json.dumps({"kinds": list(model.prior.kinds), "units": model.prior.units,
                             "layers": model.prior.num_layers, "prior": model.prior.config.to_dict(),
@@ -222,36 +248,111 @@ def optimise(step_loss, optimizer, config: FitConfig, description: str, progress
     return history
 
 
+VALIDATION_COSTS = 8  # costs (quantiles of the cost distribution) at which chains are compared
+
+
+@torch.no_grad()
+def validation_loss(elbo, model: PruningModel, windows: torch.Tensor, cost: CostConfig, batch_size: int,
+                    seed: int) -> float:
+    """The negative ELBO per predicted token with the likelihood read on ``windows``, averaged over
+    ``VALIDATION_COSTS`` quantiles of the cost distribution, each with its own windows.
+
+    The random numbers depend on ``seed`` only, so chains fitted from different seeds are compared on the
+    same draws: what a fit of several chains selects its network by.
+    """
+    total = 0.0
+    with model.scoring(windows):
+        for index in range(VALIDATION_COSTS):
+            pyro.set_rng_seed(step_seed(seed, 2**31 + index))
+            batch = torch.arange(index * batch_size, (index + 1) * batch_size) % windows.shape[0]
+            value = elbo(distributed.share(batch), cost_quantile(cost, (index + 0.5) / VALIDATION_COSTS))
+            total += distributed.mean(value.detach().reshape(1)).item() / model.num_tokens
+    model.gated.values.clear()
+    return total / VALIDATION_COSTS
+
+
 def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = None,
         prior: PriorConfig | ShrinkagePrior | None = None, cost: CostConfig | None = None,
-        checkpoint: str | Path | None = None, progress: bool = True) -> Fit:
+        checkpoint: str | Path | None = None, progress: bool = True,
+        validation: torch.Tensor | None = None) -> Fit:
     """Fit the cost-conditioned gate posterior to ``sequences`` (token windows, ``(n, seq_len)``).
 
     ``cost`` says which cost each step is fitted at (default: a fresh draw per step,
     so one fit answers for every cost). With a ``checkpoint`` file, the fit's state is
     written there every ``checkpoint_every`` steps, on an interrupt and at the end, and
-    a fit that finds one resumes from it.
+    a fit that finds one resumes from it (further chains use :func:`chain_checkpoint` beside it).
+    With ``config.chains`` above one, the chains are compared on ``validation`` windows (default: the fit's).
     """
     config = config or FitConfig()
     cost = cost or CostConfig()
-    if sequences.dim() != 2 or sequences.shape[1] < 2:
-        raise ValueError(f"sequences must be (n, seq_len >= 2) token ids, got shape {tuple(sequences.shape)}")
+    for name, windows in (("sequences", sequences), ("validation", validation)):
+        if windows is not None and (windows.dim() != 2 or windows.shape[1] < 2):
+            raise ValueError(f"{name} must be (n, seq_len >= 2) token ids, got shape {tuple(windows.shape)}")
     pyro.clear_param_store()
     gated.model.eval()
     trainable = set_trainable(gated, config)
     likelihood = likelihood_for(gated, config.likelihood, config.nll_weight, config.weights)
     model = PruningModel(gated, sequences, prior or PriorConfig(), track_importance=bool(trainable),
                          two_point_blocks=config.two_point_blocks, likelihood=likelihood)
-    if config.weights == "lora":  # sizes and importance are the base weights'
-        trainable = add_adapters(gated, config.lora_rank, config.lora_alpha, config.seed)
     if config.block_importance == "removal" and "block" in gated.kinds:
         pick = torch.randperm(sequences.shape[0], generator=torch.Generator().manual_seed(config.seed))[:8]
         model.block_importance = removal_importance(gated, sequences[pick])
         model.refresh_importance()
-    guide = CostConditionedGuide(model.prior, config.guide_init_scale)
-    elbo = distributed.wrap(Trace_ELBO()(model, guide))  # data-parallel when launched on several processes
-    batch_size = min(config.batch_size, sequences.shape[0])
+    start = {n: p.detach().clone() for n, p in gated.model.named_parameters() if p.requires_grad} \
+        if config.chains > 1 and trainable else {}
+    scored = validation if validation is not None and validation.shape[0] else sequences
     checkpoint = Path(checkpoint) if checkpoint is not None else None
+    guides, chains, kept = [], [], {}
+    for chain in range(config.chains):
+        chain_config = dataclasses.replace(config, seed=config.seed + chain, chains=1)
+        if chain:
+            _restart_network(gated, start)
+        if config.weights == "lora":  # sizes and importance are the base weights'
+            trainable = add_adapters(gated, config.lora_rank, config.lora_alpha, chain_config.seed)
+        guide = CostConditionedGuide(model.prior, config.guide_init_scale)
+        elbo = distributed.wrap(Trace_ELBO()(model, guide))  # data-parallel when launched on several processes
+        path = None if checkpoint is None else chain_checkpoint(checkpoint, chain)
+        label = "SVI" if config.chains == 1 else f"SVI chain {chain + 1}/{config.chains}"
+        history = _fit_chain(model, guide, elbo, trainable, sequences, chain_config, cost, path, progress, label)
+        record = {"chain": chain, "seed": chain_config.seed,
+                  "last_loss": sum(r["loss"] for r in history[-10:]) / max(1, len(history[-10:]))}
+        if config.chains > 1:
+            record["validation_loss"] = validation_loss(elbo, model, scored, cost, min(config.batch_size,
+                                                        scored.shape[0]), config.seed)
+            if not chains or record["validation_loss"] < min(c["validation_loss"] for c in chains):
+                kept = {"chain": chain, "history": history,
+                        "network": {n: p.detach().clone() for n, p in gated.model.named_parameters()
+                                    if p.requires_grad}}
+        else:
+            kept = {"chain": chain, "history": history, "network": {}}
+        guides.append(guide)
+        chains.append(record)
+    _restore_network(gated, kept["network"])
+    if config.weights == "joint":
+        model.refresh_importance()  # constants of the trained weights
+    elif config.weights == "lora":
+        merge_adapters(gated.model)
+    return Fit(gated, model, guides, config, cost, kept["history"], chains, kept["chain"])
+
+
+def _restart_network(gated: GatedModel, start: dict[str, torch.Tensor]) -> None:
+    """Before another chain: adapters out (the chain adds its own), trained weights back at their start."""
+    remove_adapters(gated.model)
+    _restore_network(gated, start)
+
+
+@torch.no_grad()
+def _restore_network(gated: GatedModel, state: dict[str, torch.Tensor]) -> None:
+    parameters = dict(gated.model.named_parameters())
+    for name, value in state.items():
+        parameters[name].copy_(value)
+
+
+def _fit_chain(model: PruningModel, guide: CostConditionedGuide, elbo, trainable: list, sequences: torch.Tensor,
+               config: FitConfig, cost: CostConfig, checkpoint: Path | None, progress: bool, label: str) -> list:
+    """One chain: :func:`optimise` on the ELBO from ``config.seed``; returns its records."""
+    gated = model.gated
+    batch_size = min(config.batch_size, sequences.shape[0])
     optimizer = make_optimizer(list(guide.parameters()), config.guide_lr, trainable, config)
 
     def step_loss(step: int):
@@ -277,11 +378,6 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
         Checkpoint(checkpoint, guide, gated, fit_identity(model, sequences, config, cost))
     with gated.checkpointed() if config.gradient_checkpointing else contextlib.nullcontext():
         try:
-            history = optimise(step_loss, optimizer, config, "SVI", progress and distributed.is_main(), saved)
+            return optimise(step_loss, optimizer, config, label, progress and distributed.is_main(), saved)
         finally:
             gated.values.clear()
-    if config.weights == "joint":
-        model.refresh_importance()  # constants of the trained weights
-    elif config.weights == "lora":
-        merge_adapters(gated.model)
-    return Fit(gated, model, guide, config, cost, history)

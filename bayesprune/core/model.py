@@ -45,6 +45,7 @@ model with ``λ`` held fixed.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import pyro
@@ -158,6 +159,7 @@ class PruningModel(nn.Module):
             prior = ShrinkagePrior(prior, gated.kinds, gated.num_layers, gated.values.units, self.device)
         self.prior = prior
         self.sizes = gated.unit_parameters().to(self.device)
+        self.num_sequences = sequences.shape[0]
         self.num_tokens = sequences.shape[0] * (sequences.shape[1] - 1)
         self.track_importance = track_importance
         self.two_point_blocks = min(two_point_blocks, gated.num_layers) if "block" in gated.kinds else 0
@@ -180,7 +182,7 @@ class PruningModel(nn.Module):
                  for k, v in p.items()}
         expected = self.sizes.kept_fraction(p).float()
         pyro.factor("cost", -cost * self.num_tokens * expected)
-        with pyro.plate("sequences", self.sequences.shape[0], subsample=batch), \
+        with pyro.plate("sequences", self.num_sequences, subsample=batch), \
                 self.gated.gates_set(gates, inclusion.amplitudes(theta, self.importance, cost)):
             value, nll = self.likelihood(self.gated, self.sequences[batch].to(self.device))   # (batch,) each
             if not torch.isfinite(value).all():
@@ -192,6 +194,16 @@ class PruningModel(nn.Module):
         per_token = len(batch) * (self.sequences.shape[1] - 1)
         self.last_step = {"nll": nll.sum().item() / per_token, "likelihood": value.sum().item() / per_token,
                           "expected_kept": expected.item()}
+
+    @contextlib.contextmanager
+    def scoring(self, windows: torch.Tensor):
+        """Within the block, mini-batches index ``windows`` (validation windows) in place of the fit's, with the
+        ELBO still scaled to the fit's corpus."""
+        fitted, self.sequences = self.sequences, windows
+        try:
+            yield self
+        finally:
+            self.sequences = fitted
 
     def refresh_importance(self, track: bool = False) -> None:
         """Read the units' importance from the current weights (blocks keep a measured importance)."""

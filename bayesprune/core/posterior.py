@@ -1,10 +1,16 @@
 """The fitted posterior: inclusion probabilities at any cost, with intervals; sizes, rankings, plans, InferenceData.
 
 The guide is mean-field normal over ``θ`` (:mod:`bayesprune.core.guide`), so the posterior
-is stored exactly as one ``Normal(loc, scale)`` per site in unconstrained space, with
-the units' importance and sizes. Draws of ``θ`` are generated from it on demand
-with a fixed seed, so every summary of a saved posterior is repeatable, and every
-read-out is a function of the cost: one fit answers for every size.
+is stored exactly as one ``Normal(loc, scale)`` per site in unconstrained space and per
+*chain* (a fit of several chains runs the guide from several seeds), with the units'
+importance and sizes. Draws of ``θ`` are generated from it on demand with a fixed
+seed, so every summary of a saved posterior is repeatable, and every read-out is a
+function of the cost: one fit answers for every size.
+
+Intervals, HDIs and removal probabilities read the draws of every chain pooled; the
+point read-outs that make a plan (``point=True``) read the median of one chain,
+``chain``: the one the fit selected (:func:`bayesprune.core.fit.fit`), whose network the
+extracted model is. :meth:`GatePosterior.convergence` gives R-hat and ESS across chains.
 
 Two different uncertainties are reported and kept apart:
 
@@ -44,7 +50,7 @@ POSTERIOR_FORMAT = FileFormat("bayesprune-posterior", "a bayesprune posterior",
                               legacy=("bayesprune cost-conditioned posterior",),
                               schema={"kinds": [str], "layer_names": [str], "units": {str: Integer(1)},
                                       "prior": dict, "fixed_cost": (Number(0), None), "num_draws": Integer(1),
-                                      "seed": Integer(0)})
+                                      "seed": Integer(0), "chain?": Integer(0)})
 _MAX_POSITION = 1 - 1e-6  # t = λ / (1 + λ) of the largest cost the solver tries (λ ≈ 10⁶)
 
 
@@ -56,7 +62,10 @@ def cost_grid(count: int = 25, largest: float = 20.0) -> list[float]:
 
 @dataclass
 class GatePosterior:
-    """Mean-field posterior of the inclusion parameters, with the units' names, importance and sizes."""
+    """Mean-field posterior of the inclusion parameters, with the units' names, importance and sizes.
+
+    ``locs`` and ``scales`` hold ``(chain, *site shape)`` per site; ``chain`` is the one point read-outs use.
+    """
 
     prior: PriorConfig
     kinds: tuple[str, ...]
@@ -69,20 +78,45 @@ class GatePosterior:
     fixed_cost: float | None = None
     num_draws: int = 100
     seed: int = 0
+    chain: int = 0
     _theta: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
     def from_guide(cls, guide, model, fixed_cost: float | None = None, num_draws: int = 100,
                    seed: int = 0) -> "GatePosterior":
         """Read the loc and scale of every site of a :class:`~bayesprune.core.guide.CostConditionedGuide`."""
+        return cls.from_guides([guide], model, fixed_cost, num_draws, seed)
+
+    @classmethod
+    def from_guides(cls, guides: list, model, fixed_cost: float | None = None, num_draws: int = 100,
+                    seed: int = 0, chain: int = 0) -> "GatePosterior":
+        """One chain per guide (fitted from seeds ``seed``, ``seed + 1``, …); point read-outs use ``chain``."""
         locs, scales = {}, {}
-        for site in guide.sites:
-            loc, scale = guide.loc_and_scale(site)
-            locs[site.name], scales[site.name] = loc.detach().cpu().clone(), scale.detach().cpu().clone()
+        for site in guides[0].sites:
+            pairs = [guide.loc_and_scale(site) for guide in guides]
+            locs[site.name] = torch.stack([loc.detach().cpu() for loc, _ in pairs])
+            scales[site.name] = torch.stack([scale.detach().cpu() for _, scale in pairs])
         gated = model.gated
         return cls(model.prior.config, tuple(gated.kinds), list(gated.layer_names), dict(gated.values.units),
                    {k: v.detach().float().cpu().clone() for k, v in model.importance.items()}, model.sizes.to("cpu"),
-                   locs, scales, fixed_cost, num_draws, seed)
+                   locs, scales, fixed_cost, num_draws, seed, chain)
+
+    @property
+    def num_chains(self) -> int:
+        return next(iter(self.locs.values())).shape[0]
+
+    def pooled(self, others: list["GatePosterior"], chain: int = 0) -> "GatePosterior":
+        """This posterior's chains followed by those of ``others`` (fits of the same gates, prior and model),
+        as one posterior of several chains whose point read-outs use ``chain``."""
+        for other in others:
+            if (other.kinds, other.layer_names, other.units, other.prior) != \
+                    (self.kinds, self.layer_names, self.units, self.prior):
+                raise ValueError("only posteriors of the same gates, layers and prior can be pooled")
+        every = [self, *others]
+        return GatePosterior(self.prior, self.kinds, self.layer_names, self.units, self.importance, self.sizes,
+                             {k: torch.cat([p.locs[k] for p in every]) for k in self.locs},
+                             {k: torch.cat([p.scales[k] for p in every]) for k in self.scales},
+                             self.fixed_cost, self.num_draws, self.seed, chain)
 
     # -- draws -----------------------------------------------------------------------------------------
 
@@ -91,19 +125,23 @@ class GatePosterior:
         return ShrinkagePrior(self.prior, self.kinds, len(self.layer_names), self.units).sites()
 
     def theta(self) -> inclusion.Theta:
-        """``(draw, ...)`` samples of every site, the same ones every time."""
+        """``(draw, ...)`` samples of every site, the same ones every time: ``num_draws`` of each chain in turn
+        (chain ``c`` draws what a one-chain posterior of seed ``seed + c`` draws)."""
         if not self._theta:
             for index, site in enumerate(self.sites):
-                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-                loc, scale = self.locs[site.name], self.scales[site.name]
-                value = loc + scale * torch.randn((self.num_draws,) + loc.shape, generator=generator)
+                draws = []
+                for chain in range(self.num_chains):
+                    generator = torch.Generator().manual_seed((self.seed + chain) * 1_000_003 + index)
+                    loc, scale = self.locs[site.name][chain], self.scales[site.name][chain]
+                    draws.append(loc + scale * torch.randn((self.num_draws,) + loc.shape, generator=generator))
+                value = torch.cat(draws)
                 self._theta[site.name] = value.exp() if site.positive else value
         return self._theta
 
     def median(self) -> inclusion.Theta:
-        """The posterior median of every site, with a leading draw dimension of 1."""
-        return {site.name: (self.locs[site.name].exp() if site.positive else self.locs[site.name])[None]
-                for site in self.sites}
+        """The posterior median of every site in the point chain, with a leading draw dimension of 1."""
+        return {site.name: (self.locs[site.name][self.chain].exp() if site.positive
+                            else self.locs[site.name][self.chain])[None] for site in self.sites}
 
     def _cost(self, cost: float | None) -> float:
         if cost is None:
@@ -225,7 +263,8 @@ class GatePosterior:
         block keeps its most likely head and neuron).
         """
         on = {k: v for k, v in self.inclusion(cost, point).items() if k in layer_kinds()}
-        return inclusion.block_on_probability(on, torch.ones(1 if point else self.num_draws, len(self.layer_names)))
+        draws = 1 if point else self.num_chains * self.num_draws
+        return inclusion.block_on_probability(on, torch.ones(draws, len(self.layer_names)))
 
     def removal_probability(self, cost: float | None = None) -> torch.Tensor:
         """``P[l, k]``: posterior probability that block ``l`` is among the ``k`` removed first at ``cost``.
@@ -277,18 +316,23 @@ class GatePosterior:
         return [self.fixed_cost] if self.fixed_cost is not None else cost_grid(9, 5.0)
 
     def to_inference_data(self, costs=None, num_draws: int | None = None):
-        """ArviZ ``InferenceData`` over a cost grid: one chain, dims named after structure, real module names.
+        """ArviZ ``InferenceData`` over a cost grid: the fit's chains on ``chain``, dims named after structure,
+        real module names.
 
         ``{kind}_inclusion`` has dims ``(cost, layer)`` or ``(cost, layer, head|neuron)``;
         ``{kind}_kept_fraction`` (width kinds) and ``{kind}_threshold`` ``(cost, layer)``;
         ``kept_fraction`` ``(cost,)`` is the expected fraction of decoder parameters
-        kept; the prior's scales are there too. ``num_draws`` keeps only the first draws.
+        kept; the prior's scales are there too. ``num_draws`` keeps only the first draws of each chain.
         """
         import arviz as az
 
         costs = [float(c) for c in (costs if costs is not None else self.default_costs())]
-        n = num_draws or self.num_draws
-        theta = {name: value[:n] for name, value in self.theta().items()}
+        n, chains = min(num_draws or self.num_draws, self.num_draws), self.num_chains
+        theta = {name: value.reshape(chains, self.num_draws, *value.shape[1:])[:, :n].flatten(0, 1)
+                 for name, value in self.theta().items()}
+
+        def by_chain(value: torch.Tensor):
+            return value.float().reshape(chains, n, *value.shape[1:]).numpy()
         posterior, dims = {}, {}
         coords = {"cost": costs, "layer": self.layer_names, **{k: np.arange(u) for k, u in self.units.items()}}
         per_cost: dict[str, list] = {}
@@ -303,18 +347,41 @@ class GatePosterior:
                         inclusion.thresholds(theta, kind, cost, self.prior))
                 per_cost.setdefault("kept_fraction", []).append(self.sizes.kept_fraction(p))
         for name, values in per_cost.items():
-            posterior[name] = torch.stack(values, 1).float().numpy()[None]           # (chain, draw, cost, …)
+            posterior[name] = by_chain(torch.stack(values, 1))                       # (chain, draw, cost, …)
             kind = name.split("_", 1)[0]
             dims[name] = (["cost"] if name == "kept_fraction" else
                           ["cost", "layer", kind] if name == f"{kind}_inclusion" and kind in width_kinds() else
                           ["cost", "layer"])
         for kind in self.kinds:
-            posterior[f"{kind}_global_scale"] = theta[f"{kind}_global_scale"].numpy()[None]
-            posterior[f"{kind}_local_scale"] = theta[f"{kind}_local_scale"].numpy()[None]
+            posterior[f"{kind}_global_scale"] = by_chain(theta[f"{kind}_global_scale"])
+            posterior[f"{kind}_local_scale"] = by_chain(theta[f"{kind}_local_scale"])
             dims[f"{kind}_local_scale"] = ["layer"]
         return az.from_dict(posterior=posterior, dims=dims, coords=coords,
                             attrs={"inference_library": "pyro", "method": "SVI, cost-conditioned guide (bayesprune)",
-                                   "fixed_cost": "none" if self.fixed_cost is None else self.fixed_cost})
+                                   "fixed_cost": "none" if self.fixed_cost is None else self.fixed_cost,
+                                   "point_chain": self.chain})
+
+    def convergence(self, cost: float | None = None, idata=None) -> list[dict]:
+        """Per kind and layer at ``cost``: R-hat and bulk ESS across chains of the block or branch inclusion
+        (layer kinds) and of the kept share of heads or neurons (width kinds); needs two chains or more.
+        R-hat is NaN where every draw of every chain is the same (nothing varies, nothing disagrees).
+
+        ``idata`` (from :meth:`to_inference_data`, holding ``cost``) saves building it again.
+        """
+        import arviz as az
+
+        if self.num_chains < 2:
+            raise ValueError("R-hat compares chains: fit with chains >= 2 (FitConfig.chains, --chains)")
+        cost = self._cost(cost)
+        idata = idata if idata is not None else self.to_inference_data([cost])
+        names = {kind: f"{kind}_inclusion" if kind in layer_kinds() else f"{kind}_kept_fraction"
+                 for kind in self.kinds}
+        at = idata.posterior[list(names.values())].sel(cost=cost, method="nearest")
+        with np.errstate(invalid="ignore", divide="ignore"):  # NaN: every draw of every chain the same
+            rhat, ess = az.rhat(at), az.ess(at, method="bulk")
+        return [{"kind": kind, "layer": layer, "variable": name, "r_hat": float(rhat[name].sel(layer=layer)),
+                 "ess_bulk": float(ess[name].sel(layer=layer))}
+                for kind, name in names.items() for layer in self.layer_names]
 
     # -- files -----------------------------------------------------------------------------------------
 
@@ -326,7 +393,7 @@ class GatePosterior:
         save_tensors(path, tensors, POSTERIOR_FORMAT, {"kinds": list(self.kinds),
                                      "layer_names": self.layer_names, "units": self.units,
                                      "prior": self.prior.to_dict(), "fixed_cost": self.fixed_cost,
-                                     "num_draws": self.num_draws, "seed": self.seed})
+                                     "num_draws": self.num_draws, "seed": self.seed, "chain": self.chain})
 
     @classmethod
     def load(cls, path: str | Path) -> "GatePosterior":
@@ -343,16 +410,25 @@ class GatePosterior:
             posterior = cls(PriorConfig.from_dict(meta["prior"]), tuple(meta["kinds"]), list(meta["layer_names"]),
                             {k: int(v) for k, v in meta["units"].items()}, part("importance."),
                             UnitSizes.from_tensors(tensors), part("loc."), part("scale."),
-                            None if fixed is None else float(fixed), int(meta["num_draws"]), int(meta["seed"]))
+                            None if fixed is None else float(fixed), int(meta["num_draws"]), int(meta["seed"]),
+                            int(meta.get("chain", 0)))
+            chains = set()
             for site in posterior.sites:
+                for stored in (posterior.locs, posterior.scales):
+                    if tuple(stored[site.name].shape) == site.shape:  # written before chains: one chain
+                        stored[site.name] = stored[site.name][None]
+                    if tuple(stored[site.name].shape[1:]) != site.shape:
+                        raise ValueError(f"site {site.name} has shape {tuple(stored[site.name].shape)}, the prior "
+                                         f"expects (chain, *{site.shape})")
+                    chains.add(stored[site.name].shape[0])
                 loc, scale = posterior.locs[site.name], posterior.scales[site.name]
-                if tuple(loc.shape) != site.shape or tuple(scale.shape) != site.shape:
-                    raise ValueError(f"site {site.name} has shape {tuple(loc.shape)}, the prior expects {site.shape}")
                 if not (torch.isfinite(loc).all() and torch.isfinite(scale).all() and (scale > 0).all()):
                     raise ValueError(f"site {site.name} holds non-finite values or non-positive scales")
             for name, tensor in tensors.items():
                 if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                     raise ValueError(f"{name} holds non-finite values")
+            if len(chains) != 1 or not 0 <= posterior.chain < chains.pop():
+                raise ValueError("its sites hold different numbers of chains, or its point chain is not one of them")
             if posterior.sizes.num_layers != len(posterior.layer_names):
                 raise ValueError("the unit sizes do not match the layer names")
         except (KeyError, ValueError, TypeError, RuntimeError) as err:

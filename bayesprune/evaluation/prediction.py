@@ -33,9 +33,9 @@ def _token_log_probs(gated: GatedModel, windows: torch.Tensor, batch_size: int) 
 
 def _draw(posterior: GatePosterior, cost: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Hard gates of one sub-network: a draw of ``θ``, then the gates given it."""
-    index = int(torch.randint(posterior.num_draws, (), generator=generator))
-    return {k: torch.bernoulli(p[index].double(), generator=generator).float()
-            for k, p in posterior.inclusion(cost).items()}
+    p = posterior.inclusion(cost)
+    index = int(torch.randint(next(iter(p.values())).shape[0], (), generator=generator))  # any chain's draw
+    return {k: torch.bernoulli(v[index].double(), generator=generator).float() for k, v in p.items()}
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from ..core.io import load_tensors
 from ..inputs.pretrained import load_config, source_dtype
 from ..core.plan import ExtractionPlan
 from ..core.posterior import GatePosterior
-from .rundir import RunDir, fitted_model_path, holding, load_fitted, load_fitted_model, read_config
+from .rundir import RunDir, fitted_model_path, holding, load_fitted, load_fitted_model, network_checkpoint, read_config
 from ..core.selection import choose_blocks
 from ..core.targets import ModelTotals, Target, TargetError
 from ..cut.extraction import CheckpointFiles, extract_model, extract_streaming, save_extracted
@@ -83,7 +83,7 @@ def _adapter_deltas(run_dir: Path, config, model_config) -> dict | None:
     """A LoRA run's adapters as weight deltas (``None`` for other runs)."""
     if config.fit.weights != "lora":
         return None
-    tensors, _ = load_tensors(RunDir(run_dir).checkpoint, CHECKPOINT_FORMAT)
+    tensors, _ = load_tensors(network_checkpoint(run_dir), CHECKPOINT_FORMAT)
     return adapter_deltas(tensors, model_config, config.fit.lora_scale)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from pathlib import Path
 
@@ -183,8 +184,10 @@ def _fit_in(run: RunDir, config: RunConfig, extraction: ExtractionConfig, parsed
         log(f"dense model: test perplexity {dense['perplexity']:.3f}, {dense['parameters']:,} parameters")
 
     gated = gate(model, config.gate)
+    validation = windows(splits["validation"], config.fit.seq_len) \
+        if splits["validation"].numel() >= config.fit.seq_len else None
     result = fit(gated, windows(splits["fit"], config.fit.seq_len), config.fit, config.prior, config.cost,
-                 checkpoint=run.checkpoint, progress=progress)
+                 checkpoint=run.checkpoint, progress=progress, validation=validation)
     if not distributed.is_main():
         return {}
     posterior = result.posterior()
@@ -199,7 +202,9 @@ def _fit_in(run: RunDir, config: RunConfig, extraction: ExtractionConfig, parsed
     costs = [posterior.fixed_cost] if posterior.fixed_cost is not None else cost_grid()
     size_rows = posterior.size_curve(costs, totals)
     files = _write_plots_and_tables(run, posterior, cost, size_rows)
-    report = {"config": config.to_dict(), "extraction": extraction.to_dict(), "dense": dense, **_summaries(posterior, cost, size_rows, log),
+    report = {"config": config.to_dict(), "extraction": extraction.to_dict(), "dense": dense,
+              **_summaries(posterior, cost, size_rows, log), "chains": result.chains, "selected_chain": result.chain,
+              "convergence": _convergence(posterior, cost, result.chains, log),
               "loss": {"first": result.history[0] if result.history else None,
                        "last": result.history[-10:]}}
     if plan is not None:
@@ -234,6 +239,33 @@ def _summaries(posterior: GatePosterior, cost: float, size_rows: list[dict], log
         log(format_widths(width_rows))
     log(format_size_curve(size_rows))
     return {"summary_cost": cost, "ranking": rows, "widths": width_rows, "size_curve": size_rows}
+
+
+R_HAT_LIMIT = 1.05  # above it, a layer's chains disagree
+
+
+def _convergence(posterior: GatePosterior, cost: float, chains: list[dict], log) -> list[dict]:
+    """R-hat and ESS of every layer at ``cost`` across the fit's chains, logged per kind, with a warning naming
+    the layers whose R-hat is above ``R_HAT_LIMIT`` (nothing to compare with one chain)."""
+    if posterior.num_chains < 2:
+        log("one chain: fit with --chains 2 or more to see whether fits from other seeds agree (R-hat)")
+        return []
+    rows = posterior.convergence(cost)
+    log(f"{posterior.num_chains} chains, validation loss per token "
+        + ", ".join(f"{c['validation_loss']:.4f}" for c in chains)
+        + f"; the plan reads chain {posterior.chain} (seed {chains[posterior.chain]['seed']})")
+    log(f"convergence at cost {cost:.3f} (R-hat and bulk ESS of each layer's inclusion or kept share):")
+    for kind in posterior.kinds:
+        mine = [r for r in rows if r["kind"] == kind]
+        worst = max(mine, key=lambda r: -1.0 if math.isnan(r["r_hat"]) else r["r_hat"])
+        log(f"  {kind:<7} R-hat max {worst['r_hat']:.3f} ({worst['layer']}), bulk ESS min "
+            f"{min(r['ess_bulk'] for r in mine):.0f}")
+        high = [r["layer"] for r in mine if r["r_hat"] > R_HAT_LIMIT]
+        if high:
+            log(f"warning: {kind} R-hat above {R_HAT_LIMIT} in {len(high)} of {len(mine)} layers ("
+                + ", ".join(high[:8]) + (" …" if len(high) > 8 else "")
+                + "): the chains disagree there; the intervals pool them, the plan reads the selected chain")
+    return rows
 
 
 def format_size_curve(rows: list[dict]) -> str:

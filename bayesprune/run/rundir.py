@@ -20,7 +20,7 @@ import torch
 
 from ..core.adapters import merge_checkpoint_adapters
 from ..core.config import DEPTH_SCORES, RunConfig
-from ..core.fit import CHECKPOINT_FORMAT, load_network
+from ..core.fit import CHECKPOINT_FORMAT, chain_checkpoint, load_network
 from ..core.io import FileFormat, load_tensors, read_json, read_metadata, write_json
 from ..core.posterior import POSTERIOR_FORMAT, GatePosterior
 from ..core.schema import Integer, Number, OneOf
@@ -259,16 +259,22 @@ def load_fitted(run_dir: str | Path) -> GatePosterior:
     return GatePosterior.load(run.posterior)
 
 
+def network_checkpoint(run_dir: str | Path) -> Path:
+    """The checkpoint holding the network of the chain the run's posterior selected (the first, with one)."""
+    run = RunDir(run_dir)
+    return chain_checkpoint(run.checkpoint, read_metadata(run.posterior, POSTERIOR_FORMAT).get("chain", 0))
+
+
 def load_fitted_model(run_dir: str | Path, device: str | None = None, dtype: str | None = None):
-    """The run's network (with jointly trained weights if it had them) and tokenizer."""
+    """The run's network (with jointly trained weights or adapters, of the selected chain) and tokenizer."""
     config = read_config(run_dir)
     model, tokenizer = load_model(str(fitted_model_path(run_dir)), device, dtype)
     if config.fit.weights == "joint":
-        tensors, _ = load_tensors(RunDir(run_dir).checkpoint, CHECKPOINT_FORMAT)
+        tensors, _ = load_tensors(network_checkpoint(run_dir), CHECKPOINT_FORMAT)
         with torch.no_grad():
             load_network(model, tensors)
     elif config.fit.weights == "lora":
-        tensors, _ = load_tensors(RunDir(run_dir).checkpoint, CHECKPOINT_FORMAT)
+        tensors, _ = load_tensors(network_checkpoint(run_dir), CHECKPOINT_FORMAT)
         merge_checkpoint_adapters(model, tensors, config.fit.lora_scale)
     return model, tokenizer
 

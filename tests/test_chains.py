@@ -1,0 +1,107 @@
+"""Fits of several chains: each chain is the one-chain fit of its seed, the posterior pools them on ArviZ's chain
+dimension, R-hat and ESS read them, and the plan and extracted network are the selected chain's."""
+
+import dataclasses
+
+import arviz as az
+import pytest
+import torch
+
+from bayesprune import FitConfig, GateConfig, fit, gate
+from bayesprune.core.fit import chain_checkpoint
+from bayesprune.core.posterior import GatePosterior
+from tests.conftest import VOCAB, tiny_model
+
+SEQUENCES = torch.randint(0, VOCAB, (24, 12), generator=torch.Generator().manual_seed(0))
+VALIDATION = torch.randint(0, VOCAB, (8, 12), generator=torch.Generator().manual_seed(1))
+
+
+def run(chains=1, seed=0, weights="frozen", checkpoint=None, **kw):
+    gated = gate(tiny_model("llama"), GateConfig(units=("head", "neuron")))
+    config = FitConfig(steps=3, batch_size=4, seq_len=12, weights=weights, chains=chains, seed=seed,
+                       checkpoint_every=2, posterior_draws=30, **kw)
+    return fit(gated, SEQUENCES, config, checkpoint=checkpoint, progress=False, validation=VALIDATION)
+
+
+def test_each_chain_is_the_one_chain_fit_of_its_seed_and_the_posterior_pools_them():
+    chained = run(chains=3, seed=5)
+    assert [c["seed"] for c in chained.chains] == [5, 6, 7] and len(chained.guides) == 3
+    for chain, seed in enumerate((5, 6, 7)):
+        single = run(seed=seed)
+        for key, value in single.guide.state_dict().items():
+            assert torch.equal(chained.guides[chain].state_dict()[key], value), (chain, key)
+    losses = [c["validation_loss"] for c in chained.chains]
+    assert chained.chain == losses.index(min(losses))
+    posterior = chained.posterior()
+    assert posterior.num_chains == 3 and posterior.chain == chained.chain
+    pooled = run(seed=5).posterior().pooled([run(seed=6).posterior(), run(seed=7).posterior()], chained.chain)
+    for name in posterior.theta():
+        assert torch.equal(posterior.theta()[name], pooled.theta()[name]), name
+    idata = posterior.to_inference_data([0.0, 1.0], num_draws=20)
+    assert idata.posterior.sizes["chain"] == 3 and idata.posterior.sizes["draw"] == 20
+    rhat = az.rhat(idata, var_names=["head_kept_fraction"])["head_kept_fraction"]
+    assert rhat.dims == ("cost", "layer") and bool((rhat > 1).any())
+
+
+def test_point_read_outs_use_the_selected_chain_and_intervals_pool_every_chain():
+    chained = run(chains=2)
+    posterior = chained.posterior()
+    alone = [GatePosterior.from_guide(guide, chained.model, None, 30, seed) for guide, seed in
+             zip(chained.guides, (0, 1))]
+    for chain in range(2):
+        moved = dataclasses.replace(posterior, chain=chain)
+        assert torch.equal(moved.inclusion(1.0, point=True)["neuron"], alone[chain].inclusion(1.0, point=True)["neuron"])
+    pooled = posterior.inclusion(1.0)["neuron"]
+    assert pooled.shape[0] == 60
+    assert torch.equal(pooled[:30], alone[0].inclusion(1.0)["neuron"])
+    assert torch.equal(pooled[30:], alone[1].inclusion(1.0)["neuron"])
+
+
+def test_convergence_reads_every_layer_and_needs_two_chains():
+    posterior = run(chains=2).posterior()
+    rows = posterior.convergence(1.0)
+    assert {r["kind"] for r in rows} == {"head", "neuron"} and len(rows) == 2 * len(posterior.layer_names)
+    assert all(r["r_hat"] > 0 and r["ess_bulk"] > 0 for r in rows)
+    with pytest.raises(ValueError, match="chains >= 2"):
+        run().posterior().convergence(1.0)
+
+
+def test_adapter_chains_keep_the_selected_chains_adapters_and_resume(tmp_path):
+    path = tmp_path / "checkpoint.safetensors"
+    chained = run(chains=2, weights="lora", checkpoint=path)
+    assert path.is_file() and chain_checkpoint(path, 1).is_file()
+    single = run(seed=chained.chain, weights="lora")
+    with chained.gated.unwrapped() as merged, single.gated.unwrapped() as expected:
+        for (name, value), other in zip(merged.state_dict().items(), expected.state_dict().values()):
+            assert torch.equal(value, other), name
+    resumed = run(chains=2, weights="lora", checkpoint=path)  # every chain finished: read back, not refitted
+    assert resumed.chains == chained.chains and resumed.history == chained.history
+
+
+def test_joint_chains_restart_from_the_same_weights():
+    chained = run(chains=2, weights="joint", weight_lr=0.05)
+    single = run(seed=chained.chain, weights="joint", weight_lr=0.05)
+    with chained.gated.unwrapped() as trained, single.gated.unwrapped() as expected:
+        for (name, value), other in zip(trained.state_dict().items(), expected.state_dict().values()):
+            assert torch.equal(value, other), name
+
+
+def test_a_saved_posterior_keeps_its_chains_and_reads_one_written_before_chains(tmp_path):
+    posterior = run(chains=2).posterior()
+    posterior.save(tmp_path / "p.safetensors")
+    loaded = GatePosterior.load(tmp_path / "p.safetensors")
+    assert loaded.num_chains == 2 and loaded.chain == posterior.chain
+    assert torch.equal(loaded.inclusion(1.0)["head"], posterior.inclusion(1.0)["head"])
+    one = run().posterior()
+    one.locs = {k: v[0] for k, v in one.locs.items()}      # the layout of a file written before chains
+    one.scales = {k: v[0] for k, v in one.scales.items()}
+    from bayesprune.core.io import save_tensors
+    from bayesprune.core.posterior import POSTERIOR_FORMAT
+    tensors = {f"loc.{k}": v for k, v in one.locs.items()} | {f"scale.{k}": v for k, v in one.scales.items()}
+    tensors |= {f"importance.{k}": v for k, v in one.importance.items()} | one.sizes.to_tensors()
+    save_tensors(tmp_path / "old.safetensors", tensors, POSTERIOR_FORMAT,
+                 {"kinds": list(one.kinds), "layer_names": one.layer_names, "units": one.units,
+                  "prior": one.prior.to_dict(), "fixed_cost": None, "num_draws": 30, "seed": 0})
+    old = GatePosterior.load(tmp_path / "old.safetensors")
+    assert old.num_chains == 1 and old.chain == 0
+    assert torch.equal(old.inclusion(1.0)["head"], run().posterior().inclusion(1.0)["head"])
