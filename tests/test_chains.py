@@ -2,6 +2,7 @@
 dimension, R-hat and ESS read them, and the plan and extracted network are the selected chain's."""
 
 import dataclasses
+import json
 
 import arviz as az
 import pytest
@@ -105,3 +106,32 @@ def test_a_saved_posterior_keeps_its_chains_and_reads_one_written_before_chains(
     old = GatePosterior.load(tmp_path / "old.safetensors")
     assert old.num_chains == 1 and old.chain == 0
     assert torch.equal(old.inclusion(1.0)["head"], run().posterior().inclusion(1.0)["head"])
+
+
+def test_a_run_of_chains_reports_r_hat_and_extracts_the_selected_chains_network(tiny_model_dir, corpus_dir,
+                                                                                  tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from bayesprune.run.cli import main
+
+    run = tmp_path / "run"
+    assert main(["fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir), "--out", str(run),
+                 "--chains", "2", "--seed", "1", "--units", "head,neuron", "--target", "0.6", "--steps", "3",
+                 "--batch-size", "2", "--seq-len", "32", "--eval-tokens", "256", "--eval-window", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 chains, validation loss per token" in printed and "R-hat max" in printed
+    report = json.loads((run / "report.json").read_text())
+    assert [c["seed"] for c in report["chains"]] == [1, 2] and len(report["convergence"]) == 2 * 4
+    assert report["selected_chain"] == 1  # so the extractions below must read the second chain's adapters
+    assert az.from_netcdf(run / "posterior.nc").posterior.sizes["chain"] == 2
+    streamed, in_memory = tmp_path / "streamed", tmp_path / "in-memory"
+    assert main(["extract", str(run), "--target", "0.6", "--out", str(streamed)]) == 0
+    assert main(["extract", str(run), "--target", "0.6", "--out", str(in_memory), "--in-memory"]) == 0
+    fitted = load_file(run / "extracted" / "model.safetensors")
+    for folder in (streamed, in_memory):
+        for name, value in load_file(folder / "model.safetensors").items():
+            assert torch.allclose(value, fitted[name], atol=1e-6), (folder, name)
+    assert main(["fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir), "--out", str(tmp_path / "one"),
+                 "--units", "head,neuron", "--steps", "2", "--batch-size", "2", "--seq-len", "32",
+                 "--eval-tokens", "256", "--eval-window", "64"]) == 0
+    assert "one chain: fit with --chains 2" in capsys.readouterr().out
