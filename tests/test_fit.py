@@ -67,6 +67,14 @@ def test_a_fit_learns_to_keep_less_at_higher_cost():
     assert posterior.expected_fraction(0.05) > posterior.expected_fraction(1.0) > posterior.expected_fraction(20.0)
 
 
+def test_a_stratified_fit_steps_through_the_stratified_costs_of_its_seed():
+    from bayesprune.core.fit import step_cost
+
+    config = CostConfig(spacing="stratified")
+    result = run(6, units=("head", "neuron"), cost=config, seed=2)
+    assert [r["cost"] for r in result.history] == [step_cost(config, 2, s) for s in range(6)]
+
+
 def test_a_fixed_cost_fit_is_the_same_model_read_at_its_cost():
     result = run(4, units=("head", "neuron"), cost=CostConfig(fixed=0.8))
     assert {r["cost"] for r in result.history} == {0.8}

@@ -1,3 +1,5 @@
+import math
+
 import pyro
 import pytest
 import torch
@@ -5,7 +7,7 @@ from pyro import poutine
 
 from bayesprune import CostConfig, GateConfig, PriorConfig, gate
 from bayesprune.core import inclusion
-from bayesprune.core.fit import draw_cost
+from bayesprune.core.fit import cost_quantile, draw_cost, step_cost
 from bayesprune.core.guide import CostConditionedGuide
 from bayesprune.core.model import PruningModel, ShrinkagePrior
 from bayesprune.core.sizes import UnitSizes
@@ -182,6 +184,23 @@ def test_cost_draws_follow_the_configured_mixture_and_a_fixed_cost_is_fixed():
             inclusion.cost_position(bad)
     with pytest.raises(ValueError, match="finite"):
         CostConfig(fixed=float("nan"))
+
+
+def test_stratified_costs_cover_the_cost_distribution_evenly_in_every_run_of_steps():
+    config = CostConfig(zero_probability=0.25, rate=2.0, spacing="stratified")
+    costs = torch.tensor([step_cost(config, seed=3, step=s) for s in range(400)])
+    assert torch.equal(costs, torch.tensor([step_cost(config, 3, s) for s in range(400)]))   # a function of the step
+    assert not torch.equal(costs, torch.tensor([step_cost(config, 4, s) for s in range(400)]))
+    for start in range(0, 400, 40):  # every 40 consecutive steps: the distribution's levels, evenly
+        run = costs[start:start + 40]
+        assert (run == 0).sum().item() in (9, 10, 11)
+        levels = 0.25 + 0.75 * (1 - torch.exp(-2.0 * run[run > 0])).sort().values   # back to quantile levels
+        grid = 0.25 + 0.75 * (torch.arange(len(levels)) + 0.5) / len(levels)
+        assert (levels - grid).abs().max() < 0.06
+    assert cost_quantile(config, 0.2) == 0.0 and cost_quantile(config, 0.625) == pytest.approx(math.log(2) / 2)
+    assert {step_cost(CostConfig(fixed=0.4, spacing="stratified"), 0, s) for s in range(5)} == {0.4}
+    with pytest.raises(ValueError, match="spacing"):
+        CostConfig(spacing="sorted")
 
 
 def test_importance_follows_trained_weights_with_its_gradient():

@@ -23,6 +23,7 @@ DEPTH_SCORES = ("nll", "distillation")  # what a conditional depth search scores
 LIKELIHOODS = ("nll", "distillation")  # what a fit scores the gated network by
 WEIGHTS = ("frozen", "joint", "lora")  # what a fit does with the network's weights
 RECONSTRUCTIONS = ("none", "least-squares")  # what an extraction does to the weights it keeps
+COST_SPACINGS = ("random", "stratified")  # how a fit spreads its steps' costs over the cost distribution
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # compute dtypes of the network, by torch name
 
 
@@ -132,6 +133,9 @@ class CostConfig(_JsonConfig):
     ``fixed=None`` (the default) draws a cost afresh at every step: 0 with
     ``zero_probability``, else ``Exponential(rate)``, so one fit answers for every
     cost. A number fixes the cost: the same model and guide, read at that cost only.
+    ``spacing`` says how the steps' costs are spread over that distribution: ``random``
+    (independent draws) or ``stratified`` (its quantiles at a golden-ratio sequence of
+    levels from a seeded start, so that every run of steps covers it evenly).
     """
 
     fixed: float | None = option(None, "fit at this one cost (nats of loss per token traded for the whole network) "
@@ -139,6 +143,8 @@ class CostConfig(_JsonConfig):
     zero_probability: float = option(1 / 3, "probability that a step fits the dense model, at cost 0 (unless a fixed "
                                             "cost)")
     rate: float = option(0.3, "costs are drawn from Exponential(rate) (unless a fixed cost)")
+    spacing: str = option("random", "the steps' costs: independent draws, or stratified (every run of steps covers the "
+                                    "cost distribution evenly)", COST_SPACINGS)
 
     def __post_init__(self):
         _finite(self, "zero_probability", "rate")
@@ -150,6 +156,8 @@ class CostConfig(_JsonConfig):
             raise ValueError(f"CostConfig.zero_probability must be in [0, 1), got {self.zero_probability}")
         if self.rate <= 0:
             raise ValueError(f"CostConfig.rate must be positive, got {self.rate}")
+        if self.spacing not in COST_SPACINGS:
+            raise ValueError(f"CostConfig.spacing must be one of {COST_SPACINGS}, got {self.spacing!r}")
 
 
 @dataclass

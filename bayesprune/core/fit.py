@@ -59,6 +59,18 @@ def draw_cost(config: CostConfig) -> float:
     return float(torch.empty(()).exponential_(config.rate))
 
 
+GOLDEN = (math.sqrt(5) - 1) / 2  # the step between stratified cost levels: no run of steps repeats a level
+
+
+def step_cost(config: CostConfig, seed: int, step: int) -> float:
+    """The cost of step ``step`` of a fit from ``seed``: a draw (torch's global generator, seeded per step), or, with
+    ``spacing="stratified"``, the quantile at level ``start + step · GOLDEN`` (mod 1), ``start`` drawn from ``seed``."""
+    if config.spacing == "random":
+        return draw_cost(config)
+    start = torch.rand((), generator=torch.Generator().manual_seed(seed)).item()
+    return cost_quantile(config, (start + step * GOLDEN) % 1.0)
+
+
 def cost_quantile(config: CostConfig, level: float) -> float:
     """The ``level`` quantile of the cost distribution (the fixed cost, if there is one)."""
     if config.fixed is not None:
@@ -357,21 +369,21 @@ def _fit_chain(model: PruningModel, guide: CostConditionedGuide, elbo, trainable
 
     def step_loss(step: int):
         pyro.set_rng_seed(step_seed(config.seed, step))
-        step_cost = draw_cost(cost)
+        cost_now = step_cost(cost, config.seed, step)
         batch = distributed.share(torch.randperm(sequences.shape[0])[:batch_size])  # the same on every rank
         try:
             # Per predicted token: Adam does not care about the scale; clipping does.
-            loss = elbo(batch, step_cost) / model.num_tokens
+            loss = elbo(batch, cost_now) / model.num_tokens
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"the loss is {loss.item()}")
         except NonFiniteLossError as err:
             kept = f"the checkpoint {checkpoint} is intact; " if checkpoint is not None and checkpoint.exists() else ""
-            raise NonFiniteLossError(f"the ELBO is not finite at step {step}, cost {step_cost:.3f} ({err}); "
+            raise NonFiniteLossError(f"the ELBO is not finite at step {step}, cost {cost_now:.3f} ({err}); "
                                      f"{kept}check the weights and data, or lower guide_lr / weight_lr") from err
         shared = distributed.mean(torch.tensor([loss.item(), model.last_step["nll"]]))
-        record = {"cost": step_cost, **model.last_step, "loss": shared[0].item(), "nll": shared[1].item(),
+        record = {"cost": cost_now, **model.last_step, "loss": shared[0].item(), "nll": shared[1].item(),
                   "windows": len(batch)}  # this process's share of the mini-batch
-        return loss, record, {"cost": f"{step_cost:.2f}", "nll": f"{record['nll']:.3f}",
+        return loss, record, {"cost": f"{cost_now:.2f}", "nll": f"{record['nll']:.3f}",
                               "kept": f"{record['expected_kept']:.2f}"}
 
     saved = None if checkpoint is None else \

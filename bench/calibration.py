@@ -1,0 +1,300 @@
+"""Are the posterior's intervals honest? The default fit from several seeds, each judged by the others.
+
+The default settings (``bayesprune fit --seed N``: adapters, NLL, 200 steps on the five-domain mixture) are fitted
+from each of ``--seeds`` into ``RUNS/LABEL/seedN`` (kept if there; ``--set section.field=value`` changes a setting
+for the whole label). Then, per seed and per ``--targets`` share of decoder parameters kept:
+
+* kept shares: each layer's posterior mean share of heads and of neurons at the cost solved for the target, with its
+  90 % interval (equal-tailed over the posterior's draws);
+* quality: test perplexity of the extracted model (``bayesprune extract --in-memory``) on the first
+  ``--eval-tokens`` of the mixture's test split and of each ``--domains`` test split; and the plan's predicted
+  perplexity (its hard-gated network, before extraction, on ``--prediction-windows`` validation windows of the
+  mixture) with its 90 % band (a bootstrap over those windows).
+
+Across seeds:
+
+* ``seed_coverage``: how often one seed's kept share falls in another seed's 90 % interval (every ordered pair);
+* ``pooled_coverage``: how often it falls in the 90 % interval of the *other* seeds pooled as chains, each chain at
+  its own cost for the target: what a fit of that many chains reports; with the R-hat of those chains;
+* ``prediction_coverage``: how often a seed's band covers its own measured mixture perplexity, and other seeds';
+* ``spread``: the largest over the smallest test perplexity across seeds, per target and test split.
+
+    .venv/bin/python bench/calibration.py                    # 4 seeds: ≈ 12 min each on 2 CPU cores
+    .venv/bin/python bench/calibration.py --table            # the tables of an earlier run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import pyplot, save_figure
+
+import bayesprune as bp
+from bayesprune.core.config import ExtractionConfig
+from bayesprune.core.kinds import width_kinds
+from bayesprune.evaluation.prediction import plan_quality
+from bayesprune.inputs.data import split_corpus, tokenize
+from bayesprune.inputs.pretrained import source_dtype
+from bayesprune.run.extract_job import run_extract
+from bayesprune.run.fit_job import run_fit
+from bayesprune.run.rundir import RunDir, load_fitted, load_fitted_model
+
+LEVEL = 0.9
+_MEASUREMENT = ("targets", "domains", "eval_tokens", "prediction_windows", "set")
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
+    parser.add_argument("--targets", nargs="+", default=["0.9", "0.75", "0.5", "0.25"])
+    parser.add_argument("--domains", nargs="+", default=["shakespeare", "kjv", "sotu"],
+                        help="test splits scored beside the mixture's")
+    parser.add_argument("--eval-tokens", type=int, default=4096, help="tokens scored per test split")
+    parser.add_argument("--prediction-windows", type=int, default=32, help="validation windows of the prediction")
+    parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="change a setting of every fit (JSON values), e.g. fit.steps=400")
+    parser.add_argument("--label", default="default", help="names the settings: runs and results go under it")
+    parser.add_argument("--runs", default="runs/calibration")
+    parser.add_argument("--out", default=None, help="default: bench/results/calibration-LABEL.json")
+    parser.add_argument("--table", action="store_true", help="only print the tables of --out")
+    args = parser.parse_args()
+    args.out = args.out or f"bench/results/calibration-{args.label}.json"
+    return args
+
+
+def run_config(settings: list[str], seed: int) -> bp.RunConfig:
+    values = bp.RunConfig().to_dict()
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        section, _, field = key.partition(".")
+        if section not in values or field not in values[section]:
+            raise SystemExit(f"--set {setting}: no setting {key}")
+        values[section][field] = json.loads(value)
+    values["fit"]["seed"] = seed
+    return bp.RunConfig.from_dict(values)
+
+
+def fitted_run(args, seed: int) -> Path:
+    path = Path(args.runs) / args.label / f"seed{seed}"
+    if not (path / RunDir.POSTERIOR).is_file():
+        print(f"fitting seed {seed} into {path}", flush=True)
+        run_fit(run_config(args.set, seed), path, ExtractionConfig(target=None), progress=True,
+                log=lambda message: None)
+    return path
+
+
+def kept_share_draws(posterior: bp.GatePosterior, cost: float) -> dict[str, np.ndarray]:
+    """Each layer's share of heads (neurons) kept by hard gates, per draw: ``(draw, layer)`` per width kind."""
+    p = posterior.inclusion(cost)
+    return {kind: p[kind].double().mean(-1).numpy() for kind in width_kinds(posterior.kinds)}
+
+
+def interval(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.quantile(draws, (1 - LEVEL) / 2, axis=0), np.quantile(draws, (1 + LEVEL) / 2, axis=0)
+
+
+def measure_seed(args, seed: int, run: Path, model, tokenizer, tests: dict, validation: torch.Tensor) -> list[dict]:
+    """Per target: the seed's cost, kept shares with intervals, extracted perplexities and predicted band."""
+    posterior = load_fitted(run)
+    totals = bp.ModelTotals.of(model, source_dtype(None))
+    network, _ = load_fitted_model(run)
+    gated = bp.gate(network, bp.GateConfig(units=posterior.kinds))
+    rows = []
+    for target in args.targets:
+        started = time.time()
+        plan = posterior.plan(target, totals)
+        cost = plan.cost
+        shares = {}
+        for kind, draws in kept_share_draws(posterior, cost).items():
+            low, high = interval(draws)
+            shares[kind] = {"mean": draws.mean(0).tolist(), "low": low.tolist(), "high": high.tolist()}
+        predicted = plan_quality(gated, plan, posterior.amplitudes(cost, point=True), validation, level=LEVEL)
+        with tempfile.TemporaryDirectory(dir=run.parent) as scratch:
+            record = run_extract(run, ExtractionConfig(target=target), Path(scratch) / "small", streaming=False,
+                                 progress=False)
+            small = bp.load_pruned(Path(scratch) / "small")
+            measured = {name: bp.perplexity(small, tokens, 256, args.eval_tokens, progress=False)["perplexity"]
+                        for name, tokens in tests.items()}
+        rows.append({"seed": seed, "target": target, "cost": cost, "fraction": record["fraction_of_decoder"],
+                     "kept_shares": shares, "perplexity": measured,
+                     "predicted": {k: predicted[k] for k in ("perplexity", "perplexity_low", "perplexity_high",
+                                                             "tokens")},
+                     "seconds": time.time() - started})
+        print(f"seed {seed} target {target}: cost {cost:.3f}, kept {rows[-1]['fraction']:.3f}, perplexity "
+              + ", ".join(f"{k} {v:.2f}" for k, v in measured.items())
+              + f"; predicted {predicted['perplexity']:.2f} [{predicted['perplexity_low']:.2f}, "
+              f"{predicted['perplexity_high']:.2f}]", flush=True)
+    gated.remove()
+    return rows
+
+
+def inside(value: float, low: float, high: float) -> bool:
+    return low <= value <= high
+
+
+def seed_coverage(rows: list[dict]) -> dict:
+    """Per target: the share of (other seed, kind, layer) whose kept share lies in a seed's interval."""
+    out = {}
+    for target in dict.fromkeys(r["target"] for r in rows):
+        members = [r for r in rows if r["target"] == target]
+        hits = total = 0
+        for mine in members:
+            for other in members:
+                if other is mine:
+                    continue
+                for kind, share in mine["kept_shares"].items():
+                    for value, low, high in zip(other["kept_shares"][kind]["mean"], share["low"], share["high"]):
+                        hits, total = hits + inside(value, low, high), total + 1
+        out[target] = {"covered": hits / total if total else None, "pairs": total,
+                       "mean_width": float(np.mean([np.subtract(r["kept_shares"][k]["high"], r["kept_shares"][k]["low"])
+                                                    for r in members for k in r["kept_shares"]]))}
+    return out
+
+
+def pooled_coverage(args, runs: dict[int, Path], model, rows: list[dict]) -> dict:
+    """Per target: each seed's kept shares against the 90 % interval of the other seeds pooled as chains (each at
+    its own cost for the target), with the largest R-hat of those chains."""
+    import arviz as az
+
+    totals = bp.ModelTotals.of(model, source_dtype(None))
+    posteriors = {seed: load_fitted(run) for seed, run in runs.items()}
+    out = {}
+    if len(posteriors) < 3:
+        return out  # R-hat needs the others to be two chains or more
+    for target in args.targets:
+        draws = {seed: kept_share_draws(p, p.solve(target, totals)) for seed, p in posteriors.items()}
+        means = {r["seed"]: r["kept_shares"] for r in rows if r["target"] == target}
+        hits = total = 0
+        widths, rhats = [], []
+        for seed in posteriors:
+            others = [s for s in posteriors if s != seed]
+            for kind in draws[seed]:
+                chains = np.stack([draws[s][kind] for s in others])                  # (chain, draw, layer)
+                low, high = interval(chains.reshape(-1, chains.shape[-1]))
+                widths.append(np.mean(high - low))
+                for value, lo, hi in zip(means[seed][kind]["mean"], low, high):
+                    hits, total = hits + inside(value, lo, hi), total + 1
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    rhats += [float(az.rhat(chains[:, :, layer])) for layer in range(chains.shape[-1])]
+        finite = [r for r in rhats if math.isfinite(r)]
+        out[target] = {"covered": hits / total, "shares": total, "chains": len(posteriors) - 1,
+                       "mean_width": float(np.mean(widths)), "max_r_hat": max(finite),
+                       "share_r_hat_above_1.05": sum(r > 1.05 for r in finite) / len(finite)}
+    return out
+
+
+def prediction_coverage(rows: list[dict]) -> dict:
+    """How often a seed's predicted band covers its own measured mixture perplexity, and other seeds'."""
+    own = [inside(r["perplexity"]["mixture"], r["predicted"]["perplexity_low"], r["predicted"]["perplexity_high"])
+           for r in rows]
+    other = [inside(o["perplexity"]["mixture"], r["predicted"]["perplexity_low"], r["predicted"]["perplexity_high"])
+             for r in rows for o in rows if o["target"] == r["target"] and o["seed"] != r["seed"]]
+    return {"own": sum(own) / len(own), "own_count": len(own),
+            "others": sum(other) / len(other) if other else None, "others_count": len(other)}
+
+
+def spread(rows: list[dict]) -> dict:
+    out = {}
+    for target in dict.fromkeys(r["target"] for r in rows):
+        members = [r for r in rows if r["target"] == target]
+        out[target] = {name: max(r["perplexity"][name] for r in members) / min(r["perplexity"][name] for r in members)
+                       for name in members[0]["perplexity"]}
+    return out
+
+
+def markdown(result: dict) -> str:
+    rows, summary = result["rows"], result["summary"]
+    names = list(rows[0]["perplexity"])
+    lines = ["| target | " + " | ".join(f"{n} (max/min)" for n in names)
+             + " | kept share in another seed's 90 % | in the others' pooled 90 % | pooled max R-hat |",
+             "|---|" + "---|" * (len(names) + 3)]
+    for target, ratios in summary["spread"].items():
+        values = {r["seed"]: r["perplexity"] for r in rows if r["target"] == target}
+        cells = [f"{min(v[n] for v in values.values()):.1f}–{max(v[n] for v in values.values()):.1f} "
+                 f"({ratios[n]:.3f})" for n in names]
+        pooled = summary.get("pooled_coverage", {}).get(target)
+        lines.append(f"| {target} | " + " | ".join(cells) + f" | {summary['seed_coverage'][target]['covered']:.2f} | "
+                     + (f"{pooled['covered']:.2f} | {pooled['max_r_hat']:.2f} |" if pooled else " | |"))
+    p = summary["prediction_coverage"]
+    lines.append(f"\npredicted-quality {int(LEVEL * 100)} % bands cover the seed's own mixture perplexity in "
+                 f"{p['own']:.2f} of {p['own_count']}, other seeds' in {p['others']:.2f} of {p['others_count']}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Per test split: perplexity against the share kept, one line per seed; the predicted band on the mixture."""
+    plt = pyplot()
+    names = list(rows[0]["perplexity"])
+    fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for seed in dict.fromkeys(r["seed"] for r in rows):
+            line = sorted((r for r in rows if r["seed"] == seed), key=lambda r: r["fraction"])
+            ax.plot([r["fraction"] for r in line], [r["perplexity"][name] for r in line], "o-", ms=3,
+                    label=f"seed {seed}")
+            if name == "mixture":
+                ax.fill_between([r["fraction"] for r in line], [r["predicted"]["perplexity_low"] for r in line],
+                                [r["predicted"]["perplexity_high"] for r in line], alpha=0.15)
+        ax.set(title=name, xlabel="share of decoder parameters kept", yscale="log")
+    axes[0][0].set_ylabel("test perplexity (log scale)")
+    axes[0][-1].legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def main() -> None:
+    args = parse_args()
+    out = Path(args.out)
+    if args.table:
+        print(markdown(json.loads(out.read_text())))
+        return
+    torch.set_num_threads(2)
+    started = time.time()
+    settings = {**vars(args), "how": "one process, 2 threads; perplexity over non-overlapping 256-token windows of "
+                                     "the first eval_tokens of each test split"}
+    rows = []
+    if out.is_file():
+        earlier = json.loads(out.read_text())
+        if all(earlier["settings"].get(k) == settings[k] for k in _MEASUREMENT):
+            rows = earlier["rows"]
+    model, tokenizer = bp.load_model(None)
+    mixture = {name: tokenize(tokenizer, docs) for name, docs in split_corpus(bp.DataConfig()).items()}
+    tests = {"mixture": mixture["test"]} | {d: tokenize(tokenizer, split_corpus(bp.DataConfig(path=d))["test"])
+                                            for d in args.domains}
+    validation = bp.windows(mixture["validation"], 128)[:args.prediction_windows]
+    runs = {}
+    for seed in args.seeds:
+        runs[seed] = fitted_run(args, seed)
+        if any(r["seed"] == seed for r in rows):
+            continue
+        rows += measure_seed(args, seed, runs[seed], model, tokenizer, tests, validation)
+        write(out, rows, settings, {"seed_coverage": seed_coverage(rows), "prediction_coverage":
+                                    prediction_coverage(rows), "spread": spread(rows)})
+    summary = {"seed_coverage": seed_coverage(rows), "prediction_coverage": prediction_coverage(rows),
+               "spread": spread(rows), "pooled_coverage": pooled_coverage(args, runs, model, rows),
+               "fit_seconds": {seed: json.loads((run / RunDir.REPORT).read_text())["wall_seconds"]
+                               for seed, run in runs.items()}}
+    result = write(out, rows, settings, summary)
+    plot(rows, out.with_suffix(".png"))
+    print(markdown(result))
+    print(f"wrote {out} and {out.with_suffix('.png')} in {time.time() - started:.0f} s")
+
+
+def write(out: Path, rows: list[dict], settings: dict, summary: dict) -> dict:
+    result = {"rows": rows, "summary": summary, "settings": settings, "machine": platform.platform(),
+              "threads": torch.get_num_threads(), "torch": torch.__version__}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(out)
+    return result
+
+
+if __name__ == "__main__":
+    main()
