@@ -48,6 +48,33 @@ def test_two_processes_fit_what_one_does(tiny_model_dir, corpus_dir, tmp_path, c
     assert not [p for p in together.iterdir() if ".partial-" in p.name]
 
 
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed support")
+def test_two_processes_fit_one_chain_each_what_one_process_fits_one_after_the_other(tiny_model_dir, corpus_dir,
+                                                                                     tmp_path):
+    from bayesprune.core.fit import chain_checkpoint
+
+    fit = ["fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir), "--chains", "2", "--weights", "lora",
+           "--seed", "1"]
+    alone = tmp_path / "alone"
+    assert main([*fit, "--out", str(alone), *ARGS]) == 0
+    together = tmp_path / "together"
+    done = torchrun(2, *fit, "--out", str(together), *ARGS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("2 chains, validation loss per token") == 1
+    one, two = locs(alone), locs(together)
+    assert one.keys() == two.keys()
+    for name in one:
+        assert torch.allclose(one[name], two[name], rtol=1e-4, atol=1e-5), name
+    assert load_tensors(alone / RunDir.POSTERIOR, POSTERIOR_FORMAT)[1]["chain"] == \
+        load_tensors(together / RunDir.POSTERIOR, POSTERIOR_FORMAT)[1]["chain"]
+    for chain in range(2):  # each process wrote its own chain's checkpoint, with its adapters
+        a, _ = load_tensors(chain_checkpoint(alone / RunDir.CHECKPOINT, chain), CHECKPOINT_FORMAT)
+        b, meta = load_tensors(chain_checkpoint(together / RunDir.CHECKPOINT, chain), CHECKPOINT_FORMAT)
+        assert [r["windows"] for r in meta["history"]] == [4] * 4  # a whole chain's mini-batches, not a share
+        lora = [k for k in a if ".lora_" in k]
+        assert lora and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in lora)
+
+
 def test_a_batch_that_does_not_split_over_the_processes_is_refused(tiny_model_dir, corpus_dir, tmp_path):
     args = [*ARGS]
     args[args.index("--batch-size") + 1] = "3"

@@ -5,11 +5,13 @@ Both launchers set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous a
 A fit then wraps its ELBO module in ``DistributedDataParallel``: every rank draws the
 same cost, mini-batch and gates (the seeds are per step), scores its share of the
 mini-batch, and the averaged gradients are those of the whole mini-batch. Only rank
-0 writes files.
+0 writes files. A fit of several chains instead gives each rank whole chains
+(:func:`solo` while it fits one), and gathers them when all are done (:func:`gather`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -31,8 +33,22 @@ def check_batch(batch_size: int) -> None:
     _check_split(batch_size, launched_processes())
 
 
+_solo = False  # set while this process fits a chain of its own
+
+
+@contextlib.contextmanager
+def solo():
+    """Within the block this process works alone: no collectives, and it writes its files as the first would."""
+    global _solo
+    before, _solo = _solo, True
+    try:
+        yield
+    finally:
+        _solo = before
+
+
 def active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return not _solo and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def rank() -> int:
@@ -85,6 +101,15 @@ def mean(values: torch.Tensor) -> torch.Tensor:
     values = values.clone()
     dist.all_reduce(values)
     return values / world_size()
+
+
+def gather(value) -> list:
+    """Every rank's ``value`` (any picklable object), in rank order, on every rank (``[value]`` when alone)."""
+    if not active():
+        return [value]
+    values = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def wrap(module: torch.nn.Module) -> torch.nn.Module:

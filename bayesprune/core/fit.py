@@ -293,7 +293,8 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
     so one fit answers for every cost). With a ``checkpoint`` file, the fit's state is
     written there every ``checkpoint_every`` steps, on an interrupt and at the end, and
     a fit that finds one resumes from it (further chains use :func:`chain_checkpoint` beside it).
-    With ``config.chains`` above one, the chains are compared on ``validation`` windows (default: the fit's).
+    With ``config.chains`` above one, the chains are compared on ``validation`` windows (default: the fit's);
+    launched on several processes, each fits whole chains (chain ``c`` on rank ``c mod world size``).
     """
     config = config or FitConfig()
     cost = cost or CostConfig()
@@ -314,31 +315,43 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
         if config.chains > 1 and trainable else {}
     scored = validation if validation is not None and validation.shape[0] else sequences
     checkpoint = Path(checkpoint) if checkpoint is not None else None
-    guides, chains, kept = [], [], {}
-    for chain in range(config.chains):
+    parallel = distributed.active() and config.chains > 1  # launched: whole chains per process
+    mine = [c for c in range(config.chains) if not parallel or c % distributed.world_size() == distributed.rank()]
+    guides, records, kept = {}, {}, None
+    for index, chain in enumerate(mine):
         chain_config = dataclasses.replace(config, seed=config.seed + chain, chains=1)
-        if chain:
+        if index:
             _restart_network(gated, start)
         if config.weights == "lora":  # sizes and importance are the base weights'
             trainable = add_adapters(gated, config.lora_rank, config.lora_alpha, chain_config.seed)
         guide = CostConditionedGuide(model.prior, config.guide_init_scale)
-        elbo = distributed.wrap(Trace_ELBO()(model, guide))  # data-parallel when launched on several processes
-        path = None if checkpoint is None else chain_checkpoint(checkpoint, chain)
-        label = "SVI" if config.chains == 1 else f"SVI chain {chain + 1}/{config.chains}"
-        history = _fit_chain(model, guide, elbo, trainable, sequences, chain_config, cost, path, progress, label)
-        record = {"chain": chain, "seed": chain_config.seed,
-                  "last_loss": sum(r["loss"] for r in history[-10:]) / max(1, len(history[-10:]))}
-        if config.chains > 1:
-            record["validation_loss"] = validation_loss(elbo, model, scored, cost, min(config.batch_size,
-                                                        scored.shape[0]), config.seed)
-            if not chains or record["validation_loss"] < min(c["validation_loss"] for c in chains):
-                kept = {"chain": chain, "history": history,
-                        "network": {n: p.detach().clone() for n, p in gated.model.named_parameters()
-                                    if p.requires_grad}}
-        else:
-            kept = {"chain": chain, "history": history, "network": {}}
-        guides.append(guide)
-        chains.append(record)
+        with distributed.solo() if parallel else contextlib.nullcontext():
+            elbo = distributed.wrap(Trace_ELBO()(model, guide))  # data-parallel when launched for one chain
+            path = None if checkpoint is None else chain_checkpoint(checkpoint, chain)
+            label = "SVI" if config.chains == 1 else f"SVI chain {chain + 1}/{config.chains}"
+            history = _fit_chain(model, guide, elbo, trainable, sequences, chain_config, cost, path, progress, label)
+            record = {"chain": chain, "seed": chain_config.seed,
+                      "last_loss": sum(r["loss"] for r in history[-10:]) / max(1, len(history[-10:]))}
+            if config.chains > 1:
+                record["validation_loss"] = validation_loss(elbo, model, scored, cost, min(config.batch_size,
+                                                            scored.shape[0]), config.seed)
+        if kept is None or record.get("validation_loss", 0.0) < kept["validation_loss"]:
+            kept = {"chain": chain, "history": history, "validation_loss": record.get("validation_loss", 0.0),
+                    "network": {n: p.detach().cpu().clone() for n, p in gated.model.named_parameters()
+                                if p.requires_grad} if config.chains > 1 else {}}
+        guides[chain], records[chain] = guide, record
+    if parallel:  # every process gets every chain's guide and record, and the best chain's network
+        shared = distributed.gather({"guides": {c: {k: v.detach().cpu() for k, v in g.state_dict().items()}
+                                                for c, g in guides.items()}, "records": records, "kept": kept})
+        for part in shared:
+            records |= part["records"]
+            for chain, state in part["guides"].items():
+                if chain not in guides:
+                    guides[chain] = CostConditionedGuide(model.prior, config.guide_init_scale)
+                    guides[chain].load_state_dict(state)
+        kept = min((part["kept"] for part in shared if part["kept"] is not None),
+                   key=lambda k: (k["validation_loss"], k["chain"]))
+    guides, chains = [guides[c] for c in range(config.chains)], [records[c] for c in range(config.chains)]
     _restore_network(gated, kept["network"])
     if config.weights == "joint":
         model.refresh_importance()  # constants of the trained weights
