@@ -17,7 +17,10 @@ Across seeds:
 * ``pooled_coverage``: how often it falls in the 90 % interval of the *other* seeds pooled as chains, each chain at
   its own cost for the target: what a fit of that many chains reports; with the R-hat of those chains;
 * ``prediction_coverage``: how often a seed's band covers its own measured mixture perplexity, and other seeds';
-* ``spread``: the largest over the smallest test perplexity across seeds, per target and test split.
+* ``spread``: the largest over the smallest test perplexity across seeds, per target and test split;
+* ``selection``: each seed's validation loss (what a fit of several chains selects its network by:
+  ``bayesprune.core.fit.validation_loss``, with the same random numbers for every seed), and how the seed it
+  would select ranks among the seeds in test perplexity.
 
     .venv/bin/python bench/calibration.py                    # 4 seeds: ≈ 12 min each on 2 CPU cores
     .venv/bin/python bench/calibration.py --table            # the tables of an earlier run
@@ -36,16 +39,21 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import pyplot, save_figure
+from pyro.infer import Trace_ELBO
 
 import bayesprune as bp
 from bayesprune.core.config import ExtractionConfig
+from bayesprune.core.fit import validation_loss
+from bayesprune.core.guide import CostConditionedGuide
 from bayesprune.core.kinds import width_kinds
+from bayesprune.core.likelihood import likelihood_for
+from bayesprune.core.model import PruningModel
 from bayesprune.evaluation.prediction import plan_quality
 from bayesprune.inputs.data import split_corpus, tokenize
 from bayesprune.inputs.pretrained import source_dtype
 from bayesprune.run.extract_job import run_extract
 from bayesprune.run.fit_job import run_fit
-from bayesprune.run.rundir import RunDir, load_fitted, load_fitted_model
+from bayesprune.run.rundir import RunDir, load_fitted, load_fitted_model, read_config
 
 LEVEL = 0.9
 _MEASUREMENT = ("targets", "domains", "eval_tokens", "prediction_windows", "set")
@@ -101,12 +109,28 @@ def interval(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.quantile(draws, (1 - LEVEL) / 2, axis=0), np.quantile(draws, (1 + LEVEL) / 2, axis=0)
 
 
-def measure_seed(args, seed: int, run: Path, model, tokenizer, tests: dict, validation: torch.Tensor) -> list[dict]:
+def seed_validation_loss(run: Path, posterior: bp.GatePosterior, gated, fit_windows: torch.Tensor,
+                         validation: torch.Tensor) -> float:
+    """The validation loss a fit of several chains would give this seed's chain (seed 0's random numbers)."""
+    config = read_config(run)
+    likelihood = likelihood_for(gated, config.fit.likelihood, config.fit.nll_weight, "frozen")
+    model = PruningModel(gated, fit_windows, config.prior, likelihood=likelihood)
+    model.importance = dict(posterior.importance)  # what the fit read from the weights before its adapters
+    guide = CostConditionedGuide(model.prior)
+    guide.set_sites({k: v[posterior.chain] for k, v in posterior.locs.items()},
+                    {k: v[posterior.chain] for k, v in posterior.scales.items()})
+    elbo = Trace_ELBO()(model, guide)
+    return validation_loss(elbo, model, validation, config.cost, config.fit.batch_size, seed=0)
+
+
+def measure_seed(args, seed: int, run: Path, model, tests: dict, fit_windows: torch.Tensor,
+                 validation: torch.Tensor) -> list[dict]:
     """Per target: the seed's cost, kept shares with intervals, extracted perplexities and predicted band."""
     posterior = load_fitted(run)
     totals = bp.ModelTotals.of(model, source_dtype(None))
     network, _ = load_fitted_model(run)
     gated = bp.gate(network, bp.GateConfig(units=posterior.kinds))
+    selection = seed_validation_loss(run, posterior, gated, fit_windows, validation)
     rows = []
     for target in args.targets:
         started = time.time()
@@ -116,7 +140,8 @@ def measure_seed(args, seed: int, run: Path, model, tokenizer, tests: dict, vali
         for kind, draws in kept_share_draws(posterior, cost).items():
             low, high = interval(draws)
             shares[kind] = {"mean": draws.mean(0).tolist(), "low": low.tolist(), "high": high.tolist()}
-        predicted = plan_quality(gated, plan, posterior.amplitudes(cost, point=True), validation, level=LEVEL)
+        predicted = plan_quality(gated, plan, posterior.amplitudes(cost, point=True),
+                                 validation[:args.prediction_windows], level=LEVEL)
         with tempfile.TemporaryDirectory(dir=run.parent) as scratch:
             record = run_extract(run, ExtractionConfig(target=target), Path(scratch) / "small", streaming=False,
                                  progress=False)
@@ -124,6 +149,7 @@ def measure_seed(args, seed: int, run: Path, model, tokenizer, tests: dict, vali
             measured = {name: bp.perplexity(small, tokens, 256, args.eval_tokens, progress=False)["perplexity"]
                         for name, tokens in tests.items()}
         rows.append({"seed": seed, "target": target, "cost": cost, "fraction": record["fraction_of_decoder"],
+                     "validation_loss": selection,
                      "kept_shares": shares, "perplexity": measured,
                      "predicted": {k: predicted[k] for k in ("perplexity", "perplexity_low", "perplexity_high",
                                                              "tokens")},
@@ -210,6 +236,23 @@ def spread(rows: list[dict]) -> dict:
     return out
 
 
+def selection(rows: list[dict]) -> dict:
+    """Per target and test split: the test perplexity of the seed of lowest validation loss, its rank among the
+    seeds (1: best), and the median over seeds."""
+    out = {}
+    for target in dict.fromkeys(r["target"] for r in rows):
+        members = [r for r in rows if r["target"] == target and "validation_loss" in r]
+        if len(members) < 2:
+            continue
+        chosen = min(members, key=lambda r: r["validation_loss"])
+        out[target] = {"seed": chosen["seed"], "validation_losses": {r["seed"]: r["validation_loss"] for r in members}}
+        for name in chosen["perplexity"]:
+            values = sorted(r["perplexity"][name] for r in members)
+            out[target][name] = {"chosen": chosen["perplexity"][name], "median": float(np.median(values)),
+                                 "rank": values.index(chosen["perplexity"][name]) + 1}
+    return out
+
+
 def markdown(result: dict) -> str:
     rows, summary = result["rows"], result["summary"]
     names = list(rows[0]["perplexity"])
@@ -223,6 +266,9 @@ def markdown(result: dict) -> str:
         pooled = summary.get("pooled_coverage", {}).get(target)
         lines.append(f"| {target} | " + " | ".join(cells) + f" | {summary['seed_coverage'][target]['covered']:.2f} | "
                      + (f"{pooled['covered']:.2f} | {pooled['max_r_hat']:.2f} |" if pooled else " | |"))
+    for target, chosen in summary.get("selection", {}).items():
+        lines.append(f"\n{target}: lowest validation loss seed {chosen['seed']}; its test perplexity ranks "
+                     + ", ".join(f"{n} {chosen[n]['rank']}/{len(chosen['validation_losses'])}" for n in names))
     p = summary["prediction_coverage"]
     lines.append(f"\npredicted-quality {int(LEVEL * 100)} % bands cover the seed's own mixture perplexity in "
                  f"{p['own']:.2f} of {p['own_count']}, other seeds' in {p['others']:.2f} of {p['others_count']}")
@@ -267,17 +313,26 @@ def main() -> None:
     mixture = {name: tokenize(tokenizer, docs) for name, docs in split_corpus(bp.DataConfig()).items()}
     tests = {"mixture": mixture["test"]} | {d: tokenize(tokenizer, split_corpus(bp.DataConfig(path=d))["test"])
                                             for d in args.domains}
-    validation = bp.windows(mixture["validation"], 128)[:args.prediction_windows]
+    validation, fit_windows = bp.windows(mixture["validation"], 128), bp.windows(mixture["fit"], 128)
     runs = {}
     for seed in args.seeds:
         runs[seed] = fitted_run(args, seed)
+        if any(r["seed"] == seed and "validation_loss" not in r for r in rows):  # measured before it was kept
+            posterior = load_fitted(runs[seed])
+            gated = bp.gate(load_fitted_model(runs[seed])[0], bp.GateConfig(units=posterior.kinds))
+            loss = seed_validation_loss(runs[seed], posterior, gated, fit_windows, validation)
+            gated.remove()
+            for r in rows:
+                if r["seed"] == seed:
+                    r["validation_loss"] = loss
         if any(r["seed"] == seed for r in rows):
             continue
-        rows += measure_seed(args, seed, runs[seed], model, tokenizer, tests, validation)
+        rows += measure_seed(args, seed, runs[seed], model, tests, fit_windows, validation)
         write(out, rows, settings, {"seed_coverage": seed_coverage(rows), "prediction_coverage":
                                     prediction_coverage(rows), "spread": spread(rows)})
     summary = {"seed_coverage": seed_coverage(rows), "prediction_coverage": prediction_coverage(rows),
                "spread": spread(rows), "pooled_coverage": pooled_coverage(args, runs, model, rows),
+               "selection": selection(rows),
                "fit_seconds": {seed: json.loads((run / RunDir.REPORT).read_text())["wall_seconds"]
                                for seed, run in runs.items()}}
     result = write(out, rows, settings, summary)

@@ -135,3 +135,21 @@ def test_a_run_of_chains_reports_r_hat_and_extracts_the_selected_chains_network(
                  "--units", "head,neuron", "--steps", "2", "--batch-size", "2", "--seq-len", "32",
                  "--eval-tokens", "256", "--eval-window", "64"]) == 0
     assert "one chain: fit with --chains 2" in capsys.readouterr().out
+
+
+def test_a_guide_set_to_a_posterior_chain_scores_as_the_fitted_one_did():
+    from pyro.infer import Trace_ELBO
+
+    from bayesprune.core.fit import validation_loss
+    from bayesprune.core.guide import CostConditionedGuide
+
+    chained = run(chains=2)
+    posterior = chained.posterior()
+    for chain in range(2):
+        guide = CostConditionedGuide(chained.model.prior)
+        guide.set_sites({k: v[chain] for k, v in posterior.locs.items()},
+                        {k: v[chain] for k, v in posterior.scales.items()})
+        for key, value in chained.guides[chain].state_dict().items():
+            assert torch.allclose(guide.state_dict()[key], value, atol=1e-6), key
+        loss = validation_loss(Trace_ELBO()(chained.model, guide), chained.model, VALIDATION, chained.cost, 4, 0)
+        assert loss == pytest.approx(chained.chains[chain]["validation_loss"], rel=1e-5)

@@ -39,6 +39,14 @@ class CostConditionedGuide(PyroModule):
                 setattr(self, f"{site.name}_scale", PyroParam(torch.full(site.shape, init_scale, device=start.device),
                                                               constraint=dist.constraints.positive))
 
+    def set_sites(self, locs: dict[str, torch.Tensor], scales: dict[str, torch.Tensor]) -> None:
+        """Put every site at the given normal (unconstrained space), e.g. one chain of a saved posterior."""
+        with _local_params():
+            for site in self.sites:
+                setattr(self, f"{site.name}_loc", PyroParam(locs[site.name].float().clone()))
+                setattr(self, f"{site.name}_scale", PyroParam(scales[site.name].float().clone(),
+                                                              constraint=dist.constraints.positive))
+
     def loc_and_scale(self, site: Site) -> tuple[torch.Tensor, torch.Tensor]:
         """The site's normal in unconstrained space (the log for positive sites)."""
         with _local_params():
