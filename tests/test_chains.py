@@ -51,7 +51,8 @@ def test_point_read_outs_use_the_selected_chain_and_intervals_pool_every_chain()
              zip(chained.guides, (0, 1))]
     for chain in range(2):
         moved = dataclasses.replace(posterior, chain=chain)
-        assert torch.equal(moved.inclusion(1.0, point=True)["neuron"], alone[chain].inclusion(1.0, point=True)["neuron"])
+        point = alone[chain].inclusion(1.0, point=True)["neuron"]
+        assert torch.equal(moved.inclusion(1.0, point=True)["neuron"], point)
     pooled = posterior.inclusion(1.0)["neuron"]
     assert pooled.shape[0] == 60
     assert torch.equal(pooled[:30], alone[0].inclusion(1.0)["neuron"])

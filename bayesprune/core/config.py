@@ -165,8 +165,8 @@ class FitConfig(_JsonConfig):
     """Stochastic variational inference settings."""
 
     steps: int = option(200, "SVI steps")
-    chains: int = option(1, "independent fits from seeds seed, seed+1, … pooled into one posterior: with two or more, "
-                            "R-hat says whether they agree, and the plan reads the chain of best validation ELBO")
+    chains: int = option(1, "independent fits from seeds seed, seed+1, … pooled into one posterior: with two or "
+                            "more, R-hat says whether they agree, and the plan reads the chain of best validation ELBO")
     batch_size: int = option(4, "token windows per step")
     seq_len: int = option(128, "tokens per window")
     weights: str = option("lora", "frozen, trained jointly with the gates, or lora: low-rank adapters fitted with the "

@@ -63,8 +63,9 @@ GOLDEN = (math.sqrt(5) - 1) / 2  # the step between stratified cost levels: no r
 
 
 def step_cost(config: CostConfig, seed: int, step: int) -> float:
-    """The cost of step ``step`` of a fit from ``seed``: a draw (torch's global generator, seeded per step), or, with
-    ``spacing="stratified"``, the quantile at level ``start + step · GOLDEN`` (mod 1), ``start`` drawn from ``seed``."""
+    """The cost of step ``step`` of a fit from ``seed``: a draw (torch's global generator, seeded per step), or,
+    with ``spacing="stratified"``, the quantile at level ``start + step · GOLDEN`` (mod 1), ``start`` drawn from
+    ``seed``."""
     if config.spacing == "random":
         return draw_cost(config)
     start = torch.rand((), generator=torch.Generator().manual_seed(seed)).item()
