@@ -9,7 +9,7 @@ for the whole label). Then, per seed and per ``--targets`` share of decoder para
 * quality: test perplexity of the extracted model (``bayesprune extract --in-memory``) on the first
   ``--eval-tokens`` of the mixture's test split and of each ``--domains`` test split; and the plan's predicted
   perplexity (its hard-gated network, before extraction, on ``--prediction-windows`` validation windows of the
-  mixture) with its 90 % band (a bootstrap over those windows).
+  mixture, as long as the test windows) with its 90 % band (a bootstrap over those windows).
 
 Across seeds:
 
@@ -56,7 +56,8 @@ from bayesprune.run.fit_job import run_fit
 from bayesprune.run.rundir import RunDir, load_fitted, load_fitted_model, read_config
 
 LEVEL = 0.9
-_MEASUREMENT = ("targets", "domains", "eval_tokens", "prediction_windows", "set")
+EVAL_WINDOW = 256  # tokens per window of every perplexity, measured or predicted
+_MEASUREMENT = ("targets", "domains", "eval_tokens", "set")  # what the kept rows were measured with
 
 
 def parse_args():
@@ -66,7 +67,8 @@ def parse_args():
     parser.add_argument("--domains", nargs="+", default=["shakespeare", "kjv", "sotu"],
                         help="test splits scored beside the mixture's")
     parser.add_argument("--eval-tokens", type=int, default=4096, help="tokens scored per test split")
-    parser.add_argument("--prediction-windows", type=int, default=32, help="validation windows of the prediction")
+    parser.add_argument("--prediction-windows", type=int, default=16,
+                        help="validation windows (of 256 tokens) the prediction reads")
     parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
                         help="change a setting of every fit (JSON values), e.g. fit.steps=400")
     parser.add_argument("--label", default="default", help="names the settings: runs and results go under it")
@@ -123,43 +125,50 @@ def seed_validation_loss(run: Path, posterior: bp.GatePosterior, gated, fit_wind
     return validation_loss(elbo, model, validation, config.cost, config.fit.batch_size, seed=0)
 
 
-def measure_seed(args, seed: int, run: Path, model, tests: dict, fit_windows: torch.Tensor,
-                 validation: torch.Tensor) -> list[dict]:
-    """Per target: the seed's cost, kept shares with intervals, extracted perplexities and predicted band."""
+def measure_seed(args, seed: int, run: Path, model, tests: dict) -> list[dict]:
+    """Per target: the seed's cost, kept shares with intervals and its extracted model's test perplexities."""
     posterior = load_fitted(run)
     totals = bp.ModelTotals.of(model, source_dtype(None))
-    network, _ = load_fitted_model(run)
-    gated = bp.gate(network, bp.GateConfig(units=posterior.kinds))
-    selection = seed_validation_loss(run, posterior, gated, fit_windows, validation)
     rows = []
     for target in args.targets:
         started = time.time()
-        plan = posterior.plan(target, totals)
-        cost = plan.cost
+        cost = posterior.solve(target, totals)
         shares = {}
         for kind, draws in kept_share_draws(posterior, cost).items():
             low, high = interval(draws)
             shares[kind] = {"mean": draws.mean(0).tolist(), "low": low.tolist(), "high": high.tolist()}
-        predicted = plan_quality(gated, plan, posterior.amplitudes(cost, point=True),
-                                 validation[:args.prediction_windows], level=LEVEL)
         with tempfile.TemporaryDirectory(dir=run.parent) as scratch:
             record = run_extract(run, ExtractionConfig(target=target), Path(scratch) / "small", streaming=False,
                                  progress=False)
             small = bp.load_pruned(Path(scratch) / "small")
-            measured = {name: bp.perplexity(small, tokens, 256, args.eval_tokens, progress=False)["perplexity"]
+            measured = {name: bp.perplexity(small, tokens, EVAL_WINDOW, args.eval_tokens, progress=False)["perplexity"]
                         for name, tokens in tests.items()}
         rows.append({"seed": seed, "target": target, "cost": cost, "fraction": record["fraction_of_decoder"],
-                     "validation_loss": selection,
-                     "kept_shares": shares, "perplexity": measured,
-                     "predicted": {k: predicted[k] for k in ("perplexity", "perplexity_low", "perplexity_high",
-                                                             "tokens")},
-                     "seconds": time.time() - started})
+                     "kept_shares": shares, "perplexity": measured, "seconds": time.time() - started})
         print(f"seed {seed} target {target}: cost {cost:.3f}, kept {rows[-1]['fraction']:.3f}, perplexity "
-              + ", ".join(f"{k} {v:.2f}" for k, v in measured.items())
-              + f"; predicted {predicted['perplexity']:.2f} [{predicted['perplexity_low']:.2f}, "
-              f"{predicted['perplexity_high']:.2f}]", flush=True)
-    gated.remove()
+              + ", ".join(f"{k} {v:.2f}" for k, v in measured.items()), flush=True)
     return rows
+
+
+def read_outs(args, run: Path, model, rows: list[dict], fit_windows: torch.Tensor, validation: torch.Tensor,
+              prediction: torch.Tensor) -> None:
+    """Add to a seed's rows what is read without extracting: its validation loss and each plan's predicted
+    perplexity (on ``prediction``: validation windows as long as the test windows) with its band."""
+    posterior = load_fitted(run)
+    totals = bp.ModelTotals.of(model, source_dtype(None))
+    network, _ = load_fitted_model(run)
+    gated = bp.gate(network, bp.GateConfig(units=posterior.kinds))
+    loss = seed_validation_loss(run, posterior, gated, fit_windows, validation)
+    for row in rows:
+        plan = posterior.plan(row["target"], totals)
+        predicted = plan_quality(gated, plan, posterior.amplitudes(plan.cost, point=True), prediction, level=LEVEL)
+        row["validation_loss"] = loss
+        row["predicted"] = {k: predicted[k] for k in ("perplexity", "perplexity_low", "perplexity_high", "tokens")}
+        row["predicted"]["windows"] = list(prediction.shape)
+        print(f"seed {row['seed']} target {row['target']}: validation loss {loss:.4f}, predicted "
+              f"{predicted['perplexity']:.2f} [{predicted['perplexity_low']:.2f}, {predicted['perplexity_high']:.2f}]"
+              f", measured {row['perplexity']['mixture']:.2f}", flush=True)
+    gated.remove()
 
 
 def inside(value: float, low: float, high: float) -> bool:
@@ -314,20 +323,15 @@ def main() -> None:
     tests = {"mixture": mixture["test"]} | {d: tokenize(tokenizer, split_corpus(bp.DataConfig(path=d))["test"])
                                             for d in args.domains}
     validation, fit_windows = bp.windows(mixture["validation"], 128), bp.windows(mixture["fit"], 128)
+    prediction = bp.windows(mixture["validation"], EVAL_WINDOW)[:args.prediction_windows]
     runs = {}
     for seed in args.seeds:
         runs[seed] = fitted_run(args, seed)
-        if any(r["seed"] == seed and "validation_loss" not in r for r in rows):  # measured before it was kept
-            posterior = load_fitted(runs[seed])
-            gated = bp.gate(load_fitted_model(runs[seed])[0], bp.GateConfig(units=posterior.kinds))
-            loss = seed_validation_loss(runs[seed], posterior, gated, fit_windows, validation)
-            gated.remove()
-            for r in rows:
-                if r["seed"] == seed:
-                    r["validation_loss"] = loss
-        if any(r["seed"] == seed for r in rows):
-            continue
-        rows += measure_seed(args, seed, runs[seed], model, tests, fit_windows, validation)
+        if not any(r["seed"] == seed for r in rows):
+            rows += measure_seed(args, seed, runs[seed], model, tests)
+        mine = [r for r in rows if r["seed"] == seed]
+        if any(r.get("predicted", {}).get("windows") != list(prediction.shape) for r in mine):
+            read_outs(args, runs[seed], model, mine, fit_windows, validation, prediction)
         write(out, rows, settings, {"seed_coverage": seed_coverage(rows), "prediction_coverage":
                                     prediction_coverage(rows), "spread": spread(rows)})
     summary = {"seed_coverage": seed_coverage(rows), "prediction_coverage": prediction_coverage(rows),
