@@ -15,7 +15,8 @@ Across seeds:
 
 * ``seed_coverage``: how often one seed's kept share falls in another seed's 90 % interval (every ordered pair);
 * ``pooled_coverage``: how often it falls in the 90 % interval of the *other* seeds pooled as chains, each chain at
-  its own cost for the target: what a fit of that many chains reports; with the R-hat of those chains;
+  its own cost for the target: what a fit of that many chains reports; with the R-hat of those chains; and how
+  often in their interval for another seed (``bayesprune.core.posterior.seed_interval``);
 * ``prediction_coverage``: how often a seed's band covers its own measured mixture perplexity, and other seeds';
 * ``spread``: the largest over the smallest test perplexity across seeds, per target and test split;
 * ``selection``: each seed's validation loss (what a fit of several chains selects its network by:
@@ -48,6 +49,7 @@ from bayesprune.core.guide import CostConditionedGuide
 from bayesprune.core.kinds import width_kinds
 from bayesprune.core.likelihood import likelihood_for
 from bayesprune.core.model import PruningModel
+from bayesprune.core.posterior import seed_interval
 from bayesprune.evaluation.prediction import plan_quality
 from bayesprune.inputs.data import split_corpus, tokenize
 from bayesprune.inputs.pretrained import source_dtype
@@ -207,8 +209,8 @@ def pooled_coverage(args, runs: dict[int, Path], model, rows: list[dict]) -> dic
     for target in args.targets:
         draws = {seed: kept_share_draws(p, p.solve(target, totals)) for seed, p in posteriors.items()}
         means = {r["seed"]: r["kept_shares"] for r in rows if r["target"] == target}
-        hits = total = 0
-        widths, rhats = [], []
+        hits = total = seed_hits = 0
+        widths, seed_widths, rhats = [], [], []
         for seed in posteriors:
             others = [s for s in posteriors if s != seed]
             for kind in draws[seed]:
@@ -217,11 +219,15 @@ def pooled_coverage(args, runs: dict[int, Path], model, rows: list[dict]) -> dic
                 widths.append(np.mean(high - low))
                 for value, lo, hi in zip(means[seed][kind]["mean"], low, high):
                     hits, total = hits + inside(value, lo, hi), total + 1
+                low, high = seed_interval(chains, LEVEL)
+                seed_widths.append(np.mean(high - low))
+                seed_hits += sum(inside(v, lo, hi) for v, lo, hi in zip(means[seed][kind]["mean"], low, high))
                 with np.errstate(invalid="ignore", divide="ignore"):
                     rhats += [float(az.rhat(chains[:, :, layer])) for layer in range(chains.shape[-1])]
         finite = [r for r in rhats if math.isfinite(r)]
         out[target] = {"covered": hits / total, "shares": total, "chains": len(posteriors) - 1,
-                       "mean_width": float(np.mean(widths)), "max_r_hat": max(finite),
+                       "mean_width": float(np.mean(widths)), "seed_interval_covered": seed_hits / total,
+                       "seed_interval_mean_width": float(np.mean(seed_widths)), "max_r_hat": max(finite),
                        "share_r_hat_above_1.05": sum(r > 1.05 for r in finite) / len(finite)}
     return out
 
@@ -266,15 +272,16 @@ def markdown(result: dict) -> str:
     rows, summary = result["rows"], result["summary"]
     names = list(rows[0]["perplexity"])
     lines = ["| target | " + " | ".join(f"{n} (max/min)" for n in names)
-             + " | kept share in another seed's 90 % | in the others' pooled 90 % | pooled max R-hat |",
-             "|---|" + "---|" * (len(names) + 3)]
+             + " | kept share in another seed's 90 % | in the others' pooled 90 % | in their 90 % for another seed"
+             " | pooled max R-hat |", "|---|" + "---|" * (len(names) + 4)]
     for target, ratios in summary["spread"].items():
         values = {r["seed"]: r["perplexity"] for r in rows if r["target"] == target}
         cells = [f"{min(v[n] for v in values.values()):.1f}–{max(v[n] for v in values.values()):.1f} "
                  f"({ratios[n]:.3f})" for n in names]
         pooled = summary.get("pooled_coverage", {}).get(target)
         lines.append(f"| {target} | " + " | ".join(cells) + f" | {summary['seed_coverage'][target]['covered']:.2f} | "
-                     + (f"{pooled['covered']:.2f} | {pooled['max_r_hat']:.2f} |" if pooled else " | |"))
+                     + (f"{pooled['covered']:.2f} | {pooled['seed_interval_covered']:.2f} | "
+                        f"{pooled['max_r_hat']:.2f} |" if pooled else " | | |"))
     for target, chosen in summary.get("selection", {}).items():
         lines.append(f"\n{target}: lowest validation loss seed {chosen['seed']}; its test perplexity ranks "
                      + ", ".join(f"{n} {chosen[n]['rank']}/{len(chosen['validation_losses'])}" for n in names))

@@ -5,6 +5,7 @@ import dataclasses
 import json
 
 import arviz as az
+import numpy as np
 import pytest
 import torch
 
@@ -154,3 +155,26 @@ def test_a_guide_set_to_a_posterior_chain_scores_as_the_fitted_one_did():
             assert torch.allclose(guide.state_dict()[key], value, atol=1e-6), key
         loss = validation_loss(Trace_ELBO()(chained.model, guide), chained.model, VALIDATION, chained.cost, 4, 0)
         assert loss == pytest.approx(chained.chains[chain]["validation_loss"], rel=1e-5)
+
+
+def test_the_interval_for_another_seed_covers_a_new_chain_as_often_as_it_says():
+    from bayesprune.core.posterior import seed_interval
+
+    generator = np.random.default_rng(0)
+    hits, pooled = [], []
+    for _ in range(2000):  # chains whose centres scatter far more widely than each chain's draws
+        centres = generator.normal(0, 1, 4)
+        draws = centres[:, None] + generator.normal(0, 0.05, (4, 50))
+        low, high = seed_interval(draws[:3, :, None])
+        hits.append(bool(low[0] <= draws[3].mean() <= high[0]))
+        low, high = np.quantile(draws[:3].reshape(-1), [0.05, 0.95])  # the three chains' draws pooled
+        pooled.append(bool(low <= draws[3].mean() <= high))
+    assert np.mean(hits) == pytest.approx(0.9, abs=0.03) and np.mean(pooled) < 0.6
+    with pytest.raises(ValueError, match="two chains"):
+        seed_interval(draws[:1])
+
+
+def test_two_chains_add_the_interval_for_another_seed_to_the_width_summary():
+    rows = run(chains=2).posterior().width_summary(1.0)
+    assert all(r["seed_5%"] <= r["kept_fraction"] <= r["seed_95%"] for r in rows)
+    assert "seed_5%" not in run().posterior().width_summary(1.0)[0]

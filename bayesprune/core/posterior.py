@@ -54,6 +54,25 @@ POSTERIOR_FORMAT = FileFormat("bayesprune-posterior", "a bayesprune posterior",
 _MAX_POSITION = 1 - 1e-6  # t = λ / (1 + λ) of the largest cost the solver tries (λ ≈ 10⁶)
 
 
+def seed_interval(draws: np.ndarray, level: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
+    """Where a fit from another seed would put a draw, from ``(chain, draw, …)`` draws of two chains or more: the
+    chains' mean ± t(K − 1) · sqrt((1 + 1/K) · between-chain variance + within-chain variance), the Student-t
+    prediction interval of a new chain (K chains).
+
+    Mean-field chains are each far narrower than the spread between them, so pooling their draws covers
+    another seed's answer only where it lands near one of them; this interval widens by what the chains show.
+    """
+    from scipy.stats import t as student
+
+    chains = draws.shape[0]
+    if chains < 2:
+        raise ValueError("an interval for another seed needs two chains or more")
+    means = draws.mean(1)
+    spread = (1 + 1 / chains) * means.var(0, ddof=1) + draws.var(1, ddof=1).mean(0)
+    half = student.ppf((1 + level) / 2, chains - 1) * np.sqrt(spread)
+    return means.mean(0) - half, means.mean(0) + half
+
+
 def cost_grid(count: int = 25, largest: float = 20.0) -> list[float]:
     """Costs evenly spaced on the curves' axis ``λ / (1 + λ)`` from 0 to ``largest``."""
     top = largest / (1 + largest)
@@ -295,7 +314,9 @@ class GatePosterior:
         return rows
 
     def width_summary(self, cost: float | None = None) -> list[dict]:
-        """Per layer and width kind at ``cost``: expected fraction of units kept, 94 % HDI, units above 1/2."""
+        """Per layer and width kind at ``cost``: expected fraction of units kept, 94 % HDI (over every chain's
+        draws), units above 1/2; with two chains or more, also the 90 % interval for a fit from another seed
+        (:func:`seed_interval`)."""
         import arviz as az
 
         rows = []
@@ -304,10 +325,14 @@ class GatePosterior:
             fraction = p[kind].mean(-1).numpy()
             hdi = az.hdi(fraction[None], hdi_prob=0.94)
             likely = (p[kind].double().mean(0) > 0.5).sum(-1)
+            seeds = seed_interval(fraction.reshape(self.num_chains, self.num_draws, -1)) \
+                if self.num_chains > 1 else None
             for layer, name in enumerate(self.layer_names):
                 rows.append({"kind": kind, "layer": name, "kept_fraction": float(fraction[:, layer].mean()),
                              "hdi_3%": float(hdi[layer, 0]), "hdi_97%": float(hdi[layer, 1]),
                              "units_above_half": int(likely[layer]), "units": self.units[kind]})
+                if seeds is not None:
+                    rows[-1] |= {"seed_5%": float(seeds[0][layer]), "seed_95%": float(seeds[1][layer])}
         return rows
 
     # -- ArviZ -----------------------------------------------------------------------------------------

@@ -106,9 +106,12 @@ def format_ranking(rows: list[dict]) -> str:
 
 
 def format_widths(rows: list[dict]) -> str:
-    return _table([("kind", "<6", lambda r: r["kind"]), ("block", "<20", lambda r: r["layer"]),
-                   ("kept", ">6", lambda r: f"{r['kept_fraction']:.3f}"), ("94% HDI", "<16", _hdi),
-                   ("P>1/2", ">10", lambda r: f"{r['units_above_half']}/{r['units']}")], rows)
+    columns = [("kind", "<6", lambda r: r["kind"]), ("block", "<20", lambda r: r["layer"]),
+               ("kept", ">6", lambda r: f"{r['kept_fraction']:.3f}"), ("94% HDI", "<16", _hdi),
+               ("P>1/2", ">10", lambda r: f"{r['units_above_half']}/{r['units']}")]
+    if rows and "seed_5%" in rows[0]:
+        columns.append(("another seed, 90%", "<18", lambda r: f"[{r['seed_5%']:.3f}, {r['seed_95%']:.3f}]"))
+    return _table(columns, rows)
 
 
 def finished(run: RunDir, config: RunConfig, extraction: ExtractionConfig) -> dict | None:
