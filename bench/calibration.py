@@ -9,7 +9,8 @@ for the whole label). Then, per seed and per ``--targets`` share of decoder para
 * quality: test perplexity of the extracted model (``bayesprune extract --in-memory``) on the first
   ``--eval-tokens`` of the mixture's test split and of each ``--domains`` test split; and the plan's predicted
   perplexity (its hard-gated network, before extraction, on ``--prediction-windows`` validation windows of the
-  mixture, as long as the test windows) with its 90 % band (a bootstrap over those windows).
+  mixture, as long as the test windows) with its 90 % band (a bootstrap over those windows); and that band scaled
+  by the dense model's test over validation perplexity (validation text is not test text).
 
 Across seeds:
 
@@ -17,7 +18,8 @@ Across seeds:
 * ``pooled_coverage``: how often it falls in the 90 % interval of the *other* seeds pooled as chains, each chain at
   its own cost for the target: what a fit of that many chains reports; with the R-hat of those chains; and how
   often in their interval for another seed (``bayesprune.core.posterior.seed_interval``);
-* ``prediction_coverage``: how often a seed's band covers its own measured mixture perplexity, and other seeds';
+* ``prediction_coverage``: how often a seed's band (raw, and scaled by the dense ratio) covers its own measured
+  mixture perplexity, and other seeds';
 * ``spread``: the largest over the smallest test perplexity across seeds, per target and test split;
 * ``selection``: each seed's validation loss (what a fit of several chains selects its network by:
   ``bayesprune.core.fit.validation_loss``, with the same random numbers for every seed), and how the seed it
@@ -153,7 +155,7 @@ def measure_seed(args, seed: int, run: Path, model, tests: dict) -> list[dict]:
 
 
 def read_outs(args, run: Path, model, rows: list[dict], fit_windows: torch.Tensor, validation: torch.Tensor,
-              prediction: torch.Tensor) -> None:
+              prediction: torch.Tensor, scale: float) -> None:
     """Add to a seed's rows what is read without extracting: its validation loss and each plan's predicted
     perplexity (on ``prediction``: validation windows as long as the test windows) with its band."""
     posterior = load_fitted(run)
@@ -167,6 +169,8 @@ def read_outs(args, run: Path, model, rows: list[dict], fit_windows: torch.Tenso
         row["validation_loss"] = loss
         row["predicted"] = {k: predicted[k] for k in ("perplexity", "perplexity_low", "perplexity_high", "tokens")}
         row["predicted"]["windows"] = list(prediction.shape)
+        row["predicted"]["scaled"] = {k: predicted[k] * scale for k in ("perplexity", "perplexity_low",
+                                                                       "perplexity_high")}
         print(f"seed {row['seed']} target {row['target']}: validation loss {loss:.4f}, predicted "
               f"{predicted['perplexity']:.2f} [{predicted['perplexity_low']:.2f}, {predicted['perplexity_high']:.2f}]"
               f", measured {row['perplexity']['mixture']:.2f}", flush=True)
@@ -233,13 +237,20 @@ def pooled_coverage(args, runs: dict[int, Path], model, rows: list[dict]) -> dic
 
 
 def prediction_coverage(rows: list[dict]) -> dict:
-    """How often a seed's predicted band covers its own measured mixture perplexity, and other seeds'."""
-    own = [inside(r["perplexity"]["mixture"], r["predicted"]["perplexity_low"], r["predicted"]["perplexity_high"])
-           for r in rows]
-    other = [inside(o["perplexity"]["mixture"], r["predicted"]["perplexity_low"], r["predicted"]["perplexity_high"])
-             for r in rows for o in rows if o["target"] == r["target"] and o["seed"] != r["seed"]]
-    return {"own": sum(own) / len(own), "own_count": len(own),
-            "others": sum(other) / len(other) if other else None, "others_count": len(other)}
+    """How often a seed's predicted band (raw; ``scaled`` by the dense ratio) covers its own measured mixture
+    perplexity, and other seeds'."""
+    out = {}
+    for name in ("raw", "scaled"):
+        def band(r):
+            return r["predicted"] if name == "raw" else r["predicted"].get("scaled")
+        members = [r for r in rows if r.get("predicted") and band(r)]
+        own = [inside(r["perplexity"]["mixture"], band(r)["perplexity_low"], band(r)["perplexity_high"])
+               for r in members]
+        other = [inside(o["perplexity"]["mixture"], band(r)["perplexity_low"], band(r)["perplexity_high"])
+                 for r in members for o in rows if o["target"] == r["target"] and o["seed"] != r["seed"]]
+        out[name] = {"own": sum(own) / len(own) if own else None, "own_count": len(own),
+                     "others": sum(other) / len(other) if other else None, "others_count": len(other)}
+    return out
 
 
 def spread(rows: list[dict]) -> dict:
@@ -285,14 +296,17 @@ def markdown(result: dict) -> str:
     for target, chosen in summary.get("selection", {}).items():
         lines.append(f"\n{target}: lowest validation loss seed {chosen['seed']}; its test perplexity ranks "
                      + ", ".join(f"{n} {chosen[n]['rank']}/{len(chosen['validation_losses'])}" for n in names))
-    p = summary["prediction_coverage"]
-    lines.append(f"\npredicted-quality {int(LEVEL * 100)} % bands cover the seed's own mixture perplexity in "
-                 f"{p['own']:.2f} of {p['own_count']}, other seeds' in {p['others']:.2f} of {p['others_count']}")
+    for name, p in summary["prediction_coverage"].items():
+        if p["own"] is not None:
+            lines.append(f"\npredicted-quality {int(LEVEL * 100)} % bands ({name}) cover the seed's own mixture "
+                         f"perplexity in {p['own']:.2f} of {p['own_count']}, other seeds' in {p['others']:.2f} of "
+                         f"{p['others_count']}")
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Per test split: perplexity against the share kept, one line per seed; the predicted band on the mixture."""
+    """Per test split: perplexity against the share kept, one line per seed; on the mixture, each seed's
+    predicted band (scaled by the dense ratio)."""
     plt = pyplot()
     names = list(rows[0]["perplexity"])
     fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names), 3.6), squeeze=False)
@@ -302,8 +316,9 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.plot([r["fraction"] for r in line], [r["perplexity"][name] for r in line], "o-", ms=3,
                     label=f"seed {seed}")
             if name == "mixture":
-                ax.fill_between([r["fraction"] for r in line], [r["predicted"]["perplexity_low"] for r in line],
-                                [r["predicted"]["perplexity_high"] for r in line], alpha=0.15)
+                ax.fill_between([r["fraction"] for r in line],
+                                [r["predicted"]["scaled"]["perplexity_low"] for r in line],
+                                [r["predicted"]["scaled"]["perplexity_high"] for r in line], alpha=0.15)
         ax.set(title=name, xlabel="share of decoder parameters kept", yscale="log")
     axes[0][0].set_ylabel("test perplexity (log scale)")
     axes[0][-1].legend(fontsize=7)
@@ -331,14 +346,20 @@ def main() -> None:
                                             for d in args.domains}
     validation, fit_windows = bp.windows(mixture["validation"], 128), bp.windows(mixture["fit"], 128)
     prediction = bp.windows(mixture["validation"], EVAL_WINDOW)[:args.prediction_windows]
+    dense = {name: bp.perplexity(model, tokens, EVAL_WINDOW, args.eval_tokens, progress=False)["perplexity"]
+             for name, tokens in tests.items()}
+    dense["validation"] = bp.perplexity(model, prediction.flatten(), EVAL_WINDOW, prediction.numel(),
+                                        progress=False)["perplexity"]
+    settings["dense"] = dense
     runs = {}
     for seed in args.seeds:
         runs[seed] = fitted_run(args, seed)
         if not any(r["seed"] == seed for r in rows):
             rows += measure_seed(args, seed, runs[seed], model, tests)
         mine = [r for r in rows if r["seed"] == seed]
-        if any(r.get("predicted", {}).get("windows") != list(prediction.shape) for r in mine):
-            read_outs(args, runs[seed], model, mine, fit_windows, validation, prediction)
+        if any("scaled" not in r.get("predicted", {}) for r in mine):
+            read_outs(args, runs[seed], model, mine, fit_windows, validation, prediction,
+                      dense["mixture"] / dense["validation"])
         write(out, rows, settings, {"seed_coverage": seed_coverage(rows), "prediction_coverage":
                                     prediction_coverage(rows), "spread": spread(rows)})
     summary = {"seed_coverage": seed_coverage(rows), "prediction_coverage": prediction_coverage(rows),
