@@ -119,3 +119,12 @@ def test_a_checkpoint_of_two_processes_resumes_on_one(tmp_path):
     # Adapters are trained too (the default): averaging their gradients over processes sums in another order.
     for (name, a), b in zip(resumed.guide.state_dict().items(), alone.guide.state_dict().values()):
         assert torch.allclose(a, b, rtol=1e-4, atol=5e-5), name
+
+
+def test_fewer_chains_than_processes_are_refused_unless_one():
+    from bayesprune.core.distributed import check_chains
+
+    for chains, processes in ((1, 4), (4, 4), (5, 4), (3, 1)):
+        check_chains(chains, processes)
+    with pytest.raises(ValueError, match="2 chains on 4 processes"):
+        check_chains(2, 4)

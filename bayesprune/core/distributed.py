@@ -47,6 +47,14 @@ def solo():
         _solo = before
 
 
+def check_chains(chains: int, processes: int | None = None) -> None:
+    """Refuse, before anything is loaded, several chains too few for every launched process to fit one."""
+    processes = launched_processes() if processes is None else processes
+    if 1 < chains < processes:
+        raise ValueError(f"{chains} chains on {processes} processes would leave processes without a chain; fit "
+                         f"at least {processes} chains, or one chain (data-parallel)")
+
+
 def active() -> bool:
     return not _solo and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

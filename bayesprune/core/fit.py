@@ -316,6 +316,7 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
         if config.chains > 1 and trainable else {}
     scored = validation if validation is not None and validation.shape[0] else sequences
     checkpoint = Path(checkpoint) if checkpoint is not None else None
+    distributed.check_chains(config.chains, distributed.world_size())
     parallel = distributed.active() and config.chains > 1  # launched: whole chains per process
     mine = [c for c in range(config.chains) if not parallel or c % distributed.world_size() == distributed.rank()]
     guides, records, kept = {}, {}, None

@@ -49,6 +49,7 @@ def validate(config: RunConfig, extraction: ExtractionConfig, run_dir: str | Pat
         check_output(run_dir, config)
     parsed = extraction.parsed
     distributed.check_batch(config.fit.batch_size)
+    distributed.check_chains(config.fit.chains)
     model_config = load_config(config.model)
     check_request(model_config, config.gate.units, parsed,
                   {"--seq-len": config.fit.seq_len, "--eval-window": config.data.eval_window}, extraction.multiple)
