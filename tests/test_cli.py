@@ -277,7 +277,7 @@ def test_a_recipe_sets_the_fit_options_and_options_beside_it_override_it(tiny_mo
     assert main(["fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir), "--out", str(run),
                  "--units", "block", "--target", "none", *FIT_ARGS]) == 0
     recipe = json.loads((run / "config.json").read_text())
-    recipe["fit"] |= {"seed": 3, "guide_lr": 0.07, "schedule": "cosine"}  # settings beyond the README's options too
+    recipe["fit"] |= {"seed": 3, "guide_lr": 0.07, "schedule": "constant"}  # settings beyond the README's options too
     recipe["prior"]["temperature"] = 0.4
     recipe["extraction"] = {"target": "2layers"}
     (tmp_path / "recipe.json").write_text(json.dumps(recipe))

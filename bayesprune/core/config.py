@@ -143,7 +143,7 @@ class CostConfig(_JsonConfig):
     zero_probability: float = option(1 / 3, "probability that a step fits the dense model, at cost 0 (unless a fixed "
                                             "cost)")
     rate: float = option(0.3, "costs are drawn from Exponential(rate) (unless a fixed cost)")
-    spacing: str = option("random", "the steps' costs: independent draws, or stratified (every run of steps covers the "
+    spacing: str = option("stratified", "the steps' costs: independent draws, or stratified (every run of steps covers the "
                                     "cost distribution evenly)", COST_SPACINGS)
 
     def __post_init__(self):
@@ -180,7 +180,7 @@ class FitConfig(_JsonConfig):
     posterior_draws: int = option(100, "draws of the posterior its summaries read")
     weight_decay: float = option(0.0, "decoupled weight decay of the network's weights (never the guide's)")
     warmup_steps: int = option(0, "steps of linear learning-rate warm-up")
-    schedule: str = option("constant", "after warm-up: constant, or cosine down to 0.1x", ("constant", "cosine"))
+    schedule: str = option("cosine", "after warm-up: constant, or cosine down to 0.1x", ("constant", "cosine"))
     dtype: str = option("float32", "the network's compute dtype (gates and guide stay float32; written checkpoints "
                                    "keep the source model's dtype)", DTYPES)
     gradient_checkpointing: bool = option(False, "recompute block activations in the backward pass: less memory, "
