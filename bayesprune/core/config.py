@@ -130,12 +130,12 @@ class PriorConfig(_JsonConfig):
 class CostConfig(_JsonConfig):
     """The cost each step is fitted at (nats of loss per token traded for the whole network).
 
-    ``fixed=None`` (the default) draws a cost afresh at every step: 0 with
+    ``fixed=None`` (the default) takes a new cost at every step: 0 with
     ``zero_probability``, else ``Exponential(rate)``, so one fit answers for every
     cost. A number fixes the cost: the same model and guide, read at that cost only.
-    ``spacing`` says how the steps' costs are spread over that distribution: ``random``
-    (independent draws) or ``stratified`` (its quantiles at a golden-ratio sequence of
-    levels from a seeded start, so that every run of steps covers it evenly).
+    ``spacing`` says how the steps' costs are spread over that distribution: ``stratified``
+    (the default: its quantiles at a golden-ratio sequence of levels from a seeded start, so
+    that every run of steps covers it evenly) or ``random`` (independent draws).
     """
 
     fixed: float | None = option(None, "fit at this one cost (nats of loss per token traded for the whole network) "
@@ -143,8 +143,8 @@ class CostConfig(_JsonConfig):
     zero_probability: float = option(1 / 3, "probability that a step fits the dense model, at cost 0 (unless a fixed "
                                             "cost)")
     rate: float = option(0.3, "costs are drawn from Exponential(rate) (unless a fixed cost)")
-    spacing: str = option("stratified", "the steps' costs: independent draws, or stratified (every run of steps covers the "
-                                    "cost distribution evenly)", COST_SPACINGS)
+    spacing: str = option("stratified", "the steps' costs: stratified (every run of steps covers the cost "
+                                        "distribution evenly), or independent draws", COST_SPACINGS)
 
     def __post_init__(self):
         _finite(self, "zero_probability", "rate")

@@ -290,7 +290,7 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
         validation: torch.Tensor | None = None) -> Fit:
     """Fit the cost-conditioned gate posterior to ``sequences`` (token windows, ``(n, seq_len)``).
 
-    ``cost`` says which cost each step is fitted at (default: a fresh draw per step,
+    ``cost`` says which cost each step is fitted at (default: a new cost per step, spread over the cost distribution,
     so one fit answers for every cost). With a ``checkpoint`` file, the fit's state is
     written there every ``checkpoint_every`` steps, on an interrupt and at the end, and
     a fit that finds one resumes from it (further chains use :func:`chain_checkpoint` beside it).
