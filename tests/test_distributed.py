@@ -92,7 +92,7 @@ from tests.conftest import tiny_model
 initialise(None)
 sequences = torch.load(sys.argv[1])
 fit(gate(tiny_model("llama"), GateConfig(units=("block", "head", "neuron"))), sequences,
-    FitConfig(steps=int(sys.argv[3]), batch_size=4, seq_len=12, checkpoint_every=1), checkpoint=sys.argv[2] + "/checkpoint.safetensors",
+    FitConfig(steps=int(sys.argv[3]), batch_size=4, seq_len=12, checkpoint_every=1, schedule="constant"), checkpoint=sys.argv[2] + "/checkpoint.safetensors",
     progress=False)
 finish()
 """
@@ -110,7 +110,7 @@ def test_a_checkpoint_of_two_processes_resumes_on_one(tmp_path):
                            str(tmp_path / "script.py"), str(tmp_path / "sequences.pt"), str(tmp_path / "run"), "2"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    config = FitConfig(steps=4, batch_size=4, seq_len=12)
+    config = FitConfig(steps=4, batch_size=4, seq_len=12, schedule="constant")  # extended from 2 steps: constant rate
     resumed = fit(gate(tiny_model("llama"), GateConfig(units=("block", "head", "neuron"))), sequences, config,
                   checkpoint=tmp_path / "run" / RunDir.CHECKPOINT, progress=False)
     alone = fit(gate(tiny_model("llama"), GateConfig(units=("block", "head", "neuron"))), sequences, config,

@@ -131,10 +131,20 @@ def test_resume_after_an_interrupt_gives_the_same_result(tmp_path, weights):
             assert_same_state(a.state_dict(), b.state_dict())
 
 
+def test_a_cosine_fit_resumes_only_for_the_steps_it_was_planned_with_and_a_constant_one_extends(tmp_path):
+    run(2, checkpoint=tmp_path / "cosine.safetensors")
+    with pytest.raises(ValueError, match="step count of a cosine schedule"):
+        run(4, checkpoint=tmp_path / "cosine.safetensors")
+    run(2, checkpoint=tmp_path / "constant.safetensors", schedule="constant")
+    extended = run(4, checkpoint=tmp_path / "constant.safetensors", schedule="constant")
+    assert len(extended.history) == 4
+    assert_same_state(guide_state(extended), guide_state(run(4, schedule="constant")))
+
+
 def test_non_finite_elbo_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
-    run(2, checkpoint=tmp_path / RunDir.CHECKPOINT)
+    run(2, checkpoint=tmp_path / RunDir.CHECKPOINT, schedule="constant")  # resumed below for more steps
     saved = (tmp_path / RunDir.CHECKPOINT).read_bytes()
-    config = FitConfig(steps=4, batch_size=4, seq_len=12, checkpoint_every=2, weights="frozen")
+    config = FitConfig(steps=4, batch_size=4, seq_len=12, checkpoint_every=2, weights="frozen", schedule="constant")
     for module, expected in (("norm", r"sequences \["), ("down_proj", r"inclusion probabilities of \['neuron'\]")):
         gated = gate(tiny_model("llama"), GateConfig(units=("block", "head", "neuron")))
         with torch.no_grad():
@@ -156,9 +166,9 @@ def test_a_checkpoint_of_another_fit_is_refused_and_kept(tmp_path, other):
     run(2, checkpoint=tmp_path / RunDir.CHECKPOINT)
     saved = (tmp_path / RunDir.CHECKPOINT).read_bytes()
     with pytest.raises(ValueError, match="belongs to another fit"):
-        run(4, checkpoint=tmp_path / RunDir.CHECKPOINT, **other)
+        run(2, checkpoint=tmp_path / RunDir.CHECKPOINT, **other)
     assert (tmp_path / RunDir.CHECKPOINT).read_bytes() == saved
-    assert run(4, checkpoint=tmp_path / RunDir.CHECKPOINT).history  # the same fit still resumes
+    assert run(2, checkpoint=tmp_path / RunDir.CHECKPOINT).history  # the same fit still resumes
 
 
 def test_corrupt_checkpoint_is_reported(tmp_path):

@@ -145,12 +145,15 @@ def schedule(optimizer, step: int, config: FitConfig) -> None:
 
 
 def fit_identity(model: PruningModel, sequences: torch.Tensor, config: FitConfig, cost: CostConfig) -> str:
-    """A hash of what a fit fits: gates, prior, cost, settings (not the step count or how memory is saved) and the
-    token windows.
+    """A hash of what a fit fits: gates, prior, cost, settings (not how memory is saved, nor the step count unless
+    the learning rate's schedule depends on it) and the token windows.
 
-    A checkpoint carries it, so that one from another fit is refused instead of resumed.
+    A checkpoint carries it, so that one from another fit is refused instead of resumed: a constant-rate fit may
+    be resumed for more steps, a cosine one only for the steps it was planned with.
     """
-    free = ("steps", "chains", "checkpoint_every", "posterior_draws", "gradient_checkpointing")
+    free = ("chains", "checkpoint_every", "posterior_draws", "gradient_checkpointing")
+    if config.schedule == "constant":
+        free += ("steps",)
     settings = {k: v for k, v in config.to_dict().items() if k not in free}
     described = json.dumps({"kinds": list(model.prior.kinds), "units": model.prior.units,
                             "layers": model.prior.num_layers, "prior": model.prior.config.to_dict(),
@@ -188,8 +191,8 @@ def load_checkpoint(path: Path, guide, optimizer, gated, identity: str) -> tuple
     """Restore what :func:`save_checkpoint` wrote for the fit ``identity``; returns the step reached and the history."""
     tensors, meta = load_tensors(path, CHECKPOINT_FORMAT)
     if meta.get("fit") != identity:
-        raise ValueError(f"the checkpoint {path} belongs to another fit (other gates, prior, cost, settings or "
-                         f"data); remove it to start afresh, or resume with the settings it was made with")
+        raise ValueError(f"the checkpoint {path} belongs to another fit (other gates, prior, cost, settings, "
+                         f"step count of a cosine schedule, or data); remove it to start afresh, or resume with the settings it was made with")
     try:
         guide.load_state_dict({k.removeprefix("guide."): v for k, v in tensors.items() if k.startswith("guide.")})
     except RuntimeError as err:
