@@ -174,9 +174,13 @@ def test_the_interval_for_another_seed_covers_a_new_chain_as_often_as_it_says():
     assert np.mean(hits) == pytest.approx(0.9, abs=0.03) and np.mean(pooled) < 0.6
     with pytest.raises(ValueError, match="two chains"):
         seed_interval(draws[:1])
+    wide = np.array([[[0.05], [0.06]], [[0.9], [0.95]]])  # two chains far apart: t(1) reaches past [0, 1]
+    assert seed_interval(wide)[0][0] < 0 and seed_interval(wide)[1][0] > 1
+    low, high = seed_interval(wide, bounds=(0.0, 1.0))
+    assert (low[0], high[0]) == (0.0, 1.0)
 
 
 def test_two_chains_add_the_interval_for_another_seed_to_the_width_summary():
     rows = run(chains=2).posterior().width_summary(1.0)
-    assert all(r["seed_5%"] <= r["kept_fraction"] <= r["seed_95%"] for r in rows)
+    assert all(0 <= r["seed_5%"] <= r["kept_fraction"] <= r["seed_95%"] <= 1 for r in rows)
     assert "seed_5%" not in run().posterior().width_summary(1.0)[0]

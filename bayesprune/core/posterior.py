@@ -54,10 +54,12 @@ POSTERIOR_FORMAT = FileFormat("bayesprune-posterior", "a bayesprune posterior",
 _MAX_POSITION = 1 - 1e-6  # t = λ / (1 + λ) of the largest cost the solver tries (λ ≈ 10⁶)
 
 
-def seed_interval(draws: np.ndarray, level: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
+def seed_interval(draws: np.ndarray, level: float = 0.9,
+                  bounds: tuple[float, float] = (-np.inf, np.inf)) -> tuple[np.ndarray, np.ndarray]:
     """Where a fit from another seed would put a draw, from ``(chain, draw, …)`` draws of two chains or more: the
     chains' mean ± t(K − 1) · sqrt((1 + 1/K) · between-chain variance + within-chain variance), the Student-t
-    prediction interval of a new chain (K chains).
+    prediction interval of a new chain (K chains), cut to the ``bounds`` the quantity lives in. With two chains
+    t(1) is 6.3 at 90 %: the interval is wide, as two draws of a seed's answer warrant; three or four narrow it.
 
     Mean-field chains are each far narrower than the spread between them, so pooling their draws covers
     another seed's answer only where it lands near one of them; this interval widens by what the chains show.
@@ -70,7 +72,7 @@ def seed_interval(draws: np.ndarray, level: float = 0.9) -> tuple[np.ndarray, np
     means = draws.mean(1)
     spread = (1 + 1 / chains) * means.var(0, ddof=1) + draws.var(1, ddof=1).mean(0)
     half = student.ppf((1 + level) / 2, chains - 1) * np.sqrt(spread)
-    return means.mean(0) - half, means.mean(0) + half
+    return np.maximum(means.mean(0) - half, bounds[0]), np.minimum(means.mean(0) + half, bounds[1])
 
 
 def cost_grid(count: int = 25, largest: float = 20.0) -> list[float]:
@@ -325,7 +327,7 @@ class GatePosterior:
             fraction = p[kind].mean(-1).numpy()
             hdi = az.hdi(fraction[None], hdi_prob=0.94)
             likely = (p[kind].double().mean(0) > 0.5).sum(-1)
-            seeds = seed_interval(fraction.reshape(self.num_chains, self.num_draws, -1)) \
+            seeds = seed_interval(fraction.reshape(self.num_chains, self.num_draws, -1), bounds=(0.0, 1.0)) \
                 if self.num_chains > 1 else None
             for layer, name in enumerate(self.layer_names):
                 rows.append({"kind": kind, "layer": name, "kept_fraction": float(fraction[:, layer].mean()),
