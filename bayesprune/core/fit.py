@@ -192,7 +192,8 @@ def load_checkpoint(path: Path, guide, optimizer, gated, identity: str) -> tuple
     tensors, meta = load_tensors(path, CHECKPOINT_FORMAT)
     if meta.get("fit") != identity:
         raise ValueError(f"the checkpoint {path} belongs to another fit (other gates, prior, cost, settings, "
-                         f"step count of a cosine schedule, or data); remove it to start afresh, or resume with the settings it was made with")
+                         f"step count of a cosine schedule, or data); remove it to start afresh, or resume with "
+                         f"the settings it was made with")
     try:
         guide.load_state_dict({k.removeprefix("guide."): v for k, v in tensors.items() if k.startswith("guide.")})
     except RuntimeError as err:
