@@ -5,8 +5,8 @@ calibrated on the mixture of the *other* domains (``--data`` of their names: equ
 document) and scored on ``d``'s test split (held out) and on that mixture's test split (in domain),
 at each ``--targets`` share of decoder parameters kept:
 
-* ``bayesprune``: the default fit (adapters with the gates, NLL, 200 steps, ``--seed``) on the mixture,
-  extracted as ``bayesprune extract RUN --in-memory`` does it; ``bayesprune+ls`` the same with
+* ``bayesprune``: the default fit (adapters with the gates, NLL, 200 steps) on the mixture, once per
+  ``--seeds`` seed, extracted as ``bayesprune extract RUN --in-memory`` does it; ``bayesprune+ls`` the same with
   ``--reconstruction least-squares`` (calibrated on the mixture's fit split);
 * ``sparsegpt`` and ``wanda``: unstructured, the same share of non-zero decoder parameters;
 * ``shortgpt`` and, asked for with ``--methods``, ``sleb``: whole blocks removed, lowest score first
@@ -17,7 +17,8 @@ Baselines are calibrated on ``--calibration-windows`` seeded fit windows of the 
 ``--sleb-windows``). Every row records its
 calibration and fit tokens and seconds. ``held_out.json`` is written after every row, and a rerun with
 the same measurement settings keeps the rows already there; the summary gives, per method and target,
-the geometric mean of the held-out perplexities, their ratios to dense, and the in-domain figure.
+the geometric mean of the held-out perplexities, their ratios to dense, and the in-domain figure; a
+seeded method's cell is the geometric mean over its seeds, with the spread of each seed's figures.
 
     .venv/bin/python bench/held_out.py                       # every domain: ≈ 20 min per domain on 2 CPU cores
     .venv/bin/python bench/held_out.py --table               # the tables and the figure of an earlier run
@@ -48,7 +49,8 @@ from bayesprune.run.rundir import RunDir
 
 METHODS = ["dense", "bayesprune", "bayesprune+ls", "sparsegpt", "wanda", "shortgpt", "sleb"]
 DEFAULT_METHODS = [m for m in METHODS if m != "sleb"]
-_MEASUREMENT = ("eval_tokens", "calibration_windows", "sleb_windows", "seq_len", "seed")
+SEEDED = ("bayesprune", "bayesprune+ls")
+_MEASUREMENT = ("eval_tokens", "calibration_windows", "sleb_windows", "seq_len")
 
 
 def parse_args():
@@ -57,7 +59,7 @@ def parse_args():
                         help="domains left out, one at a time")
     parser.add_argument("--targets", nargs="+", default=["0.75", "0.5"])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=DEFAULT_METHODS)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bayesprune fits")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds of the bayesprune fits")
     parser.add_argument("--eval-tokens", type=int, default=4096, help="tokens scored per test split")
     parser.add_argument("--calibration-windows", type=int, default=128, help="fit windows the baselines calibrate on")
     parser.add_argument("--sleb-windows", type=int, default=8, help="fit windows SLEB's search scores")
@@ -79,12 +81,14 @@ class Results:
                 self.rows = earlier["rows"]
                 print(f"keeping {len(self.rows)} rows of {self.out}", flush=True)
 
-    def has(self, left_out: str, method: str, target: str) -> bool:
-        return any((r["left_out"], r["method"], r["target"]) == (left_out, method, target) for r in self.rows)
+    def has(self, left_out: str, method: str, target: str, seed: int | None = None) -> bool:
+        return any((r["left_out"], r["method"], r["target"], r.get("seed")) == (left_out, method, target, seed)
+                   for r in self.rows)
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
-        print(f"{row['left_out']:<12} {row['method']:<14} {row['target']:>5} kept {row['fraction']:.3f}  "
+        seed = "" if row.get("seed") is None else f"seed {row['seed']}"
+        print(f"{row['left_out']:<12} {row['method']:<14} {seed:<7} {row['target']:>5} kept {row['fraction']:.3f}  "
               f"held out {row['held_out']:9.2f}  in domain {row['in_domain']:8.2f}", flush=True)
         result = {"rows": self.rows, "settings": self.settings, "summary": summary(self.rows),
                   "machine": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__}
@@ -98,30 +102,61 @@ def geometric_mean(values: list[float]) -> float:
     return math.exp(sum(map(math.log, values)) / len(values))
 
 
+def _by_domain(members: list[dict], key: str) -> dict[str, float]:
+    """Per domain left out, ``key``'s geometric mean over the rows (a seeded method's seeds)."""
+    domains = dict.fromkeys(r["left_out"] for r in members)
+    return {d: geometric_mean([r[key] for r in members if r["left_out"] == d]) for d in domains}
+
+
 def summary(rows: list[dict]) -> list[dict]:
-    """Per method and target, over the domains left out: the geometric means and the worst ratio to dense."""
+    """Per method and target, over the domains left out: the geometric means (of each domain's geometric mean over
+    seeds), the worst ratio to dense, and for seeded methods each seed's geometric mean over the domains."""
     dense = {r["left_out"]: r for r in rows if r["method"] == "dense"}
     out = []
     for method, target in dict.fromkeys((r["method"], r["target"]) for r in rows):
         members = [r for r in rows if (r["method"], r["target"]) == (method, target) and r["left_out"] in dense]
-        ratios = {r["left_out"]: r["held_out"] / dense[r["left_out"]]["held_out"] for r in members}
-        out.append({"method": method, "target": target, "domains": sorted(ratios),
+        held_out, in_domain = _by_domain(members, "held_out"), _by_domain(members, "in_domain")
+        ratios = {d: value / dense[d]["held_out"] for d, value in held_out.items()}
+        seeds = sorted({r["seed"] for r in members if r.get("seed") is not None})
+        by_seed = {}
+        for seed in seeds:
+            own = [r for r in members if r.get("seed") == seed]
+            if {r["left_out"] for r in own} == set(held_out):
+                by_seed[str(seed)] = {"held_out_geomean": geometric_mean([r["held_out"] for r in own]),
+                                      "in_domain_geomean": geometric_mean([r["in_domain"] for r in own])}
+        out.append({"method": method, "target": target, "domains": sorted(held_out), "seeds": seeds,
                     "fraction": sum(r["fraction"] for r in members) / len(members),
-                    "held_out_geomean": geometric_mean([r["held_out"] for r in members]),
-                    "in_domain_geomean": geometric_mean([r["in_domain"] for r in members]),
-                    "held_out_ratio_to_dense": ratios, "worst_ratio_to_dense": max(ratios.values())})
+                    "held_out": held_out, "in_domain": in_domain,
+                    "held_out_geomean": geometric_mean(list(held_out.values())),
+                    "in_domain_geomean": geometric_mean(list(in_domain.values())),
+                    "held_out_ratio_to_dense": ratios, "worst_ratio_to_dense": max(ratios.values()),
+                    "by_seed": by_seed})
     return out
 
 
 def markdown(rows: list[dict]) -> str:
+    """The summary as a table: a seeded method's cells are geometric means over its seeds, with their range."""
     domains = list(dict.fromkeys(r["left_out"] for r in rows))
-    lines = ["| method | target | " + " | ".join(f"{d} held out" for d in domains)
-             + " | geomean held out | geomean in domain |", "|---|---|" + "---|" * (len(domains) + 2)]
+    lines = ["| method | target | seeds | " + " | ".join(f"{d} held out" for d in domains)
+             + " | geomean held out | geomean in domain |", "|---|---|---|" + "---|" * (len(domains) + 2)]
     for s in summary(rows):
-        cells = {r["left_out"]: r["held_out"] for r in rows if (r["method"], r["target"]) == (s["method"], s["target"])}
-        lines.append(f"| {s['method']} | {s['target']} | " + " | ".join(
-            f"{cells[d]:,.1f}" if d in cells else "" for d in domains)
-            + f" | {s['held_out_geomean']:,.1f} | {s['in_domain_geomean']:,.1f} |")
+        members = [r for r in rows if (r["method"], r["target"]) == (s["method"], s["target"])]
+
+        def cell(domain: str) -> str:
+            values = [r["held_out"] for r in members if r["left_out"] == domain]
+            if not values:
+                return ""
+            spread = f" ({min(values):,.1f}–{max(values):,.1f})" if len(values) > 1 else ""
+            return f"{s['held_out'][domain]:,.1f}{spread}"
+
+        def overall(key: str) -> str:
+            values = [v[key] for v in s["by_seed"].values()]
+            spread = f" ({min(values):,.1f}–{max(values):,.1f})" if len(values) > 1 else ""
+            return f"{s[key]:,.1f}{spread}"
+
+        seeds = ", ".join(map(str, s["seeds"])) or "–"
+        lines.append(f"| {s['method']} | {s['target']} | {seeds} | " + " | ".join(cell(d) for d in domains)
+                     + f" | {overall('held_out_geomean')} | {overall('in_domain_geomean')} |")
     return "\n".join(lines)
 
 
@@ -133,9 +168,14 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, domain in zip(axes[0], domains):
         members = [r for r in rows if r["left_out"] == domain]
         for method in dict.fromkeys(r["method"] for r in members if r["method"] != "dense"):
-            line = sorted((r for r in members if r["method"] == method), key=lambda r: r["fraction"])
-            ax.plot([r["fraction"] for r in line], [r["held_out"] for r in line], "o-",
-                    lw=2.2 if method.startswith("bayesprune") else 1.0, ms=4, label=method)
+            own = [r for r in members if r["method"] == method]
+            targets = sorted({r["target"] for r in own}, key=float)
+            points = [[r for r in own if r["target"] == t] for t in targets]
+            line = ax.plot([sum(r["fraction"] for r in p) / len(p) for p in points],
+                           [geometric_mean([r["held_out"] for r in p]) for p in points], "o-",
+                           lw=2.2 if method in SEEDED else 1.0, ms=4, label=method)[0]
+            if any(len(p) > 1 for p in points):
+                ax.scatter([r["fraction"] for r in own], [r["held_out"] for r in own], s=8, color=line.get_color())
         for r in members:
             if r["method"] == "dense":
                 ax.axhline(r["held_out"], color="k", lw=0.7, label="dense")
@@ -147,15 +187,19 @@ def plot(rows: list[dict], path: Path) -> None:
     save_figure(fig, path, rect=(0, 0, 1 - 1.4 / fig.get_figwidth(), 1))
 
 
-def fitted_run(args, mixture: str, left_out: str) -> tuple[Path, dict]:
-    """The default fit on ``mixture`` (fitted now if it is not there) and its report."""
-    path = Path(args.runs) / f"{left_out}-seed{args.seed}"
+def fitted_run(args, mixture: str, left_out: str, seed: int) -> tuple[Path, dict]:
+    """The default fit on ``mixture`` with ``seed`` (fitted now if it is not there) and its report."""
+    path = Path(args.runs) / f"{left_out}-seed{seed}"
+    config = bp.RunConfig()
+    config.data.path, config.fit.seed = mixture, seed
     if not (path / RunDir.POSTERIOR).is_file():
-        config = bp.RunConfig()
-        config.data.path, config.fit.seed = mixture, args.seed
-        print(f"fitting the default gates on {mixture} into {path}", flush=True)
+        print(f"fitting the default gates on {mixture} with seed {seed} into {path}", flush=True)
         run_fit(config, path, ExtractionConfig(target=None), progress=True, log=lambda message: None)
-    return path, json.loads((path / "report.json").read_text())
+    report = json.loads((path / "report.json").read_text())
+    wanted = json.loads(json.dumps({k: v for k, v in config.to_dict().items() if k != "extraction"}))
+    if {k: v for k, v in report["config"].items() if k in wanted} != wanted:
+        raise SystemExit(f"{path} holds a fit with other settings than today's defaults; give another --runs")
+    return path, report
 
 
 def main() -> None:
@@ -186,26 +230,28 @@ def main() -> None:
             results.add({"left_out": left_out, "mixture": mixture, "method": method, "target": target,
                          "fraction": fraction, **scores, **record})
 
-        def wanted(method: str) -> list[str]:
+        def wanted(method: str, seed: int | None = None) -> list[str]:
             targets = ["1.0"] if method == "dense" else args.targets
-            return [t for t in targets if method in args.methods and not results.has(left_out, method, t)]
+            return [t for t in targets if method in args.methods and not results.has(left_out, method, t, seed)]
 
         for target in wanted("dense"):
             add("dense", target, model, 1.0, parameters=totals_params, calibration_tokens=0, fit_tokens=0, seconds=0.0)
-        for method, reconstruction in (("bayesprune", "none"), ("bayesprune+ls", "least-squares")):
-            for target in wanted(method):
-                run, report = fitted_run(args, mixture, left_out)
-                fit = report["config"]["fit"]
-                started = time.time()
-                with tempfile.TemporaryDirectory(dir=Path(args.runs)) as scratch:
-                    extraction = ExtractionConfig(target=target, reconstruction=reconstruction)
-                    record = run_extract(run, extraction, Path(scratch) / "small", streaming=False, progress=False)
-                    small = bp.load_pruned(Path(scratch) / "small")
-                    seconds = time.time() - started
-                    add(method, target, small, record["fraction_of_decoder"], parameters=record["parameters"],
-                        fit_tokens=fit["steps"] * fit["batch_size"] * fit["seq_len"], fit_seconds=report["wall_seconds"],
-                        calibration_tokens=extraction.calibration_tokens if reconstruction != "none" else 0,
-                        seconds=seconds, refit=record.get("reconstruction"))
+        for seed in args.seeds:
+            for method, reconstruction in (("bayesprune", "none"), ("bayesprune+ls", "least-squares")):
+                for target in wanted(method, seed):
+                    run, report = fitted_run(args, mixture, left_out, seed)
+                    fit = report["config"]["fit"]
+                    started = time.time()
+                    with tempfile.TemporaryDirectory(dir=Path(args.runs)) as scratch:
+                        extraction = ExtractionConfig(target=target, reconstruction=reconstruction)
+                        record = run_extract(run, extraction, Path(scratch) / "small", streaming=False, progress=False)
+                        small = bp.load_pruned(Path(scratch) / "small")
+                        seconds = time.time() - started
+                        add(method, target, small, record["fraction_of_decoder"], seed=seed,
+                            parameters=record["parameters"], fit_seconds=report["wall_seconds"],
+                            fit_tokens=fit["steps"] * fit["batch_size"] * fit["seq_len"],
+                            calibration_tokens=extraction.calibration_tokens if reconstruction != "none" else 0,
+                            seconds=seconds, refit=record.get("reconstruction"))
         for method in ("sparsegpt", "wanda"):
             for target in wanted(method):
                 pruned = copy.deepcopy(model)
