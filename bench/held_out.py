@@ -6,8 +6,9 @@ document) and scored on ``d``'s test split (held out) and on that mixture's test
 at each ``--targets`` share of decoder parameters kept:
 
 * ``bayesprune``: the default fit (adapters with the gates, NLL, 200 steps) on the mixture, once per
-  ``--seeds`` seed, extracted as ``bayesprune extract RUN --in-memory`` does it; ``bayesprune+ls`` the same with
-  ``--reconstruction least-squares`` (calibrated on the mixture's fit split);
+  ``--seeds`` seed, extracted as ``bayesprune extract RUN --in-memory`` does it; ``bayesprune+ls`` and
+  ``bayesprune+bias`` the same with ``--reconstruction least-squares`` or ``bias`` (calibrated on the
+  mixture's fit split);
 * ``sparsegpt`` and ``wanda``: unstructured, the same share of non-zero decoder parameters;
 * ``shortgpt`` and, asked for with ``--methods``, ``sleb``: whole blocks removed, lowest score first
   (SLEB's greedy search scores every block at every removal: about 10 minutes per domain here);
@@ -47,9 +48,10 @@ from bayesprune.run.extract_job import run_extract
 from bayesprune.run.fit_job import run_fit
 from bayesprune.run.rundir import RunDir
 
-METHODS = ["dense", "bayesprune", "bayesprune+ls", "sparsegpt", "wanda", "shortgpt", "sleb"]
+REFITS = {"bayesprune": "none", "bayesprune+ls": "least-squares", "bayesprune+bias": "bias"}  # extraction's refit
+METHODS = ["dense", *REFITS, "sparsegpt", "wanda", "shortgpt", "sleb"]
 DEFAULT_METHODS = [m for m in METHODS if m != "sleb"]
-SEEDED = ("bayesprune", "bayesprune+ls")
+SEEDED = tuple(REFITS)
 _MEASUREMENT = ("eval_tokens", "calibration_windows", "sleb_windows", "seq_len")
 
 
@@ -237,7 +239,7 @@ def main() -> None:
         for target in wanted("dense"):
             add("dense", target, model, 1.0, parameters=totals_params, calibration_tokens=0, fit_tokens=0, seconds=0.0)
         for seed in args.seeds:
-            for method, reconstruction in (("bayesprune", "none"), ("bayesprune+ls", "least-squares")):
+            for method, reconstruction in REFITS.items():
                 for target in wanted(method, seed):
                     run, report = fitted_run(args, mixture, left_out, seed)
                     fit = report["config"]["fit"]

@@ -22,7 +22,7 @@ DECODINGS = ("greedy", "sampling")
 DEPTH_SCORES = ("nll", "distillation")  # what a conditional depth search scores removals by
 LIKELIHOODS = ("nll", "distillation")  # what a fit scores the gated network by
 WEIGHTS = ("frozen", "joint", "lora")  # what a fit does with the network's weights
-RECONSTRUCTIONS = ("none", "least-squares")  # what an extraction does to the weights it keeps
+RECONSTRUCTIONS = ("none", "least-squares", "bias", "least-squares+bias")  # what an extraction does to the kept weights
 COST_SPACINGS = ("random", "stratified")  # how a fit spreads its steps' costs over the cost distribution
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # compute dtypes of the network, by torch name
 
@@ -385,7 +385,8 @@ class ExtractionConfig(_JsonConfig):
                                     "block (loads in plain transformers)", FORMS)
     multiple: int = option(1, "round kept neurons per block to a multiple of this")
     reconstruction: str = option("none", "refit each narrowed output projection to reproduce the dense one on "
-                                         "calibration text (least-squares; needs the model in memory)",
+                                         "calibration text: its kept columns by least squares, a bias making up "
+                                         "the mean of what it misses (FLAP), or both; needs the model in memory",
                                  RECONSTRUCTIONS)
     calibration_tokens: int = option(16384, "tokens of the run's fit split the reconstruction refits on")
     damping: float = option(1.0, "ridge pulling refitted weights towards the cut ones, as a share of the kept "

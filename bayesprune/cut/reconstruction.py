@@ -12,19 +12,75 @@ the calibration text barely excites keep their original weights. Where nothing b
 ``x̃ = x_K`` and this is the structured optimal-brain-surgeon update of ZipLM and SlimGPT (with their
 damped Hessian) for the final kept set. The per-unit amplitudes a fit folds into those columns are
 superseded; a branch's own amplitude is kept.
+
+Bias compensation (FLAP) adds to each narrowed projection the mean of what it now misses,
+``b = W·E[x] − W_K·E[x̃]`` over the same calibration text, after the least-squares refit or alone. Where the
+projection has no bias, the config switch that gives it one is turned on (``attention_bias``, ``mlp_bias``) and
+every other bias that switch adds is zero, so the checkpoint loads as plain ``transformers`` builds it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 from tqdm.auto import tqdm
 
 from ..core.architectures import architecture_for_config, decoder_layers, widths_of
+from ..core.config import RECONSTRUCTIONS
 from ..core.plan import ExtractionPlan
 from ..inputs.data import batches
+from ..inputs.pruned import global_access
 from .extraction import recipes
+
+
+BIAS_SWITCHES = ("attention_bias", "mlp_bias")  # config flags that give a block's projections biases
+
+
+def _biases(block: torch.nn.Module) -> set[str]:
+    return {name for name, module in block.named_modules() if getattr(module, "bias", None) is not None}
+
+
+def _module(block: torch.nn.Module, name: str) -> torch.nn.Module | None:
+    """``block``'s submodule ``name``, or ``None`` where the block has none (a removed branch)."""
+    try:
+        return block.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def give_output_biases(small: torch.nn.Module, inners: set[str]) -> None:
+    """Give ``small``'s output projections ``inners`` (names within a block) a bias in every block, in place: turn
+    on the config switches that add one, every bias they add starting at zero. Raises if no switch adds one."""
+    blocks = decoder_layers(small)
+    missing = {name for block in blocks for name in inners
+               if _module(block, name) is not None and _module(block, name).bias is None}
+    if not missing:
+        return
+    config, layer_type = small.config, type(blocks[0])
+    with global_access(config):
+        plain = _biases(layer_type(config, layer_idx=0))
+    switches, added = [], set()
+    for switch in BIAS_SWITCHES:
+        if getattr(config, switch, None) is False and not missing <= added:
+            trial = copy.deepcopy(config)
+            setattr(trial, switch, True)
+            with global_access(trial):
+                gained = _biases(layer_type(trial, layer_idx=0)) - plain
+            if gained & missing:
+                switches.append(switch)
+                added |= gained
+    if not missing <= added:
+        raise ValueError(f"bias compensation needs a bias on {sorted(missing - added)}, and no config switch of "
+                         f"{config.model_type} adds one; use reconstruction 'least-squares' alone")
+    for switch in switches:
+        setattr(config, switch, True)
+    for block in blocks:
+        for name in added:
+            module = _module(block, name)
+            if isinstance(module, torch.nn.Linear) and module.bias is None:
+                module.bias = torch.nn.Parameter(module.weight.new_zeros(module.out_features))
 
 
 def _projections(model: torch.nn.Module, plan: ExtractionPlan) -> dict[int, list[tuple[str, tuple[int, ...], float]]]:
@@ -116,15 +172,22 @@ def output_error(weight: torch.Tensor, columns: torch.Tensor, wanted: float, cro
 
 @torch.no_grad()
 def reconstruct(model: torch.nn.Module, small: torch.nn.Module, plan: ExtractionPlan, windows: torch.Tensor,
-                damping: float = 1.0, batch_size: int = 4, progress: bool = True) -> dict:
+                damping: float = 1.0, batch_size: int = 4, progress: bool = True,
+                method: str = "least-squares") -> dict:
     """Refit ``small``'s narrowed output projections in place (``small`` is ``extract_model(model, plan)``), block
-    after block, on ``windows`` of calibration text; returns the mean relative output error of the projections
-    as cut and as refitted (on the extracted network's own inputs)."""
+    after block, on ``windows`` of calibration text: ``method`` ``least-squares`` refits their kept columns,
+    ``bias`` adds the mean of what they miss, ``least-squares+bias`` does both. Returns the mean relative output
+    error of the projections as cut and as refitted (on the extracted network's own inputs)."""
+    if method not in RECONSTRUCTIONS[1:]:
+        raise ValueError(f"reconstruction must be one of {RECONSTRUCTIONS[1:]}, not {method!r}")
     if not damping >= 0:
         raise ValueError(f"damping must be >= 0, got {damping}")
     narrowed = _projections(model, plan)
     if not narrowed:
         return {"projections": 0}
+    refit_columns, compensate = method != "bias", method.endswith("bias")
+    if compensate:
+        give_output_biases(small, {inner for projections in narrowed.values() for inner, _, _ in projections})
     transposed = architecture_for_config(model.config).transposed
     device = next(model.parameters()).device
     with _LayerArguments(model) as captured:
@@ -146,7 +209,7 @@ def reconstruct(model: torch.nn.Module, small: torch.nn.Module, plan: Extraction
             dense_module, small_module = block.get_submodule(inner), kept_block.get_submodule(inner)
             weight = dense_module.weight.float()
             weight = weight.T if transposed else weight
-            wanted, cross, moment = 0.0, 0, 0
+            wanted, cross, moment, total, total_kept, rows = 0.0, 0, 0, 0, 0, 0
             with _inputs_of(small_module) as seen:
                 for h_kept, args in zip(small_hidden, arguments):
                     _run(kept_block, h_kept, args)
@@ -154,14 +217,20 @@ def reconstruct(model: torch.nn.Module, small: torch.nn.Module, plan: Extraction
                 wanted += float((x @ weight.T).double().square().sum())
                 cross = cross + x.T @ x_kept
                 moment = moment + x_kept.T @ x_kept
+                total, total_kept, rows = total + x.double().sum(0), total_kept + x_kept.double().sum(0), rows + len(x)
             stored = small_module.weight
             cut = (stored.T if transposed else stored).float() / factor
-            columns = least_squares_columns(weight, kept, cross, moment, damping)
+            columns = least_squares_columns(weight, kept, cross, moment, damping) if refit_columns else cut
             before.append(output_error(weight, cut, wanted, cross, moment))
             after.append(output_error(weight, columns, wanted, cross, moment))
-            refitted = columns * factor
-            stored.copy_((refitted.T if transposed else refitted).to(stored.dtype))
+            if refit_columns:
+                refitted = columns * factor
+                stored.copy_((refitted.T if transposed else refitted).to(stored.dtype))
+            if compensate:  # the mean residual: removing it lowers the summed squared error by rows·‖mean‖²
+                missed = (weight.double() @ total - columns.double() @ total_kept) / rows
+                after[-1] -= float(rows * missed.square().sum() / wanted)
+                small_module.bias.add_((missed * factor).to(small_module.bias.dtype))
         if kept_block is not None:
             small_hidden = [_run(kept_block, h, args) for h, args in zip(small_hidden, arguments)]
-    return {"projections": len(before), "tokens": int(windows.numel()), "damping": damping,
+    return {"projections": len(before), "tokens": int(windows.numel()), "method": method, "damping": damping,
             "relative_error_cut": sum(before) / len(before), "relative_error_refitted": sum(after) / len(after)}

@@ -73,9 +73,10 @@ def cut_in_memory(model, plan: ExtractionPlan, extraction: ExtractionConfig, fit
     on the run's fit tokens; and what the refit did (``None``: no reconstruction)."""
     small = extract_model(model, plan)
     refit = None
-    if extraction.reconstruction == "least-squares":
+    if extraction.reconstruction != "none":
         windows = calibration_windows(fit_tokens(), seq_len, extraction.calibration_tokens)
-        refit = reconstruct(model, small, plan, windows, extraction.damping, progress=progress)
+        refit = reconstruct(model, small, plan, windows, extraction.damping, progress=progress,
+                            method=extraction.reconstruction)
     return small.to(stored), refit
 
 
