@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import pyplot, save_figure
+from common import pyplot, run_config, save_figure
 from pyro.infer import Trace_ELBO
 
 import bayesprune as bp
@@ -84,23 +84,11 @@ def parse_args():
     return args
 
 
-def run_config(settings: list[str], seed: int) -> bp.RunConfig:
-    values = bp.RunConfig().to_dict()
-    for setting in settings:
-        key, _, value = setting.partition("=")
-        section, _, field = key.partition(".")
-        if section not in values or field not in values[section]:
-            raise SystemExit(f"--set {setting}: no setting {key}")
-        values[section][field] = json.loads(value)
-    values["fit"]["seed"] = seed
-    return bp.RunConfig.from_dict(values)
-
-
 def fitted_run(args, seed: int) -> Path:
     path = Path(args.runs) / args.label / f"seed{seed}"
     if not (path / RunDir.POSTERIOR).is_file():
         print(f"fitting seed {seed} into {path}", flush=True)
-        run_fit(run_config(args.set, seed), path, ExtractionConfig(target=None), progress=True,
+        run_fit(run_config(args.set, seed=seed), path, ExtractionConfig(target=None), progress=True,
                 log=lambda message: None)
     return path
 

@@ -75,3 +75,19 @@ def default_model_and_corpora(seq_len: int = 128):
     fit_windows = bp.windows(splits["fit"], seq_len)
     shuffled = fit_windows[torch.randperm(fit_windows.shape[0], generator=torch.Generator().manual_seed(0))]
     return model, corpora, shuffled
+
+
+def run_config(settings: list[str], **fit):
+    """The default run config with ``settings`` (``SECTION.FIELD=JSON``, as ``--set`` gives them) and ``fit`` fields
+    applied; an unknown setting ends the script."""
+    import bayesprune
+
+    values = bayesprune.RunConfig().to_dict()
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        section, _, field = key.partition(".")
+        if section not in values or not isinstance(values[section], dict) or field not in values[section]:
+            raise SystemExit(f"--set {setting}: no setting {key}")
+        values[section][field] = json.loads(value)
+    values["fit"] |= fit
+    return bayesprune.RunConfig.from_dict(values)

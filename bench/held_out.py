@@ -22,6 +22,9 @@ the geometric mean of the held-out perplexities, their ratios to dense, and the 
 seeded method's cell is the geometric mean over its seeds, with the spread of each seed's figures.
 
     .venv/bin/python bench/held_out.py                       # every domain: ≈ 20 min per domain on 2 CPU cores
+    .venv/bin/python bench/held_out.py --seeds 1 --methods bayesprune bayesprune+bias   # another seed
+    .venv/bin/python bench/held_out.py --label kl --set 'fit.likelihood="distillation"' 'fit.steps=143' \
+        --methods bayesprune                                 # other fit settings, as bayesprune[kl]
     .venv/bin/python bench/held_out.py --table               # the tables and the figure of an earlier run
 """
 
@@ -37,7 +40,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import pyplot, save_figure
+from common import pyplot, run_config, save_figure
 
 import bayesprune as bp
 from bayesprune.baselines import baseline_plan, block_scores, prune_unstructured, sleb_scores, sparsity_for
@@ -51,7 +54,6 @@ from bayesprune.run.rundir import RunDir
 REFITS = {"bayesprune": "none", "bayesprune+ls": "least-squares", "bayesprune+bias": "bias"}  # extraction's refit
 METHODS = ["dense", *REFITS, "sparsegpt", "wanda", "shortgpt", "sleb"]
 DEFAULT_METHODS = [m for m in METHODS if m != "sleb"]
-SEEDED = tuple(REFITS)
 _MEASUREMENT = ("eval_tokens", "calibration_windows", "sleb_windows", "seq_len")
 
 
@@ -66,10 +68,19 @@ def parse_args():
     parser.add_argument("--calibration-windows", type=int, default=128, help="fit windows the baselines calibrate on")
     parser.add_argument("--sleb-windows", type=int, default=8, help="fit windows SLEB's search scores")
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--runs", default="runs/held-out", help="where the bayesprune fits go (one per domain)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="change a setting of the bayesprune fits (JSON values), e.g. fit.steps=140")
+    parser.add_argument("--label", default=None,
+                        help="names the --set settings: their methods read bayesprune[LABEL], their runs go under it")
+    parser.add_argument("--runs", default=None,
+                        help="where the bayesprune fits go, one per domain and seed (default runs/held-out[-LABEL])")
     parser.add_argument("--out", default="bench/results/held_out.json")
     parser.add_argument("--table", action="store_true", help="only print the tables of --out and redraw its figure")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.set and not args.label:
+        parser.error("--set needs a --label to name its settings")
+    args.runs = args.runs or "runs/held-out" + (f"-{args.label}" if args.label else "")
+    return args
 
 
 class Results:
@@ -175,7 +186,7 @@ def plot(rows: list[dict], path: Path) -> None:
             points = [[r for r in own if r["target"] == t] for t in targets]
             line = ax.plot([sum(r["fraction"] for r in p) / len(p) for p in points],
                            [geometric_mean([r["held_out"] for r in p]) for p in points], "o-",
-                           lw=2.2 if method in SEEDED else 1.0, ms=4, label=method)[0]
+                           lw=2.2 if method.startswith("bayesprune") else 1.0, ms=4, label=method)[0]
             if any(len(p) > 1 for p in points):
                 ax.scatter([r["fraction"] for r in own], [r["held_out"] for r in own], s=8, color=line.get_color())
         for r in members:
@@ -190,17 +201,18 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def fitted_run(args, mixture: str, left_out: str, seed: int) -> tuple[Path, dict]:
-    """The default fit on ``mixture`` with ``seed`` (fitted now if it is not there) and its report."""
+    """The fit of ``--set``'s settings on ``mixture`` with ``seed`` (fitted now if it is not there) and its
+    report."""
     path = Path(args.runs) / f"{left_out}-seed{seed}"
-    config = bp.RunConfig()
-    config.data.path, config.fit.seed = mixture, seed
+    config = run_config(args.set, seed=seed)
+    config.data.path = mixture
     if not (path / RunDir.POSTERIOR).is_file():
-        print(f"fitting the default gates on {mixture} with seed {seed} into {path}", flush=True)
+        print(f"fitting the gates on {mixture} with seed {seed} into {path}", flush=True)
         run_fit(config, path, ExtractionConfig(target=None), progress=True, log=lambda message: None)
     report = json.loads((path / "report.json").read_text())
     wanted = json.loads(json.dumps({k: v for k, v in config.to_dict().items() if k != "extraction"}))
     if {k: v for k, v in report["config"].items() if k in wanted} != wanted:
-        raise SystemExit(f"{path} holds a fit with other settings than today's defaults; give another --runs")
+        raise SystemExit(f"{path} holds a fit with other settings than --set {args.set}; give another --label")
     return path, report
 
 
@@ -232,15 +244,17 @@ def main() -> None:
             results.add({"left_out": left_out, "mixture": mixture, "method": method, "target": target,
                          "fraction": fraction, **scores, **record})
 
-        def wanted(method: str, seed: int | None = None) -> list[str]:
+        def wanted(method: str, seed: int | None = None, name: str | None = None) -> list[str]:
             targets = ["1.0"] if method == "dense" else args.targets
-            return [t for t in targets if method in args.methods and not results.has(left_out, method, t, seed)]
+            return [t for t in targets
+                    if method in args.methods and not results.has(left_out, name or method, t, seed)]
 
         for target in wanted("dense"):
             add("dense", target, model, 1.0, parameters=totals_params, calibration_tokens=0, fit_tokens=0, seconds=0.0)
         for seed in args.seeds:
             for method, reconstruction in REFITS.items():
-                for target in wanted(method, seed):
+                name = method.replace("bayesprune", f"bayesprune[{args.label}]") if args.label else method
+                for target in wanted(method, seed, name):
                     run, report = fitted_run(args, mixture, left_out, seed)
                     fit = report["config"]["fit"]
                     started = time.time()
@@ -249,11 +263,11 @@ def main() -> None:
                         record = run_extract(run, extraction, Path(scratch) / "small", streaming=False, progress=False)
                         small = bp.load_pruned(Path(scratch) / "small")
                         seconds = time.time() - started
-                        add(method, target, small, record["fraction_of_decoder"], seed=seed,
+                        add(name, target, small, record["fraction_of_decoder"], seed=seed,
                             parameters=record["parameters"], fit_seconds=report["wall_seconds"],
                             fit_tokens=fit["steps"] * fit["batch_size"] * fit["seq_len"],
                             calibration_tokens=extraction.calibration_tokens if reconstruction != "none" else 0,
-                            seconds=seconds, refit=record.get("reconstruction"))
+                            seconds=seconds, refit=record.get("reconstruction"), settings=args.set)
         for method in ("sparsegpt", "wanda"):
             for target in wanted(method):
                 pruned = copy.deepcopy(model)
