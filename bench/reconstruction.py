@@ -2,18 +2,23 @@
 
 Reads one fitted run (the README's main job by default: adapters fitted with the gates), plans each
 target from its posterior, and cuts the plan four ways: the fitted (adapter-merged) network as
-``bayesprune extract`` does, that cut refitted (``--reconstruction least-squares``, calibrated on the run's
-own fit split) to reproduce the fitted network or the original one, and the original network cut and
+``bayesprune extract`` does, that cut refitted (``--reconstruction``, each of ``--methods``, calibrated on the
+run's own fit split) to reproduce the fitted network or the original one, and the original network cut and
 refitted to itself. Each is scored on the test split of every domain the project has offline (the run's
 own corpus is the in-domain one), beside both dense networks. Writes
 ``bench/results/reconstruction.json`` and a plot of perplexity per domain.
 
     .venv/bin/python bench/reconstruction.py --run runs/main     # ≈ 6 min on 2 CPU cores
+    .venv/bin/python bench/reconstruction.py --run runs/held-out/kjv-seed0 --methods least-squares bias \
+        least-squares+bias --damping 1.0 --targets 0.75 --variants 'fitted cut' 'fitted cut, refit to fitted' \
+        'fitted cut, refit to original' --calibration-tokens 4096 --eval-tokens 4096 \
+        --out bench/results/reconstruction-bias.json        # a held_out.py fold: ≈ 12 min
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import platform
 import time
@@ -23,7 +28,7 @@ import torch
 from common import pyplot, save_figure, write_results
 
 import bayesprune as bp
-from bayesprune.core.config import ExtractionConfig
+from bayesprune.core.config import RECONSTRUCTIONS, ExtractionConfig
 from bayesprune.core.targets import Target
 from bayesprune.cut.reconstruction import reconstruct
 from bayesprune.inputs.data import DOMAINS, domain_documents, split_corpus, split_documents
@@ -67,13 +72,15 @@ VARIANTS = {  # label: (weights cut, reference the kept columns are refitted to;
 }
 
 
-def leave_one_domain_out(fitted, plan, target: str, tokenizer, fitted_on: str, seq_len: int, args, score) -> list:
+def leave_one_domain_out(fitted, plan, target: str, tokenizer, fitted_on: list[str], seq_len: int, args,
+                         score) -> list:
     """The fitted cut refitted on the other domains' fit splits, once per domain the fit never saw."""
     share = args.calibration_tokens // (len(DOMAINS) - 1)
     fit_windows = {name: calibration_windows(bp.tokenize(tokenizer, split_documents(domain_documents(name))["fit"]),
                                              seq_len, share) for name in sorted(DOMAINS)}
     rows = []
-    for left_out, damping in ((d, damping) for d in sorted(DOMAINS) if d != fitted_on for damping in args.damping):
+    for left_out, damping in ((d, damping) for d in sorted(DOMAINS) if d not in fitted_on
+                              for damping in args.damping):
         calibration = torch.cat([w for name, w in fit_windows.items() if name != left_out])
         started = time.time()
         small = bp.extract_model(fitted, plan)
@@ -81,7 +88,7 @@ def leave_one_domain_out(fitted, plan, target: str, tokenizer, fitted_on: str, s
         rows.append({"target": target, "variant": "fitted cut, refit to fitted on the other domains",
                      "damping": damping, "left_out": left_out, "fraction": plan.fraction,
                      "seconds": time.time() - started, "refit": refit,
-                     "perplexity": score(small, (left_out, fitted_on))})
+                     "perplexity": score(small, (left_out, *fitted_on))})
         print(rows[-1], flush=True)
     return rows
 
@@ -93,6 +100,8 @@ def main() -> None:
     parser.add_argument("--calibration-tokens", type=int, default=ExtractionConfig.calibration_tokens)
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--methods", nargs="+", default=["least-squares"], choices=RECONSTRUCTIONS[1:],
+                        help="what a refit does: least-squares columns, a bias (FLAP), or both")
     parser.add_argument("--damping", type=float, nargs="+", default=[0.01],
                         help="ridge towards the columns as cut, as a share of the kept inputs' mean second moment")
     parser.add_argument("--leave-out", action="store_true",
@@ -108,7 +117,8 @@ def main() -> None:
     tokenizer = bp.load_model(str(fitted_model_path(args.run)))[1]
     posterior = load_fitted(args.run)
     totals = bp.ModelTotals.of(networks["original"], source_dtype(str(fitted_model_path(args.run))))
-    fitted_on = Path(config.data.path).name if config.data.path else "mixture"
+    named = (config.data.path or ",".join(DOMAINS)).split(",")  # the default corpus is every domain
+    fitted_on = named if set(named) <= set(DOMAINS) else [Path(config.data.path).name]
     tests = {name: bp.tokenize(tokenizer, split_documents(domain_documents(name))["test"]) for name in sorted(DOMAINS)}
     fit_tokens = bp.tokenize(tokenizer, split_corpus(config.data)["fit"])
     calibration = calibration_windows(fit_tokens, config.fit.seq_len, args.calibration_tokens)
@@ -124,12 +134,14 @@ def main() -> None:
         plan, _ = run_plan(args.run, posterior, totals, Target.parse(target))
         for label in args.variants:
             cut_from, reference = VARIANTS[label]
-            for damping in [None] if reference is None else args.damping:
+            for method, damping in [(None, None)] if reference is None else itertools.product(args.methods,
+                                                                                                args.damping):
                 started = time.time()
                 small = bp.extract_model(networks[cut_from], plan)
                 refit = None if reference is None else reconstruct(networks[reference], small, plan, calibration,
-                                                                   damping, progress=False)
-                rows.append({"target": target, "variant": label, "damping": damping, "fraction": plan.fraction,
+                                                                   damping, progress=False, method=method)
+                rows.append({"target": target, "variant": label if method in (None, "least-squares")
+                             else f"{label} ({method})", "damping": damping, "fraction": plan.fraction,
                              "seconds": time.time() - started, "refit": refit, "perplexity": score(small)})
                 print(rows[-1], flush=True)
         if args.leave_out:
@@ -137,7 +149,7 @@ def main() -> None:
                                          args, score)
     original = rows[1]["perplexity"]
     for row in rows:
-        held_out = [row["perplexity"][d] / original[d] for d in tests if d != fitted_on and d in row["perplexity"]]
+        held_out = [row["perplexity"][d] / original[d] for d in tests if d not in fitted_on and d in row["perplexity"]]
         row["held_out_geomean_ratio_to_original"] = math.exp(sum(map(math.log, held_out)) / len(held_out))
     write_results({"run": str(Path(args.run).resolve()), "fitted_on": fitted_on, "eval_tokens": args.eval_tokens,
                    "calibration_tokens": int(calibration.numel()),
