@@ -168,8 +168,9 @@ def markdown(rows: list[dict]) -> str:
             return f"{s[key]:,.1f}{spread}"
 
         seeds = ", ".join(map(str, s["seeds"])) or "–"
+        partial = f" ({len(s['domains'])} of {len(domains)} domains)" if len(s["domains"]) < len(domains) else ""
         lines.append(f"| {s['method']} | {s['target']} | {seeds} | " + " | ".join(cell(d) for d in domains)
-                     + f" | {overall('held_out_geomean')} | {overall('in_domain_geomean')} |")
+                     + f" | {overall('held_out_geomean')}{partial} | {overall('in_domain_geomean')}{partial} |")
     return "\n".join(lines)
 
 
