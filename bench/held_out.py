@@ -14,6 +14,10 @@ at each ``--targets`` share of decoder parameters kept:
   (SLEB's greedy search scores every block at every removal: about 10 minutes per domain here);
 * ``dense``: the original model.
 
+With ``--tasks continuation cloze`` every row measured also scores the zero-shot tasks of
+``bayesprune.evaluation.tasks`` (``--task-items`` passages each), built from the held-out domain's test split;
+a row measured without them is measured again.
+
 Baselines are calibrated on ``--calibration-windows`` seeded fit windows of the same mixture (SLEB on
 ``--sleb-windows``). Every row records its
 calibration and fit tokens and seconds. ``held_out.json`` is written after every row, and a rerun with
@@ -46,6 +50,7 @@ import bayesprune as bp
 from bayesprune.baselines import baseline_plan, block_scores, prune_unstructured, sleb_scores, sparsity_for
 from bayesprune.core.architectures import decoder_layers
 from bayesprune.core.config import ExtractionConfig
+from bayesprune.evaluation.tasks import LOCAL_TASKS, run_tasks
 from bayesprune.inputs.data import DOMAINS, split_corpus, tokenize
 from bayesprune.run.extract_job import run_extract
 from bayesprune.run.fit_job import run_fit
@@ -68,6 +73,9 @@ def parse_args():
     parser.add_argument("--calibration-windows", type=int, default=128, help="fit windows the baselines calibrate on")
     parser.add_argument("--sleb-windows", type=int, default=8, help="fit windows SLEB's search scores")
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--tasks", nargs="*", choices=LOCAL_TASKS, default=[],
+                        help="zero-shot tasks on the held-out domain's test split, scored for every row")
+    parser.add_argument("--task-items", type=int, default=200, help="passages per task")
     parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
                         help="change a setting of the bayesprune fits (JSON values), e.g. fit.steps=140")
     parser.add_argument("--label", default=None,
@@ -94,12 +102,20 @@ class Results:
                 self.rows = earlier["rows"]
                 print(f"keeping {len(self.rows)} rows of {self.out}", flush=True)
 
-    def has(self, left_out: str, method: str, target: str, seed: int | None = None) -> bool:
-        return any((r["left_out"], r["method"], r["target"], r.get("seed")) == (left_out, method, target, seed)
-                   for r in self.rows)
+    @staticmethod
+    def _key(row: dict) -> tuple:
+        return row["left_out"], row["method"], row["target"], row.get("seed")
+
+    def has(self, left_out: str, method: str, target: str, seed: int | None = None, tasks: dict | None = None) -> bool:
+        """Whether the row is measured, with ``tasks`` (``{"items": n, "names": [...]}``) scored when given."""
+        def scored(row: dict) -> bool:
+            measured = row.get("tasks", {})
+            return measured.get("items") == tasks["items"] and all(n in measured for n in tasks["names"])
+        return any(self._key(r) == (left_out, method, target, seed) and (not tasks or scored(r)) for r in self.rows)
 
     def add(self, row: dict) -> None:
-        self.rows.append(row)
+        """Record ``row``, in place of an earlier measurement of the same row."""
+        self.rows = [r for r in self.rows if self._key(r) != self._key(row)] + [row]
         seed = "" if row.get("seed") is None else f"seed {row['seed']}"
         print(f"{row['left_out']:<12} {row['method']:<14} {seed:<7} {row['target']:>5} kept {row['fraction']:.3f}  "
               f"held out {row['held_out']:9.2f}  in domain {row['in_domain']:8.2f}", flush=True)
@@ -119,6 +135,21 @@ def _by_domain(members: list[dict], key: str) -> dict[str, float]:
     """Per domain left out, ``key``'s geometric mean over the rows (a seeded method's seeds)."""
     domains = dict.fromkeys(r["left_out"] for r in members)
     return {d: geometric_mean([r[key] for r in members if r["left_out"] == d]) for d in domains}
+
+
+TASK_METRICS = {"continuation": "acc_norm", "cloze": "acc"}  # the accuracy each task's tables show
+
+
+def task_scores(members: list[dict]) -> dict[str, dict[str, float]]:
+    """Per task, per domain left out: its accuracy, the mean over the rows (a seeded method's seeds) that scored it."""
+    out = {}
+    for task, metric in TASK_METRICS.items():
+        scored = [r for r in members if task in r.get("tasks", {})]
+        domains = dict.fromkeys(r["left_out"] for r in scored)
+        values = {d: [r["tasks"][task][metric] for r in scored if r["left_out"] == d] for d in domains}
+        if values:
+            out[task] = {d: sum(v) / len(v) for d, v in values.items()}
+    return out
 
 
 def summary(rows: list[dict]) -> list[dict]:
@@ -143,8 +174,31 @@ def summary(rows: list[dict]) -> list[dict]:
                     "held_out_geomean": geometric_mean(list(held_out.values())),
                     "in_domain_geomean": geometric_mean(list(in_domain.values())),
                     "held_out_ratio_to_dense": ratios, "worst_ratio_to_dense": max(ratios.values()),
-                    "by_seed": by_seed})
+                    "by_seed": by_seed, "tasks": task_scores(members)})
     return out
+
+
+def tasks_markdown(rows: list[dict]) -> str:
+    """Zero-shot accuracy on the held-out domain, per task: continuation ``acc_norm`` / cloze ``acc``."""
+    domains = list(dict.fromkeys(r["left_out"] for r in rows if r.get("tasks")))
+    if not domains:
+        return ""
+    lines = ["| method | target | " + " | ".join(f"{d} held out" for d in domains) + " | mean |",
+             "|---|---|" + "---|" * (len(domains) + 1)]
+    for s in summary(rows):
+        if not s["tasks"]:
+            continue
+        scores = [s["tasks"].get(task, {}) for task in TASK_METRICS]
+
+        def cell(values: list) -> str:
+            return " / ".join("–" if v is None else f"{100 * v:.1f}" for v in values)
+
+        means = [sum(t.values()) / len(t) if t else None for t in scores]
+        complete = all(len(t) == len(domains) for t in scores)
+        lines.append(f"| {s['method']} | {s['target']} | " + " | ".join(cell([t.get(d) for t in scores])
+                                                                       for d in domains)
+                     + f" | {cell(means)}{'' if complete else ' (not every domain)'} |")
+    return "\n".join(lines)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -172,6 +226,12 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {s['method']} | {s['target']} | {seeds} | " + " | ".join(cell(d) for d in domains)
                      + f" | {overall('held_out_geomean')}{partial} | {overall('in_domain_geomean')}{partial} |")
     return "\n".join(lines)
+
+
+def print_tasks(rows: list[dict]) -> None:
+    table = tasks_markdown(rows)
+    if table:
+        print("\nzero-shot on the held-out domain, % (continuation acc_norm / cloze acc):\n" + table)
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -222,6 +282,7 @@ def main() -> None:
     if args.table:
         rows = json.loads(Path(args.out).read_text())["rows"]
         print(markdown(rows))
+        print_tasks(rows)
         plot(rows, Path(args.out).with_suffix(".png"))
         return
     torch.set_num_threads(2)
@@ -233,8 +294,9 @@ def main() -> None:
         mixture = ",".join(d for d in DOMAINS if d != left_out)
         data = bp.DataConfig(path=mixture)
         splits = {name: tokenize(tokenizer, docs) for name, docs in split_corpus(data).items()}
-        tests = {"held_out": tokenize(tokenizer, split_corpus(bp.DataConfig(path=left_out))["test"]),
-                 "in_domain": splits["test"]}
+        held_out_documents = split_corpus(bp.DataConfig(path=left_out))["test"]
+        tests = {"held_out": tokenize(tokenizer, held_out_documents), "in_domain": splits["test"]}
+        tasks = {"items": args.task_items, "names": args.tasks} if args.tasks else None
         fit_windows = bp.windows(splits["fit"], args.seq_len)
         pick = torch.randperm(fit_windows.shape[0], generator=torch.Generator().manual_seed(0))
         calibration = fit_windows[pick[:args.calibration_windows]]
@@ -242,13 +304,18 @@ def main() -> None:
         def add(method: str, target: str, network, fraction: float, **record) -> None:
             scores = {name: bp.perplexity(network, tokens, 256, args.eval_tokens, progress=False)["perplexity"]
                       for name, tokens in tests.items()}
+            if tasks:
+                started = time.time()
+                scores["tasks"] = {"items": args.task_items, **run_tasks(network, tokenizer, args.tasks,
+                                                                         held_out_documents, limit=args.task_items),
+                                   "seconds": time.time() - started}
             results.add({"left_out": left_out, "mixture": mixture, "method": method, "target": target,
                          "fraction": fraction, **scores, **record})
 
         def wanted(method: str, seed: int | None = None, name: str | None = None) -> list[str]:
             targets = ["1.0"] if method == "dense" else args.targets
             return [t for t in targets
-                    if method in args.methods and not results.has(left_out, name or method, t, seed)]
+                    if method in args.methods and not results.has(left_out, name or method, t, seed, tasks)]
 
         for target in wanted("dense"):
             add("dense", target, model, 1.0, parameters=totals_params, calibration_tokens=0, fit_tokens=0, seconds=0.0)
@@ -296,6 +363,7 @@ def main() -> None:
                 add(method, target, bp.extract_model(model, plan), plan.fraction, calibration_tokens=windows.numel(),
                     fit_tokens=0, seconds=seconds, kept_layers=len(plan.layers))
     print(markdown(results.rows))
+    print_tasks(results.rows)
     plot(results.rows, Path(args.out).with_suffix(".png"))
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')} in {time.time() - results.started:.0f} s")
 
