@@ -115,7 +115,11 @@ class Results:
 
     def add(self, row: dict) -> None:
         """Record ``row``, in place of an earlier measurement of the same row."""
-        self.rows = [r for r in self.rows if self._key(r) != self._key(row)] + [row]
+        earlier = [i for i, r in enumerate(self.rows) if self._key(r) == self._key(row)]
+        if earlier:
+            self.rows[earlier[0]] = row
+        else:
+            self.rows.append(row)
         seed = "" if row.get("seed") is None else f"seed {row['seed']}"
         print(f"{row['left_out']:<12} {row['method']:<14} {seed:<7} {row['target']:>5} kept {row['fraction']:.3f}  "
               f"held out {row['held_out']:9.2f}  in domain {row['in_domain']:8.2f}", flush=True)
