@@ -161,7 +161,9 @@ def summary(rows: list[dict]) -> list[dict]:
     seeds), the worst ratio to dense, and for seeded methods each seed's geometric mean over the domains."""
     dense = {r["left_out"]: r for r in rows if r["method"] == "dense"}
     out = []
-    for method, target in dict.fromkeys((r["method"], r["target"]) for r in rows):
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for method, target in sorted(dict.fromkeys((r["method"], r["target"]) for r in rows),
+                                 key=lambda pair: (methods.index(pair[0]), -float(pair[1]))):
         members = [r for r in rows if (r["method"], r["target"]) == (method, target) and r["left_out"] in dense]
         held_out, in_domain = _by_domain(members, "held_out"), _by_domain(members, "in_domain")
         ratios = {d: value / dense[d]["held_out"] for d, value in held_out.items()}
