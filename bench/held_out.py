@@ -244,6 +244,8 @@ def plot(rows: list[dict], path: Path) -> None:
     """One panel per domain left out: held-out perplexity against the share kept, a line per method."""
     plt = pyplot()
     domains = list(dict.fromkeys(r["left_out"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"))
+    colors = {method: f"C{i % 10}" for i, method in enumerate(methods)}  # one colour per method in every panel
     fig, axes = plt.subplots(1, len(domains), figsize=(3.6 * len(domains) + 1.5, 3.8), squeeze=False)
     for ax, domain in zip(axes[0], domains):
         members = [r for r in rows if r["left_out"] == domain]
@@ -253,7 +255,8 @@ def plot(rows: list[dict], path: Path) -> None:
             points = [[r for r in own if r["target"] == t] for t in targets]
             line = ax.plot([sum(r["fraction"] for r in p) / len(p) for p in points],
                            [geometric_mean([r["held_out"] for r in p]) for p in points], "o-",
-                           lw=2.2 if method.startswith("bayesprune") else 1.0, ms=4, label=method)[0]
+                           lw=2.2 if method.startswith("bayesprune") else 1.0, ms=4, label=method,
+                           color=colors[method])[0]
             if any(len(p) > 1 for p in points):
                 ax.scatter([r["fraction"] for r in own], [r["held_out"] for r in own], s=8, color=line.get_color())
         for r in members:
@@ -262,8 +265,10 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set(title=f"{domain} left out", xlabel="share of decoder parameters kept", yscale="log")
         ax.invert_xaxis()
     axes[0][0].set_ylabel("held-out test perplexity (log scale)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize=7)
+    legend = {}
+    for ax in axes[0]:
+        legend.update(zip(*reversed(ax.get_legend_handles_labels())))
+    fig.legend(list(legend.values()), list(legend), loc="center right", fontsize=7)
     save_figure(fig, path, rect=(0, 0, 1 - 1.4 / fig.get_figwidth(), 1))
 
 
