@@ -42,11 +42,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import pyplot, run_config, save_figure
-from pyro.infer import Trace_ELBO
 
 import bayesprune as bp
 from bayesprune.core.config import ExtractionConfig
-from bayesprune.core.fit import validation_loss
+from bayesprune.core.fit import SplitELBO, validation_loss
 from bayesprune.core.guide import CostConditionedGuide
 from bayesprune.core.kinds import width_kinds
 from bayesprune.core.likelihood import likelihood_for
@@ -113,8 +112,7 @@ def seed_validation_loss(run: Path, posterior: bp.GatePosterior, gated, fit_wind
     guide = CostConditionedGuide(model.prior)
     guide.set_sites({k: v[posterior.chain] for k, v in posterior.locs.items()},
                     {k: v[posterior.chain] for k, v in posterior.scales.items()})
-    elbo = Trace_ELBO()(model, guide)
-    return validation_loss(elbo, model, validation, config.cost, config.fit.batch_size, seed=0)
+    return validation_loss(SplitELBO(model, guide), model, validation, config.cost, config.fit.batch_size, seed=0)
 
 
 def measure_seed(args, seed: int, run: Path, model, tests: dict) -> list[dict]:

@@ -142,9 +142,7 @@ def test_a_run_of_chains_reports_r_hat_and_extracts_the_selected_chains_network(
 
 
 def test_a_guide_set_to_a_posterior_chain_scores_as_the_fitted_one_did():
-    from pyro.infer import Trace_ELBO
-
-    from bayesprune.core.fit import validation_loss
+    from bayesprune.core.fit import SplitELBO, validation_loss
     from bayesprune.core.guide import CostConditionedGuide
 
     chained = run(chains=2)
@@ -155,7 +153,7 @@ def test_a_guide_set_to_a_posterior_chain_scores_as_the_fitted_one_did():
                         {k: v[chain] for k, v in posterior.scales.items()})
         for key, value in chained.guides[chain].state_dict().items():
             assert torch.allclose(guide.state_dict()[key], value, atol=1e-6), key
-        loss = validation_loss(Trace_ELBO()(chained.model, guide), chained.model, VALIDATION, chained.cost, 4, 0)
+        loss = validation_loss(SplitELBO(chained.model, guide), chained.model, VALIDATION, chained.cost, 4, 0)
         assert loss == pytest.approx(chained.chains[chain]["validation_loss"], rel=1e-5)
 
 

@@ -188,6 +188,13 @@ def test_unknown_devices_are_refused_before_loading(tiny_model_dir, tmp_path, ca
         assert "no CUDA device" in capsys.readouterr().err and not (tmp_path / "r").exists()
 
 
+def test_more_costs_per_step_than_windows_per_step_are_refused_before_loading(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["fit", "--model", str(tiny_model_dir), "--out", str(out), "--batch-size", "4",
+                 "--costs-per-step", "8"]) == 2
+    assert "lower cost.per_step" in capsys.readouterr().err and not out.exists()
+
+
 ROUTER_ARGS = ["--skipped", "1", "--route-after", "1", "--seq-len", "16", "--prompt-tokens", "4",
                "--search-windows", "4", "--train-windows", "8", "--check-windows", "4", "--dtype", "float32"]
 

@@ -30,8 +30,9 @@ def locs(run):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed support")
-def test_two_processes_fit_what_one_does(tiny_model_dir, corpus_dir, tmp_path, capsys):
-    fit = ["fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir)]
+@pytest.mark.parametrize("costs", [1, 2])
+def test_two_processes_fit_what_one_does(tiny_model_dir, corpus_dir, tmp_path, capsys, costs):
+    fit = ["fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir), "--costs-per-step", str(costs)]
     alone = tmp_path / "alone"
     assert main([*fit, "--out", str(alone), *ARGS]) == 0
     together = tmp_path / "together"

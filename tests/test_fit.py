@@ -1,3 +1,6 @@
+import math
+
+import pyro
 import pytest
 import torch
 
@@ -68,11 +71,48 @@ def test_a_fit_learns_to_keep_less_at_higher_cost():
 
 
 def test_a_stratified_fit_steps_through_the_stratified_costs_of_its_seed():
-    from bayesprune.core.fit import step_cost
+    from bayesprune.core.fit import step_costs
 
     config = CostConfig(spacing="stratified")
     result = run(6, units=("head", "neuron"), cost=config, seed=2)
-    assert [r["cost"] for r in result.history] == [step_cost(config, 2, s) for s in range(6)]
+    assert [[r["cost"]] for r in result.history] == [step_costs(config, 2, s) for s in range(6)]
+
+
+def test_a_step_at_several_costs_is_the_mean_of_its_parts_elbos_each_at_its_cost():
+    from pyro.infer import Trace_ELBO
+
+    from bayesprune import PriorConfig
+    from bayesprune.core.fit import SplitELBO
+    from bayesprune.core.guide import CostConditionedGuide
+    from bayesprune.core.model import PruningModel
+
+    model = PruningModel(gate(tiny_model("llama"), GateConfig(units=("head", "neuron"))), SEQUENCES, PriorConfig())
+    guide = CostConditionedGuide(model.prior)
+    batch = torch.tensor([5, 1, 7, 2])
+    pyro.set_rng_seed(3)
+    split = SplitELBO(model, guide)(batch, [0.0, 2.0])
+    last = model.last_step
+    pyro.set_rng_seed(3)
+    parts = [Trace_ELBO()(model, guide)(batch[:2], 0.0)]
+    nll = model.last_step["nll"]
+    parts.append(Trace_ELBO()(model, guide)(batch[2:], 2.0))
+    assert split.item() == pytest.approx((parts[0] + parts[1]).item() / 2, rel=1e-6)
+    assert last["nll"] == pytest.approx((nll + model.last_step["nll"]) / 2, rel=1e-6)
+    pyro.set_rng_seed(3)
+    one = SplitELBO(model, guide)(batch, [1.0])
+    pyro.set_rng_seed(3)
+    assert one.item() == Trace_ELBO()(model, guide)(batch, 1.0).item()
+
+
+def test_a_fit_at_several_costs_per_step_records_them_and_refuses_more_parts_than_windows():
+    from bayesprune.core.fit import step_costs
+
+    config = CostConfig(per_step=2)
+    result = run(4, units=("head", "neuron"), cost=config, seed=1)
+    assert [r["costs"] for r in result.history] == [step_costs(config, 1, s) for s in range(4)]
+    assert all(r["windows"] == 4 and math.isfinite(r["loss"]) for r in result.history)
+    with pytest.raises(ValueError, match="per_step=8"):
+        run(2, cost=CostConfig(per_step=8))
 
 
 def test_a_fixed_cost_fit_is_the_same_model_read_at_its_cost():

@@ -7,7 +7,7 @@ from pyro import poutine
 
 from bayesprune import CostConfig, GateConfig, PriorConfig, gate
 from bayesprune.core import inclusion
-from bayesprune.core.fit import cost_quantile, draw_cost, step_cost
+from bayesprune.core.fit import cost_quantile, draw_cost, step_costs
 from bayesprune.core.guide import CostConditionedGuide
 from bayesprune.core.model import PruningModel, ShrinkagePrior
 from bayesprune.core.sizes import UnitSizes
@@ -188,9 +188,9 @@ def test_cost_draws_follow_the_configured_mixture_and_a_fixed_cost_is_fixed():
 
 def test_stratified_costs_cover_the_cost_distribution_evenly_in_every_run_of_steps():
     config = CostConfig(zero_probability=0.25, rate=2.0, spacing="stratified")
-    costs = torch.tensor([step_cost(config, seed=3, step=s) for s in range(400)])
-    assert torch.equal(costs, torch.tensor([step_cost(config, 3, s) for s in range(400)]))   # a function of the step
-    assert not torch.equal(costs, torch.tensor([step_cost(config, 4, s) for s in range(400)]))
+    costs = torch.tensor([step_costs(config, seed=3, step=s) for s in range(400)]).flatten()
+    assert torch.equal(costs, torch.tensor([step_costs(config, 3, s) for s in range(400)]).flatten())  # the step's
+    assert not torch.equal(costs, torch.tensor([step_costs(config, 4, s) for s in range(400)]).flatten())
     for start in range(0, 400, 40):  # every 40 consecutive steps: the distribution's levels, evenly
         run = costs[start:start + 40]
         assert (run == 0).sum().item() in (9, 10, 11)
@@ -198,9 +198,23 @@ def test_stratified_costs_cover_the_cost_distribution_evenly_in_every_run_of_ste
         grid = 0.25 + 0.75 * (torch.arange(len(levels)) + 0.5) / len(levels)
         assert (levels - grid).abs().max() < 0.06
     assert cost_quantile(config, 0.2) == 0.0 and cost_quantile(config, 0.625) == pytest.approx(math.log(2) / 2)
-    assert {step_cost(CostConfig(fixed=0.4, spacing="stratified"), 0, s) for s in range(5)} == {0.4}
+    assert {c for s in range(5) for c in step_costs(CostConfig(fixed=0.4, spacing="stratified"), 0, s)} == {0.4}
     with pytest.raises(ValueError, match="spacing"):
         CostConfig(spacing="sorted")
+
+
+def test_several_costs_per_step_spread_evenly_over_the_cost_distribution_in_every_step():
+    config = CostConfig(zero_probability=0.25, rate=2.0, per_step=4)
+    for step in range(20):
+        costs = step_costs(config, seed=3, step=step)
+        levels = sorted(0.25 + 0.75 * (1 - math.exp(-2.0 * c)) if c > 0 else None for c in costs if c > 0)
+        assert len(costs) == 4 and sum(c == 0 for c in costs) == 1  # one part of four at the dense model
+        assert all(b - a == pytest.approx(0.25) for a, b in zip(levels, levels[1:]))
+    assert step_costs(CostConfig(per_step=4), 3, 7)[0] == step_costs(CostConfig(), 3, 7)[0]  # part 0: one cost's
+    torch.manual_seed(0)
+    assert len(set(step_costs(CostConfig(zero_probability=0.0, spacing="random", per_step=3), 0, 0))) == 3
+    with pytest.raises(ValueError, match="per_step"):
+        CostConfig(per_step=0)
 
 
 def test_importance_follows_trained_weights_with_its_gradient():

@@ -135,7 +135,9 @@ class CostConfig(_JsonConfig):
     cost. A number fixes the cost: the same model and guide, read at that cost only.
     ``spacing`` says how the steps' costs are spread over that distribution: ``stratified``
     (the default: its quantiles at a golden-ratio sequence of levels from a seeded start, so
-    that every run of steps covers it evenly) or ``random`` (independent draws).
+    that every run of steps covers it evenly) or ``random`` (independent draws). ``per_step``
+    splits each step's mini-batch into that many parts, each fitted at its own cost (stratified:
+    evenly spaced levels), so that one step averages the ELBO over the cost distribution.
     """
 
     fixed: float | None = option(None, "fit at this one cost (nats of loss per token traded for the whole network) "
@@ -145,6 +147,7 @@ class CostConfig(_JsonConfig):
     rate: float = option(0.3, "costs are drawn from Exponential(rate) (unless a fixed cost)")
     spacing: str = option("stratified", "the steps' costs: stratified (every run of steps covers the cost "
                                         "distribution evenly), or independent draws", COST_SPACINGS)
+    per_step: int = option(1, "costs per step: the mini-batch is split into this many parts, each at its own cost")
 
     def __post_init__(self):
         _finite(self, "zero_probability", "rate")
@@ -158,6 +161,8 @@ class CostConfig(_JsonConfig):
             raise ValueError(f"CostConfig.rate must be positive, got {self.rate}")
         if self.spacing not in COST_SPACINGS:
             raise ValueError(f"CostConfig.spacing must be one of {COST_SPACINGS}, got {self.spacing!r}")
+        if self.per_step < 1:
+            raise ValueError(f"CostConfig.per_step must be >= 1, got {self.per_step}")
 
 
 @dataclass

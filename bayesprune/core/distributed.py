@@ -28,9 +28,15 @@ def launched() -> bool:
     return launched_processes() > 1
 
 
-def check_batch(batch_size: int) -> None:
-    """Refuse, before anything is loaded, a mini-batch the launched processes cannot share evenly."""
-    _check_split(batch_size, launched_processes())
+def check_batch(batch_size: int, parts: int = 1) -> None:
+    """Refuse, before anything is loaded, a mini-batch the launched processes cannot share evenly, or whose share
+    per process cannot be split into ``parts`` (costs per step)."""
+    processes = launched_processes()
+    _check_split(batch_size, processes)
+    if batch_size // processes < parts:
+        raise ValueError(f"{parts} costs per step split each process's share of the mini-batch, and a batch of "
+                         f"{batch_size} windows over {processes} process(es) gives each only "
+                         f"{batch_size // processes}; lower cost.per_step or raise the batch size")
 
 
 _solo = False  # set while this process fits a chain of its own

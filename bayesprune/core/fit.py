@@ -3,7 +3,8 @@
 The loss is ``Trace_ELBO()(model, guide)``, an ``nn.Module`` over the model of
 :mod:`bayesprune.core.model` and the guide of :mod:`bayesprune.core.guide`: one step draws a
 cost (or takes the fixed one), a mini-batch, ``θ`` from the guide and the gates
-given ``θ``, and differentiates the ELBO per predicted token. Every step reseeds
+given ``θ``, and differentiates the ELBO per predicted token; with ``cost.per_step`` above one,
+the mini-batch is split into parts, each with its own cost, ``θ`` and gates (:class:`SplitELBO`). Every step reseeds
 from ``(seed, step)``, so a fit resumed from a checkpoint draws the same costs,
 mini-batches and gates as one that never stopped. When the weights are trained,
 each step reads the units' importance from the current weights, with its gradient.
@@ -62,14 +63,15 @@ def draw_cost(config: CostConfig) -> float:
 GOLDEN = (math.sqrt(5) - 1) / 2  # the step between stratified cost levels: no run of steps repeats a level
 
 
-def step_cost(config: CostConfig, seed: int, step: int) -> float:
-    """The cost of step ``step`` of a fit from ``seed``: a draw (torch's global generator, seeded per step), or,
-    with ``spacing="stratified"``, the quantile at level ``start + step · GOLDEN`` (mod 1), ``start`` drawn from
-    ``seed``."""
+def step_costs(config: CostConfig, seed: int, step: int) -> list[float]:
+    """The ``config.per_step`` costs of step ``step`` of a fit from ``seed``: draws (torch's global generator, seeded
+    per step), or, with ``spacing="stratified"``, the quantiles at levels ``start + step · GOLDEN + part / per_step``
+    (mod 1), ``start`` drawn from ``seed``: each step's parts spread evenly over the cost distribution."""
     if config.spacing == "random":
-        return draw_cost(config)
+        return [draw_cost(config) for _ in range(config.per_step)]
     start = torch.rand((), generator=torch.Generator().manual_seed(seed)).item()
-    return cost_quantile(config, (start + step * GOLDEN) % 1.0)
+    return [cost_quantile(config, (start + step * GOLDEN + part / config.per_step) % 1.0)
+            for part in range(config.per_step)]
 
 
 def cost_quantile(config: CostConfig, level: float) -> float:
@@ -155,9 +157,11 @@ def fit_identity(model: PruningModel, sequences: torch.Tensor, config: FitConfig
     if config.schedule == "constant":
         free += ("steps",)
     settings = {k: v for k, v in config.to_dict().items() if k not in free}
+    # one cost per step hashes without per_step: the identity that older checkpoints carry
+    costs = {k: v for k, v in cost.to_dict().items() if k != "per_step" or v != 1}
     described = json.dumps({"kinds": list(model.prior.kinds), "units": model.prior.units,
                             "layers": model.prior.num_layers, "prior": model.prior.config.to_dict(),
-                            "cost": cost.to_dict(), "fit": settings}, sort_keys=True)
+                            "cost": costs, "fit": settings}, sort_keys=True)
     digest = hashlib.sha256(described.encode())
     digest.update(sequences.to(torch.int64).numpy().tobytes())
     return digest.hexdigest()
@@ -265,6 +269,25 @@ def optimise(step_loss, optimizer, config: FitConfig, description: str, progress
     return history
 
 
+class SplitELBO(torch.nn.Module):
+    """``Trace_ELBO()(model, guide)`` over a mini-batch split into parts, each at its own cost: ``elbo(batch, costs)``
+    is the mean of the parts' negative ELBOs (each one estimates the whole corpus's at its cost), and the model's
+    ``last_step`` covers the whole mini-batch. One module call per step, so a data-parallel wrapper sees one forward
+    per backward."""
+
+    def __init__(self, model: PruningModel, guide: CostConditionedGuide):
+        super().__init__()
+        self.elbo = Trace_ELBO()(model, guide)
+
+    def forward(self, batch: torch.Tensor, costs: list[float]) -> torch.Tensor:
+        model, total, parts = self.elbo.model, 0.0, []
+        for part, cost in zip(torch.tensor_split(batch, len(costs)), costs):
+            total = total + self.elbo(part, cost)
+            parts.append((len(part), model.last_step))
+        model.last_step = {key: sum(n * last[key] for n, last in parts) / len(batch) for key in parts[0][1]}
+        return total / len(costs)
+
+
 VALIDATION_COSTS = 8  # costs (quantiles of the cost distribution) at which chains are compared
 
 
@@ -282,7 +305,7 @@ def validation_loss(elbo, model: PruningModel, windows: torch.Tensor, cost: Cost
         for index in range(VALIDATION_COSTS):
             pyro.set_rng_seed(step_seed(seed, 2**31 + index))
             batch = torch.arange(index * batch_size, (index + 1) * batch_size) % windows.shape[0]
-            value = elbo(distributed.share(batch), cost_quantile(cost, (index + 0.5) / VALIDATION_COSTS))
+            value = elbo(distributed.share(batch), [cost_quantile(cost, (index + 0.5) / VALIDATION_COSTS)])
             total += distributed.mean(value.detach().reshape(1)).item() / model.num_tokens
     model.gated.values.clear()
     return total / VALIDATION_COSTS
@@ -322,6 +345,10 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     distributed.check_chains(config.chains, distributed.world_size())
     parallel = distributed.active() and config.chains > 1  # launched: whole chains per process
+    windows = min(config.batch_size, sequences.shape[0]) // (1 if parallel else distributed.world_size())
+    if cost.per_step > windows:
+        raise ValueError(f"cost.per_step={cost.per_step} splits each step's mini-batch into parts, and a process "
+                         f"holds {windows} window(s) of it; lower cost.per_step or raise the batch size")
     mine = [c for c in range(config.chains) if not parallel or c % distributed.world_size() == distributed.rank()]
     guides, records, kept = {}, {}, None
     for index, chain in enumerate(mine):
@@ -332,7 +359,7 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
             trainable = add_adapters(gated, config.lora_rank, config.lora_alpha, chain_config.seed)
         guide = CostConditionedGuide(model.prior, config.guide_init_scale)
         with distributed.solo() if parallel else contextlib.nullcontext():
-            elbo = distributed.wrap(Trace_ELBO()(model, guide))  # data-parallel when launched for one chain
+            elbo = distributed.wrap(SplitELBO(model, guide))  # data-parallel when launched for one chain
             path = None if checkpoint is None else chain_checkpoint(checkpoint, chain)
             label = "SVI" if config.chains == 1 else f"SVI chain {chain + 1}/{config.chains}"
             history = _fit_chain(model, guide, elbo, trainable, sequences, chain_config, cost, path, progress, label)
@@ -388,21 +415,23 @@ def _fit_chain(model: PruningModel, guide: CostConditionedGuide, elbo, trainable
 
     def step_loss(step: int):
         pyro.set_rng_seed(step_seed(config.seed, step))
-        cost_now = step_cost(cost, config.seed, step)
+        costs = step_costs(cost, config.seed, step)
         batch = distributed.share(torch.randperm(sequences.shape[0])[:batch_size])  # the same on every rank
         try:
             # Per predicted token: Adam does not care about the scale; clipping does.
-            loss = elbo(batch, cost_now) / model.num_tokens
+            loss = elbo(batch, costs) / model.num_tokens
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"the loss is {loss.item()}")
         except NonFiniteLossError as err:
             kept = f"the checkpoint {checkpoint} is intact; " if checkpoint is not None and checkpoint.exists() else ""
-            raise NonFiniteLossError(f"the ELBO is not finite at step {step}, cost {cost_now:.3f} ({err}); "
+            raise NonFiniteLossError(f"the ELBO is not finite at step {step}, cost "
+                                     f"{', '.join(f'{c:.3f}' for c in costs)} ({err}); "
                                      f"{kept}check the weights and data, or lower guide_lr / weight_lr") from err
         shared = distributed.mean(torch.tensor([loss.item(), model.last_step["nll"]]))
-        record = {"cost": cost_now, **model.last_step, "loss": shared[0].item(), "nll": shared[1].item(),
-                  "windows": len(batch)}  # this process's share of the mini-batch
-        return loss, record, {"cost": f"{cost_now:.2f}", "nll": f"{record['nll']:.3f}",
+        record = {"cost": costs[0]} if len(costs) == 1 else {"costs": costs}
+        record |= {**model.last_step, "loss": shared[0].item(), "nll": shared[1].item(),
+                   "windows": len(batch)}  # this process's share of the mini-batch
+        return loss, record, {"cost": ", ".join(f"{c:.2f}" for c in costs), "nll": f"{record['nll']:.3f}",
                               "kept": f"{record['expected_kept']:.2f}"}
 
     saved = None if checkpoint is None else \

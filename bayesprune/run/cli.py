@@ -16,7 +16,8 @@ from ..core.config import (DTYPES, CostConfig, DataConfig, DepthConfig, DraftCon
 
 # Fit options named otherwise than their field; every other field of a run's sections is an option of its own name.
 _RENAMED = {("data", "path"): "data", ("cost", "fixed"): "cost", ("cost", "rate"): "cost_rate",
-            ("cost", "zero_probability"): "zero_cost", ("gate", "units"): "units"}
+            ("cost", "zero_probability"): "zero_cost", ("cost", "per_step"): "costs_per_step",
+            ("gate", "units"): "units"}
 _SECTIONS = {"gate": GateConfig, "prior": PriorConfig, "cost": CostConfig, "fit": FitConfig, "data": DataConfig}
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
