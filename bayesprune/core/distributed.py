@@ -28,15 +28,20 @@ def launched() -> bool:
     return launched_processes() > 1
 
 
-def check_batch(batch_size: int, parts: int = 1) -> None:
-    """Refuse, before anything is loaded, a mini-batch the launched processes cannot share evenly, or whose share
-    per process cannot be split into ``parts`` (costs per step)."""
+def check_batch(batch_size: int, parts: int = 1, chains: int = 1) -> None:
+    """Refuse, before anything is loaded, a mini-batch the launched processes cannot share evenly, or a process's
+    windows that cannot be split into ``parts`` (costs per step). With several chains, each process fits whole
+    chains and holds the whole mini-batch."""
     processes = launched_processes()
     _check_split(batch_size, processes)
-    if batch_size // processes < parts:
-        raise ValueError(f"{parts} costs per step split each process's share of the mini-batch, and a batch of "
-                         f"{batch_size} windows over {processes} process(es) gives each only "
-                         f"{batch_size // processes}; lower cost.per_step or raise the batch size")
+    check_parts(batch_size // processes if chains == 1 else batch_size, parts)
+
+
+def check_parts(windows: int, parts: int) -> None:
+    """Refuse ``parts`` costs per step when a process holds fewer ``windows`` of each mini-batch."""
+    if parts > windows:
+        raise ValueError(f"cost.per_step={parts} splits each step's mini-batch into parts, and a process holds "
+                         f"{windows} window(s) of it; lower cost.per_step or raise the batch size")
 
 
 _solo = False  # set while this process fits a chain of its own

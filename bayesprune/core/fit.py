@@ -3,9 +3,9 @@
 The loss is ``Trace_ELBO()(model, guide)``, an ``nn.Module`` over the model of
 :mod:`bayesprune.core.model` and the guide of :mod:`bayesprune.core.guide`: one step draws a
 cost (or takes the fixed one), a mini-batch, ``θ`` from the guide and the gates
-given ``θ``, and differentiates the ELBO per predicted token; with ``cost.per_step`` above one,
-the mini-batch is split into parts, each with its own cost, ``θ`` and gates (:class:`SplitELBO`). Every step reseeds
-from ``(seed, step)``, so a fit resumed from a checkpoint draws the same costs,
+given ``θ``, and differentiates the ELBO per predicted token; with ``cost.per_step`` above
+one, the mini-batch is split into parts, each with its own cost, ``θ`` and gates
+(:class:`SplitELBO`). Every step reseeds from ``(seed, step)``, so a fit resumed from a checkpoint draws the same costs,
 mini-batches and gates as one that never stopped. When the weights are trained,
 each step reads the units' importance from the current weights, with its gradient.
 
@@ -345,10 +345,8 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     distributed.check_chains(config.chains, distributed.world_size())
     parallel = distributed.active() and config.chains > 1  # launched: whole chains per process
-    windows = min(config.batch_size, sequences.shape[0]) // (1 if parallel else distributed.world_size())
-    if cost.per_step > windows:
-        raise ValueError(f"cost.per_step={cost.per_step} splits each step's mini-batch into parts, and a process "
-                         f"holds {windows} window(s) of it; lower cost.per_step or raise the batch size")
+    distributed.check_parts(min(config.batch_size, sequences.shape[0]) // (1 if parallel else distributed.world_size()),
+                            cost.per_step)
     mine = [c for c in range(config.chains) if not parallel or c % distributed.world_size() == distributed.rank()]
     guides, records, kept = {}, {}, None
     for index, chain in enumerate(mine):

@@ -48,7 +48,7 @@ def validate(config: RunConfig, extraction: ExtractionConfig, run_dir: str | Pat
     if run_dir is not None:
         check_output(run_dir, config)
     parsed = extraction.parsed
-    distributed.check_batch(config.fit.batch_size, config.cost.per_step)
+    distributed.check_batch(config.fit.batch_size, config.cost.per_step, config.fit.chains)
     distributed.check_chains(config.fit.chains)
     model_config = load_config(config.model)
     check_request(model_config, config.gate.units, parsed,
