@@ -77,6 +77,7 @@ def parse_args():
     parser.add_argument("--label", default="default", help="names the settings: runs and results go under it")
     parser.add_argument("--runs", default="runs/calibration")
     parser.add_argument("--out", default=None, help="default: bench/results/calibration-LABEL.json")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the fits and the measurements")
     parser.add_argument("--table", action="store_true", help="only print the tables of --out")
     args = parser.parse_args()
     args.out = args.out or f"bench/results/calibration-{args.label}.json"
@@ -317,9 +318,9 @@ def main() -> None:
     if args.table:
         print(markdown(json.loads(out.read_text())))
         return
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     started = time.time()
-    settings = {**vars(args), "how": "one process, 2 threads; perplexity over non-overlapping 256-token windows of "
+    settings = {**vars(args), "how": f"one process, {args.threads} threads; perplexity over non-overlapping 256-token windows of "
                                      "the first eval_tokens of each test split"}
     rows = []
     if out.is_file():
