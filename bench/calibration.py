@@ -1,6 +1,6 @@
 """Are the posterior's intervals honest? The default fit from several seeds, each judged by the others.
 
-The default settings (``bayesprune fit --seed N``: adapters, NLL, 200 steps on the five-domain mixture) are fitted
+The default settings (``bayesprune fit --seed N``: adapters, NLL, 300 steps on the five-domain mixture) are fitted
 from each of ``--seeds`` into ``RUNS/LABEL/seedN`` (kept if there; ``--set section.field=value`` changes a setting
 for the whole label). Then, per seed and per ``--targets`` share of decoder parameters kept:
 
@@ -286,8 +286,8 @@ def markdown(result: dict) -> str:
     for name, p in summary["prediction_coverage"].items():
         if p["own"] is not None:
             lines.append(f"\npredicted-quality {int(LEVEL * 100)} % bands ({name}) cover the seed's own mixture "
-                         f"perplexity in {p['own']:.2f} of {p['own_count']}, other seeds' in {p['others']:.2f} of "
-                         f"{p['others_count']}")
+                         f"perplexity in {round(p['own'] * p['own_count'])} of {p['own_count']}, other seeds' in "
+                         f"{round(p['others'] * p['others_count'])} of {p['others_count']}")
     return "\n".join(lines)
 
 

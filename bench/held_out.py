@@ -5,7 +5,7 @@ calibrated on the mixture of the *other* domains (``--data`` of their names: equ
 document) and scored on ``d``'s test split (held out) and on that mixture's test split (in domain),
 at each ``--targets`` share of decoder parameters kept:
 
-* ``bayesprune``: the default fit (adapters with the gates, NLL, 200 steps) on the mixture, once per
+* ``bayesprune``: the default fit (adapters with the gates, NLL, 300 steps) on the mixture, once per
   ``--seeds`` seed, extracted as ``bayesprune extract RUN --in-memory`` does it; ``bayesprune+ls`` and
   ``bayesprune+bias`` the same with ``--reconstruction least-squares`` or ``bias`` (calibrated on the
   mixture's fit split);

@@ -169,7 +169,7 @@ class CostConfig(_JsonConfig):
 class FitConfig(_JsonConfig):
     """Stochastic variational inference settings."""
 
-    steps: int = option(200, "SVI steps")
+    steps: int = option(300, "SVI steps")
     chains: int = option(1, "independent fits from seeds seed, seed+1, … pooled into one posterior: with two or "
                             "more, R-hat says whether they agree, and the plan reads the chain of best validation ELBO")
     batch_size: int = option(4, "token windows per step")
