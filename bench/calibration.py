@@ -32,6 +32,7 @@ Across seeds:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import platform
@@ -79,6 +80,9 @@ def parse_args():
     parser.add_argument("--out", default=None, help="default: bench/results/calibration-LABEL.json")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the fits and the measurements")
     parser.add_argument("--table", action="store_true", help="only print the tables of --out")
+    parser.add_argument("--against", default=None, metavar="LABEL",
+                        help="with --table: the same seeds fitted under LABEL's settings (e.g. another thread count) "
+                             "against this label's, beside how far this label's seeds lie from one another")
     args = parser.parse_args()
     args.out = args.out or f"bench/results/calibration-{args.label}.json"
     return args
@@ -187,6 +191,57 @@ def seed_coverage(rows: list[dict]) -> dict:
     return out
 
 
+def kept_share_gaps(rows: list[dict]) -> list[float]:
+    """Every (layer, kind) gap in posterior mean kept share between two rows of different seeds."""
+    gaps = []
+    for mine, other in itertools.combinations(rows, 2):
+        if mine["seed"] != other["seed"]:
+            for kind, share in mine["kept_shares"].items():
+                gaps += np.abs(np.subtract(share["mean"], other["kept_shares"][kind]["mean"])).tolist()
+    return gaps
+
+
+def perturbation(rows: list[dict], perturbed: list[dict]) -> dict:
+    """Per target: the same seeds' fits under other settings (``perturbed``) against ``rows``: the largest
+    perplexity ratio per test split, the share of kept shares in the seed's own 90 % interval and their mean gap;
+    beside the mean gap between ``rows``' different seeds."""
+    out = {}
+    for target in dict.fromkeys(r["target"] for r in perturbed):
+        pairs = [(r, p) for p in perturbed if p["target"] == target
+                 for r in rows if r["target"] == target and r["seed"] == p["seed"]]
+        if not pairs:
+            continue
+        hits, gaps = [], []
+        for r, p in pairs:
+            for kind, share in r["kept_shares"].items():
+                value = p["kept_shares"][kind]["mean"]
+                hits += [inside(v, lo, hi) for v, lo, hi in zip(value, share["low"], share["high"])]
+                gaps += np.abs(np.subtract(value, share["mean"])).tolist()
+        between = kept_share_gaps([r for r in rows if r["target"] == target])
+        out[target] = {"seeds": [r["seed"] for r, _ in pairs], "covered": float(np.mean(hits)),
+                       "mean_gap": float(np.mean(gaps)), "max_gap": float(np.max(gaps)),
+                       "between_seeds_mean_gap": float(np.mean(between)) if between else None,
+                       "ratio": {n: max(max(r["perplexity"][n], p["perplexity"][n])
+                                        / min(r["perplexity"][n], p["perplexity"][n]) for r, p in pairs)
+                                 for n in pairs[0][0]["perplexity"]}}
+    return out
+
+
+def perturbation_markdown(result: dict, label: str, against: str) -> str:
+    names = list(next(iter(result.values()))["ratio"])
+    lines = [f"The same seeds fitted as {against} against {label}: larger over smaller test perplexity, and the "
+             "gaps in posterior mean kept share per (layer, kind).\n",
+             "| target | seeds | " + " | ".join(names)
+             + " | kept share in the seed's 90 % | mean gap | largest gap | mean gap between seeds |",
+             "|---|" + "---|" * (len(names) + 5)]
+    for target, p in result.items():
+        lines.append(f"| {target} | {', '.join(map(str, p['seeds']))} | "
+                     + " | ".join(f"{p['ratio'][n]:.3f}" for n in names)
+                     + f" | {p['covered']:.2f} | {p['mean_gap']:.3f} | {p['max_gap']:.3f} | "
+                       f"{_share(p['between_seeds_mean_gap'], 3)} |")
+    return "\n".join(lines)
+
+
 def pooled_coverage(args, runs: dict[int, Path], model, rows: list[dict]) -> dict:
     """Per target: each seed's kept shares against the 90 % interval of the other seeds pooled as chains (each at
     its own cost for the target), with the largest R-hat of those chains."""
@@ -266,6 +321,10 @@ def selection(rows: list[dict]) -> dict:
     return out
 
 
+def _share(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
 def markdown(result: dict) -> str:
     rows, summary = result["rows"], result["summary"]
     names = list(rows[0]["perplexity"])
@@ -276,8 +335,8 @@ def markdown(result: dict) -> str:
         values = {r["seed"]: r["perplexity"] for r in rows if r["target"] == target}
         cells = [f"{min(v[n] for v in values.values()):.1f}–{max(v[n] for v in values.values()):.1f} "
                  f"({ratios[n]:.3f})" for n in names]
-        pooled = summary.get("pooled_coverage", {}).get(target)
-        lines.append(f"| {target} | " + " | ".join(cells) + f" | {summary['seed_coverage'][target]['covered']:.2f} | "
+        pooled, covered = summary.get("pooled_coverage", {}).get(target), summary["seed_coverage"][target]["covered"]
+        lines.append(f"| {target} | " + " | ".join(cells) + f" | {_share(covered)} | "
                      + (f"{pooled['covered']:.2f} | {pooled['seed_interval_covered']:.2f} | "
                         f"{pooled['max_r_hat']:.2f} |" if pooled else " | | |"))
     for target, chosen in summary.get("selection", {}).items():
@@ -286,8 +345,9 @@ def markdown(result: dict) -> str:
     for name, p in summary["prediction_coverage"].items():
         if p["own"] is not None:
             lines.append(f"\npredicted-quality {int(LEVEL * 100)} % bands ({name}) cover the seed's own mixture "
-                         f"perplexity in {round(p['own'] * p['own_count'])} of {p['own_count']}, other seeds' in "
-                         f"{round(p['others'] * p['others_count'])} of {p['others_count']}")
+                         f"perplexity in {round(p['own'] * p['own_count'])} of {p['own_count']}"
+                         + (f", other seeds' in {round(p['others'] * p['others_count'])} of {p['others_count']}"
+                            if p["others"] is not None else ""))
     return "\n".join(lines)
 
 
@@ -316,12 +376,16 @@ def main() -> None:
     args = parse_args()
     out = Path(args.out)
     if args.table:
-        print(markdown(json.loads(out.read_text())))
+        result = json.loads(out.read_text())
+        print(markdown(result))
+        if args.against:
+            perturbed = json.loads(Path(f"bench/results/calibration-{args.against}.json").read_text())["rows"]
+            print("\n" + perturbation_markdown(perturbation(result["rows"], perturbed), args.label, args.against))
         return
     torch.set_num_threads(args.threads)
     started = time.time()
-    settings = {**vars(args), "how": f"one process, {args.threads} threads; perplexity over non-overlapping 256-token windows of "
-                                     "the first eval_tokens of each test split"}
+    settings = {**vars(args), "how": f"one process, {args.threads} threads; perplexity over non-overlapping "
+                                     "256-token windows of the first eval_tokens of each test split"}
     rows = []
     if out.is_file():
         earlier = json.loads(out.read_text())
