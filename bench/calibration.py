@@ -379,7 +379,7 @@ def main() -> None:
         result = json.loads(out.read_text())
         print(markdown(result))
         if args.against:
-            perturbed = json.loads(Path(f"bench/results/calibration-{args.against}.json").read_text())["rows"]
+            perturbed = json.loads(out.with_name(f"calibration-{args.against}.json").read_text())["rows"]
             print("\n" + perturbation_markdown(perturbation(result["rows"], perturbed), args.label, args.against))
         return
     torch.set_num_threads(args.threads)
