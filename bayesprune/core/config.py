@@ -192,6 +192,8 @@ class FitConfig(_JsonConfig):
                                                  "more time")
     two_point_blocks: int = option(0, "blocks per step whose gate gradient is the exact on/off difference of the "
                                       "loss (one extra forward each; 0: straight-through gradients)")
+    critical_nll: float = option(0.5, "units whose removal alone raises the NLL on 4 fit windows by more than this "
+                                      "(nats per token) get a prior offset that keeps them in (0: no scan)")
     block_importance: str = option("ones", "block gates' importance: ones, or removal (each block's NLL rise when "
                                            "removed alone, on 8 fit windows)", ("ones", "removal"))
     lora_rank: int = option(8, "rank of the adapters")
@@ -220,7 +222,9 @@ class FitConfig(_JsonConfig):
             raise ValueError(f"FitConfig.block_importance must be 'ones' or 'removal', got {self.block_importance!r}")
         if self.likelihood not in LIKELIHOODS:
             raise ValueError(f"FitConfig.likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
-        _finite(self, "nll_weight")
+        _finite(self, "nll_weight", "critical_nll")
+        if self.critical_nll < 0:
+            raise ValueError(f"FitConfig.critical_nll must be >= 0, got {self.critical_nll}")
         if not 0 <= self.nll_weight <= 1:
             raise ValueError(f"FitConfig.nll_weight must be in [0, 1], got {self.nll_weight}")
         if self.two_point_blocks < 0:

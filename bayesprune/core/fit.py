@@ -36,10 +36,12 @@ from .config import CostConfig, FitConfig, PriorConfig
 from .gates import GatedModel
 from .guide import CostConditionedGuide
 from .inclusion import removal_importance
+from .kinds import width_kinds
 from .likelihood import likelihood_for
 from .io import FileFormat, load_tensors, save_tensors
 from .model import NonFiniteLossError, PruningModel, ShrinkagePrior
 from .posterior import GatePosterior
+from .removal import critical_units
 from .schema import Integer
 
 CHECKPOINT_FORMAT = FileFormat("bayesprune-checkpoint", "a bayesprune fit checkpoint", legacy=(None,),
@@ -104,6 +106,11 @@ class Fit:
     @property
     def guide(self) -> CostConditionedGuide:
         return self.guides[self.chain]
+
+    @property
+    def critical_units(self) -> dict[str, list[list[int]]]:
+        """Per kind, ``[layer, unit]`` of the units whose removal alone broke the network, protected by the prior."""
+        return {k: m.nonzero().tolist() for k, m in self.model.prior.offset_means.items()}
 
     def posterior(self, num_draws: int | None = None) -> GatePosterior:
         return GatePosterior.from_guides(self.guides, self.model, self.cost.fixed,
@@ -321,7 +328,9 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
     so one fit answers for every cost). With a ``checkpoint`` file, the fit's state is
     written there every ``checkpoint_every`` steps, on an interrupt and at the end, and
     a fit that finds one resumes from it (further chains use :func:`chain_checkpoint` beside it).
-    With ``config.chains`` above one, the chains are compared on ``validation`` windows (default: the fit's);
+    Width units whose removal alone raises the NLL by more than ``config.critical_nll`` (on 4 windows) are found
+first and centred in by the prior (:meth:`~bayesprune.core.model.ShrinkagePrior.protect`): a fit that drops
+one early can find no way back, the broken network's likelihood being flat. With ``config.chains`` above one, the chains are compared on ``validation`` windows (default: the fit's);
     launched on several processes, each fits whole chains (chain ``c`` on rank ``c mod world size``).
     """
     config = config or FitConfig()
@@ -339,6 +348,9 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
         pick = torch.randperm(sequences.shape[0], generator=torch.Generator().manual_seed(config.seed))[:8]
         model.block_importance = removal_importance(gated, sequences[pick])
         model.refresh_importance()
+    if config.critical_nll > 0 and model.prior.config.offset_scale > 0 and width_kinds(gated.kinds):
+        pick = torch.randperm(sequences.shape[0], generator=torch.Generator().manual_seed(config.seed))[:4]
+        model.prior.protect(critical_units(gated, sequences[pick], config.critical_nll))
     start = {n: p.detach().clone() for n, p in gated.model.named_parameters() if p.requires_grad} \
         if config.chains > 1 and trainable else {}
     scored = validation if validation is not None and validation.shape[0] else sequences

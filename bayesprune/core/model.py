@@ -18,13 +18,15 @@ network). For each gated unit kind ``k`` (block, attn, mlp, head, neuron), with
 
 *unit level*::
 
-    offset_u        ~ Normal(0, offset_scale)                            # (layer[, unit])
+    offset_u        ~ Normal(μ_u, offset_scale)                          # (layer[, unit])
     log_amplitude_u ~ Normal(0, amplitude_scale)                         # (layer[, unit]); not for blocks
 
 *gates*: ``z_u ~ Bernoulli(σ(logit_u(λ)))`` with the cost-conditioned logits of
 :mod:`bayesprune.core.inclusion` (threshold ``= spline(softplus(shared_k + deviation_k,ℓ))``,
 importance from the weight norms, amplitudes ``exp(log_amplitude_u · g_k(t))``),
-drawn straight through: exact 0/1 in the forward pass, the gradient of the
+``μ_u`` is 0, or ``threshold_rise`` for a *critical* unit (one whose removal alone breaks the network:
+:func:`bayesprune.core.removal.critical_units`), which then clears the prior's threshold curve at every cost.
+Drawn straight through: exact 0/1 in the forward pass, the gradient of the
 probability in the backward pass. The guide draws the gates from this same
 conditional, so they enter the ELBO through the likelihood only (recorded with
 ``pyro.deterministic``).
@@ -89,6 +91,16 @@ class ShrinkagePrior:
         self.num_layers = num_layers
         self.units = units
         self.device = torch.device(device)
+        self.offset_means: dict[str, torch.Tensor] = {}  # per kind, where critical units are protected
+
+    def protect(self, critical: dict[str, torch.Tensor]) -> None:
+        """Centre the offsets of the ``critical`` units (per kind, a ``(layer, unit)`` mask) at ``threshold_rise``."""
+        if self.config.offset_scale > 0:
+            self.offset_means = {k: m.to(self.device).float() * self.config.threshold_rise
+                                 for k, m in critical.items() if m.any()}
+
+    def offset_mean(self, kind: str) -> torch.Tensor:
+        return self.offset_means.get(kind, self._zeros(self.unit_shape(kind)))
 
     def _zeros(self, shape) -> torch.Tensor:
         return torch.zeros(shape, device=self.device)
@@ -107,7 +119,7 @@ class ShrinkagePrior:
                       Site(f"{kind}_local_scale", (L,), True, torch.ones(L, device=self.device)),
                       Site(f"{kind}_deviation", (L, free), False, self._zeros((L, free)))]
             if c.offset_scale > 0:
-                sites.append(Site(f"{kind}_offset", self.unit_shape(kind), False, self._zeros(self.unit_shape(kind))))
+                sites.append(Site(f"{kind}_offset", self.unit_shape(kind), False, self.offset_mean(kind)))
             if kind != "block":  # a whole block's update cannot be folded into weights
                 sites += [Site(f"{kind}_log_amplitude", self.unit_shape(kind), False,
                                self._zeros(self.unit_shape(kind))),
@@ -129,7 +141,7 @@ class ShrinkagePrior:
             scale = theta[f"{kind}_global_scale"][..., None] * theta[f"{kind}_local_scale"]
             base = dist.Normal(self._zeros(site.shape), scale[..., None].expand(scale.shape + site.shape[-1:]))
         elif part == "offset":
-            base = dist.Normal(self._zeros(site.shape), c.offset_scale)
+            base = dist.Normal(self.offset_mean(kind), c.offset_scale)
         elif part == "log_amplitude":
             base = dist.Normal(self._zeros(site.shape), c.amplitude_scale)
         elif part == "amplitude_curve":

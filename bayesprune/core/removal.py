@@ -26,6 +26,11 @@ A greedy order need not give the best set of a given size: a block removed early
 be worth restoring once later removals are known. :func:`swap_search` refines a set by
 single swaps (one removed block restored, one kept block removed), each judged the
 same way, until the set is the best of its neighbourhood.
+
+Some single units break a network when removed alone (an attention-sink head, a
+massive-activation neuron): :func:`critical_units` finds the width units whose removal
+alone raises the NLL past a threshold, by bisecting groups, so that a fit can start with
+them kept.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import DEPTH_SCORES
-from .gates import GatedModel
+from .gates import GatedInput, GatedModel
+from .kinds import width_kinds
 from .likelihood import next_token_log_probs, next_token_nll, sequence_kl
 
 
@@ -304,3 +310,73 @@ def _adaptive_choice(scorers: list[BlockScorer], trials: dict, confidence: float
     means = {name: float(v.mean()) for name, v in per_window.items()}
     best = min(means, key=means.get)
     return _Choice(best, means, win_shares(per_window)[best], evaluations, used)
+
+
+@torch.no_grad()
+def critical_units(gated: GatedModel, windows: torch.Tensor, threshold: float, candidates: int = 16,
+                   batch_size: int = 4) -> dict[str, torch.Tensor]:
+    """Per width kind, a ``(layer, unit)`` mask of the units whose removal alone (every other gate open) raises
+    the mean NLL per token on ``windows`` by more than ``threshold``.
+
+    In each layer the ``candidates`` units with the largest input magnitude into the gated projection are
+    searched (all of them if the layer has no more): the group is removed at once and, if the rise passes the
+    threshold, split in halves, down to single units. A unit a group's removal hides (another unit in the
+    group making up for it) is not found; the scan costs a few forward passes per layer.
+    """
+    scorer = _UnitScorer(gated, windows, batch_size)
+    dense = scorer({})
+    magnitude = input_magnitudes(gated, windows[:batch_size])
+    found = {}
+    for kind in width_kinds(gated.kinds):
+        shape = gated.values.shape(kind)
+        mask = torch.zeros(shape, dtype=torch.bool)
+        for layer in range(shape[0]):
+            groups = [magnitude[kind][layer].topk(min(candidates, shape[1])).indices.tolist()]
+            while groups:
+                group = groups.pop()
+                off = torch.ones(shape)
+                off[layer, group] = 0
+                if scorer({kind: off}) - dense <= threshold:
+                    continue
+                if len(group) == 1:
+                    mask[layer, group[0]] = True
+                else:
+                    groups += [group[:len(group) // 2], group[len(group) // 2:]]
+        found[kind] = mask
+    return found
+
+
+@torch.no_grad()
+def input_magnitudes(gated: GatedModel, windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per width kind, ``(layer, unit)``: the largest absolute input any of a unit's features feeds its gated
+    projection over ``windows`` (dense network)."""
+    found: dict[str, dict[int, torch.Tensor]] = {k: {} for k in width_kinds(gated.kinds)}
+    hooks = []
+    for module in gated.model.modules():
+        if isinstance(module, GatedInput):
+            def record(wrapper, args, kwargs, found=found):
+                x = args[0].detach().abs().flatten(0, -2).amax(0).float()
+                found[wrapper.kind][wrapper.index] = x.reshape(-1, wrapper.features).amax(-1).cpu()
+            hooks.append(module.register_forward_pre_hook(record, with_kwargs=True))
+    try:
+        gated(input_ids=windows.to(next(gated.model.parameters()).device), use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {kind: torch.stack([layers[i] for i in range(gated.num_layers)]) for kind, layers in found.items()}
+
+
+class _UnitScorer:
+    """Mean NLL per predicted token on fixed windows under hard gates of any kind."""
+
+    def __init__(self, gated: GatedModel, windows: torch.Tensor, batch_size: int):
+        device = next(gated.model.parameters()).device
+        self.gated = gated
+        self.batches = [windows[i:i + batch_size].to(device) for i in range(0, windows.shape[0], batch_size)]
+        self.tokens = windows.shape[0] * (windows.shape[1] - 1)
+
+    def __call__(self, gates: dict[str, torch.Tensor]) -> float:
+        with self.gated.gates_set(gates):
+            total = sum(next_token_nll(self.gated(input_ids=b, use_cache=False).logits, b).sum().item()
+                        for b in self.batches)
+        return total / self.tokens

@@ -194,6 +194,10 @@ def _fit_in(run: RunDir, config: RunConfig, extraction: ExtractionConfig, parsed
                  checkpoint=run.checkpoint, progress=progress, validation=validation)
     if not distributed.is_main():
         return {}
+    if any(result.critical_units.values()):
+        log("critical units (removal alone broke the network; the prior keeps them in): " + "; ".join(
+            f"{kind} {', '.join(f'{layer}.{unit}' for layer, unit in units)}"
+            for kind, units in result.critical_units.items()))
     posterior = result.posterior()
     posterior.save(run.posterior)
     model = gated.remove()
@@ -208,6 +212,7 @@ def _fit_in(run: RunDir, config: RunConfig, extraction: ExtractionConfig, parsed
     files = _write_plots_and_tables(run, posterior, cost, size_rows)
     report = {"config": config.to_dict(), "extraction": extraction.to_dict(), "dense": dense,
               **_summaries(posterior, cost, size_rows, log), "chains": result.chains, "selected_chain": result.chain,
+              "critical_units": result.critical_units,
               "convergence": _convergence(posterior, cost, result.chains, log),
               "loss": {"first": result.history[0] if result.history else None,
                        "last": result.history[-10:]}}
