@@ -70,3 +70,26 @@ def test_width_extraction_on_the_real_model_streams_what_memory_builds(smollm, t
         streamed = load_pruned(out)
         assert torch.equal(streamed(input_ids=ids).logits, small(input_ids=ids).logits)
         assert streamed.num_parameters() == small.num_parameters() < model.num_parameters()
+
+
+def test_the_scan_finds_the_heads_whose_removal_alone_breaks_the_real_model(smollm):
+    from bayesprune.core.likelihood import calibration_nll
+    from bayesprune.core.removal import critical_units
+    from bayesprune.inputs.data import python_documents, shakespeare_documents
+
+    model, tokenizer = smollm
+    prose = tokenizer(shakespeare_documents()[0].text[:2000], return_tensors="pt").input_ids[0]
+    code = tokenizer(python_documents()[0].text[:2000], return_tensors="pt").input_ids[0]
+    windows = torch.stack([prose[:64], prose[64:128], code[:64], code[64:128]])
+    gated = gate(model, GateConfig(units=("head",)))
+    try:
+        found = critical_units(gated, windows, 0.5)["head"]
+        assert {(0, 2), (1, 1)} <= {tuple(u) for u in found.nonzero().tolist()}  # (layer, head group)
+        dense = calibration_nll(gated, windows)
+        for layer, group in found.nonzero().tolist():
+            off = torch.ones(30, 3)
+            off[layer, group] = 0
+            with gated.gates_set({"head": off}):
+                assert calibration_nll(gated, windows) - dense > 0.5
+    finally:
+        gated.remove()

@@ -282,3 +282,78 @@ def test_removal_importance_is_each_blocks_own_nll_rise_and_reaches_the_posterio
     pick = torch.randperm(10, generator=torch.Generator().manual_seed(0))[:8]
     assert torch.allclose(result.posterior().importance["block"],
                           inclusion.removal_importance(gated, SEQUENCES[pick]), rtol=1e-5)
+
+
+def _single_removal_rises(gated, windows) -> dict[str, torch.Tensor]:
+    from bayesprune.core.likelihood import calibration_nll
+
+    dense = calibration_nll(gated, windows)
+    rises = {}
+    for kind in ("head", "neuron"):
+        shape = gated.values.shape(kind)
+        rise = torch.zeros(shape)
+        for layer in range(shape[0]):
+            for unit in range(shape[1]):
+                off = torch.ones(shape)
+                off[layer, unit] = 0
+                with gated.gates_set({kind: off}):
+                    rise[layer, unit] = calibration_nll(gated, windows) - dense
+        rises[kind] = rise
+    return rises
+
+
+def test_critical_units_pass_the_threshold_alone_and_come_from_the_candidates():
+    from bayesprune.core.removal import critical_units, input_magnitudes
+
+    gated = gate(tiny_model("llama"), GateConfig(units=("head", "neuron")))
+    windows = SEQUENCES[:4]
+    rises = _single_removal_rises(gated, windows)
+    threshold = torch.cat([r.flatten() for r in rises.values()]).sort().values[-6].item()  # five units above
+    found = critical_units(gated, windows, threshold, candidates=48)
+    assert sum(int(m.sum()) for m in found.values()) > 0
+    for kind, rise in rises.items():
+        assert not (found[kind] & (rise <= threshold)).any(), kind  # each found unit passes the threshold alone
+    few = critical_units(gated, windows, threshold, candidates=4)["neuron"]
+    top = torch.zeros_like(few)
+    top.scatter_(1, input_magnitudes(gated, windows)["neuron"].topk(4, dim=1).indices, True)
+    assert not (few & ~top).any()  # only the units of largest input magnitude are searched
+    assert critical_units(gated, windows, 1e6)["head"].sum() == 0
+
+
+def test_the_prior_centres_critical_offsets_so_the_guide_starts_them_kept():
+    critical = {"head": torch.zeros(4, 4, dtype=torch.bool), "neuron": torch.zeros(4, 48, dtype=torch.bool)}
+    critical["head"][1, 2] = True
+    prior = ShrinkagePrior(PriorConfig(), ("head", "neuron"), 4, {"head": 4, "neuron": 48})
+    prior.protect(critical)
+    assert set(prior.offset_means) == {"head"}  # a kind with none keeps mean 0
+    guide = CostConditionedGuide(prior)
+    expected = critical["head"].float() * PriorConfig().threshold_rise
+    assert torch.equal(guide.loc_and_scale(next(s for s in prior.sites() if s.name == "head_offset"))[0], expected)
+    site = next(s for s in prior.sites() if s.name == "head_offset")
+    assert torch.equal(prior.distribution(site, {}).mean, expected)
+    theta = {s.name: guide.loc_and_scale(s)[0].exp() if s.positive else guide.loc_and_scale(s)[0]
+             for s in prior.sites()}
+    importance = {"head": torch.ones(4, 4), "neuron": torch.ones(4, 48)}
+    high = inclusion.probabilities(theta, importance, 20.0, prior.config)["head"]
+    assert high[1, 2] > 0.99 and high[0, 0] < 0.5  # at the start, kept at a cost that drops the others
+    none = ShrinkagePrior(PriorConfig(offset_scale=0), ("head",), 4, {"head": 4})
+    none.protect(critical)
+    assert none.offset_means == {}
+
+
+def test_a_fit_scans_for_critical_units_on_four_windows_and_reports_them():
+    from bayesprune import FitConfig, fit
+    from bayesprune.core.removal import critical_units
+
+    gated = gate(tiny_model("llama"), GateConfig(units=("head", "neuron")))
+    pick = torch.randperm(10, generator=torch.Generator().manual_seed(0))[:4]
+    rises = _single_removal_rises(gated, SEQUENCES[pick])
+    threshold = torch.cat([r.flatten() for r in rises.values()]).sort().values[-3].item()
+    expected = critical_units(gated, SEQUENCES[pick], threshold)
+    result = fit(gated, SEQUENCES, FitConfig(steps=1, batch_size=4, seq_len=8, weights="frozen",
+                                             critical_nll=threshold), progress=False)
+    assert result.critical_units == {k: m.nonzero().tolist() for k, m in expected.items() if m.any()}
+    assert sum(len(v) for v in result.critical_units.values()) == 2
+    off = fit(gated, SEQUENCES, FitConfig(steps=1, batch_size=4, seq_len=8, weights="frozen", critical_nll=0),
+              progress=False)
+    assert off.critical_units == {}
