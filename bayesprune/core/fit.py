@@ -329,8 +329,9 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
     written there every ``checkpoint_every`` steps, on an interrupt and at the end, and
     a fit that finds one resumes from it (further chains use :func:`chain_checkpoint` beside it).
     Width units whose removal alone raises the NLL by more than ``config.critical_nll`` (on 4 windows) are found
-first and centred in by the prior (:meth:`~bayesprune.core.model.ShrinkagePrior.protect`): a fit that drops
-one early can find no way back, the broken network's likelihood being flat. With ``config.chains`` above one, the chains are compared on ``validation`` windows (default: the fit's);
+    first and kept in by the prior (:meth:`~bayesprune.core.model.ShrinkagePrior.protect`): a fit that drops one
+    early may find no way back, the broken network's likelihood being flat.
+    With ``config.chains`` above one, the chains are compared on ``validation`` windows (default: the fit's);
     launched on several processes, each fits whole chains (chain ``c`` on rank ``c mod world size``).
     """
     config = config or FitConfig()
