@@ -164,8 +164,6 @@ def fit_identity(model: PruningModel, sequences: torch.Tensor, config: FitConfig
     if config.schedule == "constant":
         free += ("steps",)
     settings = {k: v for k, v in config.to_dict().items() if k not in free}
-    if not settings["critical_nll"]:  # no scan hashes without it: the identity that older checkpoints carry
-        del settings["critical_nll"]
     # one cost per step hashes without per_step: the identity that older checkpoints carry
     costs = {k: v for k, v in cost.to_dict().items() if k != "per_step" or v != 1}
     described = json.dumps({"kinds": list(model.prior.kinds), "units": model.prior.units,
