@@ -345,13 +345,12 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
     likelihood = likelihood_for(gated, config.likelihood, config.nll_weight, config.weights)
     model = PruningModel(gated, sequences, prior or PriorConfig(), track_importance=bool(trainable),
                          two_point_blocks=config.two_point_blocks, likelihood=likelihood)
+    pick = torch.randperm(sequences.shape[0], generator=torch.Generator().manual_seed(config.seed))  # scan windows
     if config.block_importance == "removal" and "block" in gated.kinds:
-        pick = torch.randperm(sequences.shape[0], generator=torch.Generator().manual_seed(config.seed))[:8]
-        model.block_importance = removal_importance(gated, sequences[pick])
+        model.block_importance = removal_importance(gated, sequences[pick[:8]])
         model.refresh_importance()
     if config.critical_nll > 0 and model.prior.config.offset_scale > 0 and width_kinds(gated.kinds):
-        pick = torch.randperm(sequences.shape[0], generator=torch.Generator().manual_seed(config.seed))[:4]
-        model.prior.protect(critical_units(gated, sequences[pick], config.critical_nll))
+        model.prior.protect(critical_units(gated, sequences[pick[:4]], config.critical_nll))
     start = {n: p.detach().clone() for n, p in gated.model.named_parameters() if p.requires_grad} \
         if config.chains > 1 and trainable else {}
     scored = validation if validation is not None and validation.shape[0] else sequences

@@ -21,12 +21,13 @@ network). For each gated unit kind ``k`` (block, attn, mlp, head, neuron), with
     offset_u        ~ Normal(μ_u, offset_scale)                          # (layer[, unit])
     log_amplitude_u ~ Normal(0, amplitude_scale)                         # (layer[, unit]); not for blocks
 
+``μ_u`` is 0, or ``threshold_rise`` for a *critical* unit (one whose removal alone breaks the network:
+:func:`bayesprune.core.removal.critical_units`), which then clears the prior's threshold curve at every cost.
+
 *gates*: ``z_u ~ Bernoulli(σ(logit_u(λ)))`` with the cost-conditioned logits of
 :mod:`bayesprune.core.inclusion` (threshold ``= spline(softplus(shared_k + deviation_k,ℓ))``,
 importance from the weight norms, amplitudes ``exp(log_amplitude_u · g_k(t))``),
-``μ_u`` is 0, or ``threshold_rise`` for a *critical* unit (one whose removal alone breaks the network:
-:func:`bayesprune.core.removal.critical_units`), which then clears the prior's threshold curve at every cost.
-Drawn straight through: exact 0/1 in the forward pass, the gradient of the
+drawn straight through: exact 0/1 in the forward pass, the gradient of the
 probability in the backward pass. The guide draws the gates from this same
 conditional, so they enter the ELBO through the likelihood only (recorded with
 ``pyro.deterministic``).

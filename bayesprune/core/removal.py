@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from .config import DEPTH_SCORES
 from .gates import GatedInput, GatedModel
 from .kinds import width_kinds
-from .likelihood import next_token_log_probs, next_token_nll, sequence_kl
+from .likelihood import calibration_nll, next_token_log_probs, next_token_nll, sequence_kl
 
 
 @dataclass
@@ -323,7 +323,10 @@ def critical_units(gated: GatedModel, windows: torch.Tensor, threshold: float, c
     threshold, split in halves, down to single units. A unit a group's removal hides (another unit in the
     group making up for it) is not found; the scan costs a few forward passes per layer.
     """
-    scorer = _UnitScorer(gated, windows, batch_size)
+    def scorer(gates: dict[str, torch.Tensor]) -> float:
+        with gated.gates_set(gates):
+            return calibration_nll(gated, windows, batch_size)
+
     dense = scorer({})
     magnitude = input_magnitudes(gated, windows[:batch_size])
     found = {}
@@ -365,18 +368,3 @@ def input_magnitudes(gated: GatedModel, windows: torch.Tensor) -> dict[str, torc
             hook.remove()
     return {kind: torch.stack([layers[i] for i in range(gated.num_layers)]) for kind, layers in found.items()}
 
-
-class _UnitScorer:
-    """Mean NLL per predicted token on fixed windows under hard gates of any kind."""
-
-    def __init__(self, gated: GatedModel, windows: torch.Tensor, batch_size: int):
-        device = next(gated.model.parameters()).device
-        self.gated = gated
-        self.batches = [windows[i:i + batch_size].to(device) for i in range(0, windows.shape[0], batch_size)]
-        self.tokens = windows.shape[0] * (windows.shape[1] - 1)
-
-    def __call__(self, gates: dict[str, torch.Tensor]) -> float:
-        with self.gated.gates_set(gates):
-            total = sum(next_token_nll(self.gated(input_ids=b, use_cache=False).logits, b).sum().item()
-                        for b in self.batches)
-        return total / self.tokens
