@@ -96,3 +96,18 @@ def test_a_lora_run_streams_its_adapters_into_the_kept_slices(tiny_model_dir, co
         with torch.no_grad():
             for path in (streamed, in_memory):
                 torch.testing.assert_close(loader(path)(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_adapters_on_a_bfloat16_network_train_in_float32_and_keep_its_output_dtype():
+    gated = gate(tiny_model("llama").to(torch.bfloat16), GateConfig(units=("head", "neuron")))
+    with torch.no_grad():
+        before = gated(input_ids=SEQUENCES).logits
+    trainable = ad.add_adapters(gated, rank=4, alpha=8)
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    with torch.no_grad():
+        after = gated(input_ids=SEQUENCES).logits
+    assert after.dtype == torch.bfloat16
+    torch.testing.assert_close(after, before)
+    gated(input_ids=SEQUENCES).logits.float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for n, p in gated.model.named_parameters()
+               if ".lora_B." in n)

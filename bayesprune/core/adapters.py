@@ -35,7 +35,9 @@ def _lora_layers(model: nn.Module):
 def add_adapters(gated, rank: int, alpha: float, seed: int = 0) -> list[nn.Parameter]:
     """Put rank-``rank`` adapters on ``gated``'s block projections (inside its gate wrappers); the base weights
     are frozen, and the adapters' parameters returned. ``B`` starts at zero, so the network is unchanged;
-    ``A``'s random start is drawn from ``seed``."""
+    ``A``'s random start is drawn from ``seed``. On a bfloat16 or float16 network the adapters stay float32 (the
+    base projection runs in its own dtype): late steps of a decaying rate are below a half-precision weight's
+    rounding step."""
     from peft import LoraConfig, inject_adapter_in_model
 
     from .gates import _Wrapper
@@ -56,6 +58,8 @@ def add_adapters(gated, rank: int, alpha: float, seed: int = 0) -> list[nn.Param
         inject_adapter_in_model(config, gated.model, adapter_name=ADAPTER)
     trainable = [p for name, p in gated.model.named_parameters() if ".lora_" in name]
     for p in trainable:
+        if p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
         p.requires_grad_(True)
     return trainable
 
