@@ -25,6 +25,7 @@ WEIGHTS = ("frozen", "joint", "lora")  # what a fit does with the network's weig
 RECONSTRUCTIONS = ("none", "least-squares", "bias", "least-squares+bias")  # what an extraction does to the kept weights
 COST_SPACINGS = ("random", "stratified")  # how a fit spreads its steps' costs over the cost distribution
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # compute dtypes of the network, by torch name
+FIT_DTYPES = ("auto",) + DTYPES  # auto: bfloat16 where the device computes it natively, else float32
 
 
 def option(default, help: str = "", choices=None, **values):
@@ -169,7 +170,7 @@ class CostConfig(_JsonConfig):
 class FitConfig(_JsonConfig):
     """Stochastic variational inference settings."""
 
-    steps: int = option(300, "SVI steps")
+    steps: int = option(500, "SVI steps")
     chains: int = option(1, "independent fits from seeds seed, seed+1, … pooled into one posterior: with two or "
                             "more, R-hat says whether they agree, and the plan reads the chain of best validation ELBO")
     batch_size: int = option(4, "token windows per step")
@@ -186,8 +187,10 @@ class FitConfig(_JsonConfig):
     weight_decay: float = option(0.0, "decoupled weight decay of the network's weights (never the guide's)")
     warmup_steps: int = option(0, "steps of linear learning-rate warm-up")
     schedule: str = option("cosine", "after warm-up: constant, or cosine down to 0.1x", ("constant", "cosine"))
-    dtype: str = option("float32", "the network's compute dtype (gates and guide stay float32; written checkpoints "
-                                   "keep the source model's dtype)", DTYPES)
+    dtype: str = option("auto", "the network's compute dtype; auto: bfloat16 on a device with native bfloat16 "
+                                "arithmetic (CUDA; CPUs with AMX or AVX-512 BF16), else float32 (gates, guide and "
+                                "adapters stay float32; written checkpoints keep the source model's dtype)",
+                        FIT_DTYPES)
     gradient_checkpointing: bool = option(False, "recompute block activations in the backward pass: less memory, "
                                                  "more time")
     two_point_blocks: int = option(0, "blocks per step whose gate gradient is the exact on/off difference of the "
@@ -211,8 +214,8 @@ class FitConfig(_JsonConfig):
     def __post_init__(self):
         if self.weights not in WEIGHTS:
             raise ValueError(f"FitConfig.weights must be one of {WEIGHTS}, got {self.weights!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"FitConfig.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in FIT_DTYPES:
+            raise ValueError(f"FitConfig.dtype must be one of {list(FIT_DTYPES)}, got {self.dtype!r}")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"FitConfig.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
         _finite(self, "guide_lr", "guide_init_scale", "weight_lr", "clip_norm", "weight_decay")

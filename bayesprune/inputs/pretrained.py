@@ -34,12 +34,28 @@ def _default_gguf() -> Path:
     return Path(spec.submodule_search_locations[0]) / _DEFAULT_GGUF
 
 
-def compute_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    """A dtype from its name (``None``: float32, the fast one on CPUs)."""
+def native_dtype(device: str | torch.device | None = None) -> torch.dtype:
+    """bfloat16 where ``device`` (default: the CPU) computes it natively (a CUDA device with bfloat16 arithmetic; a CPU
+    with AMX or AVX-512 BF16, where it is about twice as fast as float32), else float32."""
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    elif device.type == "cpu":
+        native = any(getattr(torch.cpu, probe, lambda: False)()
+                     for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    else:
+        native = False
+    return torch.bfloat16 if native else torch.float32
+
+
+def compute_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None) -> torch.dtype:
+    """A dtype from its name (``None``: float32; ``"auto"``: :func:`native_dtype` of ``device``)."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return native_dtype(device)
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {list(DTYPES)}")
     return getattr(torch, dtype)
@@ -55,7 +71,7 @@ def check_device(device: str | torch.device | None, dtype: str | torch.dtype | N
         raise ValueError(f"device {device} asked for, but torch sees no CUDA device here")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"device {device} asked for, but torch sees {torch.cuda.device_count()} CUDA devices")
-    dtype = None if dtype is None else compute_dtype(dtype)
+    dtype = None if dtype is None else compute_dtype(dtype, device)
     if (device.type == "cuda" and dtype == torch.bfloat16
             and not torch.cuda.is_bf16_supported(including_emulation=False)):
         raise ValueError(f"{torch.cuda.get_device_name(device)} has no bfloat16 arithmetic; use --dtype float16 "
@@ -185,10 +201,11 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 def load_model(source: str | None = None, device: str | torch.device | None = None,
                dtype: str | torch.dtype | None = None):
-    """``(model, tokenizer)`` in eval mode, on ``device`` (default: CPU) in ``dtype`` (default: float32);
-    per-layer checkpoints bayesprune wrote load too."""
+    """``(model, tokenizer)`` in eval mode, on ``device`` (default: CPU) in ``dtype`` (default: float32; ``"auto"``:
+    :func:`native_dtype`); per-layer checkpoints bayesprune wrote load too."""
     path = resolve_model(source)
-    device, dtype = check_device(device), compute_dtype(dtype)
+    device = check_device(device)
+    dtype = compute_dtype(dtype, device)
     if path.is_dir() and not any((path / name).is_file() for name in _TOKENIZER_FILES):
         raise ValueError(f"{path} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}): save one beside the "
                          f"model (tokenizer.save_pretrained({str(path)!r}))")

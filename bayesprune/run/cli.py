@@ -92,7 +92,7 @@ def _fit_parser(sub, recipe: dict | None = None) -> None:
         p.set_defaults(**recipe)
 
 
-def _device_options(p, dtype: str | None = FitConfig.dtype, what: str = "the network's compute dtype") -> None:
+def _device_options(p, dtype: str | None = "float32", what: str = "the network's compute dtype") -> None:
     p.add_argument("--device", help="cpu (default), cuda or cuda:N: where the network runs")
     p.add_argument("--dtype", choices=DTYPES, default=dtype, help=what)
 

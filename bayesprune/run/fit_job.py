@@ -182,7 +182,8 @@ def _fit_in(run: RunDir, config: RunConfig, extraction: ExtractionConfig, parsed
         return perplexity(model, splits["test"], config.data.eval_window, config.data.eval_tokens,
                           progress=progress)
 
-    log("tokens: " + ", ".join(f"{name} {splits[name].numel():,}" for name in ("fit", "validation", "test")))
+    log("tokens: " + ", ".join(f"{name} {splits[name].numel():,}" for name in ("fit", "validation", "test"))
+        + f"; the network computes in {str(model.dtype).removeprefix('torch.')}")
     if distributed.is_main():
         dense = {**evaluate(model), **model_size(model)}
         log(f"dense model: test perplexity {dense['perplexity']:.3f}, {dense['parameters']:,} parameters")
@@ -210,7 +211,8 @@ def _fit_in(run: RunDir, config: RunConfig, extraction: ExtractionConfig, parsed
     costs = [posterior.fixed_cost] if posterior.fixed_cost is not None else cost_grid()
     size_rows = posterior.size_curve(costs, totals)
     files = _write_plots_and_tables(run, posterior, cost, size_rows)
-    report = {"config": config.to_dict(), "extraction": extraction.to_dict(), "dense": dense,
+    report = {"config": config.to_dict(), "compute_dtype": str(model.dtype).removeprefix("torch."),
+              "extraction": extraction.to_dict(), "dense": dense,
               **_summaries(posterior, cost, size_rows, log), "chains": result.chains, "selected_chain": result.chain,
               "critical_units": result.critical_units,
               "convergence": _convergence(posterior, cost, result.chains, log),
