@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from bayesprune.cut.extraction import EXTRACTION_FILE
+from bayesprune.inputs.pretrained import native_dtype
 from bayesprune.run.cli import main
 
 FIT_ARGS = ["--steps", "3", "--batch-size", "2", "--seq-len", "32", "--eval-tokens", "256", "--eval-window", "64"]
@@ -29,6 +30,7 @@ def test_fit_extract_evaluate_round_trip(tiny_model_dir, corpus_dir, tmp_path, c
     report = json.loads((run / "report.json").read_text())
     assert len(report["extracted"]["kept_layers"]) == 2
     assert report["extracted"]["parameters"] < report["dense"]["parameters"]
+    assert report["config"]["fit"]["dtype"] == "auto" and report["compute_dtype"] == str(native_dtype()).split(".")[1]
 
     small = tmp_path / "small"
     assert main(["extract", str(run), "--target", "0.5", "--out", str(small)]) == 0
@@ -158,7 +160,7 @@ def bp_target(text: str) -> float:
 
 def test_a_bf16_source_is_cut_to_the_same_bytes_by_fit_and_extract_and_stays_bf16(tokenizer, corpus_dir, tmp_path,
                                                                                    capsys):
-    """The fit computes in float32 (--dtype), but byte targets and written checkpoints use the stored dtype."""
+    """The fit computes in its own dtype (--dtype), but byte targets and written checkpoints use the stored dtype."""
     from safetensors import safe_open
 
     from tests.conftest import tiny_model
@@ -178,6 +180,28 @@ def test_a_bf16_source_is_cut_to_the_same_bytes_by_fit_and_extract_and_stays_bf1
     for folder in (run / "extracted", streamed):
         with safe_open(folder / "model.safetensors", "pt") as f:
             assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+
+
+def test_a_bfloat16_fit_of_a_float32_model_scores_and_cuts_the_float32_weights(tiny_model_dir, corpus_dir, tmp_path,
+                                                                                 capsys):
+    """Dense and extracted models are the stored weights (adapters merged at full precision), not their bfloat16
+    rounding: the fit's own extraction is ``extract --in-memory``'s, and the dense score is the float32 model's."""
+    run, again = tmp_path / "run", tmp_path / "again"
+    assert main(["fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir), "--out", str(run), "--target", "0.6",
+                 "--units", "head,neuron", "--weights", "lora", "--lora-rank", "4", "--dtype", "bfloat16",
+                 *FIT_ARGS]) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert report["compute_dtype"] == "bfloat16"
+    assert main(["extract", str(run), "--target", "0.6", "--out", str(again), "--in-memory"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(tiny_model_dir), "--data", str(corpus_dir), "--eval-tokens", "256",
+                 "--eval-window", "64"]) == 0
+    dense = json.loads(capsys.readouterr().out)
+    fitted, extracted = load_file(run / "extracted" / "model.safetensors"), load_file(again / "model.safetensors")
+    assert fitted.keys() == extracted.keys() and all(torch.equal(fitted[k], extracted[k]) for k in fitted)
+    assert all(v.dtype == torch.float32 for v in fitted.values())
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in fitted.values())
+    assert report["dense"]["perplexity"] == pytest.approx(dense["perplexity"], rel=1e-6)
 
 
 def test_unknown_devices_are_refused_before_loading(tiny_model_dir, tmp_path, capsys):

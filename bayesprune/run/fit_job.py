@@ -22,6 +22,8 @@ import math
 import time
 from pathlib import Path
 
+import torch
+
 from ..prune import check_request
 from ..core import distributed
 from ..core.config import ExtractionConfig, RunConfig
@@ -31,10 +33,10 @@ from ..evaluation.perplexity import model_size, perplexity
 from ..core.fit import fit
 from ..core.gates import gate
 from ..core.io import atomic_path, atomic_write_json, atomic_write_text
-from ..inputs.pretrained import load_config, load_model, resolve_model, source_dtype
+from ..inputs.pretrained import compute_dtype, load_config, load_model, resolve_model, source_dtype
 from .plots import plot_block_forest, plot_inclusion_over_cost, plot_size_curve, plot_thresholds, plot_width
 from ..core.posterior import GatePosterior, cost_grid
-from .rundir import RunDir, check_output, claim, data_fingerprint, holding, model_fingerprint
+from .rundir import RunDir, check_output, claim, data_fingerprint, holding, load_fitted_model, model_fingerprint
 from ..core.targets import ModelTotals, Target
 from ..cut.extraction import save_extracted
 from .extract_job import cut_in_memory, extraction_record
@@ -165,7 +167,8 @@ def _fit_in(run: RunDir, config: RunConfig, extraction: ExtractionConfig, parsed
             started: float, progress: bool, log, device, force: bool) -> dict:
     """:func:`run_fit` once the run directory is held."""
     corpus = split_corpus(config.data)  # the text is read and checked before any weights
-    model, tokenizer = load_model(config.model, device, config.fit.dtype)
+    stored = source_dtype(config.model)
+    model, tokenizer = load_model(config.model, device, stored)
     splits = {name: tokenize(tokenizer, documents) for name, documents in corpus.items()}
     done = None if force else finished(run, config, extraction)
     claim(run.path, config, model_fingerprint(resolve_model(config.model)), data_fingerprint(splits),
@@ -182,13 +185,12 @@ def _fit_in(run: RunDir, config: RunConfig, extraction: ExtractionConfig, parsed
         return perplexity(model, splits["test"], config.data.eval_window, config.data.eval_tokens,
                           progress=progress)
 
-    log("tokens: " + ", ".join(f"{name} {splits[name].numel():,}" for name in ("fit", "validation", "test"))
-        + f"; the network computes in {str(model.dtype).removeprefix('torch.')}")
+    log("tokens: " + ", ".join(f"{name} {splits[name].numel():,}" for name in ("fit", "validation", "test")))
     if distributed.is_main():
         dense = {**evaluate(model), **model_size(model)}
         log(f"dense model: test perplexity {dense['perplexity']:.3f}, {dense['parameters']:,} parameters")
 
-    gated = gate(model, config.gate)
+    gated = gate(model.to(compute_dtype(config.fit.dtype, model.device)), config.gate)
     validation = windows(splits["validation"], config.fit.seq_len) \
         if splits["validation"].numel() >= config.fit.seq_len else None
     result = fit(gated, windows(splits["fit"], config.fit.seq_len), config.fit, config.prior, config.cost,
@@ -202,7 +204,7 @@ def _fit_in(run: RunDir, config: RunConfig, extraction: ExtractionConfig, parsed
     posterior = result.posterior()
     posterior.save(run.posterior)
     model = gated.remove()
-    stored = source_dtype(config.model)
+    log(f"the network computed in {_name(model.dtype)}; dense and extracted models are scored in {_name(stored)}")
     totals = ModelTotals.of(model, stored)
     plan = None
     if parsed_target is not None:
@@ -211,7 +213,7 @@ def _fit_in(run: RunDir, config: RunConfig, extraction: ExtractionConfig, parsed
     costs = [posterior.fixed_cost] if posterior.fixed_cost is not None else cost_grid()
     size_rows = posterior.size_curve(costs, totals)
     files = _write_plots_and_tables(run, posterior, cost, size_rows)
-    report = {"config": config.to_dict(), "compute_dtype": str(model.dtype).removeprefix("torch."),
+    report = {"config": config.to_dict(), "compute_dtype": _name(model.dtype),
               "extraction": extraction.to_dict(), "dense": dense,
               **_summaries(posterior, cost, size_rows, log), "chains": result.chains, "selected_chain": result.chain,
               "critical_units": result.critical_units,
@@ -220,6 +222,8 @@ def _fit_in(run: RunDir, config: RunConfig, extraction: ExtractionConfig, parsed
                        "last": result.history[-10:]}}
     if plan is not None:
         out = run.extracted
+        if model.dtype != stored:  # cut the stored weights (and adapters merged at full precision), not their rounding
+            model, _ = load_fitted_model(run.path, device, stored)
         small, refit = cut_in_memory(model, plan, extraction, lambda: splits["fit"], config.fit.seq_len, stored,
                                      progress)
         record = extraction_record(run.path, extraction, plan, posterior, refit=refit)
@@ -237,6 +241,10 @@ def _fit_in(run: RunDir, config: RunConfig, extraction: ExtractionConfig, parsed
     files["report"] = str(run.report)
     log("wrote:\n" + "\n".join(f"  {k}: {v}" for k, v in files.items()))
     return report
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _summaries(posterior: GatePosterior, cost: float, size_rows: list[dict], log) -> dict:
