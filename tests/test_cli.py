@@ -31,6 +31,11 @@ def test_fit_extract_evaluate_round_trip(tiny_model_dir, corpus_dir, tmp_path, c
     assert len(report["extracted"]["kept_layers"]) == 2
     assert report["extracted"]["parameters"] < report["dense"]["parameters"]
     assert report["config"]["fit"]["dtype"] == "auto" and report["compute_dtype"] == str(native_dtype()).split(".")[1]
+    joint = tmp_path / "joint"
+    assert main(["fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir), "--out", str(joint),
+                 "--units", "head", "--weights", "joint", "--target", "none", *FIT_ARGS]) == 0
+    assert json.loads((joint / "report.json").read_text())["compute_dtype"] == "float32"  # trained weights
+    capsys.readouterr()
 
     small = tmp_path / "small"
     assert main(["extract", str(run), "--target", "0.5", "--out", str(small)]) == 0

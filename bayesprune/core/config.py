@@ -188,9 +188,9 @@ class FitConfig(_JsonConfig):
     warmup_steps: int = option(0, "steps of linear learning-rate warm-up")
     schedule: str = option("cosine", "after warm-up: constant, or cosine down to 0.1x", ("constant", "cosine"))
     dtype: str = option("auto", "the network's compute dtype; auto: bfloat16 on a device with native bfloat16 "
-                                "arithmetic (CUDA; CPUs with AMX or AVX-512 BF16), else float32 (gates, guide and "
-                                "adapters stay float32; written checkpoints keep the source model's dtype)",
-                        FIT_DTYPES)
+                                "arithmetic (CUDA; CPUs with AMX or AVX-512 BF16), else float32, and float32 for "
+                                "joint weights (gates, guide and adapters stay float32; written checkpoints keep "
+                                "the source model's dtype)", FIT_DTYPES)
     gradient_checkpointing: bool = option(False, "recompute block activations in the backward pass: less memory, "
                                                  "more time")
     two_point_blocks: int = option(0, "blocks per step whose gate gradient is the exact on/off difference of the "

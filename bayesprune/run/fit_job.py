@@ -163,6 +163,14 @@ def run_fit(config: RunConfig, run_dir: str | Path, extraction: ExtractionConfig
         return _fit_in(run, config, extraction, parsed_target, started, progress, log, device, force)
 
 
+def fit_dtype(fit_config, device) -> torch.dtype:
+    """The dtype the network computes in: ``auto`` is :func:`native_dtype`, except for jointly trained weights,
+    which stay float32 (a bfloat16 weight cannot take an update as small as the weights' learning rate)."""
+    if fit_config.dtype == "auto" and fit_config.weights == "joint":
+        return torch.float32
+    return compute_dtype(fit_config.dtype, device)
+
+
 def _fit_in(run: RunDir, config: RunConfig, extraction: ExtractionConfig, parsed_target: Target | None,
             started: float, progress: bool, log, device, force: bool) -> dict:
     """:func:`run_fit` once the run directory is held."""
@@ -190,7 +198,7 @@ def _fit_in(run: RunDir, config: RunConfig, extraction: ExtractionConfig, parsed
         dense = {**evaluate(model), **model_size(model)}
         log(f"dense model: test perplexity {dense['perplexity']:.3f}, {dense['parameters']:,} parameters")
 
-    gated = gate(model.to(compute_dtype(config.fit.dtype, model.device)), config.gate)
+    gated = gate(model.to(fit_dtype(config.fit, model.device)), config.gate)
     validation = windows(splits["validation"], config.fit.seq_len) \
         if splits["validation"].numel() >= config.fit.seq_len else None
     result = fit(gated, windows(splits["fit"], config.fit.seq_len), config.fit, config.prior, config.cost,
