@@ -22,7 +22,8 @@ from .core.fit import Fit, fit
 from .core.gates import gate
 from .core.plan import ExtractionPlan
 from .core.posterior import GatePosterior
-from .core.targets import Target, TargetError, check_feasible
+from .core.targets import ModelTotals, Target, TargetError, check_feasible
+from .evaluation.prediction import SELECTION_WINDOWS, plan_selection
 
 
 @dataclass
@@ -93,8 +94,10 @@ def prune(model: torch.nn.Module, data, target: Target | str | float = "0.75", *
     parsed = target if isinstance(target, Target) else Target.parse(target)
     sequences = fitting_windows(data, config.seq_len, tokenizer)
     check_request(model.config, gates.units, parsed, {"the windows' length": sequences.shape[1]}, multiple)
+    select = plan_selection(parsed, ModelTotals.of(model), sequences[:SELECTION_WINDOWS], form, multiple) \
+        if config.chains > 1 else None  # several chains: keep the one whose cut at the target reads best
     gated = gate(model, gates)
-    result = fit(gated, sequences, config, prior, cost, progress=progress)
+    result = fit(gated, sequences, config, prior, cost, progress=progress, select=select)
     posterior = result.posterior()
     network = gated.remove()
     small, plan = extract(network, posterior, parsed, form, multiple)

@@ -46,6 +46,7 @@ from common import pyplot, run_config, save_figure
 
 import bayesprune as bp
 from bayesprune.core.config import ExtractionConfig
+from bayesprune.core.io import atomic_write_json
 from bayesprune.core.fit import SplitELBO, validation_loss
 from bayesprune.core.guide import CostConditionedGuide
 from bayesprune.core.kinds import width_kinds
@@ -80,6 +81,9 @@ def parse_args():
     parser.add_argument("--out", default=None, help="default: bench/results/calibration-LABEL.json")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the fits and the measurements")
     parser.add_argument("--table", action="store_true", help="only print the tables of --out")
+    parser.add_argument("--rules", action="store_true",
+                        help="only compare the rules a fit of several chains can select its chain by, over every "
+                             "calibration-*.json beside --out, and write calibration-selection.json there")
     parser.add_argument("--against", default=None, metavar="LABEL",
                         help="with --table: the same seeds fitted under LABEL's settings (e.g. another thread count) "
                              "against this label's, beside how far this label's seeds lie from one another")
@@ -321,6 +325,51 @@ def selection(rows: list[dict]) -> dict:
     return out
 
 
+SELECTION_RULES = {  # what a fit of several chains could keep a chain by (lower wins)
+    "cut at the target (plan_selection)": lambda r: r["predicted"]["perplexity"],
+    "validation loss over every cost": lambda r: r["validation_loss"],
+}
+
+
+def selection_rules(paths: list[Path]) -> dict:
+    """For every rule: over each pair of seeds of a label at a target, how often its pick is the better cut (mixture
+    test perplexity) and how much worse than the better one it is on average; over each label's seeds at a target, how
+    much worse than the best seed its pick is, beside a seed drawn at random (geometric means of the ratios)."""
+    pairs = {name: [] for name in SELECTION_RULES}
+    whole = {name: [] for name in [*SELECTION_RULES, "a seed at random"]}
+    labels = []
+    for path in paths:
+        rows = [r for r in json.loads(path.read_text())["rows"] if "predicted" in r and "validation_loss" in r]
+        if len({r["seed"] for r in rows}) < 2:
+            continue
+        labels.append(path.name)
+        for target in dict.fromkeys(r["target"] for r in rows):
+            members = [r for r in rows if r["target"] == target]
+            best = min(r["perplexity"]["mixture"] for r in members)
+            for name, key in SELECTION_RULES.items():
+                whole[name].append(math.log(min(members, key=key)["perplexity"]["mixture"] / best))
+                for a, b in itertools.combinations(members, 2):
+                    better = min(a["perplexity"]["mixture"], b["perplexity"]["mixture"])
+                    pairs[name].append(math.log(min((a, b), key=key)["perplexity"]["mixture"] / better))
+            whole["a seed at random"].append(float(np.mean([math.log(r["perplexity"]["mixture"] / best)
+                                                            for r in members])))
+    return {"labels": labels,
+            "pairs": {name: {"pairs": len(v), "better_picked": sum(x == 0 for x in v),
+                             "ratio_to_better": math.exp(float(np.mean(v)))} for name, v in pairs.items()},
+            "seeds": {name: {"cases": len(v), "ratio_to_best": math.exp(float(np.mean(v)))}
+                      for name, v in whole.items()}}
+
+
+def selection_markdown(result: dict) -> str:
+    lines = ["| rule | pairs of seeds: better cut picked | picked / better | all of a label's seeds: picked / best |",
+             "|---|---|---|---|"]
+    for name, seeds in result["seeds"].items():
+        pair = result["pairs"].get(name)
+        lines.append(f"| {name} | " + (f"{pair['better_picked']} of {pair['pairs']} | {pair['ratio_to_better']:.3f}"
+                                        if pair else "– | –") + f" | {seeds['ratio_to_best']:.3f} |")
+    return "\n".join(lines) + f"\n\n(over {', '.join(result['labels'])})"
+
+
 def _share(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
@@ -375,6 +424,12 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     args = parse_args()
     out = Path(args.out)
+    if args.rules:
+        result = selection_rules(sorted(p for p in out.parent.glob("calibration-*.json")
+                                        if p.name != "calibration-selection.json"))
+        atomic_write_json(out.parent / "calibration-selection.json", result)
+        print(selection_markdown(result))
+        return
     if args.table:
         result = json.loads(out.read_text())
         print(markdown(result))

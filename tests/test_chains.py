@@ -1,5 +1,6 @@
 """Fits of several chains: each chain is the one-chain fit of its seed, the posterior pools them on ArviZ's chain
-dimension, R-hat and ESS read them, and the plan and extracted network are the selected chain's."""
+dimension, R-hat and ESS read them, and the plan and extracted network are the selected chain's: with a target,
+the chain whose cut at it predicts the lowest perplexity."""
 
 import dataclasses
 import json
@@ -18,11 +19,11 @@ SEQUENCES = torch.randint(0, VOCAB, (24, 12), generator=torch.Generator().manual
 VALIDATION = torch.randint(0, VOCAB, (8, 12), generator=torch.Generator().manual_seed(1))
 
 
-def run(chains=1, seed=0, weights="frozen", checkpoint=None, **kw):
+def run(chains=1, seed=0, weights="frozen", checkpoint=None, select=None, **kw):
     gated = gate(tiny_model("llama"), GateConfig(units=("head", "neuron")))
     config = FitConfig(steps=3, batch_size=4, seq_len=12, weights=weights, chains=chains, seed=seed,
                        checkpoint_every=2, posterior_draws=30, **kw)
-    return fit(gated, SEQUENCES, config, checkpoint=checkpoint, progress=False, validation=VALIDATION)
+    return fit(gated, SEQUENCES, config, checkpoint=checkpoint, progress=False, validation=VALIDATION, select=select)
 
 
 def test_each_chain_is_the_one_chain_fit_of_its_seed_and_the_posterior_pools_them():
@@ -43,6 +44,27 @@ def test_each_chain_is_the_one_chain_fit_of_its_seed_and_the_posterior_pools_the
     assert idata.posterior.sizes["chain"] == 3 and idata.posterior.sizes["draw"] == 20
     rhat = az.rhat(idata, var_names=["head_kept_fraction"])["head_kept_fraction"]
     assert rhat.dims == ("cost", "layer") and bool((rhat > 1).any())
+
+
+def test_a_select_rule_reads_each_chains_own_posterior_and_network_and_keeps_its_lowest():
+    seen = []
+
+    def select(posterior, gated):  # scores the chain by what its adapters do to the output: any rule of both
+        seen.append((posterior, sum(p.abs().sum().item() for n, p in gated.named_parameters() if "lora_B" in n)))
+        return -posterior.seed  # the last chain wins
+    chained = run(chains=3, seed=5, weights="lora", select=select)
+    assert [p.seed for p, _ in seen] == [5, 6, 7] and chained.chain == 2
+    assert [c["score"] for c in chained.chains] == [-5, -6, -7]
+    assert all(c["validation_loss"] > 0 for c in chained.chains)
+    for (posterior, adapters), seed in zip(seen, (5, 6, 7)):
+        alone = run(seed=seed, weights="lora")
+        assert posterior.num_chains == 1
+        for name, loc in alone.posterior().locs.items():
+            assert torch.equal(posterior.locs[name], loc), (seed, name)
+        assert adapters > 0 and adapters != seen[0][1] or seed == 5  # each chain's own trained adapters
+    kept = run(seed=7, weights="lora").gated.model.state_dict()
+    for name, value in chained.gated.model.state_dict().items():  # the network is the winning chain's
+        assert torch.equal(value, kept[name]), name
 
 
 def test_point_read_outs_use_the_selected_chain_and_intervals_pool_every_chain():
@@ -115,18 +137,34 @@ def test_a_run_of_chains_reports_r_hat_and_extracts_the_selected_chains_network(
                                                                                   tmp_path, capsys):
     from safetensors.torch import load_file
 
+    from bayesprune import ModelTotals, tokenize, windows
+    from bayesprune.evaluation.prediction import plan_quality
+    from bayesprune.inputs.data import split_corpus
     from bayesprune.run.cli import main
+    from bayesprune.run.rundir import load_fitted, load_fitted_model, read_config
 
     run = tmp_path / "run"
     assert main(["fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir), "--out", str(run),
                  "--chains", "2", "--seed", "1", "--units", "head,neuron", "--target", "0.6", "--steps", "3",
                  "--batch-size", "2", "--seq-len", "32", "--eval-tokens", "256", "--eval-window", "64",
-                 "--spacing", "random", "--schedule", "constant"]) == 0  # settings under which chain 1 wins
+                 "--spacing", "random", "--schedule", "constant", "--dtype", "float32"]) == 0
     printed = capsys.readouterr().out
     assert "2 chains, validation loss per token" in printed and "R-hat max" in printed
+    assert "predicted perplexity of each chain's cut at 0.6 of decoder parameters on 16 validation " in printed
     report = json.loads((run / "report.json").read_text())
     assert [c["seed"] for c in report["chains"]] == [1, 2] and len(report["convergence"]) == 2 * 4
-    assert report["selected_chain"] == 1  # so the extractions below must read the second chain's adapters
+    scores = [c["score"] for c in report["chains"]]
+    assert report["selected_chain"] == scores.index(min(scores)) == 1  # settings under which chain 1 wins, so
+    # the extractions below must read the second chain's adapters
+    config, posterior = read_config(run), load_fitted(run)
+    network, tokenizer = load_fitted_model(run)
+    totals = ModelTotals.of(network)
+    validation = tokenize(tokenizer, split_corpus(config.data)["validation"])
+    gated = gate(network, GateConfig(units=posterior.kinds))
+    plan = posterior.plan("0.6", totals)  # the selected chain's score, from the run's files alone
+    predicted = plan_quality(gated, plan, posterior.amplitudes(plan.cost, point=True), windows(validation, 64)[:16])
+    assert predicted["nll"] == pytest.approx(scores[1], rel=1e-4)
+    gated.remove()
     assert az.from_netcdf(run / "posterior.nc").posterior.sizes["chain"] == 2
     streamed, in_memory = tmp_path / "streamed", tmp_path / "in-memory"
     assert main(["extract", str(run), "--target", "0.6", "--out", str(streamed)]) == 0

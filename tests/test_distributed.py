@@ -1,5 +1,6 @@
 """A fit on two real processes (torchrun, gloo) gives the posterior of one process with the same global batch."""
 
+import json
 import os
 import subprocess
 import sys
@@ -55,13 +56,16 @@ def test_two_processes_fit_one_chain_each_what_one_process_fits_one_after_the_ot
     from bayesprune.core.fit import chain_checkpoint
 
     fit = ["fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir), "--chains", "2", "--weights", "lora",
-           "--seed", "1"]
+           "--seed", "1", *ARGS, "--target", "0.6"]  # each process scores its chain's cut at the target
     alone = tmp_path / "alone"
-    assert main([*fit, "--out", str(alone), *ARGS]) == 0
+    assert main([*fit, "--out", str(alone)]) == 0
     together = tmp_path / "together"
-    done = torchrun(2, *fit, "--out", str(together), *ARGS)
+    done = torchrun(2, *fit, "--out", str(together))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("2 chains, validation loss per token") == 1
+    assert done.stdout.count("predicted perplexity of each chain's cut at 0.6") == 1
+    scores = [[c["score"] for c in json.loads((run / "report.json").read_text())["chains"]] for run in (alone, together)]
+    assert scores[0] == pytest.approx(scores[1], rel=1e-4)
     one, two = locs(alone), locs(together)
     assert one.keys() == two.keys()
     for name in one:

@@ -34,6 +34,24 @@ def test_prune_is_gate_fit_and_extract_in_one_call(tokenizer, corpus_dir):
     assert sum(p.numel() for p in other.parameters()) > sum(p.numel() for p in result.model.parameters())
 
 
+def test_prune_keeps_the_chain_whose_cut_at_the_target_reads_best():
+    from bayesprune.evaluation.prediction import plan_quality
+
+    windows = torch.randint(0, 320, (24, 32), generator=torch.Generator().manual_seed(0))
+    config = bp.FitConfig(steps=3, batch_size=2, seq_len=32, seed=0, chains=3)
+    result = bp.prune(tiny_model("llama"), windows, "0.6", config=config, progress=False)
+    scores = [c["score"] for c in result.fit.chains]
+    assert result.fit.chain == scores.index(min(scores)) and len(set(scores)) == 3
+    totals = bp.ModelTotals.of(tiny_model("llama"))
+    for chain in range(3):  # each chain's score is its own cut's NLL on the first 16 windows
+        alone = bp.fit(bp.gate(tiny_model("llama"), bp.GateConfig()), windows,
+                       bp.FitConfig(steps=3, batch_size=2, seq_len=32, seed=chain), progress=False)
+        posterior = alone.posterior()
+        plan = posterior.plan("0.6", totals)
+        predicted = plan_quality(alone.gated, plan, posterior.amplitudes(plan.cost, point=True), windows[:16])
+        assert predicted["nll"] == pytest.approx(scores[chain], rel=1e-5), chain
+
+
 def test_prune_takes_windows_and_refuses_what_it_cannot_do_before_fitting(tokenizer):
     windows = torch.randint(0, 320, (8, 16), generator=torch.Generator().manual_seed(0))
     result = bp.prune(tiny_model("llama"), windows, "3layers", units=["block"], config=CONFIG, progress=False)

@@ -172,7 +172,8 @@ class FitConfig(_JsonConfig):
 
     steps: int = option(500, "SVI steps")
     chains: int = option(1, "independent fits from seeds seed, seed+1, … pooled into one posterior: with two or "
-                            "more, R-hat says whether they agree, and the plan reads the chain of best validation ELBO")
+                            "more, R-hat says whether they agree, and the plan reads the chain whose cut at the target "
+                            "scores best on validation windows (without a target: the best validation ELBO)")
     batch_size: int = option(4, "token windows per step")
     seq_len: int = option(128, "tokens per window")
     weights: str = option("lora", "frozen, trained jointly with the gates, or lora: low-rank adapters fitted with the "

@@ -11,8 +11,10 @@ each step reads the units' importance from the current weights, with its gradien
 
 A fit of several *chains* runs this from seeds ``seed``, ``seed + 1``, … (each with its
 own guide, adapters or weights, costs and mini-batches, and its own checkpoint file),
-scores each on validation windows by :func:`validation_loss`, and keeps the network of
-the best; the posterior pools every chain's guide, and its point read-outs use the best.
+scores each on validation windows (by :func:`validation_loss`, or by the caller's ``select``:
+the fit job's reads the plan for its target, :func:`bayesprune.evaluation.prediction.plan_selection`),
+and keeps the network of the best; the posterior pools every chain's guide, and its point read-outs
+use the best.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,7 +103,7 @@ class Fit:
     config: FitConfig
     cost: CostConfig
     history: list[dict] = field(default_factory=list)  # the selected chain's steps
-    chains: list[dict] = field(default_factory=list)   # per chain: seed, validation loss, last losses
+    chains: list[dict] = field(default_factory=list)   # per chain: seed, validation loss, score, last losses
     chain: int = 0                                       # the selected chain
 
     @property
@@ -321,7 +324,8 @@ def validation_loss(elbo, model: PruningModel, windows: torch.Tensor, cost: Cost
 def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = None,
         prior: PriorConfig | ShrinkagePrior | None = None, cost: CostConfig | None = None,
         checkpoint: str | Path | None = None, progress: bool = True,
-        validation: torch.Tensor | None = None) -> Fit:
+        validation: torch.Tensor | None = None,
+        select: Callable[[GatePosterior, GatedModel], float] | None = None) -> Fit:
     """Fit the cost-conditioned gate posterior to ``sequences`` (token windows, ``(n, seq_len)``).
 
     ``cost`` says which cost each step is fitted at (default: a new cost per step, spread over the cost distribution,
@@ -331,8 +335,10 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
     Width units whose removal alone raises the NLL by more than ``config.critical_nll`` (on 4 windows) are found
     first and kept in by the prior (:meth:`~bayesprune.core.model.ShrinkagePrior.protect`): a fit that drops one
     early may find no way back, the broken network's likelihood being flat.
-    With ``config.chains`` above one, the chains are compared on ``validation`` windows (default: the fit's);
-    launched on several processes, each fits whole chains (chain ``c`` on rank ``c mod world size``).
+    With ``config.chains`` above one, the chains are compared on ``validation`` windows (default: the fit's) by
+    their validation loss, or by ``select(posterior, gated)`` where given (lower wins; the chain's one-chain
+    posterior, with its network in place); launched on several processes, each fits whole chains (chain ``c``
+    on rank ``c mod world size``).
     """
     config = config or FitConfig()
     cost = cost or CostConfig()
@@ -378,8 +384,11 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
             if config.chains > 1:
                 record["validation_loss"] = validation_loss(elbo, model, scored, cost, min(config.batch_size,
                                                             scored.shape[0]), config.seed)
-        if kept is None or record.get("validation_loss", 0.0) < kept["validation_loss"]:
-            kept = {"chain": chain, "history": history, "validation_loss": record.get("validation_loss", 0.0),
+                record["score"] = record["validation_loss"] if select is None else select(
+                    GatePosterior.from_guide(guide, model, cost.fixed, config.posterior_draws, chain_config.seed),
+                    gated)
+        if kept is None or record.get("score", 0.0) < kept["score"]:
+            kept = {"chain": chain, "history": history, "score": record.get("score", 0.0),
                     "network": {n: p.detach().cpu().clone() for n, p in gated.model.named_parameters()
                                 if p.requires_grad} if config.chains > 1 else {}}
         guides[chain], records[chain] = guide, record
@@ -393,7 +402,7 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
                     guides[chain] = CostConditionedGuide(model.prior, config.guide_init_scale)
                     guides[chain].load_state_dict(state)
         kept = min((part["kept"] for part in shared if part["kept"] is not None),
-                   key=lambda k: (k["validation_loss"], k["chain"]))
+                   key=lambda k: (k["score"], k["chain"]))
     guides, chains = [guides[c] for c in range(config.chains)], [records[c] for c in range(config.chains)]
     _restore_network(gated, kept["network"])
     if config.weights == "joint":

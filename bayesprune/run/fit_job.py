@@ -30,6 +30,7 @@ from ..core.config import ExtractionConfig, RunConfig
 from ..core.kinds import layer_kinds, width_kinds
 from ..inputs.data import resolve_corpus, split_corpus, tokenize, windows
 from ..evaluation.perplexity import model_size, perplexity
+from ..evaluation.prediction import SELECTION_WINDOWS, plan_selection
 from ..core.fit import fit
 from ..core.gates import gate
 from ..core.io import atomic_path, atomic_write_json, atomic_write_text
@@ -198,11 +199,17 @@ def _fit_in(run: RunDir, config: RunConfig, extraction: ExtractionConfig, parsed
         dense = {**evaluate(model), **model_size(model)}
         log(f"dense model: test perplexity {dense['perplexity']:.3f}, {dense['parameters']:,} parameters")
 
+    totals = ModelTotals.of(model, stored)
+    select = None
+    if parsed_target is not None and config.fit.chains > 1:  # the chain whose cut at the target reads best
+        scored = windows(splits["validation"], config.data.eval_window) \
+            if splits["validation"].numel() >= config.data.eval_window else windows(splits["fit"], config.fit.seq_len)
+        select = plan_selection(parsed_target, totals, scored[:SELECTION_WINDOWS], extraction.form, extraction.multiple)
     gated = gate(model.to(fit_dtype(config.fit, model.device)), config.gate)
     validation = windows(splits["validation"], config.fit.seq_len) \
         if splits["validation"].numel() >= config.fit.seq_len else None
     result = fit(gated, windows(splits["fit"], config.fit.seq_len), config.fit, config.prior, config.cost,
-                 checkpoint=run.checkpoint, progress=progress, validation=validation)
+                 checkpoint=run.checkpoint, progress=progress, validation=validation, select=select)
     if not distributed.is_main():
         return {}
     if any(result.critical_units.values()):
@@ -213,7 +220,6 @@ def _fit_in(run: RunDir, config: RunConfig, extraction: ExtractionConfig, parsed
     posterior.save(run.posterior)
     model = gated.remove()
     log(f"the network computed in {_name(model.dtype)}; dense and extracted models are scored in {_name(stored)}")
-    totals = ModelTotals.of(model, stored)
     plan = None
     if parsed_target is not None:
         plan = posterior.plan(parsed_target, totals, extraction.form, extraction.multiple)
@@ -225,7 +231,7 @@ def _fit_in(run: RunDir, config: RunConfig, extraction: ExtractionConfig, parsed
               "extraction": extraction.to_dict(), "dense": dense,
               **_summaries(posterior, cost, size_rows, log), "chains": result.chains, "selected_chain": result.chain,
               "critical_units": result.critical_units,
-              "convergence": _convergence(posterior, cost, result.chains, log),
+              "convergence": _convergence(posterior, cost, result.chains, parsed_target, log),
               "loss": {"first": result.history[0] if result.history else None,
                        "last": result.history[-10:]}}
     if plan is not None:
@@ -271,15 +277,19 @@ def _summaries(posterior: GatePosterior, cost: float, size_rows: list[dict], log
 R_HAT_LIMIT = 1.05  # above it, a layer's chains disagree
 
 
-def _convergence(posterior: GatePosterior, cost: float, chains: list[dict], log) -> list[dict]:
+def _convergence(posterior: GatePosterior, cost: float, chains: list[dict], target: Target | None,
+                 log) -> list[dict]:
     """R-hat and ESS of every layer at ``cost`` across the fit's chains, logged per kind, with a warning naming
-    the layers whose R-hat is above ``R_HAT_LIMIT`` (nothing to compare with one chain)."""
+    the layers whose R-hat is above ``R_HAT_LIMIT`` (nothing to compare with one chain), after what the chain
+    the plan reads was selected by (with a ``target``: its plan's predicted perplexity)."""
     if posterior.num_chains < 2:
         log("one chain: fit with --chains 2 or more to see whether fits from other seeds agree (R-hat)")
         return []
     rows = posterior.convergence(cost)
     log(f"{posterior.num_chains} chains, validation loss per token "
         + ", ".join(f"{c['validation_loss']:.4f}" for c in chains)
+        + ("" if target is None else f"; predicted perplexity of each chain's cut at {target} on "
+           f"{SELECTION_WINDOWS} validation windows " + ", ".join(f"{math.exp(c['score']):.3f}" for c in chains))
         + f"; the plan reads chain {posterior.chain} (seed {chains[posterior.chain]['seed']})")
     log(f"convergence at cost {cost:.3f} (R-hat and bulk ESS of each layer's inclusion or kept share):")
     for kind in posterior.kinds:
