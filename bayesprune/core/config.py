@@ -170,7 +170,7 @@ class CostConfig(_JsonConfig):
 class FitConfig(_JsonConfig):
     """Stochastic variational inference settings."""
 
-    steps: int = option(500, "SVI steps")
+    steps: int = option(750, "SVI steps")
     chains: int = option(1, "independent fits from seeds seed, seed+1, … pooled into one posterior: with two or "
                             "more, R-hat says whether they agree, and the plan reads the chain whose cut at the target "
                             "scores best on validation windows (without a target: the best validation ELBO)")
