@@ -4,7 +4,8 @@
 defaults (head-group and neuron gates, a cost drawn every step, low-rank adapters: those of
 :class:`~bayesprune.GateConfig` and :class:`~bayesprune.FitConfig`). The posterior it returns
 answers for every other size without refitting: ``result.posterior.plan(...)`` and
-``bp.extract(result.network, result.posterior, other_target)``.
+``bp.extract(result.network, result.posterior, other_target)``. The adapters go into the
+network at ``adapter_share`` of their fitted size, as ``bayesprune extract`` merges them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from .core.architectures import architecture_for_config, max_positions, widths_of
-from .core.config import CostConfig, FitConfig, GateConfig, PriorConfig
+from .core.adapters import merge_checkpoint_adapters
+from .core.config import CostConfig, ExtractionConfig, FitConfig, GateConfig, PriorConfig
 from .core.kinds import KINDS, check_gateable, layer_kinds, width_kinds
 from .inputs.data import Document, tokenize, windows
 from .cut.extraction import extract
@@ -33,7 +35,7 @@ class Pruned:
     model: torch.nn.Module  # the sub-network, an ordinary transformers model
     plan: ExtractionPlan  # which blocks, heads and neurons it keeps, its size and the cost it was read at
     posterior: GatePosterior  # answers for any other size: posterior.plan(target, totals)
-    network: torch.nn.Module  # the full network after the fit (adapters merged, trained weights kept)
+    network: torch.nn.Module  # the full network after the fit (adapters merged at their share, trained weights kept)
     fit: Fit  # the fit itself: history, guide, InferenceData
 
 
@@ -81,25 +83,30 @@ def fitting_windows(data, seq_len: int, tokenizer=None) -> torch.Tensor:
 def prune(model: torch.nn.Module, data, target: Target | str | float = "0.75", *, tokenizer=None,
           units: tuple[str, ...] | list[str] | None = None, config: FitConfig | None = None,
           prior: PriorConfig | None = None, cost: CostConfig | None = None, form: str = "per-layer",
-          multiple: int = 1, progress: bool = True) -> Pruned:
+          multiple: int = 1, adapter_share: float = ExtractionConfig.adapter_share, progress: bool = True) -> Pruned:
     """Fit the gate posterior of ``model`` to ``data`` and cut the sub-network of size ``target`` from it.
 
     ``data`` is token windows, a token stream, or text with ``tokenizer``; ``target`` any size
     :class:`~bayesprune.core.targets.Target` reads (``0.5``, ``"12layers"``, ``"80M"``, ``"300MB"``,
     ``"40%flops"``). The target is checked against the model before anything is fitted.
-    ``model`` is gated in place and handed back as ``result.network``.
+    ``model`` is gated in place and handed back as ``result.network``, with ``adapter_share`` of an adapter
+    fit's weight change (:class:`~bayesprune.ExtractionConfig`).
     """
+    ExtractionConfig(target=None, form=form, multiple=multiple, adapter_share=adapter_share)  # refused before a fit
     gates = GateConfig(units=tuple(units)) if units is not None else GateConfig()
     config = config or FitConfig()
     parsed = target if isinstance(target, Target) else Target.parse(target)
     sequences = fitting_windows(data, config.seq_len, tokenizer)
     check_request(model.config, gates.units, parsed, {"the windows' length": sequences.shape[1]}, multiple)
-    select = plan_selection(parsed, ModelTotals.of(model), sequences[:SELECTION_WINDOWS], form, multiple) \
+    select = plan_selection(parsed, ModelTotals.of(model), sequences[:SELECTION_WINDOWS], form, multiple,
+                            adapter_share) \
         if config.chains > 1 else None  # several chains: keep the one whose cut at the target reads best
     gated = gate(model, gates)
     result = fit(gated, sequences, config, prior, cost, progress=progress, select=select)
     posterior = result.posterior()
     network = gated.remove()
+    if result.adapters and adapter_share != 1:  # the merged adapters, taken back to their share
+        merge_checkpoint_adapters(network, result.adapters, config.lora_scale * (adapter_share - 1))
     small, plan = extract(network, posterior, parsed, form, multiple)
     return Pruned(small, plan, posterior, network, result)
 

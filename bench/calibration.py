@@ -6,7 +6,8 @@ for the whole label). Then, per seed and per ``--targets`` share of decoder para
 
 * kept shares: each layer's posterior mean share of heads and of neurons at the cost solved for the target, with its
   90 % interval (equal-tailed over the posterior's draws);
-* quality: test perplexity of the extracted model (``bayesprune extract --in-memory``) on the first
+* quality: test perplexity of the extracted model (``bayesprune extract --in-memory``, with any ``--set
+  extraction.FIELD=VALUE``) on the first
   ``--eval-tokens`` of the mixture's test split and of each ``--domains`` test split; and the plan's predicted
   perplexity (its hard-gated network, before extraction, on ``--prediction-windows`` validation windows of the
   mixture, as long as the test windows) with its 90 % band (a bootstrap over those windows); and that band scaled
@@ -42,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import pyplot, run_config, save_figure
+from common import extraction_config, pyplot, run_config, save_figure
 
 import bayesprune as bp
 from bayesprune.core.config import ExtractionConfig
@@ -137,8 +138,8 @@ def measure_seed(args, seed: int, run: Path, model, tests: dict) -> list[dict]:
             low, high = interval(draws)
             shares[kind] = {"mean": draws.mean(0).tolist(), "low": low.tolist(), "high": high.tolist()}
         with tempfile.TemporaryDirectory(dir=run.parent) as scratch:
-            record = run_extract(run, ExtractionConfig(target=target), Path(scratch) / "small", streaming=False,
-                                 progress=False)
+            record = run_extract(run, extraction_config(args.set, target=target), Path(scratch) / "small",
+                                 streaming=False, progress=False)
             small = bp.load_pruned(Path(scratch) / "small")
             measured = {name: bp.perplexity(small, tokens, EVAL_WINDOW, args.eval_tokens, progress=False)["perplexity"]
                         for name, tokens in tests.items()}
@@ -155,7 +156,7 @@ def read_outs(args, run: Path, model, rows: list[dict], fit_windows: torch.Tenso
     perplexity (on ``prediction``: validation windows as long as the test windows) with its band."""
     posterior = load_fitted(run)
     totals = bp.ModelTotals.of(model, source_dtype(None))
-    network, _ = load_fitted_model(run)
+    network, _ = load_fitted_model(run, adapter_share=extraction_config(args.set).adapter_share)  # what extract cuts
     gated = bp.gate(network, bp.GateConfig(units=posterior.kinds))
     loss = seed_validation_loss(run, posterior, gated, fit_windows, validation)
     for row in rows:

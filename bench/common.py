@@ -77,17 +77,35 @@ def default_model_and_corpora(seq_len: int = 128):
     return model, corpora, shuffled
 
 
+EXTRACTION = "extraction."  # settings of the cut, not of the run
+
+
 def run_config(settings: list[str], **fit):
-    """The default run config with ``settings`` (``SECTION.FIELD=JSON``, as ``--set`` gives them) and ``fit`` fields
-    applied; an unknown setting ends the script."""
+    """The default run config with ``settings`` (``SECTION.FIELD=JSON``, as ``--set`` gives them; those of
+    ``extraction`` are :func:`extraction_config`'s) and ``fit`` fields applied; an unknown setting ends the script."""
     import bayesprune
 
     values = bayesprune.RunConfig().to_dict()
     for setting in settings:
         key, _, value = setting.partition("=")
+        if key.startswith(EXTRACTION):
+            continue
         section, _, field = key.partition(".")
         if section not in values or not isinstance(values[section], dict) or field not in values[section]:
             raise SystemExit(f"--set {setting}: no setting {key}")
         values[section][field] = json.loads(value)
     values["fit"] |= fit
     return bayesprune.RunConfig.from_dict(values)
+
+
+def extraction_config(settings: list[str], **fields):
+    """The default extraction with the ``extraction.FIELD=JSON`` ones of ``settings`` and ``fields`` applied; an
+    unknown or invalid one ends the script."""
+    import bayesprune
+
+    values = {key.removeprefix(EXTRACTION): json.loads(value) for key, _, value in
+              (setting.partition("=") for setting in settings) if key.startswith(EXTRACTION)}
+    try:
+        return bayesprune.ExtractionConfig(**values | fields)
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"--set {EXTRACTION}…: {error}") from None

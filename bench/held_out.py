@@ -5,8 +5,9 @@ calibrated on the mixture of the *other* domains (``--data`` of their names: equ
 document) and scored on ``d``'s test split (held out) and on that mixture's test split (in domain),
 at each ``--targets`` share of decoder parameters kept:
 
-* ``bayesprune``: the default fit (adapters with the gates, NLL, 300 steps) on the mixture, once per
-  ``--seeds`` seed, extracted as ``bayesprune extract RUN --in-memory`` does it; ``bayesprune+ls`` and
+* ``bayesprune``: the default fit (adapters with the gates, NLL, 750 steps) on the mixture, once per
+  ``--seeds`` seed, extracted as ``bayesprune extract RUN --in-memory`` does it (half the adapters' change
+  merged; ``--set extraction.adapter_share=1`` merges all of it); ``bayesprune+ls`` and
   ``bayesprune+bias`` the same with ``--reconstruction least-squares`` or ``bias`` (calibrated on the
   mixture's fit split);
 * ``sparsegpt`` and ``wanda``: unstructured, the same share of non-zero decoder parameters;
@@ -44,7 +45,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import pyplot, run_config, save_figure
+from common import extraction_config, pyplot, run_config, save_figure
 
 import bayesprune as bp
 from bayesprune.baselines import baseline_plan, block_scores, prune_unstructured, sleb_scores, sparsity_for
@@ -77,7 +78,8 @@ def parse_args():
                         help="zero-shot tasks on the held-out domain's test split, scored for every row")
     parser.add_argument("--task-items", type=int, default=200, help="passages per task")
     parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="change a setting of the bayesprune fits (JSON values), e.g. fit.steps=140")
+                        help="change a setting of the bayesprune fits or their extraction (JSON values), e.g. "
+                             "fit.steps=140 or extraction.adapter_share=1")
     parser.add_argument("--label", default=None,
                         help="names the --set settings: their methods read bayesprune[LABEL], their runs go under it")
     parser.add_argument("--runs", default=None,
@@ -88,6 +90,7 @@ def parse_args():
     if args.set and not args.label:
         parser.error("--set needs a --label to name its settings")
     args.runs = args.runs or "runs/held-out" + (f"-{args.label}" if args.label else "")
+    extraction_config(args.set)  # refused now, not after the first fit
     return args
 
 
@@ -338,7 +341,7 @@ def main() -> None:
                     fit = report["config"]["fit"]
                     started = time.time()
                     with tempfile.TemporaryDirectory(dir=Path(args.runs)) as scratch:
-                        extraction = ExtractionConfig(target=target, reconstruction=reconstruction)
+                        extraction = extraction_config(args.set, target=target, reconstruction=reconstruction)
                         record = run_extract(run, extraction, Path(scratch) / "small", streaming=False, progress=False)
                         small = bp.load_pruned(Path(scratch) / "small")
                         seconds = time.time() - started

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from bayesprune import FitConfig, GateConfig, ModelTotals, extract, fit, gate
+from bayesprune import ExtractionConfig, FitConfig, GateConfig, ModelTotals, extract, fit, gate
 from bayesprune.core import adapters as ad
 from bayesprune.run.cli import main
 from bayesprune.run.rundir import load_fitted, load_fitted_model
@@ -38,6 +38,15 @@ def test_adapters_start_as_the_identity_train_through_the_gates_and_merge_exactl
         adapted = gated(input_ids=SEQUENCES).logits
         with ad.adapters_disabled(gated.model):
             torch.testing.assert_close(gated(input_ids=SEQUENCES).logits, before)
+        with ad.adapters_scaled(gated.model, 0.5):  # as the adapters merged at half their size
+            half = gated(input_ids=SEQUENCES).logits
+        with gated.unwrapped() as plain:
+            tensors = {f"network.{k}": p for k, p in plain.named_parameters() if ".lora_" in k}
+        expected = tiny_model(family)
+        ad.merge_checkpoint_adapters(expected, tensors, 0.5 * 8 / 4)
+        torch.testing.assert_close(half, expected(input_ids=SEQUENCES).logits, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(half, adapted, atol=1e-3) and not torch.allclose(half, before, atol=1e-3)
+        torch.testing.assert_close(gated(input_ids=SEQUENCES).logits, adapted)  # the fitted size back
     ad.merge_adapters(gated.model)
     assert not ad._lora_layers(gated.model)
     with torch.no_grad():
@@ -68,26 +77,31 @@ def test_a_lora_fit_trains_adapters_only_and_extracts_the_hard_gated_adapted_mod
         torch.testing.assert_close(small(input_ids=SEQUENCES).logits, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_a_lora_run_streams_its_adapters_into_the_kept_slices(tiny_model_dir, corpus_dir, tmp_path, capsys):
+def test_a_lora_run_streams_its_adapters_into_the_kept_slices_at_their_share(tiny_model_dir, corpus_dir, tmp_path,
+                                                                            capsys):
     run = tmp_path / "run"
     assert main(["fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir), "--out", str(run),
                  "--units", "head,neuron", "--weights", "lora", "--lora-rank", "4", "--target", "none",
                  *FIT_ARGS]) == 0
     capsys.readouterr()
-    adapted, _ = load_fitted_model(run)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    assert any(not torch.equal(adapted.state_dict()[k], v) for k, v in base.state_dict().items())
     posterior = load_fitted(run)
     ids = SEQUENCES[:4]
-    for form, loader in (("per-layer", load_pruned), ("uniform", AutoModelForCausalLM.from_pretrained)):
-        streamed, in_memory = tmp_path / f"streamed-{form}", tmp_path / f"memory-{form}"
-        assert main(["extract", str(run), "--target", "0.6", "--form", form, "--out", str(streamed)]) == 0
+    outputs = {}
+    for form, loader, share in (("per-layer", load_pruned, None), ("uniform", AutoModelForCausalLM.from_pretrained,
+                                                                   None), ("per-layer", load_pruned, 1.0)):
+        adapted, _ = load_fitted_model(run, adapter_share=ExtractionConfig().adapter_share if share is None else share)
+        assert any(not torch.equal(adapted.state_dict()[k], v) for k, v in base.state_dict().items())
+        options = [] if share is None else ["--adapter-share", str(share)]
+        streamed, in_memory = tmp_path / f"streamed-{form}-{share}", tmp_path / f"memory-{form}-{share}"
+        assert main(["extract", str(run), "--target", "0.6", "--form", form, "--out", str(streamed), *options]) == 0
         record = json.loads(capsys.readouterr().out)
         assert main(["extract", str(run), "--target", "0.6", "--form", form, "--out", str(in_memory),
-                     "--in-memory"]) == 0
+                     "--in-memory", *options]) == 0
         capsys.readouterr()
         plan = posterior.plan("0.6", ModelTotals.of(adapted), form)
         assert record["fraction_of_decoder"] == pytest.approx(plan.fraction)
+        assert record["extraction"]["adapter_share"] == (0.5 if share is None else share)
         hard = gate(adapted, GateConfig(units=("head", "neuron")))
         with torch.no_grad(), hard.gates_set(plan.gates(hard.kinds, hard.values.units),
                                              posterior.amplitudes(plan.cost, point=True)):
@@ -96,6 +110,8 @@ def test_a_lora_run_streams_its_adapters_into_the_kept_slices(tiny_model_dir, co
         with torch.no_grad():
             for path in (streamed, in_memory):
                 torch.testing.assert_close(loader(path)(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)
+        outputs[form, share] = expected
+    assert not torch.allclose(outputs["per-layer", None], outputs["per-layer", 1.0], atol=1e-3)
 
 
 def test_adapters_on_a_bfloat16_network_train_in_float32_and_keep_its_output_dtype():

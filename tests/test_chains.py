@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from bayesprune import FitConfig, GateConfig, fit, gate
+from bayesprune import ExtractionConfig, FitConfig, GateConfig, fit, gate
 from bayesprune.core.fit import chain_checkpoint
 from bayesprune.core.posterior import GatePosterior
 from tests.conftest import VOCAB, tiny_model
@@ -157,7 +157,7 @@ def test_a_run_of_chains_reports_r_hat_and_extracts_the_selected_chains_network(
     assert report["selected_chain"] == scores.index(min(scores)) == 1  # settings under which chain 1 wins, so
     # the extractions below must read the second chain's adapters
     config, posterior = read_config(run), load_fitted(run)
-    network, tokenizer = load_fitted_model(run)
+    network, tokenizer = load_fitted_model(run, adapter_share=ExtractionConfig().adapter_share)  # as extract cuts
     totals = ModelTotals.of(network)
     validation = tokenize(tokenizer, split_corpus(config.data)["validation"])
     gated = gate(network, GateConfig(units=posterior.kinds))

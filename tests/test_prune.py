@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import bayesprune as bp
+from bayesprune.core.adapters import merge_checkpoint_adapters
 from bayesprune.inputs.data import Document
 from tests.conftest import tiny_model
 
@@ -23,7 +24,12 @@ def test_prune_is_gate_fit_and_extract_in_one_call(tokenizer, corpus_dir):
                                                    for i, t in enumerate(_text(corpus_dir))]), CONFIG.seq_len)
     gated = bp.gate(model, bp.GateConfig())
     by_hand = bp.fit(gated, sequences, CONFIG, progress=False)
-    small, plan = bp.extract(gated.remove(), by_hand.posterior(), "0.6")
+    network = gated.remove()  # adapters merged whole, then taken back to the default share (half)
+    whole = {k: v.clone() for k, v in network.state_dict().items()}
+    merge_checkpoint_adapters(network, by_hand.adapters, CONFIG.lora_scale * (bp.ExtractionConfig().adapter_share - 1))
+    assert all(torch.equal(network.state_dict()[k], v) for k, v in result.network.state_dict().items())
+    assert any(not torch.allclose(whole[k], v) for k, v in result.network.state_dict().items())
+    small, plan = bp.extract(network, by_hand.posterior(), "0.6")
     assert plan.record() == result.plan.record()
     expected = small.state_dict()
     assert all(torch.equal(expected[k], v) for k, v in result.model.state_dict().items())
@@ -46,6 +52,8 @@ def test_prune_keeps_the_chain_whose_cut_at_the_target_reads_best():
     for chain in range(3):  # each chain's score is its own cut's NLL on the first 16 windows
         alone = bp.fit(bp.gate(tiny_model("llama"), bp.GateConfig()), windows,
                        bp.FitConfig(steps=3, batch_size=2, seq_len=32, seed=chain), progress=False)
+        with alone.gated.unwrapped() as plain:  # the adapters at the share the cut merges
+            merge_checkpoint_adapters(plain, alone.adapters, config.lora_scale * (bp.ExtractionConfig().adapter_share - 1))
         posterior = alone.posterior()
         plan = posterior.plan("0.6", totals)
         predicted = plan_quality(alone.gated, plan, posterior.amplitudes(plan.cost, point=True), windows[:16])
@@ -66,4 +74,6 @@ def test_prune_takes_windows_and_refuses_what_it_cannot_do_before_fitting(tokeni
         bp.prune(model, torch.zeros(2, 300, dtype=torch.long), "0.5", config=CONFIG)
     with pytest.raises(ValueError, match="token ids"):
         bp.prune(model, torch.zeros(2, 8), "0.5", config=CONFIG)
+    with pytest.raises(ValueError, match="adapter_share must be between 0 and 1"):
+        bp.prune(model, windows, "0.5", config=CONFIG, adapter_share=1.5)
     assert [type(m) for m in model.modules()] == [type(m) for m in tiny_model("llama").modules()]  # not gated

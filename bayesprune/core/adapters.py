@@ -97,6 +97,21 @@ def adapters_disabled(model: nn.Module):
             layer.enable_adapters(True)
 
 
+@contextlib.contextmanager
+def adapters_scaled(model: nn.Module, share: float):
+    """The network with every adapter at ``share`` of its fitted size for the duration of the block (what
+    merging that share gives)."""
+    layers = [layer for _, layer in _lora_layers(model)]
+    fitted = [layer.scaling[ADAPTER] for layer in layers]
+    for layer, scale in zip(layers, fitted):
+        layer.scaling[ADAPTER] = scale * share
+    try:
+        yield model
+    finally:
+        for layer, scale in zip(layers, fitted):
+            layer.scaling[ADAPTER] = scale
+
+
 def adapter_deltas(tensors: dict[str, torch.Tensor], config, scale: float) -> dict[str, torch.Tensor]:
     """``weight name → (α / r) · B A`` from a checkpoint's adapter tensors (``network.…lora_A/B…``), in the
     layout the weight is stored in."""

@@ -386,17 +386,22 @@ class RouterConfig(_JsonConfig):
 
 @dataclass
 class ExtractionConfig(_JsonConfig):
-    """What to cut from a fitted run: the target size, the checkpoint form, the neuron rounding.
+    """What to cut from a fitted run: the target size, the checkpoint form, the neuron rounding, how much of the
+    fitted adapters goes in, and any refit.
 
     ``target`` is read by :meth:`bayesprune.core.targets.Target.parse` (``None``: fit only);
     ``form`` is ``per-layer`` (each block its own widths) or ``uniform`` (plain
-    ``transformers`` loads it); ``multiple`` rounds kept neurons per block.
+    ``transformers`` loads it); ``multiple`` rounds kept neurons per block; ``adapter_share``
+    scales an adapter fit's weight change before it is merged (``W + share · (α / r) · B A``).
     """
 
     target: str | None = option("0.75", "size to extract: 0.75, 75%, 12layers, 80M, 300MB, 40%flops, or 'none'")
     form: str = option("per-layer", "per-layer widths (load with bayesprune.load_pruned) or the same widths in every "
                                     "block (loads in plain transformers)", FORMS)
     multiple: int = option(1, "round kept neurons per block to a multiple of this")
+    adapter_share: float = option(0.5, "share of an adapter fit's weight change merged into the cut: 1 all of it, "
+                                       "0 none; between, a weight-space ensemble of the original and the adapted "
+                                       "network (WiSE-FT), which keeps more on text the fit never saw")
     reconstruction: str = option("none", "refit each narrowed output projection to reproduce the dense one on "
                                          "calibration text: its kept columns by least squares, a bias making up "
                                          "the mean of what it misses (FLAP), or both; needs the model in memory",
@@ -415,6 +420,8 @@ class ExtractionConfig(_JsonConfig):
             raise TargetError(f"unknown form {self.form!r}; choose one of {list(FORMS)}")
         if not isinstance(self.multiple, int) or self.multiple < 1:
             raise TargetError(f"multiple must be an integer >= 1, got {self.multiple!r}")
+        if not 0 <= self.adapter_share <= 1:
+            raise ValueError(f"adapter_share must be between 0 and 1, got {self.adapter_share}")
         if self.reconstruction not in RECONSTRUCTIONS:
             raise ValueError(f"reconstruction must be one of {RECONSTRUCTIONS}, not {self.reconstruction!r}")
         if self.calibration_tokens < 1:

@@ -105,6 +105,7 @@ class Fit:
     history: list[dict] = field(default_factory=list)  # the selected chain's steps
     chains: list[dict] = field(default_factory=list)   # per chain: seed, validation loss, score, last losses
     chain: int = 0                                       # the selected chain
+    adapters: dict = field(default_factory=dict)         # an adapter fit's adapters (as its checkpoint names them)
 
     @property
     def guide(self) -> CostConditionedGuide:
@@ -407,9 +408,13 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
     _restore_network(gated, kept["network"])
     if config.weights == "joint":
         model.refresh_importance()  # constants of the trained weights
-    elif config.weights == "lora":
+    adapters = {}
+    if config.weights == "lora":
+        with gated.unwrapped() as plain:
+            adapters = {f"network.{k}": p.detach().cpu().clone() for k, p in plain.named_parameters()
+                        if p.requires_grad}
         merge_adapters(gated.model)
-    return Fit(gated, model, guides, config, cost, kept["history"], chains, kept["chain"])
+    return Fit(gated, model, guides, config, cost, kept["history"], chains, kept["chain"], adapters)
 
 
 def _restart_network(gated: GatedModel, start: dict[str, torch.Tensor]) -> None:

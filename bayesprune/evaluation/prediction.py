@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..inputs.data import batches
+from ..core.adapters import adapters_scaled
 from ..core.gates import GatedModel
 from ..core.likelihood import token_nll
 from ..core.posterior import GatePosterior
@@ -105,9 +106,11 @@ def plan_quality(gated: GatedModel, plan, amplitudes: dict[str, torch.Tensor], w
 SELECTION_WINDOWS = 16  # validation windows a chain's plan is scored on when a fit selects its chain
 
 
-def plan_selection(target, totals, windows: torch.Tensor, form: str = "per-layer", multiple: int = 1):
+def plan_selection(target, totals, windows: torch.Tensor, form: str = "per-layer", multiple: int = 1,
+                   adapter_share: float = 1.0):
     """A ``select`` for :func:`bayesprune.core.fit.fit`: a chain's score is the NLL per token, on ``windows``,
-    of the sub-network its posterior plans for ``target`` (hard gates, no extraction), with its network in place.
+    of the sub-network its posterior plans for ``target`` (hard gates, no extraction), with its network in place
+    and its adapters, if any, at ``adapter_share`` of their size (as the cut will merge them).
 
     Measured against the validation loss, which averages every cost (``bench/calibration.py --rules``, pairs of
     seeds of eight settings): it picks the better of two chains' cuts at the target more often (108 of 152 against
@@ -115,7 +118,8 @@ def plan_selection(target, totals, windows: torch.Tensor, form: str = "per-layer
     """
     def score(posterior: GatePosterior, gated: GatedModel) -> float:
         plan = posterior.plan(target, totals, form, multiple)
-        return plan_quality(gated, plan, posterior.amplitudes(plan.cost, point=True), windows)["nll"]
+        with adapters_scaled(gated.model, adapter_share):
+            return plan_quality(gated, plan, posterior.amplitudes(plan.cost, point=True), windows)["nll"]
     return score
 
 

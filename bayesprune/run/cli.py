@@ -124,7 +124,7 @@ def _recipe(path: str) -> dict:
     return options | {k: ("none" if k == "target" and v is None else v) for k, v in extraction.items()}
 
 
-_EXTRACTION_OPTIONS = ("form", "multiple", "reconstruction", "calibration_tokens", "damping")  # beside --target
+_EXTRACTION_OPTIONS = ("form", "multiple", "adapter_share", "reconstruction", "calibration_tokens", "damping")  # beside --target
 
 
 def _config(kind, args):

@@ -80,12 +80,12 @@ def cut_in_memory(model, plan: ExtractionPlan, extraction: ExtractionConfig, fit
     return small.to(stored), refit
 
 
-def _adapter_deltas(run_dir: Path, config, model_config) -> dict | None:
-    """A LoRA run's adapters as weight deltas (``None`` for other runs)."""
+def _adapter_deltas(run_dir: Path, config, model_config, share: float) -> dict | None:
+    """A LoRA run's adapters as weight deltas, ``share`` of their fitted size (``None`` for other runs)."""
     if config.fit.weights != "lora":
         return None
     tensors, _ = load_tensors(network_checkpoint(run_dir), CHECKPOINT_FORMAT)
-    return adapter_deltas(tensors, model_config, config.fit.lora_scale)
+    return adapter_deltas(tensors, model_config, config.fit.lora_scale * share)
 
 
 def run_extract(run_dir: str | Path, extraction: ExtractionConfig, out: str | Path, overwrite: bool = False,
@@ -124,13 +124,13 @@ def _extract_from(run_dir: Path, extraction: ExtractionConfig, out: str | Path, 
             raise ValueError(f"reconstruction ({extraction.reconstruction}) refits on the model's activations and "
                              f"needs it in memory: extract in memory (streaming=False)")
         model_config = load_config(str(source))
-        files = CheckpointFiles(source, _adapter_deltas(run_dir, config, model_config))
+        files = CheckpointFiles(source, _adapter_deltas(run_dir, config, model_config, extraction.adapter_share))
         totals = files.totals(architecture_for_config(model_config))
         plan, depth = run_plan(run_dir, fitted, totals, parsed, form, multiple)
         record = extraction_record(run_dir, extraction, plan, fitted, depth)
         extract_streaming(files, plan, out, record, overwrite)
     else:
-        model, tokenizer = load_fitted_model(run_dir, device, dtype)
+        model, tokenizer = load_fitted_model(run_dir, device, dtype, extraction.adapter_share)
         stored = source_dtype(str(source))
         totals = ModelTotals.of(model, stored)
         plan, depth = run_plan(run_dir, fitted, totals, parsed, form, multiple)

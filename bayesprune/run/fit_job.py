@@ -204,7 +204,8 @@ def _fit_in(run: RunDir, config: RunConfig, extraction: ExtractionConfig, parsed
     if parsed_target is not None and config.fit.chains > 1:  # the chain whose cut at the target reads best
         scored = windows(splits["validation"], config.data.eval_window) \
             if splits["validation"].numel() >= config.data.eval_window else windows(splits["fit"], config.fit.seq_len)
-        select = plan_selection(parsed_target, totals, scored[:SELECTION_WINDOWS], extraction.form, extraction.multiple)
+        select = plan_selection(parsed_target, totals, scored[:SELECTION_WINDOWS], extraction.form, extraction.multiple,
+                                extraction.adapter_share)
     gated = gate(model.to(fit_dtype(config.fit, model.device)), config.gate)
     validation = windows(splits["validation"], config.fit.seq_len) \
         if splits["validation"].numel() >= config.fit.seq_len else None
@@ -236,8 +237,9 @@ def _fit_in(run: RunDir, config: RunConfig, extraction: ExtractionConfig, parsed
                        "last": result.history[-10:]}}
     if plan is not None:
         out = run.extracted
-        if model.dtype != stored:  # cut the stored weights (and adapters merged at full precision), not their rounding
-            model, _ = load_fitted_model(run.path, device, stored)
+        share = extraction.adapter_share if config.fit.weights == "lora" else 1.0
+        if model.dtype != stored or share != 1:  # the stored weights (adapters merged at full precision, at their
+            model, _ = load_fitted_model(run.path, device, stored, share)  # share), not their rounding
         small, refit = cut_in_memory(model, plan, extraction, lambda: splits["fit"], config.fit.seq_len, stored,
                                      progress)
         record = extraction_record(run.path, extraction, plan, posterior, refit=refit)

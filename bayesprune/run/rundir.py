@@ -265,8 +265,10 @@ def network_checkpoint(run_dir: str | Path) -> Path:
     return chain_checkpoint(run.checkpoint, read_metadata(run.posterior, POSTERIOR_FORMAT).get("chain", 0))
 
 
-def load_fitted_model(run_dir: str | Path, device: str | None = None, dtype: str | None = None):
-    """The run's network (with jointly trained weights or adapters, of the selected chain) and tokenizer."""
+def load_fitted_model(run_dir: str | Path, device: str | None = None, dtype: str | None = None,
+                      adapter_share: float = 1.0):
+    """The run's network (with jointly trained weights or adapters, of the selected chain) and tokenizer; an adapter
+    fit's weight change merged at ``adapter_share`` of its fitted size."""
     config = read_config(run_dir)
     model, tokenizer = load_model(str(fitted_model_path(run_dir)), device, dtype)
     if config.fit.weights == "joint":
@@ -275,6 +277,6 @@ def load_fitted_model(run_dir: str | Path, device: str | None = None, dtype: str
             load_network(model, tensors)
     elif config.fit.weights == "lora":
         tensors, _ = load_tensors(network_checkpoint(run_dir), CHECKPOINT_FORMAT)
-        merge_checkpoint_adapters(model, tensors, config.fit.lora_scale)
+        merge_checkpoint_adapters(model, tensors, config.fit.lora_scale * adapter_share)
     return model, tokenizer
 
