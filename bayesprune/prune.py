@@ -5,7 +5,8 @@ defaults (head-group and neuron gates, a cost drawn every step, low-rank adapter
 :class:`~bayesprune.GateConfig` and :class:`~bayesprune.FitConfig`). The posterior it returns
 answers for every other size without refitting: ``result.posterior.plan(...)`` and
 ``bp.extract(result.network, result.posterior, other_target)``. The adapters go into the
-network at ``adapter_share`` of their fitted size, as ``bayesprune extract`` merges them.
+network at ``adapter_share`` of their fitted size, and the cut is fine-tuned on the same text,
+as ``bayesprune extract`` does.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .core.config import CostConfig, ExtractionConfig, FitConfig, GateConfig, Pr
 from .core.kinds import KINDS, check_gateable, layer_kinds, width_kinds
 from .inputs.data import Document, tokenize, windows
 from .cut.extraction import extract
+from .cut.recovery import recover_cut
 from .core.fit import Fit, fit
 from .core.gates import gate
 from .core.plan import ExtractionPlan
@@ -83,16 +85,20 @@ def fitting_windows(data, seq_len: int, tokenizer=None) -> torch.Tensor:
 def prune(model: torch.nn.Module, data, target: Target | str | float = "0.75", *, tokenizer=None,
           units: tuple[str, ...] | list[str] | None = None, config: FitConfig | None = None,
           prior: PriorConfig | None = None, cost: CostConfig | None = None, form: str = "per-layer",
-          multiple: int = 1, adapter_share: float = ExtractionConfig.adapter_share, progress: bool = True) -> Pruned:
+          multiple: int = 1, adapter_share: float = ExtractionConfig.adapter_share,
+          recovery_steps: int = ExtractionConfig.recovery_steps, recovery_lr: float = ExtractionConfig.recovery_lr,
+          progress: bool = True) -> Pruned:
     """Fit the gate posterior of ``model`` to ``data`` and cut the sub-network of size ``target`` from it.
 
     ``data`` is token windows, a token stream, or text with ``tokenizer``; ``target`` any size
     :class:`~bayesprune.core.targets.Target` reads (``0.5``, ``"12layers"``, ``"80M"``, ``"300MB"``,
     ``"40%flops"``). The target is checked against the model before anything is fitted.
     ``model`` is gated in place and handed back as ``result.network``, with ``adapter_share`` of an adapter
-    fit's weight change (:class:`~bayesprune.ExtractionConfig`).
+    fit's weight change; the cut is then fine-tuned for ``recovery_steps`` on ``data``
+    (:class:`~bayesprune.ExtractionConfig`).
     """
-    ExtractionConfig(target=None, form=form, multiple=multiple, adapter_share=adapter_share)  # refused before a fit
+    extraction = ExtractionConfig(target=None, form=form, multiple=multiple, adapter_share=adapter_share,
+                                  recovery_steps=recovery_steps, recovery_lr=recovery_lr)  # refused before a fit
     gates = GateConfig(units=tuple(units)) if units is not None else GateConfig()
     config = config or FitConfig()
     parsed = target if isinstance(target, Target) else Target.parse(target)
@@ -108,5 +114,6 @@ def prune(model: torch.nn.Module, data, target: Target | str | float = "0.75", *
     if result.adapters and adapter_share != 1:  # the merged adapters, taken back to their share
         merge_checkpoint_adapters(network, result.adapters, config.lora_scale * (adapter_share - 1))
     small, plan = extract(network, posterior, parsed, form, multiple)
+    small, _ = recover_cut(small, sequences.flatten(), extraction, config.seq_len, config.seed, progress)
     return Pruned(small, plan, posterior, network, result)
 

@@ -144,7 +144,8 @@ def measure_seed(args, seed: int, run: Path, model, tests: dict) -> list[dict]:
             measured = {name: bp.perplexity(small, tokens, EVAL_WINDOW, args.eval_tokens, progress=False)["perplexity"]
                         for name, tokens in tests.items()}
         rows.append({"seed": seed, "target": target, "cost": cost, "fraction": record["fraction_of_decoder"],
-                     "kept_shares": shares, "perplexity": measured, "seconds": time.time() - started})
+                     "kept_shares": shares, "perplexity": measured, "recovery": record.get("recovery"),
+                     "seconds": time.time() - started})
         print(f"seed {seed} target {target}: cost {cost:.3f}, kept {rows[-1]['fraction']:.3f}, perplexity "
               + ", ".join(f"{k} {v:.2f}" for k, v in measured.items()), flush=True)
     return rows

@@ -58,7 +58,7 @@ from bayesprune.core.removal import DepthSearch, conditional_depth_search
 from bayesprune.run.depth_job import run_depth_search
 from bayesprune.run.fit_job import run_fit
 from bayesprune.run.rundir import RunDir
-from bayesprune.baselines.recovery import recover
+from bayesprune.cut.recovery import recover
 
 FIT_STEPS = 300  # the budget of the earlier amortised rows: the guide sees many costs
 FRACTIONS = ["1.0", "0.9", "0.75", "0.6", "0.5", "0.4", "0.3", "0.25"]

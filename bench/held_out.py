@@ -6,8 +6,9 @@ document) and scored on ``d``'s test split (held out) and on that mixture's test
 at each ``--targets`` share of decoder parameters kept:
 
 * ``bayesprune``: the default fit (adapters with the gates, NLL, 750 steps) on the mixture, once per
-  ``--seeds`` seed, extracted as ``bayesprune extract RUN --in-memory`` does it (half the adapters' change
-  merged; ``--set extraction.adapter_share=1`` merges all of it); ``bayesprune+ls`` and
+  ``--seeds`` seed, extracted as ``bayesprune extract RUN`` does it (half the adapters' change merged,
+  then 50 steps of recovery fine-tuning on the mixture's fit split; ``--set extraction.adapter_share=1``
+  merges all of it, ``extraction.recovery_steps=0`` skips the recovery); ``bayesprune+ls`` and
   ``bayesprune+bias`` the same with ``--reconstruction least-squares`` or ``bias`` (calibrated on the
   mixture's fit split);
 * ``sparsegpt`` and ``wanda``: unstructured, the same share of non-zero decoder parameters;
@@ -349,7 +350,8 @@ def main() -> None:
                             parameters=record["parameters"], fit_seconds=report["wall_seconds"],
                             fit_tokens=fit["steps"] * fit["batch_size"] * fit["seq_len"],
                             calibration_tokens=extraction.calibration_tokens if reconstruction != "none" else 0,
-                            seconds=seconds, refit=record.get("reconstruction"), settings=args.set)
+                            seconds=seconds, refit=record.get("reconstruction"), recovery=record.get("recovery"),
+                            settings=args.set)
         for method in ("sparsegpt", "wanda"):
             for target in wanted(method):
                 pruned = copy.deepcopy(model)

@@ -7,8 +7,6 @@ from bayesprune.core.architectures import decoder_layers
 from bayesprune.baselines import (baseline_plan, block_influence, drop_last_scores,
                                   magnitude_plan, magnitude_scores, random_scores, run_block_baseline, sleb_scores)
 from bayesprune.core.likelihood import calibration_nll
-from bayesprune.core.model import NonFiniteLossError
-from bayesprune.baselines.recovery import recover
 from tests.conftest import VOCAB, tiny_model
 
 WINDOWS = torch.randint(0, VOCAB, (6, 12), generator=torch.Generator().manual_seed(0))
@@ -114,23 +112,3 @@ def test_magnitude_plan_drops_the_smallest_units_and_fits_the_target(family):
     small = extract_model(model, plan)
     with torch.no_grad():
         assert torch.isfinite(calibration_nll(small, WINDOWS) * torch.ones(1)).all()
-
-
-def test_recovery_trains_on_the_requested_tokens_and_lowers_the_loss():
-    model = tiny_model("llama")
-    tokens = WINDOWS.flatten()
-    before = calibration_nll(model, WINDOWS)
-    record = recover(model, tokens, num_tokens=40 * 2 * 12, seq_len=12, batch_size=2, lr=3e-3, progress=False)
-    assert record["steps"] == 40 and record["tokens"] == 960 and len(record["losses"]) == 40
-    assert calibration_nll(model, WINDOWS) < before
-
-
-def test_recovery_stops_on_a_non_finite_loss_before_touching_the_weights():
-    model = tiny_model("llama")
-    with torch.no_grad():
-        model.lm_head.weight[0, 0] = float("nan")
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(NonFiniteLossError):
-        recover(model, WINDOWS.flatten(), 100, seq_len=12, batch_size=2, progress=False)
-    after = model.state_dict()
-    assert all(torch.equal(state[k], after[k]) or torch.isnan(state[k]).any() for k in state)

@@ -5,6 +5,7 @@ import torch
 
 import bayesprune as bp
 from bayesprune.core.adapters import merge_checkpoint_adapters
+from bayesprune.cut.recovery import recover_cut
 from bayesprune.inputs.data import Document
 from tests.conftest import tiny_model
 
@@ -31,12 +32,17 @@ def test_prune_is_gate_fit_and_extract_in_one_call(tokenizer, corpus_dir):
     assert any(not torch.allclose(whole[k], v) for k, v in result.network.state_dict().items())
     small, plan = bp.extract(network, by_hand.posterior(), "0.6")
     assert plan.record() == result.plan.record()
+    untuned = {k: v.clone() for k, v in small.state_dict().items()}
+    small, recovery = recover_cut(small, sequences.flatten(), bp.ExtractionConfig(), CONFIG.seq_len, CONFIG.seed,
+                                  progress=False)  # then fine-tuned on the same windows
+    assert recovery["steps"] == bp.ExtractionConfig().recovery_steps
+    assert any(not torch.equal(untuned[k], v) for k, v in small.state_dict().items())
     expected = small.state_dict()
     assert all(torch.equal(expected[k], v) for k, v in result.model.state_dict().items())
 
     assert result.plan.fraction <= 0.6 and sum(p.numel() for p in result.model.parameters()) < \
         sum(p.numel() for p in result.network.parameters())
-    other, _ = bp.extract(result.network, result.posterior, "0.8")  # any other size, no refit
+    other, _ = bp.extract(result.network, result.posterior, "0.8")  # any other size, no recovery
     assert sum(p.numel() for p in other.parameters()) > sum(p.numel() for p in result.model.parameters())
 
 
@@ -76,4 +82,6 @@ def test_prune_takes_windows_and_refuses_what_it_cannot_do_before_fitting(tokeni
         bp.prune(model, torch.zeros(2, 8), "0.5", config=CONFIG)
     with pytest.raises(ValueError, match="adapter_share must be between 0 and 1"):
         bp.prune(model, windows, "0.5", config=CONFIG, adapter_share=1.5)
+    with pytest.raises(ValueError, match="recovery_steps must be an integer >= 0"):
+        bp.prune(model, windows, "0.5", config=CONFIG, recovery_steps=-3)
     assert [type(m) for m in model.modules()] == [type(m) for m in tiny_model("llama").modules()]  # not gated

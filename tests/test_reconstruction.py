@@ -86,7 +86,7 @@ def test_extract_refits_an_adapter_run_in_memory_and_records_it(tiny_model_dir, 
         assert torch.allclose(plain(input_ids=tokens).logits, load_pruned(uniform)(input_ids=tokens).logits)
     with pytest.raises(ValueError, match="damping must be a finite number >= 0, got -1"):
         ExtractionConfig("0.6", reconstruction="least-squares", damping=-1.0)
-    with pytest.raises(ValueError, match="needs it in memory"):
+    with pytest.raises(ValueError, match="need it in memory"):
         run_extract(run, ExtractionConfig("0.6", reconstruction="least-squares"), tmp_path / "s", streaming=True)
     assert not (tmp_path / "s").exists()
 

@@ -387,7 +387,7 @@ class RouterConfig(_JsonConfig):
 @dataclass
 class ExtractionConfig(_JsonConfig):
     """What to cut from a fitted run: the target size, the checkpoint form, the neuron rounding, how much of the
-    fitted adapters goes in, and any refit.
+    fitted adapters goes in, and any refit or recovery fine-tuning.
 
     ``target`` is read by :meth:`bayesprune.core.targets.Target.parse` (``None``: fit only);
     ``form`` is ``per-layer`` (each block its own widths) or ``uniform`` (plain
@@ -409,6 +409,10 @@ class ExtractionConfig(_JsonConfig):
     calibration_tokens: int = option(16384, "tokens of the run's fit split the reconstruction refits on")
     damping: float = option(1.0, "ridge pulling refitted weights towards the cut ones, as a share of the kept "
                                  "inputs' mean second moment (0: plain least squares)")
+    recovery_steps: int = option(50, "steps of recovery fine-tuning of the cut model on the run's fit split (every "
+                                     "weight but the token embeddings; 4 windows of the fit's length a step); needs "
+                                     "the model in memory (0: none, and a cut can be streamed)")
+    recovery_lr: float = option(1e-4, "the recovery's peak learning rate (warm-up, then cosine down to 0.1x)")
 
     def __post_init__(self):
         from .targets import Target, TargetError
@@ -428,6 +432,15 @@ class ExtractionConfig(_JsonConfig):
             raise ValueError(f"calibration_tokens must be at least 1, got {self.calibration_tokens}")
         if not 0 <= self.damping < math.inf:
             raise ValueError(f"damping must be a finite number >= 0, got {self.damping}")
+        if not isinstance(self.recovery_steps, int) or self.recovery_steps < 0:
+            raise ValueError(f"recovery_steps must be an integer >= 0, got {self.recovery_steps!r}")
+        if not 0 < self.recovery_lr < math.inf:
+            raise ValueError(f"recovery_lr must be a finite number > 0, got {self.recovery_lr}")
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether this extraction runs the cut model (a reconstruction or a recovery), so needs it in memory."""
+        return self.reconstruction != "none" or self.recovery_steps > 0
 
     @property
     def parsed(self):

@@ -250,7 +250,7 @@ def optimise(step_loss, optimizer, config: FitConfig, description: str, progress
     ``step_loss(step) -> (loss, record, shown)``, clip, schedule (:func:`schedule`), step; a checkpoint every
     ``checkpoint_every`` steps, on an interrupt and at the end. Returns the records.
 
-    The fit runs it on the ELBO; recovery fine-tuning (:mod:`bayesprune.baselines.recovery`) on a pruned
+    The fit runs it on the ELBO; recovery fine-tuning (:mod:`bayesprune.cut.recovery`) on a pruned
     model's NLL."""
     start, history = 0, []
     if checkpoint is not None and checkpoint.path.exists():

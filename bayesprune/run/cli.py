@@ -124,7 +124,8 @@ def _recipe(path: str) -> dict:
     return options | {k: ("none" if k == "target" and v is None else v) for k, v in extraction.items()}
 
 
-_EXTRACTION_OPTIONS = ("form", "multiple", "adapter_share", "reconstruction", "calibration_tokens", "damping")  # beside --target
+_EXTRACTION_OPTIONS = ("form", "multiple", "adapter_share", "reconstruction", "calibration_tokens", "damping",
+                       "recovery_steps", "recovery_lr")  # beside --target
 
 
 def _config(kind, args):
@@ -300,6 +301,8 @@ def explain(err: BaseException) -> str | None:
                f"free some space and rerun"
     if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"not allowed to write or read {err.filename or 'a file'} ({err.strerror})"
+    if isinstance(err, SafetensorError) and "while serializing" in str(err):  # a write, e.g. on a full disk
+        return f"could not write a weight file ({err}); nothing was half-written: free some space and rerun"
     if isinstance(err, SafetensorError):
         return f"a weight file is not a readable safetensors file ({err})"
     if isinstance(err, pickle.UnpicklingError):

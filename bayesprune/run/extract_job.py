@@ -23,6 +23,7 @@ from ..core.selection import choose_blocks
 from ..core.targets import ModelTotals, Target, TargetError
 from ..cut.extraction import CheckpointFiles, extract_model, extract_streaming, save_extracted
 from ..cut.reconstruction import reconstruct
+from ..cut.recovery import recover_cut
 from ..inputs.data import split_corpus, tokenize, windows
 from .depth_job import read_depth
 
@@ -44,15 +45,14 @@ def run_plan(run_dir: str | Path, posterior: GatePosterior, totals: ModelTotals,
 
 
 def extraction_record(run_dir: Path, extraction: ExtractionConfig, plan, posterior: GatePosterior,
-                      depth: DepthSearch | None = None, refit: dict | None = None) -> dict:
+                      depth: DepthSearch | None = None, after: dict | None = None) -> dict:
     """What an extracted model records of how it was cut: the run, the target, the plan, what was removed
-    with the posterior's inclusion of it (or the depth ranking that chose it), and what a reconstruction did."""
+    with the posterior's inclusion of it (or the depth ranking that chose it), and what was done to the cut
+    model (``after``: its reconstruction and recovery, as :func:`cut_in_memory` reports them)."""
     removed = [i for i in range(plan.num_layers) if i not in plan.kept_layers]
     record = {"source_run": str(run_dir.resolve()), "target": str(extraction.parsed),
               "extraction": extraction.to_dict(), **plan.record(),
-              "removed_layer_names": [posterior.layer_names[i] for i in removed]}
-    if refit is not None:
-        record["reconstruction"] = refit
+              "removed_layer_names": [posterior.layer_names[i] for i in removed], **(after or {})}
     if depth is None:
         keep_p = posterior.block_keep_probability(plan.cost).mean(0)
         return {**record, "removed_inclusion": [keep_p[i].item() for i in removed]}
@@ -68,16 +68,21 @@ def calibration_windows(tokens, seq_len: int, count: int):
 
 
 def cut_in_memory(model, plan: ExtractionPlan, extraction: ExtractionConfig, fit_tokens, seq_len: int,
-                  stored, progress: bool = True) -> tuple:
-    """The extracted model cut from ``model`` in memory, in the ``stored`` dtype, refitted as ``extraction`` asks
-    on the run's fit tokens; and what the refit did (``None``: no reconstruction)."""
+                  stored, seed: int = 0, progress: bool = True) -> tuple:
+    """The extracted model cut from ``model`` in memory, in the ``stored`` dtype, refitted and fine-tuned as
+    ``extraction`` asks on the run's fit tokens (``fit_tokens()``); and what was done to it: a dict with the
+    ``reconstruction`` and the ``recovery`` records (each absent when not asked for)."""
     small = extract_model(model, plan)
-    refit = None
+    after = {}
     if extraction.reconstruction != "none":
         windows = calibration_windows(fit_tokens(), seq_len, extraction.calibration_tokens)
-        refit = reconstruct(model, small, plan, windows, extraction.damping, progress=progress,
-                            method=extraction.reconstruction)
-    return small.to(stored), refit
+        after["reconstruction"] = reconstruct(model, small, plan, windows, extraction.damping, progress=progress,
+                                              method=extraction.reconstruction)
+    small, recovery = recover_cut(small, fit_tokens() if extraction.recovery_steps else None, extraction, seq_len,
+                                  seed, progress)
+    if recovery is not None:
+        after["recovery"] = recovery
+    return small.to(stored), after
 
 
 def _adapter_deltas(run_dir: Path, config, model_config, share: float) -> dict | None:
@@ -96,7 +101,7 @@ def run_extract(run_dir: str | Path, extraction: ExtractionConfig, out: str | Pa
     A frozen-weight or adapter fit is cut straight from the original safetensors files
     (``streaming``, the default there), reading only the kept slices (and adding the
     adapters' share of each); a joint fit, whose weights live in the run's checkpoint,
-    and any extraction with a reconstruction (which reads the model's activations) are cut in memory.
+    and any extraction with a reconstruction or recovery fine-tuning (which run the model) are cut in memory.
     """
     run_dir = Path(run_dir)
     if extraction.parsed is None:
@@ -114,15 +119,15 @@ def _extract_from(run_dir: Path, extraction: ExtractionConfig, out: str | Path, 
         raise FileExistsError(f"{out} already exists; choose another --out or remove it")
     config = read_config(run_dir)
     source = fitted_model_path(run_dir)
-    refits = extraction.reconstruction != "none"
     if streaming is None:
-        streaming = config.fit.weights != "joint" and not refits
+        streaming = config.fit.weights != "joint" and not extraction.in_memory
     if streaming:
         if config.fit.weights == "joint":
             raise ValueError("a joint fit changed the weights: extract it in memory (streaming=False)")
-        if refits:
-            raise ValueError(f"reconstruction ({extraction.reconstruction}) refits on the model's activations and "
-                             f"needs it in memory: extract in memory (streaming=False)")
+        if extraction.in_memory:
+            raise ValueError("reconstruction and recovery fine-tuning work on the model's activations and need it in "
+                             "memory: extract in memory (streaming=False), or set reconstruction='none' and "
+                             "recovery_steps=0")
         model_config = load_config(str(source))
         files = CheckpointFiles(source, _adapter_deltas(run_dir, config, model_config, extraction.adapter_share))
         totals = files.totals(architecture_for_config(model_config))
@@ -138,8 +143,9 @@ def _extract_from(run_dir: Path, extraction: ExtractionConfig, out: str | Path, 
         def fit_tokens():
             return tokenize(tokenizer, split_corpus(config.data)["fit"])
 
-        small, refit = cut_in_memory(model, plan, extraction, fit_tokens, config.fit.seq_len, stored, progress)
-        record = extraction_record(run_dir, extraction, plan, fitted, depth, refit)
+        small, after = cut_in_memory(model, plan, extraction, fit_tokens, config.fit.seq_len, stored,
+                                     config.fit.seed, progress)
+        record = extraction_record(run_dir, extraction, plan, fitted, depth, after)
         save_extracted(small, tokenizer, out, record, overwrite)
     files_bytes = sum(p.stat().st_size for p in Path(out).glob("*.safetensors"))
     return {**record, "file_bytes": files_bytes, "path": str(out)}

@@ -240,9 +240,9 @@ def _fit_in(run: RunDir, config: RunConfig, extraction: ExtractionConfig, parsed
         share = extraction.adapter_share if config.fit.weights == "lora" else 1.0
         if model.dtype != stored or share != 1:  # the stored weights (adapters merged at full precision, at their
             model, _ = load_fitted_model(run.path, device, stored, share)  # share), not their rounding
-        small, refit = cut_in_memory(model, plan, extraction, lambda: splits["fit"], config.fit.seq_len, stored,
-                                     progress)
-        record = extraction_record(run.path, extraction, plan, posterior, refit=refit)
+        small, after = cut_in_memory(model, plan, extraction, lambda: splits["fit"], config.fit.seq_len, stored,
+                                     config.fit.seed, progress)
+        record = extraction_record(run.path, extraction, plan, posterior, after=after)
         save_extracted(small, tokenizer, out, record, overwrite=True)
         extracted = {**evaluate(small), **record, **model_size(small, out), "path": str(out),
                      "files": sorted(p.name for p in out.iterdir())}

@@ -1,0 +1,77 @@
+"""Recovery fine-tuning: the cut model trained on fit text, alone and as extraction's last step."""
+
+import json
+
+import pytest
+import torch
+
+from bayesprune import load_pruned
+from bayesprune.core.config import ExtractionConfig
+from bayesprune.core.likelihood import calibration_nll
+from bayesprune.core.model import NonFiniteLossError
+from bayesprune.cut.recovery import recover
+from bayesprune.run.cli import main
+from bayesprune.run.extract_job import run_extract
+from tests.conftest import VOCAB, tiny_model
+from tests.test_cli import FIT_ARGS
+
+WINDOWS = torch.randint(0, VOCAB, (6, 12), generator=torch.Generator().manual_seed(0))
+
+
+def test_recovery_trains_on_the_requested_tokens_and_lowers_the_loss():
+    model = tiny_model("llama")
+    tokens = WINDOWS.flatten()
+    before = calibration_nll(model, WINDOWS)
+    record = recover(model, tokens, num_tokens=40 * 2 * 12, seq_len=12, batch_size=2, lr=3e-3, progress=False)
+    assert record["steps"] == 40 and record["tokens"] == 960 and len(record["losses"]) == 40
+    assert calibration_nll(model, WINDOWS) < before
+
+
+def test_recovery_stops_on_a_non_finite_loss_before_touching_the_weights():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NonFiniteLossError):
+        recover(model, WINDOWS.flatten(), 100, seq_len=12, batch_size=2, progress=False)
+    after = model.state_dict()
+    assert all(torch.equal(state[k], after[k]) or torch.isnan(state[k]).any() for k in state)
+
+
+def test_recovery_in_bfloat16_autocast_trains_float32_weights_and_can_leave_the_embeddings():
+    model = tiny_model("llama")
+    embeddings = model.get_input_embeddings().weight.detach().clone()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    before = calibration_nll(model, WINDOWS)
+    recover(model, WINDOWS.flatten(), num_tokens=30 * 2 * 12, seq_len=12, batch_size=2, lr=3e-3, embeddings=False,
+            compute=torch.bfloat16, progress=False)
+    assert torch.equal(model.get_input_embeddings().weight, embeddings)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, state[k])]
+    assert any("layers.0.mlp" in k for k in changed) and any("self_attn" in k for k in changed)
+    assert calibration_nll(model, WINDOWS) < before
+
+
+def test_extract_fine_tunes_the_cut_of_an_adapter_run_and_records_it(tiny_model_dir, corpus_dir, tmp_path):
+    run = tmp_path / "run"
+    assert main(["fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir), "--out", str(run), "--target",
+                 "none", "--units", "head,neuron", "--weights", "lora", *FIT_ARGS]) == 0
+    plain, tuned = tmp_path / "plain", tmp_path / "tuned"
+    assert main(["extract", str(run), "--target", "0.6", "--out", str(plain), "--in-memory", "--recovery-steps", "0"]) == 0
+    assert main(["extract", str(run), "--target", "0.6", "--out", str(tuned), "--recovery-steps", "6",
+                 "--recovery-lr", "1e-3"]) == 0  # in memory without being asked
+    record = json.loads((tuned / "bayesprune_extraction.json").read_text())
+    assert record["recovery"]["steps"] == 6 and record["recovery"]["tokens"] == 6 * 4 * 32
+    assert record["extraction"]["recovery_steps"] == 6 and "recovery" not in json.loads(
+        (plain / "bayesprune_extraction.json").read_text())
+    before, after = load_pruned(plain).state_dict(), load_pruned(tuned).state_dict()
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and not any("embed_tokens" in k for k in changed)
+    with pytest.raises(ValueError, match="recovery_steps must be an integer >= 0, got -1"):
+        ExtractionConfig("0.6", recovery_steps=-1)
+    with pytest.raises(ValueError, match="recovery_lr must be a finite number > 0"):
+        ExtractionConfig("0.6", recovery_lr=0.0)
+    with pytest.raises(ValueError, match="need it in memory"):
+        run_extract(run, ExtractionConfig("0.6", recovery_steps=2), tmp_path / "s", streaming=True)
+    assert not (tmp_path / "s").exists()
