@@ -114,6 +114,6 @@ def prune(model: torch.nn.Module, data, target: Target | str | float = "0.75", *
     if result.adapters and adapter_share != 1:  # the merged adapters, taken back to their share
         merge_checkpoint_adapters(network, result.adapters, config.lora_scale * (adapter_share - 1))
     small, plan = extract(network, posterior, parsed, form, multiple)
-    small, _ = recover_cut(small, sequences.flatten(), extraction, config.seq_len, config.seed, progress)
+    small, _ = recover_cut(small, sequences.flatten(), extraction, config.seq_len, progress)
     return Pruned(small, plan, posterior, network, result)
 

@@ -33,7 +33,7 @@ def test_prune_is_gate_fit_and_extract_in_one_call(tokenizer, corpus_dir):
     small, plan = bp.extract(network, by_hand.posterior(), "0.6")
     assert plan.record() == result.plan.record()
     untuned = {k: v.clone() for k, v in small.state_dict().items()}
-    small, recovery = recover_cut(small, sequences.flatten(), bp.ExtractionConfig(), CONFIG.seq_len, CONFIG.seed,
+    small, recovery = recover_cut(small, sequences.flatten(), bp.ExtractionConfig(), CONFIG.seq_len,
                                   progress=False)  # then fine-tuned on the same windows
     assert recovery["steps"] == bp.ExtractionConfig().recovery_steps
     assert any(not torch.equal(untuned[k], v) for k, v in small.state_dict().items())

@@ -75,3 +75,13 @@ def test_extract_fine_tunes_the_cut_of_an_adapter_run_and_records_it(tiny_model_
     with pytest.raises(ValueError, match="need it in memory"):
         run_extract(run, ExtractionConfig("0.6", recovery_steps=2), tmp_path / "s", streaming=True)
     assert not (tmp_path / "s").exists()
+
+
+def test_the_fit_job_fine_tunes_its_cut_and_says_so(tiny_model_dir, corpus_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir), "--out", str(run), "--target",
+                 "0.6", "--units", "head,neuron", "--recovery-steps", "3", *FIT_ARGS]) == 0
+    assert "recovery: 3 steps on the fit split" in capsys.readouterr().out
+    report = json.loads((run / "report.json").read_text())
+    assert report["extracted"]["recovery"]["steps"] == 3 and report["extraction"]["recovery_steps"] == 3
+    assert json.loads((run / "extracted" / "bayesprune_extraction.json").read_text())["recovery"]["tokens"] == 3 * 4 * 32

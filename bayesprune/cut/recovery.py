@@ -23,6 +23,7 @@ from ..core.model import NonFiniteLossError
 from ..inputs.pretrained import native_dtype
 
 RECOVERY_BATCH = 4  # windows of the fit's length an extraction's recovery step trains on
+RECOVERY_SEED = 0  # the draw of those windows, the same for every fit
 
 
 def recover(model, tokens: torch.Tensor, num_tokens: int, seq_len: int = 128, batch_size: int = 4,
@@ -75,17 +76,18 @@ def recover(model, tokens: torch.Tensor, num_tokens: int, seq_len: int = 128, ba
             "lr": lr, "losses": losses}
 
 
-def recover_cut(small, tokens: torch.Tensor, extraction: ExtractionConfig, seq_len: int, seed: int = 0,
+def recover_cut(small, tokens: torch.Tensor, extraction: ExtractionConfig, seq_len: int,
                 progress: bool = True) -> tuple:
     """The extraction's recovery of a cut model: ``extraction.recovery_steps`` steps of :func:`recover` on
     ``tokens`` (the run's fit split), every weight but the token embeddings, trained in float32 with the
-    forward pass at the device's native dtype. Returns the model (float32) and what the recovery did
-    (``None`` when it takes no steps, and the model is left as it is)."""
+    forward pass at the device's native dtype. Its windows are drawn with one fixed seed, whatever the
+    fit's, so that the cuts of two fits of the same text are fine-tuned on the same windows. Returns the
+    model (float32) and what the recovery did (``None`` when it takes no steps: the model is left as it is)."""
     if not extraction.recovery_steps:
         return small, None
     small = small.float()
     done = recover(small, tokens, extraction.recovery_steps * RECOVERY_BATCH * seq_len, seq_len, RECOVERY_BATCH,
-                   lr=extraction.recovery_lr, seed=seed, embeddings=False,
+                   lr=extraction.recovery_lr, seed=RECOVERY_SEED, embeddings=False,
                    compute=native_dtype(next(small.parameters()).device), progress=progress)
     last = done["losses"][-10:]
     return small, {**{k: done[k] for k in ("steps", "tokens", "seconds", "lr")},

@@ -68,7 +68,7 @@ def calibration_windows(tokens, seq_len: int, count: int):
 
 
 def cut_in_memory(model, plan: ExtractionPlan, extraction: ExtractionConfig, fit_tokens, seq_len: int,
-                  stored, seed: int = 0, progress: bool = True) -> tuple:
+                  stored, progress: bool = True) -> tuple:
     """The extracted model cut from ``model`` in memory, in the ``stored`` dtype, refitted and fine-tuned as
     ``extraction`` asks on the run's fit tokens (``fit_tokens()``); and what was done to it: a dict with the
     ``reconstruction`` and the ``recovery`` records (each absent when not asked for)."""
@@ -79,7 +79,7 @@ def cut_in_memory(model, plan: ExtractionPlan, extraction: ExtractionConfig, fit
         after["reconstruction"] = reconstruct(model, small, plan, windows, extraction.damping, progress=progress,
                                               method=extraction.reconstruction)
     small, recovery = recover_cut(small, fit_tokens() if extraction.recovery_steps else None, extraction, seq_len,
-                                  seed, progress)
+                                  progress)
     if recovery is not None:
         after["recovery"] = recovery
     return small.to(stored), after
@@ -143,8 +143,7 @@ def _extract_from(run_dir: Path, extraction: ExtractionConfig, out: str | Path, 
         def fit_tokens():
             return tokenize(tokenizer, split_corpus(config.data)["fit"])
 
-        small, after = cut_in_memory(model, plan, extraction, fit_tokens, config.fit.seq_len, stored,
-                                     config.fit.seed, progress)
+        small, after = cut_in_memory(model, plan, extraction, fit_tokens, config.fit.seq_len, stored, progress)
         record = extraction_record(run_dir, extraction, plan, fitted, depth, after)
         save_extracted(small, tokenizer, out, record, overwrite)
     files_bytes = sum(p.stat().st_size for p in Path(out).glob("*.safetensors"))

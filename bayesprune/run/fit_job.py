@@ -241,13 +241,17 @@ def _fit_in(run: RunDir, config: RunConfig, extraction: ExtractionConfig, parsed
         if model.dtype != stored or share != 1:  # the stored weights (adapters merged at full precision, at their
             model, _ = load_fitted_model(run.path, device, stored, share)  # share), not their rounding
         small, after = cut_in_memory(model, plan, extraction, lambda: splits["fit"], config.fit.seq_len, stored,
-                                     config.fit.seed, progress)
+                                     progress)
         record = extraction_record(run.path, extraction, plan, posterior, after=after)
         save_extracted(small, tokenizer, out, record, overwrite=True)
         extracted = {**evaluate(small), **record, **model_size(small, out), "path": str(out),
                      "files": sorted(p.name for p in out.iterdir())}
         report["extracted"] = extracted
         files["extracted_model"] = str(out)
+        if "recovery" in after:
+            done = after["recovery"]
+            log(f"recovery: {done['steps']} steps on the fit split, NLL {done['first_loss']:.3f} -> "
+                f"{done['last_loss']:.3f} (last 10 steps), {done['seconds']:.0f} s")
         log(f"extracted ({parsed_target}, {extraction.form}) at cost {plan.cost:.3f}: kept {len(plan.layers)}/"
             f"{plan.num_layers} blocks, {plan.fraction:.3f} of decoder parameters, test perplexity "
             f"{extracted['perplexity']:.3f} (dense {dense['perplexity']:.3f}), {extracted['parameters']:,} parameters")
