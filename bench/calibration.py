@@ -336,14 +336,17 @@ SELECTION_RULES = {  # what a fit of several chains could keep a chain by (lower
 def selection_rules(paths: list[Path]) -> dict:
     """For every rule: over each pair of seeds of a label at a target, how often its pick is the better cut (mixture
     test perplexity) and how much worse than the better one it is on average; over each label's seeds at a target, how
-    much worse than the best seed its pick is, beside a seed drawn at random (geometric means of the ratios)."""
+    much worse than the best seed its pick is, beside a seed drawn at random (geometric means of the ratios). Labels
+    whose seeds are the same fits as an earlier path's (another extraction of them) are counted once."""
     pairs = {name: [] for name in SELECTION_RULES}
     whole = {name: [] for name in [*SELECTION_RULES, "a seed at random"]}
-    labels = []
+    labels, seen = [], set()
     for path in paths:
         rows = [r for r in json.loads(path.read_text())["rows"] if "predicted" in r and "validation_loss" in r]
-        if len({r["seed"] for r in rows}) < 2:
+        fits = frozenset((r["seed"], r["target"], round(r["cost"], 6)) for r in rows)  # the same fits cut otherwise
+        if len({r["seed"] for r in rows}) < 2 or fits in seen:
             continue
+        seen.add(fits)
         labels.append(path.name)
         for target in dict.fromkeys(r["target"] for r in rows):
             members = [r for r in rows if r["target"] == target]
