@@ -127,3 +127,21 @@ def test_adapters_on_a_bfloat16_network_train_in_float32_and_keep_its_output_dty
     gated(input_ids=SEQUENCES).logits.float().square().mean().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for n, p in gated.model.named_parameters()
                if ".lora_B." in n)
+
+
+def test_float32_adapters_compute_in_a_bfloat16_networks_dtype():
+    gated = gate(tiny_model("llama").to(torch.bfloat16), GateConfig(units=("head", "neuron")))
+    ad.add_adapters(gated, rank=4, alpha=8)
+    name, layer = ad._lora_layers(gated.model)[0]
+    a, b = layer.lora_A[ad.ADAPTER].weight, layer.lora_B[ad.ADAPTER].weight
+    with torch.no_grad():
+        b.normal_()
+    x = torch.randn(3, 5, a.shape[1], generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    with torch.no_grad():
+        out = layer(x)
+        low_rank = torch.nn.functional.linear(torch.nn.functional.linear(x, a.bfloat16()), b.bfloat16())
+        expected = layer.get_base_layer()(x) + low_rank * layer.scaling[ad.ADAPTER]
+        upcast = layer.get_base_layer()(x) + (x.float() @ a.T @ b.T) * layer.scaling[ad.ADAPTER]
+    assert out.dtype == torch.bfloat16 and a.dtype == b.dtype == torch.float32
+    assert torch.equal(out, expected), name
+    assert not torch.equal(out, upcast.bfloat16())

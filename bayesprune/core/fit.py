@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .adapters import add_adapters, merge_adapters, remove_adapters
+from .allocator import hold_freed_memory
 from .config import CostConfig, FitConfig, PriorConfig
 from .gates import GatedModel
 from .guide import CostConditionedGuide
@@ -252,6 +253,7 @@ def optimise(step_loss, optimizer, config: FitConfig, description: str, progress
 
     The fit runs it on the ELBO; recovery fine-tuning (:mod:`bayesprune.cut.recovery`) on a pruned
     model's NLL."""
+    hold_freed_memory()
     start, history = 0, []
     if checkpoint is not None and checkpoint.path.exists():
         start, history = checkpoint.load(optimizer)

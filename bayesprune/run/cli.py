@@ -10,6 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
+from ..core.allocator import hold_freed_memory
 from ..core.config import (DTYPES, CostConfig, DataConfig, DepthConfig, DraftConfig, ExtractionConfig, FitConfig,
                            GateConfig, PriorConfig, RouterConfig, RunConfig)
 
@@ -317,6 +318,7 @@ def explain(err: BaseException) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    hold_freed_memory()
     previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
         else None
     try:
