@@ -5,10 +5,12 @@ Variants, each in a process of its own (the allocator is a process setting), alt
 - ``before``: glibc's allocator as it comes (``mmap`` for large blocks, given back on ``free``) and the
   adapters computing in float32, as ``peft`` runs float32 adapters on a bfloat16 network (the input cast up,
   the output added in float32);
-- ``allocator``: freed memory kept in the process (:func:`bayesprune.core.allocator.hold_freed_memory`),
+- ``allocator``: freed memory kept in the process (:func:`bayesprune.core.cpu.hold_freed_memory`),
   adapters as before;
-- ``default``: both, the adapters computing in the network's dtype (their weights stay float32);
-- ``frozen``: no adapters at all (``weights=frozen``), the floor.
+- ``adapters``: that, and the adapters computing in the network's dtype (their weights stay float32);
+- ``default``: that, and attention computed eagerly (:func:`bayesprune.core.cpu.eager_attention`) in place
+  of PyTorch's CPU flash-attention kernel;
+- ``frozen``: the default without adapters (``weights=frozen``), the floor.
 
 Each process fits the default model (bfloat16 on a CPU with native bfloat16) on the default corpus's fit
 windows: a 2-step warm-up fit, then ``--steps`` timed steps; it records the page faults of the timed fit and
@@ -21,6 +23,7 @@ its last loss (the adapters' arithmetic moves it a little).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -31,7 +34,7 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("before", "allocator", "default", "frozen")
+VARIANTS = ("before", "allocator", "adapters", "default", "frozen")
 
 
 def _float32_adapters(add_adapters):
@@ -59,6 +62,8 @@ def child(variant: str, steps: int, threads: int, tiny: bool) -> dict:
     torch.set_num_threads(threads)
     if variant in ("before", "allocator"):
         core_fit.add_adapters = _float32_adapters(core_fit.add_adapters)
+    if variant in ("before", "allocator", "adapters"):
+        core_fit.eager_attention = contextlib.nullcontext
     config = bp.RunConfig()
     model, tokenizer = bp.load_model()
     if tiny:

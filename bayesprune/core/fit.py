@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .adapters import add_adapters, merge_adapters, remove_adapters
-from .allocator import hold_freed_memory
+from .cpu import eager_attention, hold_freed_memory
 from .config import CostConfig, FitConfig, PriorConfig
 from .gates import GatedModel
 from .guide import CostConditionedGuide
@@ -343,6 +343,12 @@ def fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None = N
     posterior, with its network in place); launched on several processes, each fits whole chains (chain ``c``
     on rank ``c mod world size``).
     """
+    with eager_attention(gated.model):
+        return _fit(gated, sequences, config, prior, cost, checkpoint, progress, validation, select)
+
+
+def _fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None, prior, cost: CostConfig | None,
+         checkpoint, progress: bool, validation: torch.Tensor | None, select) -> Fit:
     config = config or FitConfig()
     cost = cost or CostConfig()
     for name, windows in (("sequences", sequences), ("validation", validation)):

@@ -17,6 +17,7 @@ import time
 import torch
 
 from ..core.config import ExtractionConfig, FitConfig
+from ..core.cpu import eager_attention
 from ..core.fit import make_optimizer, optimise
 from ..core.likelihood import sequence_nll
 from ..core.model import NonFiniteLossError
@@ -68,7 +69,8 @@ def recover(model, tokens: torch.Tensor, num_tokens: int, seq_len: int = 128, ba
     model.train()
     started = time.time()
     try:
-        losses = optimise(step_loss, optimizer, config, "recovery", progress)
+        with eager_attention(model):
+            losses = optimise(step_loss, optimizer, config, "recovery", progress)
     finally:
         model.train(was_training)
         model.zero_grad(set_to_none=True)

@@ -10,7 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
-from ..core.allocator import hold_freed_memory
+from ..core.cpu import hold_freed_memory
 from ..core.config import (DTYPES, CostConfig, DataConfig, DepthConfig, DraftConfig, ExtractionConfig, FitConfig,
                            GateConfig, PriorConfig, RouterConfig, RunConfig)
 

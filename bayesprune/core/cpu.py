@@ -1,4 +1,4 @@
-"""Keeping freed memory in the process, so that a training step does not page-fault its buffers in again.
+"""What makes training fast on a CPU: freed memory kept in the process, and attention computed eagerly.
 
 A step of the fit allocates and frees the same large activation buffers (logits alone are
 tens of MB) every time. glibc's ``malloc`` serves large blocks by ``mmap`` and gives them
@@ -7,10 +7,15 @@ machine a fault costs microseconds, and on 2 CPU cores that was about a fifth of
 (``bench/fit_speed.py``). :func:`hold_freed_memory` tells glibc to serve every block from
 its heap and never to shrink it, as PyTorch's CUDA caching allocator does for GPU memory:
 the process keeps its peak memory instead of returning it between steps.
+
+At the fit's windows (128 tokens) PyTorch's CPU flash-attention kernel is slower than plain
+matrix products and a softmax, above all in the backward pass: :func:`eager_attention`
+switches a model to ``transformers``' eager attention while it trains on a CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -46,3 +51,18 @@ def hold_freed_memory() -> bool:
     done = [mallopt(_M_MMAP_MAX, 0), mallopt(_M_TRIM_THRESHOLD, 2**31 - 1), mallopt(_M_TOP_PAD, _TOP_PAD)]
     _held = all(done)
     return _held
+
+
+@contextlib.contextmanager
+def eager_attention(model):
+    """``model`` (a ``transformers`` model) computes attention eagerly for the block where its weights are on a
+    CPU; elsewhere, and where it already does, nothing changes."""
+    previous = getattr(model.config, "_attn_implementation", None)
+    if previous in (None, "eager") or next(model.parameters()).device.type != "cpu":
+        yield model
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)

@@ -4,10 +4,15 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+from bayesprune import FitConfig, GateConfig, fit, gate
+from bayesprune.core.cpu import eager_attention
+from tests.conftest import VOCAB, tiny_model
 
 PROBE = """
 import resource, torch
-from bayesprune.core.allocator import hold_freed_memory
+from bayesprune.core.cpu import hold_freed_memory
 held = hold_freed_memory()
 faults = []
 for _ in range(7):  # 128 MB, freed at once
@@ -33,3 +38,21 @@ def test_held_memory_is_reused_without_faulting_it_in_again_unless_the_user_tune
     held, faults = probe(BAYESPRUNE_HOLD_MEMORY="0")
     assert not held and min(faults) > 30_000, faults
     assert not probe(GLIBC_TUNABLES="glibc.malloc.arena_max=2")[0]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_eager_attention_on_a_cpu_gives_the_same_logits_and_puts_the_implementation_back(family):
+    gated = gate(tiny_model(family), GateConfig(units=("attn", "neuron") if family == "gpt2" else ("head", "neuron")))
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    implementation = gated.model.config._attn_implementation
+    assert implementation != "eager"
+    gates = {k: torch.rand(gated.values.shape(k), generator=torch.Generator().manual_seed(1)) for k in gated.kinds}
+    with torch.no_grad(), gated.gates_set(gates):
+        expected = gated(input_ids=ids).logits
+        with eager_attention(gated.model):
+            assert gated.model.config._attn_implementation == "eager"
+            eager = gated(input_ids=ids).logits
+    assert gated.model.config._attn_implementation == implementation
+    torch.testing.assert_close(eager, expected, atol=1e-5, rtol=1e-5)
+    fit(gated, ids, FitConfig(steps=1, critical_nll=0.0), progress=False)
+    assert gated.model.config._attn_implementation == implementation
