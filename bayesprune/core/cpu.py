@@ -3,8 +3,8 @@
 A step of the fit allocates and frees the same large activation buffers (logits alone are
 tens of MB) every time. glibc's ``malloc`` serves large blocks by ``mmap`` and gives them
 back on ``free``, so every step faults hundreds of MB of fresh pages in; on a virtual
-machine a fault costs microseconds, and on 2 CPU cores that was about a fifth of a step
-(``bench/fit_speed.py``). :func:`hold_freed_memory` tells glibc to serve every block from
+machine a fault costs microseconds, and on 2 CPU cores that was from 3 % to a fifth of a step,
+with the machine's state (``bench/fit_speed.py``). :func:`hold_freed_memory` tells glibc to serve every block from
 its heap and never to shrink it, as PyTorch's CUDA caching allocator does for GPU memory:
 the process keeps its peak memory instead of returning it between steps.
 
