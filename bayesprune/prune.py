@@ -11,6 +11,7 @@ as ``bayesprune extract`` does.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -87,7 +88,7 @@ def prune(model: torch.nn.Module, data, target: Target | str | float = "0.75", *
           prior: PriorConfig | None = None, cost: CostConfig | None = None, form: str = "per-layer",
           multiple: int = 1, adapter_share: float = ExtractionConfig.adapter_share,
           recovery_steps: int = ExtractionConfig.recovery_steps, recovery_lr: float = ExtractionConfig.recovery_lr,
-          progress: bool = True) -> Pruned:
+          recovery_likelihood: str = ExtractionConfig.recovery_likelihood, progress: bool = True) -> Pruned:
     """Fit the gate posterior of ``model`` to ``data`` and cut the sub-network of size ``target`` from it.
 
     ``data`` is token windows, a token stream, or text with ``tokenizer``; ``target`` any size
@@ -95,10 +96,12 @@ def prune(model: torch.nn.Module, data, target: Target | str | float = "0.75", *
     ``"40%flops"``). The target is checked against the model before anything is fitted.
     ``model`` is gated in place and handed back as ``result.network``, with ``adapter_share`` of an adapter
     fit's weight change; the cut is then fine-tuned for ``recovery_steps`` on ``data``
-    (:class:`~bayesprune.ExtractionConfig`).
+    (:class:`~bayesprune.ExtractionConfig`), towards a frozen copy of ``model`` as it came in when
+    ``recovery_likelihood`` is ``"distillation"`` (kept in memory for that).
     """
     extraction = ExtractionConfig(target=None, form=form, multiple=multiple, adapter_share=adapter_share,
-                                  recovery_steps=recovery_steps, recovery_lr=recovery_lr)  # refused before a fit
+                                  recovery_steps=recovery_steps, recovery_lr=recovery_lr,
+                                  recovery_likelihood=recovery_likelihood)  # refused before a fit
     gates = GateConfig(units=tuple(units)) if units is not None else GateConfig()
     config = config or FitConfig()
     parsed = target if isinstance(target, Target) else Target.parse(target)
@@ -107,6 +110,7 @@ def prune(model: torch.nn.Module, data, target: Target | str | float = "0.75", *
     select = plan_selection(parsed, ModelTotals.of(model), sequences[:SELECTION_WINDOWS], form, multiple,
                             adapter_share) \
         if config.chains > 1 else None  # several chains: keep the one whose cut at the target reads best
+    dense = copy.deepcopy(model) if recovery_steps and recovery_likelihood == "distillation" else None
     gated = gate(model, gates)
     result = fit(gated, sequences, config, prior, cost, progress=progress, select=select)
     posterior = result.posterior()
@@ -114,6 +118,6 @@ def prune(model: torch.nn.Module, data, target: Target | str | float = "0.75", *
     if result.adapters and adapter_share != 1:  # the merged adapters, taken back to their share
         merge_checkpoint_adapters(network, result.adapters, config.lora_scale * (adapter_share - 1))
     small, plan = extract(network, posterior, parsed, form, multiple)
-    small, _ = recover_cut(small, sequences.flatten(), extraction, config.seq_len, progress)
+    small, _ = recover_cut(small, sequences.flatten(), extraction, config.seq_len, lambda: dense, progress)
     return Pruned(small, plan, posterior, network, result)
 

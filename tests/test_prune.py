@@ -16,9 +16,10 @@ def _text(corpus_dir) -> list[str]:
     return [p.read_text() for p in sorted(corpus_dir.glob("*.txt"))]
 
 
-def test_prune_is_gate_fit_and_extract_in_one_call(tokenizer, corpus_dir):
+@pytest.mark.parametrize("likelihood", ["nll", "distillation"])
+def test_prune_is_gate_fit_and_extract_in_one_call(tokenizer, corpus_dir, likelihood):
     result = bp.prune(tiny_model("llama"), _text(corpus_dir), "0.6", tokenizer=tokenizer, config=CONFIG,
-                      progress=False)
+                      recovery_likelihood=likelihood, progress=False)
 
     model = tiny_model("llama")  # the same steps by hand give the same sub-network, tensor for tensor
     sequences = bp.windows(bp.tokenize(tokenizer, [Document(f"document {i}", t)
@@ -33,8 +34,9 @@ def test_prune_is_gate_fit_and_extract_in_one_call(tokenizer, corpus_dir):
     small, plan = bp.extract(network, by_hand.posterior(), "0.6")
     assert plan.record() == result.plan.record()
     untuned = {k: v.clone() for k, v in small.state_dict().items()}
-    small, recovery = recover_cut(small, sequences.flatten(), bp.ExtractionConfig(), CONFIG.seq_len,
-                                  progress=False)  # then fine-tuned on the same windows
+    small, recovery = recover_cut(small, sequences.flatten(), bp.ExtractionConfig(recovery_likelihood=likelihood),
+                                  CONFIG.seq_len, lambda: tiny_model("llama"),  # then fine-tuned on the same windows,
+                                  progress=False)  # towards the model as it came in where it distils
     assert recovery["steps"] == bp.ExtractionConfig().recovery_steps
     assert any(not torch.equal(untuned[k], v) for k, v in small.state_dict().items())
     expected = small.state_dict()
@@ -84,4 +86,6 @@ def test_prune_takes_windows_and_refuses_what_it_cannot_do_before_fitting(tokeni
         bp.prune(model, windows, "0.5", config=CONFIG, adapter_share=1.5)
     with pytest.raises(ValueError, match="recovery_steps must be an integer >= 0"):
         bp.prune(model, windows, "0.5", config=CONFIG, recovery_steps=-3)
+    with pytest.raises(ValueError, match="recovery_likelihood must be one of"):
+        bp.prune(model, windows, "0.5", config=CONFIG, recovery_likelihood="kl")
     assert [type(m) for m in model.modules()] == [type(m) for m in tiny_model("llama").modules()]  # not gated

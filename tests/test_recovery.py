@@ -7,7 +7,8 @@ import torch
 
 from bayesprune import load_pruned
 from bayesprune.core.config import ExtractionConfig
-from bayesprune.core.likelihood import calibration_nll
+from bayesprune.core.likelihood import (DistillationLikelihood, NetworkTeacher, calibration_nll, next_token_log_probs,
+                                        sequence_kl)
 from bayesprune.core.model import NonFiniteLossError
 from bayesprune.cut.recovery import recover
 from bayesprune.run.cli import main
@@ -36,6 +37,33 @@ def test_recovery_stops_on_a_non_finite_loss_before_touching_the_weights():
         recover(model, WINDOWS.flatten(), 100, seq_len=12, batch_size=2, progress=False)
     after = model.state_dict()
     assert all(torch.equal(state[k], after[k]) or torch.isnan(state[k]).any() for k in state)
+
+
+def _kl(teacher, student) -> float:
+    with torch.no_grad():
+        return sequence_kl(next_token_log_probs(teacher(input_ids=WINDOWS).logits),
+                           student(input_ids=WINDOWS).logits).sum().item()
+
+
+def test_distillation_recovery_draws_the_cut_towards_the_dense_network_not_the_text():
+    dense = tiny_model("llama")
+    recover(dense, WINDOWS.flatten(), num_tokens=40 * 2 * 12, seq_len=12, batch_size=2, lr=1e-2, progress=False)
+    student = tiny_model("llama")  # the trained network, cut
+    student.load_state_dict(dense.state_dict())
+    with torch.no_grad():
+        for layer in student.model.layers:
+            layer.mlp.down_proj.weight[:, ::2] = 0  # half of each block's neurons cut
+    nll_tuned = tiny_model("llama")
+    nll_tuned.load_state_dict(student.state_dict())
+    kl_before = _kl(dense, student)
+    kwargs = dict(num_tokens=40 * 2 * 12, seq_len=12, batch_size=2, lr=1e-3, progress=False)
+    record = recover(student, WINDOWS.flatten(), likelihood=DistillationLikelihood(NetworkTeacher(dense)), **kwargs)
+    recover(nll_tuned, WINDOWS.flatten(), **kwargs)
+    assert record["losses"][0] == pytest.approx(kl_before / (6 * 11), rel=0.5)  # per token, on 2 of the 6 windows
+    assert _kl(dense, student) < 0.5 * kl_before
+    assert _kl(dense, student) < _kl(dense, nll_tuned)  # the NLL fits the windows, not the dense network
+    assert calibration_nll(nll_tuned, WINDOWS) < calibration_nll(student, WINDOWS)
+    assert not any(p.requires_grad for p in dense.parameters())
 
 
 def test_recovery_in_bfloat16_autocast_trains_float32_weights_and_can_leave_the_embeddings():
@@ -72,6 +100,16 @@ def test_extract_fine_tunes_the_cut_of_an_adapter_run_and_records_it(tiny_model_
         ExtractionConfig("0.6", recovery_steps=-1)
     with pytest.raises(ValueError, match="recovery_lr must be a finite number > 0"):
         ExtractionConfig("0.6", recovery_lr=0.0)
+    with pytest.raises(ValueError, match="recovery_likelihood must be one of"):
+        ExtractionConfig("0.6", recovery_likelihood="kl")
+    distilled = tmp_path / "distilled"
+    assert main(["extract", str(run), "--target", "0.6", "--out", str(distilled), "--recovery-steps", "6",
+                 "--recovery-lr", "1e-3", "--recovery-likelihood", "distillation"]) == 0
+    recovery = json.loads((distilled / "bayesprune_extraction.json").read_text())["recovery"]
+    assert recovery["likelihood"] == "distillation" and record["recovery"]["likelihood"] == "nll"
+    assert recovery["first_loss"] < record["recovery"]["first_loss"]  # KL from the dense network, below the NLL
+    distilled_state = load_pruned(distilled).state_dict()
+    assert any(not torch.equal(after[k], distilled_state[k]) for k in after)
     with pytest.raises(ValueError, match="need it in memory"):
         run_extract(run, ExtractionConfig("0.6", recovery_steps=2), tmp_path / "s", streaming=True)
     assert not (tmp_path / "s").exists()
@@ -81,7 +119,7 @@ def test_the_fit_job_fine_tunes_its_cut_and_says_so(tiny_model_dir, corpus_dir, 
     run = tmp_path / "run"
     assert main(["fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir), "--out", str(run), "--target",
                  "0.6", "--units", "head,neuron", "--recovery-steps", "3", *FIT_ARGS]) == 0
-    assert "recovery: 3 steps on the fit split" in capsys.readouterr().out
+    assert "recovery: 3 steps on the fit split, nll" in capsys.readouterr().out
     report = json.loads((run / "report.json").read_text())
     assert report["extracted"]["recovery"]["steps"] == 3 and report["extraction"]["recovery_steps"] == 3
     assert json.loads((run / "extracted" / "bayesprune_extraction.json").read_text())["recovery"]["tokens"] == 3 * 4 * 32

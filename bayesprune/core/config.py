@@ -413,6 +413,9 @@ class ExtractionConfig(_JsonConfig):
                                      "weight but the token embeddings; 4 windows of the fit's length a step); needs "
                                      "the model in memory (0: none, and a cut can be streamed)")
     recovery_lr: float = option(1e-4, "the recovery's peak learning rate (warm-up, then cosine down to 0.1x)")
+    recovery_likelihood: str = option("nll", "what the recovery trains on: next-token NLL of the fit split, or KL "
+                                             "from the dense network the run started from on the same text "
+                                             "(distillation; loads that network beside the cut)", LIKELIHOODS)
 
     def __post_init__(self):
         from .targets import Target, TargetError
@@ -436,6 +439,8 @@ class ExtractionConfig(_JsonConfig):
             raise ValueError(f"recovery_steps must be an integer >= 0, got {self.recovery_steps!r}")
         if not 0 < self.recovery_lr < math.inf:
             raise ValueError(f"recovery_lr must be a finite number > 0, got {self.recovery_lr}")
+        if self.recovery_likelihood not in LIKELIHOODS:
+            raise ValueError(f"recovery_likelihood must be one of {LIKELIHOODS}, not {self.recovery_likelihood!r}")
 
     @property
     def in_memory(self) -> bool:

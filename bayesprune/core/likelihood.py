@@ -101,12 +101,18 @@ class OpenGatesTeacher:
             return self.gated(input_ids=sequences, use_cache=False).logits
 
 
-class FrozenCopyTeacher:
-    """A frozen copy of the network's weights as they are now (for fits that train them)."""
+class NetworkTeacher:
+    """A network of its own, frozen: a copy of the weights as they were before a fit that trains them, or the
+    dense network a cut model is fine-tuned towards."""
 
-    def __init__(self, gated: GatedModel):
+    def __init__(self, model):
+        self.model = model.requires_grad_(False).eval()
+
+    @classmethod
+    def frozen_copy(cls, gated: GatedModel) -> "NetworkTeacher":
+        """A frozen copy of the gated network's weights as they are now."""
         with gated.unwrapped() as model:
-            self.model = copy.deepcopy(model).requires_grad_(False).eval()
+            return cls(copy.deepcopy(model))
 
     def __call__(self, sequences: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=sequences, use_cache=False).logits
@@ -117,6 +123,6 @@ def likelihood_for(gated: GatedModel, kind: str = "nll", nll_weight: float = 0.0
     if kind == "nll":
         return NextTokenLikelihood()
     if kind == "distillation":
-        teacher = FrozenCopyTeacher(gated) if weights == "joint" else OpenGatesTeacher(gated)
+        teacher = NetworkTeacher.frozen_copy(gated) if weights == "joint" else OpenGatesTeacher(gated)
         return DistillationLikelihood(teacher, nll_weight)
     raise ValueError(f"the likelihood must be one of {LIKELIHOODS}, not {kind!r}")

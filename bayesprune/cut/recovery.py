@@ -4,9 +4,10 @@ The extraction's optional last step (``ExtractionConfig.recovery_steps``), and t
 recovery the structured baselines get (``bench/frontier.py``): ``steps × batch_size × seq_len``
 tokens, windows drawn (seeded) from the tokens given. It is the fit's own optimiser and loop
 (:func:`bayesprune.core.fit.optimise`: AdamW without weight decay, linear warm-up over the first
-tenth then cosine decay to 0.1×, gradient norm clipped) on another objective: the cut model's
-next-token NLL. The weights it trains stay in their own dtype; ``compute`` runs the forward pass
-in another (bfloat16 autocast), as the fit runs its network.
+tenth then cosine decay to 0.1×, gradient norm clipped) on the fit's own likelihoods
+(:mod:`bayesprune.core.likelihood`), scoring the cut model: its next-token NLL, or its KL from the
+dense network on the same windows (distillation). The weights it trains stay in their own dtype;
+``compute`` runs the forward pass in another (bfloat16 autocast), as the fit runs its network.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from ..core.config import ExtractionConfig, FitConfig
 from ..core.cpu import eager_attention
 from ..core.fit import make_optimizer, optimise
-from ..core.likelihood import sequence_nll
+from ..core.likelihood import DistillationLikelihood, NetworkTeacher, NextTokenLikelihood
 from ..core.model import NonFiniteLossError
 from ..inputs.pretrained import native_dtype
 
@@ -29,14 +30,16 @@ RECOVERY_SEED = 0  # the draw of those windows, the same for every fit
 
 def recover(model, tokens: torch.Tensor, num_tokens: int, seq_len: int = 128, batch_size: int = 4,
             lr: float = 5e-5, clip: float = 1.0, seed: int = 0, embeddings: bool = True,
-            compute: torch.dtype | None = None, progress: bool = True) -> dict:
+            compute: torch.dtype | None = None, likelihood=None, progress: bool = True) -> dict:
     """Fine-tune ``model`` in place on about ``num_tokens`` tokens of ``tokens``: every parameter, or every
     one but the token embeddings (and a head tied to them) when ``embeddings`` is false.
 
-    ``compute``: the forward pass's autocast dtype (``None``: the weights' own). Returns the steps, tokens,
+    ``compute``: the forward pass's autocast dtype (``None``: the weights' own). ``likelihood``: what is
+    minimised per token, a fit likelihood (``None``: the next-token NLL). Returns the steps, tokens,
     seconds and the loss of each step. A non-finite loss stops training with
     :class:`NonFiniteLossError` before it reaches the weights.
     """
+    likelihood = likelihood or NextTokenLikelihood()
     steps = max(1, round(num_tokens / (batch_size * seq_len)))
     starts_max = tokens.numel() - seq_len
     if starts_max < 1:
@@ -58,12 +61,12 @@ def recover(model, tokens: torch.Tensor, num_tokens: int, seq_len: int = 128, ba
 
     def step_loss(step: int):
         starts = torch.randint(0, starts_max, (batch_size,), generator=generator)
-        batch = torch.stack([tokens[s:s + seq_len] for s in starts.tolist()])
+        batch = torch.stack([tokens[s:s + seq_len] for s in starts.tolist()]).to(device)
         with autocast():
-            loss = sequence_nll(model, batch).float().sum() / (batch_size * (seq_len - 1))
+            loss = likelihood(model, batch)[0].float().sum() / (batch_size * (seq_len - 1))
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"recovery loss is {loss.item()} at step {step}")
-        return loss, loss.item(), {"nll": f"{loss.item():.3f}"}
+        return loss, loss.item(), {"loss": f"{loss.item():.3f}"}
 
     was_training = model.training
     model.train()
@@ -78,19 +81,28 @@ def recover(model, tokens: torch.Tensor, num_tokens: int, seq_len: int = 128, ba
             "lr": lr, "losses": losses}
 
 
-def recover_cut(small, tokens: torch.Tensor, extraction: ExtractionConfig, seq_len: int,
+def recover_cut(small, tokens: torch.Tensor, extraction: ExtractionConfig, seq_len: int, dense=None,
                 progress: bool = True) -> tuple:
     """The extraction's recovery of a cut model: ``extraction.recovery_steps`` steps of :func:`recover` on
     ``tokens`` (the run's fit split), every weight but the token embeddings, trained in float32 with the
-    forward pass at the device's native dtype. Its windows are drawn with one fixed seed, whatever the
-    fit's, so that the cuts of two fits of the same text are fine-tuned on the same windows. Returns the
-    model (float32) and what the recovery did (``None`` when it takes no steps: the model is left as it is)."""
+    forward pass at the device's native dtype, on ``extraction.recovery_likelihood``: the NLL, or the KL
+    from ``dense()`` (the dense network, called only then). Its windows are drawn with one fixed seed,
+    whatever the fit's, so that the cuts of two fits of the same text are fine-tuned on the same windows.
+    Returns the model (float32) and what the recovery did (``None`` when it takes no steps: the model is left
+    as it is)."""
     if not extraction.recovery_steps:
         return small, None
+    likelihood = None
+    if extraction.recovery_likelihood == "distillation":
+        if dense is None:
+            raise ValueError("a distillation recovery needs the dense network to distil from")
+        likelihood = DistillationLikelihood(NetworkTeacher(dense()))
     small = small.float()
     done = recover(small, tokens, extraction.recovery_steps * RECOVERY_BATCH * seq_len, seq_len, RECOVERY_BATCH,
                    lr=extraction.recovery_lr, seed=RECOVERY_SEED, embeddings=False,
-                   compute=native_dtype(next(small.parameters()).device), progress=progress)
+                   compute=native_dtype(next(small.parameters()).device), likelihood=likelihood,
+                   progress=progress)
     last = done["losses"][-10:]
     return small, {**{k: done[k] for k in ("steps", "tokens", "seconds", "lr")},
+                   "likelihood": extraction.recovery_likelihood,
                    "first_loss": done["losses"][0], "last_loss": sum(last) / len(last)}

@@ -126,7 +126,7 @@ def _recipe(path: str) -> dict:
 
 
 _EXTRACTION_OPTIONS = ("form", "multiple", "adapter_share", "reconstruction", "calibration_tokens", "damping",
-                       "recovery_steps", "recovery_lr")  # beside --target
+                       "recovery_steps", "recovery_lr", "recovery_likelihood")  # beside --target
 
 
 def _config(kind, args):

@@ -18,7 +18,8 @@ from ..core.io import load_tensors
 from ..inputs.pretrained import load_config, source_dtype
 from ..core.plan import ExtractionPlan
 from ..core.posterior import GatePosterior
-from .rundir import RunDir, fitted_model_path, holding, load_fitted, load_fitted_model, network_checkpoint, read_config
+from .rundir import (RunDir, fitted_model_path, holding, load_dense_model, load_fitted, load_fitted_model,
+                     network_checkpoint, read_config)
 from ..core.selection import choose_blocks
 from ..core.targets import ModelTotals, Target, TargetError
 from ..cut.extraction import CheckpointFiles, extract_model, extract_streaming, save_extracted
@@ -68,10 +69,11 @@ def calibration_windows(tokens, seq_len: int, count: int):
 
 
 def cut_in_memory(model, plan: ExtractionPlan, extraction: ExtractionConfig, fit_tokens, seq_len: int,
-                  stored, progress: bool = True) -> tuple:
+                  stored, dense=None, progress: bool = True) -> tuple:
     """The extracted model cut from ``model`` in memory, in the ``stored`` dtype, refitted and fine-tuned as
-    ``extraction`` asks on the run's fit tokens (``fit_tokens()``); and what was done to it: a dict with the
-    ``reconstruction`` and the ``recovery`` records (each absent when not asked for)."""
+    ``extraction`` asks on the run's fit tokens (``fit_tokens()``), a distillation recovery towards ``dense()``
+    (the network the run started from); and what was done to it: a dict with the ``reconstruction`` and the
+    ``recovery`` records (each absent when not asked for)."""
     small = extract_model(model, plan)
     after = {}
     if extraction.reconstruction != "none":
@@ -79,7 +81,7 @@ def cut_in_memory(model, plan: ExtractionPlan, extraction: ExtractionConfig, fit
         after["reconstruction"] = reconstruct(model, small, plan, windows, extraction.damping, progress=progress,
                                               method=extraction.reconstruction)
     small, recovery = recover_cut(small, fit_tokens() if extraction.recovery_steps else None, extraction, seq_len,
-                                  progress)
+                                  dense, progress)
     if recovery is not None:
         after["recovery"] = recovery
     return small.to(stored), after
@@ -143,7 +145,8 @@ def _extract_from(run_dir: Path, extraction: ExtractionConfig, out: str | Path, 
         def fit_tokens():
             return tokenize(tokenizer, split_corpus(config.data)["fit"])
 
-        small, after = cut_in_memory(model, plan, extraction, fit_tokens, config.fit.seq_len, stored, progress)
+        small, after = cut_in_memory(model, plan, extraction, fit_tokens, config.fit.seq_len, stored,
+                                     lambda: load_dense_model(run_dir, device), progress)
         record = extraction_record(run_dir, extraction, plan, fitted, depth, after)
         save_extracted(small, tokenizer, out, record, overwrite)
     files_bytes = sum(p.stat().st_size for p in Path(out).glob("*.safetensors"))

@@ -37,7 +37,8 @@ from ..core.io import atomic_path, atomic_write_json, atomic_write_text
 from ..inputs.pretrained import compute_dtype, load_config, load_model, resolve_model, source_dtype
 from .plots import plot_block_forest, plot_inclusion_over_cost, plot_size_curve, plot_thresholds, plot_width
 from ..core.posterior import GatePosterior, cost_grid
-from .rundir import RunDir, check_output, claim, data_fingerprint, holding, load_fitted_model, model_fingerprint
+from .rundir import (RunDir, check_output, claim, data_fingerprint, holding, load_dense_model, load_fitted_model,
+                     model_fingerprint)
 from ..core.targets import ModelTotals, Target
 from ..cut.extraction import save_extracted
 from .extract_job import cut_in_memory, extraction_record
@@ -241,7 +242,7 @@ def _fit_in(run: RunDir, config: RunConfig, extraction: ExtractionConfig, parsed
         if model.dtype != stored or share != 1:  # the stored weights (adapters merged at full precision, at their
             model, _ = load_fitted_model(run.path, device, stored, share)  # share), not their rounding
         small, after = cut_in_memory(model, plan, extraction, lambda: splits["fit"], config.fit.seq_len, stored,
-                                     progress)
+                                     lambda: load_dense_model(run.path, device), progress)
         record = extraction_record(run.path, extraction, plan, posterior, after=after)
         save_extracted(small, tokenizer, out, record, overwrite=True)
         extracted = {**evaluate(small), **record, **model_size(small, out), "path": str(out),
@@ -250,7 +251,7 @@ def _fit_in(run: RunDir, config: RunConfig, extraction: ExtractionConfig, parsed
         files["extracted_model"] = str(out)
         if "recovery" in after:
             done = after["recovery"]
-            log(f"recovery: {done['steps']} steps on the fit split, NLL {done['first_loss']:.3f} -> "
+            log(f"recovery: {done['steps']} steps on the fit split, {done['likelihood']} {done['first_loss']:.3f} -> "
                 f"{done['last_loss']:.3f} (last 10 steps), {done['seconds']:.0f} s")
         log(f"extracted ({parsed_target}, {extraction.form}) at cost {plan.cost:.3f}: kept {len(plan.layers)}/"
             f"{plan.num_layers} blocks, {plan.fraction:.3f} of decoder parameters, test perplexity "

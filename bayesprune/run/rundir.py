@@ -265,6 +265,12 @@ def network_checkpoint(run_dir: str | Path) -> Path:
     return chain_checkpoint(run.checkpoint, read_metadata(run.posterior, POSTERIOR_FORMAT).get("chain", 0))
 
 
+def load_dense_model(run_dir: str | Path, device: str | None = None):
+    """The network a run started from, as its source holds it, in ``device``'s native compute dtype: what a
+    distillation recovery fine-tunes the cut towards."""
+    return load_model(str(fitted_model_path(run_dir)), device, "auto")[0]
+
+
 def load_fitted_model(run_dir: str | Path, device: str | None = None, dtype: str | None = None,
                       adapter_share: float = 1.0):
     """The run's network (with jointly trained weights or adapters, of the selected chain) and tokenizer; an adapter
