@@ -169,6 +169,8 @@ def summary(rows: list[dict]) -> list[dict]:
     for method, target in sorted(dict.fromkeys((r["method"], r["target"]) for r in rows),
                                  key=lambda pair: (methods.index(pair[0]), -float(pair[1]))):
         members = [r for r in rows if (r["method"], r["target"]) == (method, target) and r["left_out"] in dense]
+        if not members:  # no dense row to compare with
+            continue
         held_out, in_domain = _by_domain(members, "held_out"), _by_domain(members, "in_domain")
         ratios = {d: value / dense[d]["held_out"] for d, value in held_out.items()}
         seeds = sorted({r["seed"] for r in members if r.get("seed") is not None})
