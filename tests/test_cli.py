@@ -31,6 +31,13 @@ def test_fit_extract_evaluate_round_trip(tiny_model_dir, corpus_dir, tmp_path, c
     assert len(report["extracted"]["kept_layers"]) == 2
     assert report["extracted"]["parameters"] < report["dense"]["parameters"]
     assert report["config"]["fit"]["dtype"] == "auto" and report["compute_dtype"] == str(native_dtype()).split(".")[1]
+    seconds = report["seconds"]  # where the wall time went: the phases add up to it, the fit's parts to the fit
+    assert set(seconds) == {"load", "dense_evaluation", "fit", "fit_scan", "fit_steps", "summaries", "extraction",
+                            "extracted_evaluation"} and min(seconds.values()) > 0
+    assert seconds["fit_scan"] + seconds["fit_steps"] <= seconds["fit"]
+    top = sum(v for k, v in seconds.items() if not k.startswith("fit_"))
+    assert 0.9 * report["wall_seconds"] <= top <= report["wall_seconds"]
+    assert f"; {report['wall_seconds']:,.0f} s in all" in printed
     joint = tmp_path / "joint"
     assert main(["fit", "--model", str(tiny_model_dir), "--data", str(corpus_dir), "--out", str(joint),
                  "--units", "head", "--weights", "joint", "--target", "none", *FIT_ARGS]) == 0

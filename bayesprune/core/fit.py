@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +108,7 @@ class Fit:
     chains: list[dict] = field(default_factory=list)   # per chain: seed, validation loss, score, last losses
     chain: int = 0                                       # the selected chain
     adapters: dict = field(default_factory=dict)         # an adapter fit's adapters (as its checkpoint names them)
+    seconds: dict = field(default_factory=dict)          # this call's wall time: the scans, every chain's steps
 
     @property
     def guide(self) -> CostConditionedGuide:
@@ -360,12 +362,14 @@ def _fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None, p
     likelihood = likelihood_for(gated, config.likelihood, config.nll_weight, config.weights)
     model = PruningModel(gated, sequences, prior or PriorConfig(), track_importance=bool(trainable),
                          two_point_blocks=config.two_point_blocks, likelihood=likelihood)
+    began = time.time()
     pick = torch.randperm(sequences.shape[0], generator=torch.Generator().manual_seed(config.seed))  # scan windows
     if config.block_importance == "removal" and "block" in gated.kinds:
         model.block_importance = removal_importance(gated, sequences[pick[:8]])
         model.refresh_importance()
     if config.critical_nll > 0 and model.prior.config.offset_scale > 0 and width_kinds(gated.kinds):
         model.prior.protect(critical_units(gated, sequences[pick[:4]], config.critical_nll))
+    seconds = {"scan": time.time() - began, "steps": 0.0}
     start = {n: p.detach().clone() for n, p in gated.model.named_parameters() if p.requires_grad} \
         if config.chains > 1 and trainable else {}
     scored = validation if validation is not None and validation.shape[0] else sequences
@@ -387,7 +391,9 @@ def _fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None, p
             elbo = distributed.wrap(SplitELBO(model, guide))  # data-parallel when launched for one chain
             path = None if checkpoint is None else chain_checkpoint(checkpoint, chain)
             label = "SVI" if config.chains == 1 else f"SVI chain {chain + 1}/{config.chains}"
+            began = time.time()
             history = _fit_chain(model, guide, elbo, trainable, sequences, chain_config, cost, path, progress, label)
+            seconds["steps"] += time.time() - began
             record = {"chain": chain, "seed": chain_config.seed,
                       "last_loss": sum(r["loss"] for r in history[-10:]) / max(1, len(history[-10:]))}
             if config.chains > 1:
@@ -422,7 +428,7 @@ def _fit(gated: GatedModel, sequences: torch.Tensor, config: FitConfig | None, p
             adapters = {f"network.{k}": p.detach().cpu().clone() for k, p in plain.named_parameters()
                         if p.requires_grad}
         merge_adapters(gated.model)
-    return Fit(gated, model, guides, config, cost, kept["history"], chains, kept["chain"], adapters)
+    return Fit(gated, model, guides, config, cost, kept["history"], chains, kept["chain"], adapters, seconds)
 
 
 def _restart_network(gated: GatedModel, start: dict[str, torch.Tensor]) -> None:

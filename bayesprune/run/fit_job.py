@@ -196,8 +196,10 @@ def _fit_in(run: RunDir, config: RunConfig, extraction: ExtractionConfig, parsed
                           progress=progress)
 
     log("tokens: " + ", ".join(f"{name} {splits[name].numel():,}" for name in ("fit", "validation", "test")))
+    seconds = {"load": time.time() - started}
     if distributed.is_main():
-        dense = {**evaluate(model), **model_size(model)}
+        with _timed(seconds, "dense_evaluation"):
+            dense = {**evaluate(model), **model_size(model)}
         log(f"dense model: test perplexity {dense['perplexity']:.3f}, {dense['parameters']:,} parameters")
 
     totals = ModelTotals.of(model, stored)
@@ -210,14 +212,17 @@ def _fit_in(run: RunDir, config: RunConfig, extraction: ExtractionConfig, parsed
     gated = gate(model.to(fit_dtype(config.fit, model.device)), config.gate)
     validation = windows(splits["validation"], config.fit.seq_len) \
         if splits["validation"].numel() >= config.fit.seq_len else None
-    result = fit(gated, windows(splits["fit"], config.fit.seq_len), config.fit, config.prior, config.cost,
-                 checkpoint=run.checkpoint, progress=progress, validation=validation, select=select)
+    with _timed(seconds, "fit"):
+        result = fit(gated, windows(splits["fit"], config.fit.seq_len), config.fit, config.prior, config.cost,
+                     checkpoint=run.checkpoint, progress=progress, validation=validation, select=select)
+    seconds |= {f"fit_{part}": value for part, value in result.seconds.items()}
     if not distributed.is_main():
         return {}
     if any(result.critical_units.values()):
         log("critical units (removal alone broke the network; the prior keeps them in): " + "; ".join(
             f"{kind} {', '.join(f'{layer}.{unit}' for layer, unit in units)}"
             for kind, units in result.critical_units.items()))
+    summarising = time.time()
     posterior = result.posterior()
     posterior.save(run.posterior)
     model = gated.remove()
@@ -236,17 +241,20 @@ def _fit_in(run: RunDir, config: RunConfig, extraction: ExtractionConfig, parsed
               "convergence": _convergence(posterior, cost, result.chains, parsed_target, log),
               "loss": {"first": result.history[0] if result.history else None,
                        "last": result.history[-10:]}}
+    seconds["summaries"] = time.time() - summarising
     if plan is not None:
         out = run.extracted
         share = extraction.adapter_share if config.fit.weights == "lora" else 1.0
         if model.dtype != stored or share != 1:  # the stored weights (adapters merged at full precision, at their
             model, _ = load_fitted_model(run.path, device, stored, share)  # share), not their rounding
-        small, after = cut_in_memory(model, plan, extraction, lambda: splits["fit"], config.fit.seq_len, stored,
-                                     lambda: load_dense_model(run.path, device), progress)
-        record = extraction_record(run.path, extraction, plan, posterior, after=after)
-        save_extracted(small, tokenizer, out, record, overwrite=True)
-        extracted = {**evaluate(small), **record, **model_size(small, out), "path": str(out),
-                     "files": sorted(p.name for p in out.iterdir())}
+        with _timed(seconds, "extraction"):
+            small, after = cut_in_memory(model, plan, extraction, lambda: splits["fit"], config.fit.seq_len, stored,
+                                         lambda: load_dense_model(run.path, device), progress)
+            record = extraction_record(run.path, extraction, plan, posterior, after=after)
+            save_extracted(small, tokenizer, out, record, overwrite=True)
+        with _timed(seconds, "extracted_evaluation"):
+            extracted = {**evaluate(small), **record, **model_size(small, out), "path": str(out),
+                         "files": sorted(p.name for p in out.iterdir())}
         report["extracted"] = extracted
         files["extracted_model"] = str(out)
         if "recovery" in after:
@@ -258,10 +266,36 @@ def _fit_in(run: RunDir, config: RunConfig, extraction: ExtractionConfig, parsed
             f"{extracted['perplexity']:.3f} (dense {dense['perplexity']:.3f}), {extracted['parameters']:,} parameters")
     report["files"] = files
     report["wall_seconds"] = time.time() - started
+    report["seconds"] = seconds
+    log(format_seconds(seconds, report["wall_seconds"]))
     atomic_write_json(run.report, report)
     files["report"] = str(run.report)
     log("wrote:\n" + "\n".join(f"  {k}: {v}" for k, v in files.items()))
     return report
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict, phase: str):
+    """Add the block's wall time to ``seconds[phase]``."""
+    began = time.time()
+    try:
+        yield
+    finally:
+        seconds[phase] = seconds.get(phase, 0.0) + time.time() - began
+
+
+def format_seconds(seconds: dict, wall: float) -> str:
+    """One line: where the job's wall time went."""
+    def s(phase):
+        return f"{seconds[phase]:,.0f} s"
+
+    parts = [f"load {s('load')}"] + ([f"dense evaluation {s('dense_evaluation')}"] if "dense_evaluation" in seconds
+                                     else [])
+    parts.append(f"fit {s('fit')} (critical-unit scan {s('fit_scan')}, SVI steps {s('fit_steps')})")
+    parts.append(f"posterior summaries and plots {s('summaries')}")
+    if "extraction" in seconds:
+        parts += [f"extraction {s('extraction')}", f"evaluation of the cut {s('extracted_evaluation')}"]
+    return "time: " + ", ".join(parts) + f"; {wall:,.0f} s in all"
 
 
 def _name(dtype: torch.dtype) -> str:
