@@ -7,9 +7,12 @@ Variants, each in a process of its own (the allocator is a process setting), alt
   the output added in float32);
 - ``allocator``: freed memory kept in the process (:func:`bayesprune.core.cpu.hold_freed_memory`),
   adapters as before;
-- ``adapters``: that, and the adapters computing in the network's dtype (their weights stay float32);
-- ``default``: that, and attention computed eagerly (:func:`bayesprune.core.cpu.eager_attention`) in place
+- ``adapters``: that, and the adapters computing in the network's dtype (their weights stay float32), each
+  half cast down and applied by ``peft``'s forward, which scales the product and adds it in two more passes;
+- ``eager``: that, and attention computed eagerly (:func:`bayesprune.core.cpu.eager_attention`) in place
   of PyTorch's CPU flash-attention kernel;
+- ``default``: that, and each adapter's scaling folded into ``B`` and its sum with the base output one
+  ``addmm`` (:func:`bayesprune.core.adapters.add_adapters`);
 - ``frozen``: the default without adapters (``weights=frozen``), the floor.
 
 Each process fits the default model (bfloat16 on a CPU with native bfloat16) on the default corpus's fit
@@ -18,6 +21,11 @@ its last loss (the adapters' arithmetic moves it a little).
 
     .venv/bin/python bench/fit_speed.py                 # SmolLM2-135M, 4 × 128 tokens, 10 steps, 2 rounds
     .venv/bin/python bench/fit_speed.py --tiny          # smoke run on a tiny random Llama
+    .venv/bin/python bench/fit_speed.py --profile       # where the default's step goes (torch.profiler), by operation
+
+With ``--profile`` each variant's timed steps run under ``torch.profiler``: the result adds its operations' own
+(self) CPU time per step, matrix products split into the base network's and the adapters' (an operand of the
+adapters' rank), and the largest other operations.
 """
 
 from __future__ import annotations
@@ -34,24 +42,29 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("before", "allocator", "adapters", "default", "frozen")
+VARIANTS = ("before", "allocator", "adapters", "eager", "default", "frozen")
 
 
-def _float32_adapters(add_adapters):
-    """``add_adapters`` with ``peft``'s own arithmetic: float32 adapters cast their input up."""
+def _peft_adapters(add_adapters, upcast: bool):
+    """``add_adapters`` with ``peft``'s own forward: float32 adapters cast their input up (``upcast``), or each
+    half's weight cast down to the input's dtype."""
     def added(gated, *args, **kwargs):
+        import torch
+
         from bayesprune.core.adapters import _lora_layers
 
         trainable = add_adapters(gated, *args, **kwargs)
         for _, layer in _lora_layers(gated.model):
-            layer.cast_input_dtype_enabled = True
-            for low_rank in (*layer.lora_A.values(), *layer.lora_B.values()):
-                del low_rank.forward
+            del layer.forward
+            layer.cast_input_dtype_enabled = upcast
+            if not upcast:
+                for low_rank in (*layer.lora_A.values(), *layer.lora_B.values()):
+                    low_rank.forward = lambda x, w=low_rank.weight: torch.nn.functional.linear(x, w.to(x.dtype))
         return trainable
     return added
 
 
-def child(variant: str, steps: int, threads: int, tiny: bool) -> dict:
+def child(variant: str, steps: int, threads: int, tiny: bool, profile: bool) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -60,8 +73,8 @@ def child(variant: str, steps: int, threads: int, tiny: bool) -> dict:
     from bayesprune.run.fit_job import fit_dtype
 
     torch.set_num_threads(threads)
-    if variant in ("before", "allocator"):
-        core_fit.add_adapters = _float32_adapters(core_fit.add_adapters)
+    if variant in ("before", "allocator", "adapters", "eager"):
+        core_fit.add_adapters = _peft_adapters(core_fit.add_adapters, upcast=variant in ("before", "allocator"))
     if variant in ("before", "allocator", "adapters"):
         core_fit.eager_attention = contextlib.nullcontext
     config = bp.RunConfig()
@@ -78,13 +91,38 @@ def child(variant: str, steps: int, threads: int, tiny: bool) -> dict:
     core_fit.fit(gated, sequences, dataclasses.replace(fit_config, steps=2), config.prior, config.cost,
                  progress=False)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) \
+        if profile else contextlib.nullcontext()
     started = time.perf_counter()
-    result = core_fit.fit(gated, sequences, dataclasses.replace(fit_config, steps=steps), config.prior, config.cost,
-                          progress=False)
+    with profiler:
+        result = core_fit.fit(gated, sequences, dataclasses.replace(fit_config, steps=steps), config.prior,
+                              config.cost, progress=False)
     seconds = time.perf_counter() - started
     return {"variant": variant, "seconds_per_step": seconds / steps,
             "page_faults_per_step": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps,
-            "last_loss": result.history[-1]["loss"], "dtype": str(model.dtype).removeprefix("torch.")}
+            "last_loss": result.history[-1]["loss"], "dtype": str(model.dtype).removeprefix("torch.")} \
+        | ({"profile": _operations(profiler, steps, fit_config.lora_rank)} if profile else {})
+
+
+PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+
+
+def _operations(profiler, steps: int, rank: int, top: int = 15) -> dict:
+    """Self CPU seconds per step: matrix products of the base network and of the adapters, and the largest other
+    operations (profiler overhead included: their sum exceeds an unprofiled step)."""
+    products = {"base network": 0.0, "adapters": 0.0}
+    others: dict[str, float] = {}
+    for event in profiler.key_averages(group_by_input_shape=True):
+        seconds = event.self_cpu_time_total / 1e6 / steps
+        if event.key in PRODUCTS:
+            adapter = any(rank in shape for shape in event.input_shapes if shape)
+            products["adapters" if adapter else "base network"] += seconds
+        else:
+            others[event.key] = others.get(event.key, 0.0) + seconds
+    largest = dict(sorted(others.items(), key=lambda kv: -kv[1])[:top])
+    return {"matrix_products": products, "largest_other_operations": largest,
+            "other_operations_total": sum(others.values()), "profiled_total": sum(products.values())
+            + sum(others.values())}
 
 
 def main() -> None:
@@ -93,12 +131,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="profile each variant's timed steps by operation")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--out", default="bench/results/fit_speed.json")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.steps, args.threads, args.tiny)))
+        print(json.dumps(child(args.child, args.steps, args.threads, args.tiny, args.profile)))
         return
 
     from common import write_results
@@ -110,7 +149,8 @@ def main() -> None:
             if variant == "before":
                 env["BAYESPRUNE_HOLD_MEMORY"] = "0"
             command = [sys.executable, __file__, "--child", variant, "--steps", str(args.steps),
-                       "--threads", str(args.threads)] + (["--tiny"] if args.tiny else [])
+                       "--threads", str(args.threads)] + (["--tiny"] if args.tiny else []) \
+                + (["--profile"] if args.profile else [])
             out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
             runs.append({"round": round_, **json.loads(out.strip().splitlines()[-1])})
             print(runs[-1], flush=True)
@@ -123,6 +163,9 @@ def main() -> None:
         for variant in summary:
             summary[variant]["speedup_over_before"] = \
                 summary["before"]["seconds_per_step"] / summary[variant]["seconds_per_step"]
+    for previous, variant in zip(args.variants, args.variants[1:]):
+        summary[variant]["speedup_over_previous"] = \
+            summary[previous]["seconds_per_step"] / summary[variant]["seconds_per_step"]
     import torch
 
     write_results({"benchmark": "fit_speed", "model": "tiny Llama" if args.tiny else "SmolLM2-135M-Instruct",
