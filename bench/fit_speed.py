@@ -11,8 +11,10 @@ Variants, each in a process of its own (the allocator is a process setting), alt
   half cast down and applied by ``peft``'s forward, which scales the product and adds it in two more passes;
 - ``eager``: that, and attention computed eagerly (:func:`bayesprune.core.cpu.eager_attention`) in place
   of PyTorch's CPU flash-attention kernel;
-- ``default``: that, and each adapter's scaling folded into ``B`` and its sum with the base output one
+- ``addmm``: that, and each adapter's scaling folded into ``B`` and its sum with the base output one
   ``addmm`` (:func:`bayesprune.core.adapters.add_adapters`);
+- ``default``: that, and the next-token NLL and its gradient made a few rows of logits at a time in float32
+  (:func:`bayesprune.core.likelihood.token_nll`), in place of ``cross_entropy`` on a float32 copy of them all;
 - ``frozen``: the default without adapters (``weights=frozen``), the floor.
 
 Each process fits the default model (bfloat16 on a CPU with native bfloat16) on the default corpus's fit
@@ -42,7 +44,7 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("before", "allocator", "adapters", "eager", "default", "frozen")
+VARIANTS = ("before", "allocator", "adapters", "eager", "addmm", "default", "frozen")
 
 
 def _peft_adapters(add_adapters, upcast: bool):
@@ -64,12 +66,22 @@ def _peft_adapters(add_adapters, upcast: bool):
     return added
 
 
+def _whole_logits_nll(logits, input_ids):
+    """The next-token NLL as ``cross_entropy`` on a float32 copy of every logit."""
+    import torch
+
+    logits, targets = logits[:, :-1], input_ids[:, 1:]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                             reduction="none").view(targets.shape)
+
+
 def child(variant: str, steps: int, threads: int, tiny: bool, profile: bool) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     import bayesprune as bp
     from bayesprune.core import fit as core_fit
+    from bayesprune.core import likelihood
     from bayesprune.run.fit_job import fit_dtype
 
     torch.set_num_threads(threads)
@@ -77,6 +89,8 @@ def child(variant: str, steps: int, threads: int, tiny: bool, profile: bool) -> 
         core_fit.add_adapters = _peft_adapters(core_fit.add_adapters, upcast=variant in ("before", "allocator"))
     if variant in ("before", "allocator", "adapters"):
         core_fit.eager_attention = contextlib.nullcontext
+    if variant not in ("default", "frozen"):
+        likelihood.token_nll = _whole_logits_nll
     config = bp.RunConfig()
     model, tokenizer = bp.load_model()
     if tiny:

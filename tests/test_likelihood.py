@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bayesprune import FitConfig, GateConfig, fit, gate
-from bayesprune.core.likelihood import sequence_nll
+from bayesprune.core.likelihood import NLL_ROWS, sequence_nll, token_nll
 from bayesprune.core.likelihood import (DistillationLikelihood, NetworkTeacher, NextTokenLikelihood, OpenGatesTeacher,
                                    likelihood_for)
 from tests.conftest import VOCAB, tiny_model
@@ -15,6 +15,29 @@ KINDS = ("block", "attn", "mlp", "head", "neuron")
 
 def soft_gates(gated, value: float = 0.7) -> dict:
     return {k: torch.full(gated.values.shape(k), value, requires_grad=True) for k in gated.kinds}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_chunked_next_token_nll_and_its_gradient_are_cross_entropys(dtype):
+    generator = torch.Generator().manual_seed(0)
+    vocabulary, positions = 300, 2 * NLL_ROWS + 7  # chunks of every length
+    logits = (3 * torch.randn(3, positions, vocabulary, generator=generator)).to(dtype)
+    ids = torch.randint(0, vocabulary, (3, positions), generator=generator)
+    weights = torch.randn(3, positions - 1, generator=generator)
+    exact = logits.double().requires_grad_(True)
+    reference = torch.nn.functional.cross_entropy(exact[:, :-1].reshape(-1, vocabulary), ids[:, 1:].reshape(-1),
+                                                  reduction="none").view(3, -1)
+    (reference * weights).sum().backward()
+    scored = logits.clone().requires_grad_(True)
+    nll = token_nll(scored, ids)
+    (nll * weights).sum().backward()
+    assert nll.dtype == torch.float32 and scored.grad.dtype == dtype
+    torch.testing.assert_close(nll.double(), reference.detach(), rtol=1e-6, atol=1e-5)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2  # the gradient is rounded to the logits' dtype
+    torch.testing.assert_close(scored.grad.double(), exact.grad, rtol=tolerance, atol=tolerance)
+    assert not scored.grad[:, -1].any()  # the last position predicts nothing
+    # A slice of the positions (what scoring a continuation after its prompt passes) scores the same tokens.
+    torch.testing.assert_close(token_nll(logits[:, 5:], ids[:, 5:]), nll.detach()[:, 5:])
 
 
 def test_distillation_is_zero_at_the_dense_network_and_grows_as_gates_close():

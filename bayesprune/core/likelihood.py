@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 
 from .adapters import adapters_disabled
 from .config import LIKELIHOODS
@@ -25,11 +24,44 @@ from .gates import GatedModel
 
 
 
+NLL_ROWS = 32  # logit rows scored at a time: their float32 copies stay in cache
+
+
 def token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Negative log-likelihood of every next token from the logits, in float32, ``(batch, seq_len − 1)``."""
-    logits, targets = logits[:, :-1], input_ids[:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
-    return nll.view(targets.shape)
+    return _TokenNLL.apply(logits, input_ids[:, 1:])
+
+
+class _TokenNLL(torch.autograd.Function):
+    """Cross-entropy of each position's next token, ``logsumexp(z) − z[target]`` in float32, ``NLL_ROWS`` rows of
+    logits at a time; its gradient, ``softmax(z) − onehot(target)``, made the same way in the logits' dtype.
+    Casting the whole ``(batch, seq_len, vocabulary)`` logits to float32 for ``cross_entropy`` made and read
+    several float32 copies of them per step, a pass through memory each."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        batch, positions = targets.shape
+        lse = torch.empty(batch, positions, dtype=torch.float32, device=logits.device)
+        for b in range(batch):
+            for start in range(0, positions, NLL_ROWS):
+                rows = slice(start, min(start + NLL_ROWS, positions))
+                lse[b, rows] = logits[b, rows].float().logsumexp(-1)
+        picked = logits[:, :-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()
+        ctx.save_for_backward(logits, targets, lse)
+        return lse - picked
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        out = torch.zeros_like(logits)  # the last position predicts nothing
+        batch, positions = targets.shape
+        for b in range(batch):
+            for start in range(0, positions, NLL_ROWS):
+                rows = slice(start, min(start + NLL_ROWS, positions))
+                part = logits[b, rows].float().sub_(lse[b, rows, None]).exp_()
+                part.scatter_add_(-1, targets[b, rows, None], part.new_full((part.shape[0], 1), -1.0))
+                out[b, rows] = part.mul_(grad[b, rows, None])
+        return out, None
 
 
 def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
