@@ -23,11 +23,6 @@ its last loss (the adapters' arithmetic moves it a little).
 
     .venv/bin/python bench/fit_speed.py                 # SmolLM2-135M, 4 × 128 tokens, 10 steps, 2 rounds
     .venv/bin/python bench/fit_speed.py --tiny          # smoke run on a tiny random Llama
-    .venv/bin/python bench/fit_speed.py --profile       # where the default's step goes (torch.profiler), by operation
-
-With ``--profile`` each variant's timed steps run under ``torch.profiler``: the result adds its operations' own
-(self) CPU time per step, matrix products split into the base network's and the adapters' (an operand of the
-adapters' rank), and the largest other operations.
 """
 
 from __future__ import annotations
@@ -66,7 +61,7 @@ def _peft_adapters(add_adapters, upcast: bool):
     return added
 
 
-def _whole_logits_nll(logits, input_ids):
+def whole_logits_nll(logits, input_ids):
     """The next-token NLL as ``cross_entropy`` on a float32 copy of every logit."""
     import torch
 
@@ -75,7 +70,7 @@ def _whole_logits_nll(logits, input_ids):
                                              reduction="none").view(targets.shape)
 
 
-def child(variant: str, steps: int, threads: int, tiny: bool, profile: bool) -> dict:
+def child(variant: str, steps: int, threads: int, tiny: bool) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -90,7 +85,7 @@ def child(variant: str, steps: int, threads: int, tiny: bool, profile: bool) -> 
     if variant in ("before", "allocator", "adapters"):
         core_fit.eager_attention = contextlib.nullcontext
     if variant not in ("default", "frozen"):
-        likelihood.token_nll = _whole_logits_nll
+        likelihood.token_nll = whole_logits_nll
     config = bp.RunConfig()
     model, tokenizer = bp.load_model()
     if tiny:
@@ -105,38 +100,13 @@ def child(variant: str, steps: int, threads: int, tiny: bool, profile: bool) -> 
     core_fit.fit(gated, sequences, dataclasses.replace(fit_config, steps=2), config.prior, config.cost,
                  progress=False)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) \
-        if profile else contextlib.nullcontext()
     started = time.perf_counter()
-    with profiler:
-        result = core_fit.fit(gated, sequences, dataclasses.replace(fit_config, steps=steps), config.prior,
-                              config.cost, progress=False)
+    result = core_fit.fit(gated, sequences, dataclasses.replace(fit_config, steps=steps), config.prior, config.cost,
+                          progress=False)
     seconds = time.perf_counter() - started
     return {"variant": variant, "seconds_per_step": seconds / steps,
             "page_faults_per_step": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps,
-            "last_loss": result.history[-1]["loss"], "dtype": str(model.dtype).removeprefix("torch.")} \
-        | ({"profile": _operations(profiler, steps, fit_config.lora_rank)} if profile else {})
-
-
-PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
-
-
-def _operations(profiler, steps: int, rank: int, top: int = 15) -> dict:
-    """Self CPU seconds per step: matrix products of the base network and of the adapters, and the largest other
-    operations (profiler overhead included: their sum exceeds an unprofiled step)."""
-    products = {"base network": 0.0, "adapters": 0.0}
-    others: dict[str, float] = {}
-    for event in profiler.key_averages(group_by_input_shape=True):
-        seconds = event.self_cpu_time_total / 1e6 / steps
-        if event.key in PRODUCTS:
-            adapter = any(rank in shape for shape in event.input_shapes if shape)
-            products["adapters" if adapter else "base network"] += seconds
-        else:
-            others[event.key] = others.get(event.key, 0.0) + seconds
-    largest = dict(sorted(others.items(), key=lambda kv: -kv[1])[:top])
-    return {"matrix_products": products, "largest_other_operations": largest,
-            "other_operations_total": sum(others.values()), "profiled_total": sum(products.values())
-            + sum(others.values())}
+            "last_loss": result.history[-1]["loss"], "dtype": str(model.dtype).removeprefix("torch.")}
 
 
 def main() -> None:
@@ -145,13 +115,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--profile", action="store_true", help="profile each variant's timed steps by operation")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--out", default="bench/results/fit_speed.json")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.steps, args.threads, args.tiny, args.profile)))
+        print(json.dumps(child(args.child, args.steps, args.threads, args.tiny)))
         return
 
     from common import write_results
@@ -163,8 +132,7 @@ def main() -> None:
             if variant == "before":
                 env["BAYESPRUNE_HOLD_MEMORY"] = "0"
             command = [sys.executable, __file__, "--child", variant, "--steps", str(args.steps),
-                       "--threads", str(args.threads)] + (["--tiny"] if args.tiny else []) \
-                + (["--profile"] if args.profile else [])
+                       "--threads", str(args.threads)] + (["--tiny"] if args.tiny else [])
             out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
             runs.append({"round": round_, **json.loads(out.strip().splitlines()[-1])})
             print(runs[-1], flush=True)
