@@ -245,9 +245,9 @@ def _fit_in(run: RunDir, config: RunConfig, extraction: ExtractionConfig, parsed
     if plan is not None:
         out = run.extracted
         share = extraction.adapter_share if config.fit.weights == "lora" else 1.0
-        if model.dtype != stored or share != 1:  # the stored weights (adapters merged at full precision, at their
-            model, _ = load_fitted_model(run.path, device, stored, share)  # share), not their rounding
         with _timed(seconds, "extraction"):
+            if model.dtype != stored or share != 1:  # the stored weights (adapters merged at full precision, at
+                model, _ = load_fitted_model(run.path, device, stored, share)  # their share), not their rounding
             small, after = cut_in_memory(model, plan, extraction, lambda: splits["fit"], config.fit.seq_len, stored,
                                          lambda: load_dense_model(run.path, device), progress)
             record = extraction_record(run.path, extraction, plan, posterior, after=after)
