@@ -87,7 +87,7 @@ def prune(model: torch.nn.Module, data, target: Target | str | float = "0.75", *
           units: tuple[str, ...] | list[str] | None = None, config: FitConfig | None = None,
           prior: PriorConfig | None = None, cost: CostConfig | None = None, form: str = "per-layer",
           multiple: int = 1, adapter_share: float = ExtractionConfig.adapter_share,
-          recovery_steps: int = ExtractionConfig.recovery_steps, recovery_lr: float = ExtractionConfig.recovery_lr,
+          recovery_steps: int | None = ExtractionConfig.recovery_steps, recovery_lr: float = ExtractionConfig.recovery_lr,
           recovery_likelihood: str = ExtractionConfig.recovery_likelihood, progress: bool = True) -> Pruned:
     """Fit the gate posterior of ``model`` to ``data`` and cut the sub-network of size ``target`` from it.
 
@@ -95,7 +95,7 @@ def prune(model: torch.nn.Module, data, target: Target | str | float = "0.75", *
     :class:`~bayesprune.core.targets.Target` reads (``0.5``, ``"12layers"``, ``"80M"``, ``"300MB"``,
     ``"40%flops"``). The target is checked against the model before anything is fitted.
     ``model`` is gated in place and handed back as ``result.network``, with ``adapter_share`` of an adapter
-    fit's weight change; the cut is then fine-tuned for ``recovery_steps`` on ``data``
+    fit's weight change; the cut is then fine-tuned for ``recovery_steps`` (default: by the cut) on ``data``
     (:class:`~bayesprune.ExtractionConfig`), towards a frozen copy of ``model`` as it came in when
     ``recovery_likelihood`` is ``"distillation"`` (kept in memory for that).
     """
@@ -110,7 +110,7 @@ def prune(model: torch.nn.Module, data, target: Target | str | float = "0.75", *
     select = plan_selection(parsed, ModelTotals.of(model), sequences[:SELECTION_WINDOWS], form, multiple,
                             adapter_share) \
         if config.chains > 1 else None  # several chains: keep the one whose cut at the target reads best
-    dense = copy.deepcopy(model) if recovery_steps and recovery_likelihood == "distillation" else None
+    dense = copy.deepcopy(model) if recovery_steps != 0 and recovery_likelihood == "distillation" else None
     gated = gate(model, gates)
     result = fit(gated, sequences, config, prior, cost, progress=progress, select=select)
     posterior = result.posterior()
@@ -118,6 +118,7 @@ def prune(model: torch.nn.Module, data, target: Target | str | float = "0.75", *
     if result.adapters and adapter_share != 1:  # the merged adapters, taken back to their share
         merge_checkpoint_adapters(network, result.adapters, config.lora_scale * (adapter_share - 1))
     small, plan = extract(network, posterior, parsed, form, multiple)
-    small, _ = recover_cut(small, sequences.flatten(), extraction, config.seq_len, lambda: dense, progress)
+    small, _ = recover_cut(small, sequences.flatten(), extraction, config.seq_len, plan.fraction, lambda: dense,
+                           progress)
     return Pruned(small, plan, posterior, network, result)
 

@@ -35,9 +35,9 @@ def test_prune_is_gate_fit_and_extract_in_one_call(tokenizer, corpus_dir, likeli
     assert plan.record() == result.plan.record()
     untuned = {k: v.clone() for k, v in small.state_dict().items()}
     small, recovery = recover_cut(small, sequences.flatten(), bp.ExtractionConfig(recovery_likelihood=likelihood),
-                                  CONFIG.seq_len, lambda: tiny_model("llama"),  # then fine-tuned on the same windows,
-                                  progress=False)  # towards the model as it came in where it distils
-    assert recovery["steps"] == bp.ExtractionConfig().recovery_steps
+                                  CONFIG.seq_len, plan.fraction, lambda: tiny_model("llama"),  # then fine-tuned on
+                                  progress=False)  # the same windows, towards the model as it came in where it distils
+    assert recovery["steps"] == max(50, round(200 * (1 - plan.fraction)))  # by the cut
     assert any(not torch.equal(untuned[k], v) for k, v in small.state_dict().items())
     expected = small.state_dict()
     assert all(torch.equal(expected[k], v) for k, v in result.model.state_dict().items())

@@ -10,7 +10,7 @@ from bayesprune.core.config import ExtractionConfig
 from bayesprune.core.likelihood import (DistillationLikelihood, NetworkTeacher, calibration_nll, next_token_log_probs,
                                         sequence_kl)
 from bayesprune.core.model import NonFiniteLossError
-from bayesprune.cut.recovery import recover
+from bayesprune.cut.recovery import recover, recovery_steps
 from bayesprune.run.cli import main
 from bayesprune.run.extract_job import run_extract
 from tests.conftest import VOCAB, tiny_model
@@ -98,6 +98,7 @@ def test_extract_fine_tunes_the_cut_of_an_adapter_run_and_records_it(tiny_model_
     assert changed and not any("embed_tokens" in k for k in changed)
     with pytest.raises(ValueError, match="recovery_steps must be an integer >= 0, got -1"):
         ExtractionConfig("0.6", recovery_steps=-1)
+
     with pytest.raises(ValueError, match="recovery_lr must be a finite number > 0"):
         ExtractionConfig("0.6", recovery_lr=0.0)
     with pytest.raises(ValueError, match="recovery_likelihood must be one of"):
@@ -123,3 +124,12 @@ def test_the_fit_job_fine_tunes_its_cut_and_says_so(tiny_model_dir, corpus_dir, 
     report = json.loads((run / "report.json").read_text())
     assert report["extracted"]["recovery"]["steps"] == 3 and report["extraction"]["recovery_steps"] == 3
     assert json.loads((run / "extracted" / "bayesprune_extraction.json").read_text())["recovery"]["tokens"] == 3 * 4 * 32
+
+
+def test_the_default_recovery_grows_with_the_share_cut_and_a_given_one_is_kept():
+    by_cut = ExtractionConfig("0.5")
+    assert by_cut.recovery_steps is None and by_cut.in_memory
+    assert [recovery_steps(by_cut, kept) for kept in (0.9, 0.75, 0.5, 0.25, 0.0)] == [50, 50, 100, 150, 200]
+    assert [recovery_steps(ExtractionConfig("0.5", recovery_steps=n), 0.25) for n in (0, 7)] == [0, 7]
+    assert not ExtractionConfig("0.5", recovery_steps=0).in_memory
+    assert ExtractionConfig.from_dict({"target": "0.5", "recovery_steps": None}).recovery_steps is None

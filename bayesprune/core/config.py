@@ -409,9 +409,11 @@ class ExtractionConfig(_JsonConfig):
     calibration_tokens: int = option(16384, "tokens of the run's fit split the reconstruction refits on")
     damping: float = option(1.0, "ridge pulling refitted weights towards the cut ones, as a share of the kept "
                                  "inputs' mean second moment (0: plain least squares)")
-    recovery_steps: int = option(50, "steps of recovery fine-tuning of the cut model on the run's fit split (every "
-                                     "weight but the token embeddings; 4 windows of the fit's length a step); needs "
-                                     "the model in memory (0: none, and a cut can be streamed)")
+    recovery_steps: int | None = option(None, "steps of recovery fine-tuning of the cut model on the run's fit split "
+                                              "(every weight but the token embeddings; 4 windows of the fit's length "
+                                              "a step); needs the model in memory (0: none, and a cut can be "
+                                              "streamed; default: by the cut, 200 x the share of decoder parameters "
+                                              "removed, at least 50)")
     recovery_lr: float = option(1e-4, "the recovery's peak learning rate (warm-up, then cosine down to 0.1x)")
     recovery_likelihood: str = option("nll", "what the recovery trains on: next-token NLL of the fit split, or KL "
                                              "from the dense network the run started from on the same text "
@@ -435,7 +437,7 @@ class ExtractionConfig(_JsonConfig):
             raise ValueError(f"calibration_tokens must be at least 1, got {self.calibration_tokens}")
         if not 0 <= self.damping < math.inf:
             raise ValueError(f"damping must be a finite number >= 0, got {self.damping}")
-        if not isinstance(self.recovery_steps, int) or self.recovery_steps < 0:
+        if self.recovery_steps is not None and (not isinstance(self.recovery_steps, int) or self.recovery_steps < 0):
             raise ValueError(f"recovery_steps must be an integer >= 0, got {self.recovery_steps!r}")
         if not 0 < self.recovery_lr < math.inf:
             raise ValueError(f"recovery_lr must be a finite number > 0, got {self.recovery_lr}")
@@ -445,7 +447,7 @@ class ExtractionConfig(_JsonConfig):
     @property
     def in_memory(self) -> bool:
         """Whether this extraction runs the cut model (a reconstruction or a recovery), so needs it in memory."""
-        return self.reconstruction != "none" or self.recovery_steps > 0
+        return self.reconstruction != "none" or self.recovery_steps != 0
 
     @property
     def parsed(self):

@@ -1,6 +1,6 @@
 """Recovery fine-tuning: train a cut model on fit-split text to make up for what the cut removed.
 
-The extraction's optional last step (``ExtractionConfig.recovery_steps``), and the equal-budget
+The extraction's last step (``ExtractionConfig.recovery_steps``, by default more for a deeper cut), and the equal-budget
 recovery the structured baselines get (``bench/frontier.py``): ``steps × batch_size × seq_len``
 tokens, windows drawn (seeded) from the tokens given. It is the fit's own optimiser and loop
 (:func:`bayesprune.core.fit.optimise`: AdamW without weight decay, linear warm-up over the first
@@ -26,6 +26,17 @@ from ..inputs.pretrained import native_dtype
 
 RECOVERY_BATCH = 4  # windows of the fit's length an extraction's recovery step trains on
 RECOVERY_SEED = 0  # the draw of those windows, the same for every fit
+STEPS_PER_DECODER = 200  # default recovery steps per whole decoder removed (50 at 75 % kept)
+MIN_STEPS = 50  # and never fewer
+
+
+def recovery_steps(extraction: ExtractionConfig, kept: float) -> int:
+    """The steps of recovery a cut keeping ``kept`` of the decoder's parameters gets: ``extraction.recovery_steps``
+    when given, else :data:`STEPS_PER_DECODER` × the share removed, at least :data:`MIN_STEPS` (a deeper cut has
+    more to make up for, and its steps cost less)."""
+    if extraction.recovery_steps is not None:
+        return extraction.recovery_steps
+    return max(MIN_STEPS, round(STEPS_PER_DECODER * (1 - kept)))
 
 
 def recover(model, tokens: torch.Tensor, num_tokens: int, seq_len: int = 128, batch_size: int = 4,
@@ -81,16 +92,18 @@ def recover(model, tokens: torch.Tensor, num_tokens: int, seq_len: int = 128, ba
             "lr": lr, "losses": losses}
 
 
-def recover_cut(small, tokens: torch.Tensor, extraction: ExtractionConfig, seq_len: int, dense=None,
+def recover_cut(small, tokens: torch.Tensor, extraction: ExtractionConfig, seq_len: int, kept: float, dense=None,
                 progress: bool = True) -> tuple:
-    """The extraction's recovery of a cut model: ``extraction.recovery_steps`` steps of :func:`recover` on
-    ``tokens`` (the run's fit split), every weight but the token embeddings, trained in float32 with the
+    """The extraction's recovery of a cut model keeping ``kept`` of the decoder's parameters:
+    :func:`recovery_steps` steps of :func:`recover` on ``tokens`` (the run's fit split), every weight but the
+    token embeddings, trained in float32 with the
     forward pass at the device's native dtype, on ``extraction.recovery_likelihood``: the NLL, or the KL
     from ``dense()`` (the dense network, called only then). Its windows are drawn with one fixed seed,
     whatever the fit's, so that the cuts of two fits of the same text are fine-tuned on the same windows.
     Returns the model (float32) and what the recovery did (``None`` when it takes no steps: the model is left
     as it is)."""
-    if not extraction.recovery_steps:
+    steps = recovery_steps(extraction, kept)
+    if not steps:
         return small, None
     likelihood = None
     if extraction.recovery_likelihood == "distillation":
@@ -98,7 +111,7 @@ def recover_cut(small, tokens: torch.Tensor, extraction: ExtractionConfig, seq_l
             raise ValueError("a distillation recovery needs the dense network to distil from")
         likelihood = DistillationLikelihood(NetworkTeacher(dense()))
     small = small.float()
-    done = recover(small, tokens, extraction.recovery_steps * RECOVERY_BATCH * seq_len, seq_len, RECOVERY_BATCH,
+    done = recover(small, tokens, steps * RECOVERY_BATCH * seq_len, seq_len, RECOVERY_BATCH,
                    lr=extraction.recovery_lr, seed=RECOVERY_SEED, embeddings=False,
                    compute=native_dtype(next(small.parameters()).device), likelihood=likelihood,
                    progress=progress)

@@ -80,8 +80,8 @@ def cut_in_memory(model, plan: ExtractionPlan, extraction: ExtractionConfig, fit
         windows = calibration_windows(fit_tokens(), seq_len, extraction.calibration_tokens)
         after["reconstruction"] = reconstruct(model, small, plan, windows, extraction.damping, progress=progress,
                                               method=extraction.reconstruction)
-    small, recovery = recover_cut(small, fit_tokens() if extraction.recovery_steps else None, extraction, seq_len,
-                                  dense, progress)
+    small, recovery = recover_cut(small, fit_tokens() if extraction.recovery_steps != 0 else None, extraction,
+                                  seq_len, plan.fraction, dense, progress)
     if recovery is not None:
         after["recovery"] = recovery
     return small.to(stored), after
