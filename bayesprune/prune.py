@@ -87,7 +87,8 @@ def prune(model: torch.nn.Module, data, target: Target | str | float = "0.75", *
           units: tuple[str, ...] | list[str] | None = None, config: FitConfig | None = None,
           prior: PriorConfig | None = None, cost: CostConfig | None = None, form: str = "per-layer",
           multiple: int = 1, adapter_share: float = ExtractionConfig.adapter_share,
-          recovery_steps: int | None = ExtractionConfig.recovery_steps, recovery_lr: float = ExtractionConfig.recovery_lr,
+          recovery_steps: int | None = ExtractionConfig.recovery_steps,
+          recovery_lr: float = ExtractionConfig.recovery_lr,
           recovery_likelihood: str = ExtractionConfig.recovery_likelihood, progress: bool = True) -> Pruned:
     """Fit the gate posterior of ``model`` to ``data`` and cut the sub-network of size ``target`` from it.
 

@@ -7,7 +7,7 @@ at each ``--targets`` share of decoder parameters kept:
 
 * ``bayesprune``: the default fit (adapters with the gates, NLL, 750 steps) on the mixture, once per
   ``--seeds`` seed, extracted as ``bayesprune extract RUN`` does it (half the adapters' change merged,
-  then 50 steps of recovery fine-tuning on the mixture's fit split; ``--set extraction.adapter_share=1``
+  then recovery fine-tuning on the mixture's fit split, 50 steps at 75 % kept and more for a deeper cut; ``--set extraction.adapter_share=1``
   merges all of it, ``extraction.recovery_steps=0`` skips the recovery); ``bayesprune+ls`` and
   ``bayesprune+bias`` the same with ``--reconstruction least-squares`` or ``bias`` (calibrated on the
   mixture's fit split);
