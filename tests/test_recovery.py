@@ -98,7 +98,6 @@ def test_extract_fine_tunes_the_cut_of_an_adapter_run_and_records_it(tiny_model_
     assert changed and not any("embed_tokens" in k for k in changed)
     with pytest.raises(ValueError, match="recovery_steps must be an integer >= 0, got -1"):
         ExtractionConfig("0.6", recovery_steps=-1)
-
     with pytest.raises(ValueError, match="recovery_lr must be a finite number > 0"):
         ExtractionConfig("0.6", recovery_lr=0.0)
     with pytest.raises(ValueError, match="recovery_likelihood must be one of"):

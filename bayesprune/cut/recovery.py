@@ -1,7 +1,7 @@
 """Recovery fine-tuning: train a cut model on fit-split text to make up for what the cut removed.
 
-The extraction's last step (``ExtractionConfig.recovery_steps``, by default more for a deeper cut), and the equal-budget
-recovery the structured baselines get (``bench/frontier.py``): ``steps × batch_size × seq_len``
+The extraction's last step (``ExtractionConfig.recovery_steps``, by default more for a deeper cut), and
+the equal-budget recovery the structured baselines get (``bench/frontier.py``): ``steps × batch_size × seq_len``
 tokens, windows drawn (seeded) from the tokens given. It is the fit's own optimiser and loop
 (:func:`bayesprune.core.fit.optimise`: AdamW without weight decay, linear warm-up over the first
 tenth then cosine decay to 0.1×, gradient norm clipped) on the fit's own likelihoods
