@@ -1,6 +1,6 @@
 """Are the posterior's intervals honest? The default fit from several seeds, each judged by the others.
 
-The default settings (``bayesprune fit --seed N``: adapters, NLL, 300 steps on the five-domain mixture) are fitted
+The default settings (``bayesprune fit --seed N``: adapters, NLL, on the five-domain mixture) are fitted
 from each of ``--seeds`` into ``RUNS/LABEL/seedN`` (kept if there; ``--set section.field=value`` changes a setting
 for the whole label). Then, per seed and per ``--targets`` share of decoder parameters kept:
 
@@ -12,6 +12,9 @@ for the whole label). Then, per seed and per ``--targets`` share of decoder para
   perplexity (its hard-gated network, before extraction, on ``--prediction-windows`` validation windows of the
   mixture, as long as the test windows) with its 90 % band (a bootstrap over those windows); and that band scaled
   by the dense model's test over validation perplexity (validation text is not test text).
+
+A rerun keeps an earlier run's rows of the same measurement settings if they were cut with today's extraction
+settings, every default included (each row records them); a row cut otherwise (an earlier default) is measured again.
 
 Across seeds:
 
@@ -125,27 +128,34 @@ def seed_validation_loss(run: Path, posterior: bp.GatePosterior, gated, fit_wind
     return validation_loss(SplitELBO(model, guide), model, validation, config.cost, config.fit.batch_size, seed=0)
 
 
-def measure_seed(args, seed: int, run: Path, model, tests: dict) -> list[dict]:
+def cut_with(args, target: str) -> dict:
+    """The extraction settings a row of ``target`` is cut with today (every default included): a row kept from an
+    earlier run counts only if it was cut with the same."""
+    return extraction_config(args.set, target=target).to_dict()
+
+
+def measure_seed(args, seed: int, run: Path, model, tests: dict, targets: list[str]) -> list[dict]:
     """Per target: the seed's cost, kept shares with intervals and its extracted model's test perplexities."""
     posterior = load_fitted(run)
     totals = bp.ModelTotals.of(model, source_dtype(None))
     rows = []
-    for target in args.targets:
+    for target in targets:
         started = time.time()
         cost = posterior.solve(target, totals)
         shares = {}
         for kind, draws in kept_share_draws(posterior, cost).items():
             low, high = interval(draws)
             shares[kind] = {"mean": draws.mean(0).tolist(), "low": low.tolist(), "high": high.tolist()}
+        extraction = cut_with(args, target)
         with tempfile.TemporaryDirectory(dir=run.parent) as scratch:
-            record = run_extract(run, extraction_config(args.set, target=target), Path(scratch) / "small",
+            record = run_extract(run, ExtractionConfig.from_dict(extraction), Path(scratch) / "small",
                                  streaming=False, progress=False)
             small = bp.load_pruned(Path(scratch) / "small")
             measured = {name: bp.perplexity(small, tokens, EVAL_WINDOW, args.eval_tokens, progress=False)["perplexity"]
                         for name, tokens in tests.items()}
         rows.append({"seed": seed, "target": target, "cost": cost, "fraction": record["fraction_of_decoder"],
                      "kept_shares": shares, "perplexity": measured, "recovery": record.get("recovery"),
-                     "seconds": time.time() - started})
+                     "extraction": extraction, "seconds": time.time() - started})
         print(f"seed {seed} target {target}: cost {cost:.3f}, kept {rows[-1]['fraction']:.3f}, perplexity "
               + ", ".join(f"{k} {v:.2f}" for k, v in measured.items()), flush=True)
     return rows
@@ -450,7 +460,10 @@ def main() -> None:
     if out.is_file():
         earlier = json.loads(out.read_text())
         if all(earlier["settings"].get(k) == settings[k] for k in _MEASUREMENT):
-            rows = earlier["rows"]
+            rows = [r for r in earlier["rows"] if r.get("extraction") == cut_with(args, r["target"])]
+            if len(rows) < len(earlier["rows"]):
+                print(f"measuring again {len(earlier['rows']) - len(rows)} rows of {out} cut with other extraction "
+                      "settings (an earlier default)", flush=True)
     model, tokenizer = bp.load_model(None)
     mixture = {name: tokenize(tokenizer, docs) for name, docs in split_corpus(bp.DataConfig()).items()}
     tests = {"mixture": mixture["test"]} | {d: tokenize(tokenizer, split_corpus(bp.DataConfig(path=d))["test"])
@@ -465,8 +478,9 @@ def main() -> None:
     runs = {}
     for seed in args.seeds:
         runs[seed] = fitted_run(args, seed)
-        if not any(r["seed"] == seed for r in rows):
-            rows += measure_seed(args, seed, runs[seed], model, tests)
+        missing = [t for t in args.targets if not any(r["seed"] == seed and r["target"] == t for r in rows)]
+        if missing:
+            rows += measure_seed(args, seed, runs[seed], model, tests, missing)
         mine = [r for r in rows if r["seed"] == seed]
         if any("scaled" not in r.get("predicted", {}) for r in mine):
             read_outs(args, runs[seed], model, mine, fit_windows, validation, prediction,

@@ -23,7 +23,8 @@ a row measured without them is measured again.
 Baselines are calibrated on ``--calibration-windows`` seeded fit windows of the same mixture (SLEB on
 ``--sleb-windows``). Every row records its
 calibration and fit tokens and seconds. ``held_out.json`` is written after every row, and a rerun with
-the same measurement settings keeps the rows already there; the summary gives, per method and target,
+the same measurement settings keeps the rows already there (a fit's cut only if it was cut with the extraction
+settings of today, every default included: each such row records them); the summary gives, per method and target,
 the geometric mean of the held-out perplexities, their ratios to dense, and the in-domain figure; a
 seeded method's cell is the geometric mean over its seeds, with the spread of each seed's figures.
 
@@ -110,12 +111,15 @@ class Results:
     def _key(row: dict) -> tuple:
         return row["left_out"], row["method"], row["target"], row.get("seed")
 
-    def has(self, left_out: str, method: str, target: str, seed: int | None = None, tasks: dict | None = None) -> bool:
-        """Whether the row is measured, with ``tasks`` (``{"items": n, "names": [...]}``) scored when given."""
+    def has(self, left_out: str, method: str, target: str, seed: int | None = None, tasks: dict | None = None,
+            extraction: dict | None = None) -> bool:
+        """Whether the row is measured, with ``tasks`` (``{"items": n, "names": [...]}``) scored when given, and
+        cut with the ``extraction`` settings (every default included) when given."""
         def scored(row: dict) -> bool:
             measured = row.get("tasks", {})
             return measured.get("items") == tasks["items"] and all(n in measured for n in tasks["names"])
-        return any(self._key(r) == (left_out, method, target, seed) and (not tasks or scored(r)) for r in self.rows)
+        return any(self._key(r) == (left_out, method, target, seed) and (not tasks or scored(r))
+                   and (extraction is None or r.get("extraction") == extraction) for r in self.rows)
 
     def add(self, row: dict) -> None:
         """Record ``row``, in place of an earlier measurement of the same row."""
@@ -329,17 +333,21 @@ def main() -> None:
             results.add({"left_out": left_out, "mixture": mixture, "method": method, "target": target,
                          "fraction": fraction, **scores, **record})
 
-        def wanted(method: str, seed: int | None = None, name: str | None = None) -> list[str]:
+        def wanted(method: str, seed: int | None = None, name: str | None = None,
+                   reconstruction: str | None = None) -> list[str]:
+            """The targets still to measure; a fit's cut counts as measured only if cut with today's settings."""
             targets = ["1.0"] if method == "dense" else args.targets
-            return [t for t in targets
-                    if method in args.methods and not results.has(left_out, name or method, t, seed, tasks)]
+            return [t for t in targets if method in args.methods and not results.has(
+                left_out, name or method, t, seed, tasks,
+                extraction_config(args.set, target=t, reconstruction=reconstruction).to_dict()
+                if reconstruction else None)]
 
         for target in wanted("dense"):
             add("dense", target, model, 1.0, parameters=totals_params, calibration_tokens=0, fit_tokens=0, seconds=0.0)
         for seed in args.seeds:
             for method, reconstruction in REFITS.items():
                 name = method.replace("bayesprune", f"bayesprune[{args.label}]") if args.label else method
-                for target in wanted(method, seed, name):
+                for target in wanted(method, seed, name, reconstruction):
                     run, report = fitted_run(args, mixture, left_out, seed)
                     fit = report["config"]["fit"]
                     started = time.time()
@@ -353,7 +361,7 @@ def main() -> None:
                             fit_tokens=fit["steps"] * fit["batch_size"] * fit["seq_len"],
                             calibration_tokens=extraction.calibration_tokens if reconstruction != "none" else 0,
                             seconds=seconds, refit=record.get("reconstruction"), recovery=record.get("recovery"),
-                            settings=args.set)
+                            settings=args.set, extraction=extraction.to_dict())
         for method in ("sparsegpt", "wanda"):
             for target in wanted(method):
                 pruned = copy.deepcopy(model)
