@@ -11,7 +11,7 @@ from bayesprune.core.fit import cost_quantile, draw_cost, step_costs
 from bayesprune.core.guide import CostConditionedGuide
 from bayesprune.core.model import PruningModel, ShrinkagePrior
 from bayesprune.core.sizes import UnitSizes
-from tests.conftest import VOCAB, tiny_model
+from tests.conftest import TINY_CONFIGS, VOCAB, tiny_model
 
 SEQUENCES = torch.randint(0, VOCAB, (10, 8), generator=torch.Generator().manual_seed(0))
 UNITS = ("block", "attn", "mlp", "head", "neuron")
@@ -318,6 +318,28 @@ def test_critical_units_pass_the_threshold_alone_and_come_from_the_candidates():
     top.scatter_(1, input_magnitudes(gated, windows)["neuron"].topk(4, dim=1).indices, True)
     assert not (few & ~top).any()  # only the units of largest input magnitude are searched
     assert critical_units(gated, windows, 1e6)["head"].sum() == 0
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_a_replayed_dense_prefix_gives_the_whole_pass_logits_without_running_the_layers_before(family):
+    from bayesprune.core.removal import DensePrefix
+
+    gated = gate(tiny_model(family), GateConfig(units=("neuron",)))
+    windows = SEQUENCES[:4]
+    prefix = DensePrefix(gated, windows)
+    ran = []
+    hook = next(prefix.layers[0].children()).register_forward_pre_hook(lambda *_: ran.append(1))  # in layer 0
+    for layer in range(gated.num_layers):
+        off = torch.ones(gated.values.shape("neuron"))
+        off[layer, :3] = 0
+        with gated.gates_set({"neuron": off}):
+            ran.clear()
+            replayed = prefix.logits_from(layer)
+            assert bool(ran) == (layer == 0)  # the first layer computed only when the change is in it
+            with torch.no_grad():
+                assert torch.equal(replayed, gated(input_ids=windows, use_cache=False).logits), layer
+    hook.remove()
+    assert not any("forward" in vars(layer) for layer in prefix.layers)  # every layer runs again
 
 
 def test_the_prior_centres_critical_offsets_so_the_guide_starts_them_kept():

@@ -30,21 +30,24 @@ same way, until the set is the best of its neighbourhood.
 Some single units break a network when removed alone (an attention-sink head, a
 massive-activation neuron): :func:`critical_units` finds the width units whose removal
 alone raises the NLL past a threshold, by bisecting groups, so that a fit can start with
-them kept.
+them kept. A removal in layer ``l`` leaves the layers before it dense, so the scan replays their
+recorded outputs (:class:`DensePrefix`) and computes only layer ``l`` and those after it.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
+from .architectures import decoder_layers
 from .config import DEPTH_SCORES
 from .gates import GatedInput, GatedModel
 from .kinds import width_kinds
-from .likelihood import calibration_nll, next_token_log_probs, next_token_nll, sequence_kl
+from .likelihood import next_token_log_probs, next_token_nll, sequence_kl
 
 
 @dataclass
@@ -312,23 +315,69 @@ def _adaptive_choice(scorers: list[BlockScorer], trials: dict, confidence: float
     return _Choice(best, means, win_shares(per_window)[best], evaluations, used)
 
 
+class DensePrefix:
+    """The outputs of every decoder layer of the network as its gates are set now, on one batch, recorded so
+    that a network changed only from layer ``l`` on computes layers ``l`` and after: the layers before ``l``
+    return their recorded outputs (copies, the same numbers as computing them) in place of running."""
+
+    def __init__(self, gated: GatedModel, batch: torch.Tensor):
+        self.gated, self.batch = gated, batch.to(next(gated.model.parameters()).device)
+        self.layers, self.outputs = decoder_layers(gated.model), []
+        hooks = [layer.register_forward_hook(lambda module, args, output: self.outputs.append(output))
+                 for layer in self.layers]
+        try:
+            self.logits = gated(input_ids=self.batch, use_cache=False).logits
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def logits_from(self, layer: int) -> torch.Tensor:
+        """Logits under the gates set now, which must leave every layer before ``layer`` as it was recorded."""
+        replayed = self.layers[:layer]
+        own = [module.__dict__.get("forward") for module in replayed]  # a forward set on the instance (hooks)
+        for module, output in zip(replayed, self.outputs):
+            module.forward = functools.partial(_recorded, output)
+        try:
+            return self.gated(input_ids=self.batch, use_cache=False).logits
+        finally:
+            for module, forward in zip(replayed, own):
+                del module.forward
+                if forward is not None:
+                    module.forward = forward
+
+
+def _recorded(output, *args, **kwargs):
+    """A replayed layer's output: a copy, so that nothing after it can change the record in place."""
+    if isinstance(output, tuple):
+        return tuple(_recorded(o) for o in output)
+    return output.clone() if isinstance(output, torch.Tensor) else output
+
+
+def _mean_nll(logits: torch.Tensor, windows: torch.Tensor) -> float:
+    return next_token_nll(logits, windows).sum().item() / (windows.shape[0] * (windows.shape[1] - 1))
+
+
 @torch.no_grad()
-def critical_units(gated: GatedModel, windows: torch.Tensor, threshold: float, candidates: int = 16,
-                   batch_size: int = 4) -> dict[str, torch.Tensor]:
+def critical_units(gated: GatedModel, windows: torch.Tensor, threshold: float,
+                   candidates: int = 16) -> dict[str, torch.Tensor]:
     """Per width kind, a ``(layer, unit)`` mask of the units whose removal alone (every other gate open) raises
-    the mean NLL per token on ``windows`` by more than ``threshold``.
+    the mean NLL per token on ``windows`` (one batch) by more than ``threshold``.
 
     In each layer the ``candidates`` units with the largest input magnitude into the gated projection are
     searched (all of them if the layer has no more): the group is removed at once and, if the rise passes the
     threshold, split in halves, down to single units. A unit a group's removal hides (another unit in the
-    group making up for it) is not found; the scan costs a few forward passes per layer.
+    group making up for it) is not found; the scan costs a few forward passes per layer, each from that
+    layer on (:class:`DensePrefix`).
     """
-    def scorer(gates: dict[str, torch.Tensor]) -> float:
-        with gated.gates_set(gates):
-            return calibration_nll(gated, windows, batch_size)
+    with gated.gates_set({}):
+        prefix = DensePrefix(gated, windows)
+    dense = _mean_nll(prefix.logits, prefix.batch)
 
-    dense = scorer({})
-    magnitude = input_magnitudes(gated, windows[:batch_size])
+    def scorer(gates: dict[str, torch.Tensor], layer: int) -> float:
+        with gated.gates_set(gates):
+            return _mean_nll(prefix.logits_from(layer), prefix.batch)
+
+    magnitude = input_magnitudes(gated, windows)
     found = {}
     for kind in width_kinds(gated.kinds):
         shape = gated.values.shape(kind)
@@ -339,7 +388,7 @@ def critical_units(gated: GatedModel, windows: torch.Tensor, threshold: float, c
                 group = groups.pop()
                 off = torch.ones(shape)
                 off[layer, group] = 0
-                if scorer({kind: off}) - dense <= threshold:
+                if scorer({kind: off}, layer) - dense <= threshold:
                     continue
                 if len(group) == 1:
                     mask[layer, group[0]] = True
