@@ -342,6 +342,22 @@ def test_a_replayed_dense_prefix_gives_the_whole_pass_logits_without_running_the
     assert not any("forward" in vars(layer) for layer in prefix.layers)  # every layer runs again
 
 
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_block_removal_scores_from_the_first_removed_block_on_are_the_whole_pass_scores(family):
+    from bayesprune.core.likelihood import next_token_nll
+    from bayesprune.core.removal import BlockScorer
+
+    gated = gate(tiny_model(family), GateConfig(units=("block",)))
+    windows = SEQUENCES[:6]
+    scorer = BlockScorer(gated, windows, "nll", batch_size=4)
+    for removed in ([], [0], [2], [1, 3], [3]):
+        on = torch.ones(gated.num_layers)
+        on[removed] = 0
+        with gated.gates_set({"block": on}), torch.no_grad():
+            whole = next_token_nll(gated(input_ids=windows, use_cache=False).logits, windows) / (windows.shape[1] - 1)
+        assert torch.allclose(scorer(on), whole, rtol=0, atol=1e-6), removed
+
+
 def test_the_prior_centres_critical_offsets_so_the_guide_starts_them_kept():
     critical = {"head": torch.zeros(4, 4, dtype=torch.bool), "neuron": torch.zeros(4, 48, dtype=torch.bool)}
     critical["head"][1, 2] = True

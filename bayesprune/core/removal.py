@@ -30,8 +30,11 @@ same way, until the set is the best of its neighbourhood.
 Some single units break a network when removed alone (an attention-sink head, a
 massive-activation neuron): :func:`critical_units` finds the width units whose removal
 alone raises the NLL past a threshold, by bisecting groups, so that a fit can start with
-them kept. A removal in layer ``l`` leaves the layers before it dense, so the scan replays their
-recorded outputs (:class:`DensePrefix`) and computes only layer ``l`` and those after it.
+them kept.
+
+Every trial here, a set of blocks or a group of units removed, leaves the layers before the first
+one it changes as they are in the dense pass: their outputs are recorded once per batch and replayed
+(:class:`DensePrefix`), and only the changed layer and those after it are computed.
 """
 
 from __future__ import annotations
@@ -88,30 +91,74 @@ class DepthSearch:
                    record["seconds"])
 
 
+class DensePrefix:
+    """The outputs of every decoder layer of the network as its gates are set now, on one batch, recorded so
+    that a network changed only from layer ``l`` on computes layers ``l`` and after: the layers before ``l``
+    return their recorded outputs (copies, the same numbers as computing them) in place of running."""
+
+    def __init__(self, gated: GatedModel, batch: torch.Tensor):
+        self.gated, self.batch = gated, batch.to(next(gated.model.parameters()).device)
+        self.layers, self.outputs = decoder_layers(gated.model), []
+        hooks = [layer.register_forward_hook(lambda module, args, output: self.outputs.append(output))
+                 for layer in self.layers]
+        try:
+            self.logits = gated(input_ids=self.batch, use_cache=False).logits
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def logits_from(self, layer: int) -> torch.Tensor:
+        """Logits under the gates set now, which must leave every layer before ``layer`` as it was recorded."""
+        replayed = self.layers[:layer]
+        own = [module.__dict__.get("forward") for module in replayed]  # a forward set on the instance (hooks)
+        for module, output in zip(replayed, self.outputs):
+            module.forward = functools.partial(_recorded, output)
+        try:
+            return self.gated(input_ids=self.batch, use_cache=False).logits
+        finally:
+            for module, forward in zip(replayed, own):
+                del module.forward
+                if forward is not None:
+                    module.forward = forward
+
+
+def _recorded(output, *args, **kwargs):
+    """A replayed layer's output: a copy, so that nothing after it can change the record in place."""
+    if isinstance(output, tuple):
+        return tuple(_recorded(o) for o in output)
+    return output.clone() if isinstance(output, torch.Tensor) else output
+
+
 class BlockScorer:
-    """Per-window score (nats per predicted token) of the gated network under hard block gates."""
+    """Per-window score (nats per predicted token) of the gated network under hard block gates; each batch's
+    pass runs from the first block the gates change (:class:`DensePrefix`, recorded on first use)."""
 
     def __init__(self, gated: GatedModel, windows: torch.Tensor, score: str, batch_size: int):
         if score not in DEPTH_SCORES:
             raise ValueError(f"the depth score must be one of {DEPTH_SCORES}, not {score!r}")
         self.gated, self.score, self.batch_size = gated, score, batch_size
-        device = next(gated.model.parameters()).device
-        self.batches = [windows[i:i + batch_size].to(device) for i in range(0, windows.shape[0], batch_size)]
+        self.batches = [windows[i:i + batch_size] for i in range(0, windows.shape[0], batch_size)]
+        self.prefixes: list[DensePrefix | None] = [None] * len(self.batches)
         self.per_window = windows.shape[1] - 1
         self.teacher = None
         if score == "distillation":
-            with gated.gates_set({"block": torch.ones(gated.num_layers)}):
-                self.teacher = [next_token_log_probs(self._logits(batch)) for batch in self.batches]
+            self.teacher = [next_token_log_probs(self._prefix(i).logits) for i in range(len(self.batches))]
 
-    def _logits(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.gated(input_ids=batch, use_cache=False).logits
+    def _prefix(self, index: int) -> DensePrefix:
+        if self.prefixes[index] is None:
+            with self.gated.gates_set({"block": torch.ones(self.gated.num_layers)}):
+                self.prefixes[index] = DensePrefix(self.gated, self.batches[index])
+        return self.prefixes[index]
 
     def __call__(self, on: torch.Tensor) -> torch.Tensor:
+        changed = torch.nonzero(on != 1).flatten()
+        first = int(changed[0]) if changed.numel() else self.gated.num_layers
         values = []
         with self.gated.gates_set({"block": on}):
-            for index, batch in enumerate(self.batches):
-                logits = self._logits(batch)
-                values.append(next_token_nll(logits, batch) if self.teacher is None
+            for index in range(len(self.batches)):
+                prefix = self._prefix(index)
+                logits = prefix.logits_from(first)
+                values.append(next_token_nll(logits, prefix.batch) if self.teacher is None
                               else sequence_kl(self.teacher[index], logits))
         return torch.cat(values) / self.per_window
 
@@ -313,44 +360,6 @@ def _adaptive_choice(scorers: list[BlockScorer], trials: dict, confidence: float
     means = {name: float(v.mean()) for name, v in per_window.items()}
     best = min(means, key=means.get)
     return _Choice(best, means, win_shares(per_window)[best], evaluations, used)
-
-
-class DensePrefix:
-    """The outputs of every decoder layer of the network as its gates are set now, on one batch, recorded so
-    that a network changed only from layer ``l`` on computes layers ``l`` and after: the layers before ``l``
-    return their recorded outputs (copies, the same numbers as computing them) in place of running."""
-
-    def __init__(self, gated: GatedModel, batch: torch.Tensor):
-        self.gated, self.batch = gated, batch.to(next(gated.model.parameters()).device)
-        self.layers, self.outputs = decoder_layers(gated.model), []
-        hooks = [layer.register_forward_hook(lambda module, args, output: self.outputs.append(output))
-                 for layer in self.layers]
-        try:
-            self.logits = gated(input_ids=self.batch, use_cache=False).logits
-        finally:
-            for hook in hooks:
-                hook.remove()
-
-    def logits_from(self, layer: int) -> torch.Tensor:
-        """Logits under the gates set now, which must leave every layer before ``layer`` as it was recorded."""
-        replayed = self.layers[:layer]
-        own = [module.__dict__.get("forward") for module in replayed]  # a forward set on the instance (hooks)
-        for module, output in zip(replayed, self.outputs):
-            module.forward = functools.partial(_recorded, output)
-        try:
-            return self.gated(input_ids=self.batch, use_cache=False).logits
-        finally:
-            for module, forward in zip(replayed, own):
-                del module.forward
-                if forward is not None:
-                    module.forward = forward
-
-
-def _recorded(output, *args, **kwargs):
-    """A replayed layer's output: a copy, so that nothing after it can change the record in place."""
-    if isinstance(output, tuple):
-        return tuple(_recorded(o) for o in output)
-    return output.clone() if isinstance(output, torch.Tensor) else output
 
 
 def _mean_nll(logits: torch.Tensor, windows: torch.Tensor) -> float:
