@@ -349,13 +349,25 @@ def test_block_removal_scores_from_the_first_removed_block_on_are_the_whole_pass
 
     gated = gate(tiny_model(family), GateConfig(units=("block",)))
     windows = SEQUENCES[:6]
-    scorer = BlockScorer(gated, windows, "nll", batch_size=4)
+    scorer, unrecorded = (BlockScorer(gated, windows, "nll", batch_size=4, replay=r) for r in (True, False))
     for removed in ([], [0], [2], [1, 3], [3]):
         on = torch.ones(gated.num_layers)
         on[removed] = 0
         with gated.gates_set({"block": on}), torch.no_grad():
             whole = next_token_nll(gated(input_ids=windows, use_cache=False).logits, windows) / (windows.shape[1] - 1)
         assert torch.allclose(scorer(on), whole, rtol=0, atol=1e-6), removed
+        assert torch.allclose(unrecorded(on), whole, rtol=0, atol=1e-6), removed
+    assert all(p.outputs for p in scorer.prefixes) and not any(p.outputs for p in unrecorded.prefixes)
+
+
+def test_a_search_records_layer_outputs_only_within_its_memory_budget(monkeypatch):
+    from bayesprune.core import removal
+
+    gated = gate(tiny_model("llama"), GateConfig(units=("block",)))
+    assert removal.replay_affordable(gated, SEQUENCES)
+    monkeypatch.setattr(removal, "REPLAY_BUDGET", SEQUENCES.numel() * 32 * gated.num_layers * 4 - 1)  # one short
+    assert not removal.replay_affordable(gated, SEQUENCES)
+    assert not any(s.replay for s in removal._scorers(gated, SEQUENCES, "nll", chunk=4, batch_size=4))
 
 
 def test_the_prior_centres_critical_offsets_so_the_guide_starts_them_kept():

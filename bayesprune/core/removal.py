@@ -34,7 +34,8 @@ them kept.
 
 Every trial here, a set of blocks or a group of units removed, leaves the layers before the first
 one it changes as they are in the dense pass: their outputs are recorded once per batch and replayed
-(:class:`DensePrefix`), and only the changed layer and those after it are computed.
+(:class:`DensePrefix`), and only the changed layer and those after it are computed, as long as
+the records fit in :data:`REPLAY_BUDGET` bytes.
 """
 
 from __future__ import annotations
@@ -91,16 +92,27 @@ class DepthSearch:
                    record["seconds"])
 
 
+REPLAY_BUDGET = 2 * 2**30  # bytes of recorded layer outputs a search may hold; past them it runs whole passes
+
+
+def replay_affordable(gated: GatedModel, windows: torch.Tensor) -> bool:
+    """Whether every decoder layer's output on all of ``windows`` fits in :data:`REPLAY_BUDGET` bytes."""
+    hidden = gated.model.config.get_text_config().hidden_size
+    element = next(gated.model.parameters()).element_size()
+    return windows.numel() * hidden * gated.num_layers * element <= REPLAY_BUDGET
+
+
 class DensePrefix:
     """The outputs of every decoder layer of the network as its gates are set now, on one batch, recorded so
     that a network changed only from layer ``l`` on computes layers ``l`` and after: the layers before ``l``
-    return their recorded outputs (copies, the same numbers as computing them) in place of running."""
+    return their recorded outputs (copies, the same numbers as computing them) in place of running. With
+    ``record`` false nothing is kept and every pass is whole."""
 
-    def __init__(self, gated: GatedModel, batch: torch.Tensor):
+    def __init__(self, gated: GatedModel, batch: torch.Tensor, record: bool = True):
         self.gated, self.batch = gated, batch.to(next(gated.model.parameters()).device)
         self.layers, self.outputs = decoder_layers(gated.model), []
         hooks = [layer.register_forward_hook(lambda module, args, output: self.outputs.append(output))
-                 for layer in self.layers]
+                 for layer in self.layers] if record else []
         try:
             self.logits = gated(input_ids=self.batch, use_cache=False).logits
         finally:
@@ -109,7 +121,7 @@ class DensePrefix:
 
     def logits_from(self, layer: int) -> torch.Tensor:
         """Logits under the gates set now, which must leave every layer before ``layer`` as it was recorded."""
-        replayed = self.layers[:layer]
+        replayed = self.layers[:layer] if self.outputs else []
         own = [module.__dict__.get("forward") for module in replayed]  # a forward set on the instance (hooks)
         for module, output in zip(replayed, self.outputs):
             module.forward = functools.partial(_recorded, output)
@@ -131,12 +143,13 @@ def _recorded(output, *args, **kwargs):
 
 class BlockScorer:
     """Per-window score (nats per predicted token) of the gated network under hard block gates; each batch's
-    pass runs from the first block the gates change (:class:`DensePrefix`, recorded on first use)."""
+    pass runs from the first block the gates change (:class:`DensePrefix`, recorded on first use, if
+    ``replay``)."""
 
-    def __init__(self, gated: GatedModel, windows: torch.Tensor, score: str, batch_size: int):
+    def __init__(self, gated: GatedModel, windows: torch.Tensor, score: str, batch_size: int, replay: bool = True):
         if score not in DEPTH_SCORES:
             raise ValueError(f"the depth score must be one of {DEPTH_SCORES}, not {score!r}")
-        self.gated, self.score, self.batch_size = gated, score, batch_size
+        self.gated, self.score, self.batch_size, self.replay = gated, score, batch_size, replay
         self.batches = [windows[i:i + batch_size] for i in range(0, windows.shape[0], batch_size)]
         self.prefixes: list[DensePrefix | None] = [None] * len(self.batches)
         self.per_window = windows.shape[1] - 1
@@ -147,7 +160,7 @@ class BlockScorer:
     def _prefix(self, index: int) -> DensePrefix:
         if self.prefixes[index] is None:
             with self.gated.gates_set({"block": torch.ones(self.gated.num_layers)}):
-                self.prefixes[index] = DensePrefix(self.gated, self.batches[index])
+                self.prefixes[index] = DensePrefix(self.gated, self.batches[index], self.replay)
         return self.prefixes[index]
 
     def __call__(self, on: torch.Tensor) -> torch.Tensor:
@@ -188,7 +201,7 @@ def removal_scores(gated: GatedModel, windows: torch.Tensor, score: str = "nll",
     other gate open): a greedy search's first step, on every window."""
     if "block" not in gated.kinds:
         raise ValueError("removal scores need a model gated with block gates (GateConfig(units=('block', ...)))")
-    scorer = BlockScorer(gated, windows, score, batch_size)
+    scorer = BlockScorer(gated, windows, score, batch_size, replay_affordable(gated, windows))
     on = torch.ones(gated.num_layers)
     dense = scorer(on).mean()
     return torch.stack([scorer(_without(on, [b])).mean() - dense for b in range(gated.num_layers)])
@@ -322,7 +335,9 @@ def swap_search(gated: GatedModel, windows: torch.Tensor, removed, score: str = 
 
 
 def _scorers(gated: GatedModel, windows: torch.Tensor, score: str, chunk: int, batch_size: int) -> list[BlockScorer]:
-    return [BlockScorer(gated, windows[i:i + chunk], score, batch_size) for i in range(0, windows.shape[0], chunk)]
+    replay = replay_affordable(gated, windows)
+    return [BlockScorer(gated, windows[i:i + chunk], score, batch_size, replay)
+            for i in range(0, windows.shape[0], chunk)]
 
 
 def _without(on: torch.Tensor, blocks) -> torch.Tensor:
@@ -379,7 +394,7 @@ def critical_units(gated: GatedModel, windows: torch.Tensor, threshold: float,
     layer on (:class:`DensePrefix`).
     """
     with gated.gates_set({}):
-        prefix = DensePrefix(gated, windows)
+        prefix = DensePrefix(gated, windows, replay_affordable(gated, windows))
     dense = _mean_nll(prefix.logits, prefix.batch)
 
     def scorer(gates: dict[str, torch.Tensor], layer: int) -> float:
