@@ -123,3 +123,19 @@ def test_a_mixture_gives_each_domain_an_equal_share_of_the_token_stream(tokenize
     chunks = mixed.view(rounds, 2, 16)
     assert torch.equal(chunks[:, 0].flatten(), streams[0][:16 * rounds])
     assert torch.equal(chunks[:, 1].flatten(), streams[1][:16 * rounds])
+
+
+def test_a_mixture_tokenizes_each_domain_only_as_far_as_it_reads_it(tokenizer, corpus_dir):
+    texts = [path.read_text() for path in sorted(corpus_dir.iterdir())]
+    long = [Document(f"long{i}", text * 4, "long") for i, text in enumerate(texts)]
+    short = [Document("short", texts[0][:700], "short")]
+    read = []
+
+    def counting(text, **kwargs):
+        read.append(text)
+        return tokenizer(text, **kwargs)
+
+    counting.eos_token_id = tokenizer.eos_token_id
+    mixed = tokenize(counting, long + short)
+    assert len(read) == 2  # the short domain's one document and the first long one, already longer
+    assert torch.equal(mixed, tokenize(tokenizer, [long[0]] + short))

@@ -228,17 +228,31 @@ def tokenize(tokenizer, documents: list[Document]) -> torch.Tensor:
     one from each domain in turn, as many from each as the smallest domain holds.
     """
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    streams = []
-    for group in _by_domain(documents).values():
-        ids: list[int] = []
-        for document in group:
-            ids += tokenizer(document.text, add_special_tokens=False)["input_ids"] + separator
-        streams.append(torch.tensor(ids, dtype=torch.long))
+    groups = list(_by_domain(documents).values())
+    streams = _read_as_far_as_used(tokenizer, groups, separator)
     if len(streams) == 1:
         return streams[0]
-    chunk = min(MIXTURE_CHUNK, *(s.numel() for s in streams))
-    rounds = min(s.numel() for s in streams) // chunk
-    return torch.cat([s[i * chunk:(i + 1) * chunk] for i in range(rounds) for s in streams])
+    shortest = min(s.numel() for s in streams)
+    chunk = min(MIXTURE_CHUNK, shortest)
+    return torch.cat([s[i * chunk:(i + 1) * chunk] for i in range(shortest // chunk) for s in streams])
+
+
+def _read_as_far_as_used(tokenizer, groups: list[list[Document]], separator: list[int]) -> list[torch.Tensor]:
+    """Each domain's token stream, its documents tokenized in order only as far as a mixture reads them: at
+    least as many tokens as the smallest domain holds (one domain: all of them). The shortest stream so far
+    takes its next document, until a domain has none left and every other is at least as long."""
+    ids: list[list[int]] = [[] for _ in groups]
+    read = [0] * len(groups)
+    while True:
+        spent = [len(ids[i]) for i, group in enumerate(groups) if read[i] == len(group)]
+        enough = min(spent) if spent and len(groups) > 1 else None
+        behind = [i for i, group in enumerate(groups)
+                  if read[i] < len(group) and (enough is None or len(ids[i]) < enough)]
+        if not behind:
+            return [torch.tensor(stream, dtype=torch.long) for stream in ids]
+        i = min(behind, key=lambda i: len(ids[i]))
+        ids[i] += tokenizer(groups[i][read[i]].text, add_special_tokens=False)["input_ids"] + separator
+        read[i] += 1
 
 
 def windows(tokens: torch.Tensor, length: int) -> torch.Tensor:
